@@ -85,13 +85,20 @@ def test_shallow_prompts_reach_later_blocks_only_through_the_sequence(kind: str)
 def test_deep_prompts_replace_previous_prompt_outputs(kind: str) -> None:
     model = promptvit.wrap(build_tiny(kind), "vpt", prompt_length=2, deep=True).eval()
     inputs, outputs = _record_blocks(model)
-    with torch.no_grad():
-        model(tiny_input(kind))
     n = model.geometry.num_prefix_tokens
+    with torch.no_grad(), model.method.keeping_prompt_outputs():
+        model(tiny_input(kind))
     for i in range(1, len(model.backbone.blocks)):
         assert torch.equal(inputs[i][:, n : n + 2], model.method.prompts[i].expand(2, -1, -1))
         assert torch.equal(inputs[i][:, :n], outputs[i - 1][:, :n])
         assert torch.equal(inputs[i][:, n + 2 :], outputs[i - 1][:, n + 2 :])
+    # By default a block does not compute the prompt outputs that the next block replaces.
+    with torch.no_grad():
+        model(tiny_input(kind))
+    for i in range(1, len(model.backbone.blocks)):
+        assert outputs[i - 1].shape[1] == model.geometry.num_tokens
+        assert torch.equal(inputs[i][:, n : n + 2], model.method.prompts[i].expand(2, -1, -1))
+        assert torch.equal(torch.cat([inputs[i][:, :n], inputs[i][:, n + 2 :]], dim=1), outputs[i - 1])
 
 
 @pytest.mark.parametrize("kind", VITS)

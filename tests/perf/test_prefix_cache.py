@@ -104,13 +104,13 @@ def test_forward_from_block_runs_token_prompt_hooks_after_the_cut() -> None:
         promptvit.wrap(build_tiny("vit_token", num_classes=4), "ap", layer=1, variant="concat")
     )
     seen = []
-    model.backbone.blocks[1].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    model.backbone.blocks[1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     x = tiny_input("vit_token", batch=2)
     with torch.no_grad():
         prefix = model.forward_prefix(x, 1)
         assert prefix.shape[1] == model.geometry.num_tokens
         assert torch.equal(model.forward_from_block(prefix, 1), model(x))
-    assert seen == [model.geometry.num_tokens + 10] * 2  # inserted at block 1, stripped before the norm
+    assert seen == [model.geometry.num_tokens + 10] * 2  # inserted at block 1 (stripped before the norm)
 
 
 def _fit(model, run_dir: Path, **options):

@@ -34,6 +34,7 @@ right after the prefix tokens; their number is the block input's token count min
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -52,6 +53,7 @@ from promptvit.analysis.extract import (
     backbone_of,
     eval_mode,
     iterate_batches,
+    keeping_prompt_outputs,
     model_device,
 )
 
@@ -133,12 +135,14 @@ class AttentionRecorder:
         backbone = backbone_of(model)
         if not hasattr(backbone, "blocks"):
             raise TypeError(f"{type(backbone).__name__} has no transformer blocks to read attention from")
+        self.model = model
         self.blocks = list(range(len(backbone.blocks))) if blocks is None else list(blocks)
         self.modules = {i: backbone.blocks[i].attn for i in self.blocks}
         self.on_layer = on_layer
         self.records: dict[int, Any] = {}
         self._handles: list[Any] = []
         self._inner: dict[int, nn.Module] = {}
+        self._keeping = contextlib.ExitStack()
         for index, module in self.modules.items():
             if callable(getattr(module, "attention_weights", None)):
                 continue
@@ -168,6 +172,7 @@ class AttentionRecorder:
         self.records[index] = self.on_layer(index, record) if self.on_layer else record
 
     def __enter__(self) -> AttentionRecorder:
+        self._keeping.enter_context(keeping_prompt_outputs(self.model))  # every block runs its attention
         for index, module in self.modules.items():
             self._handles.append(
                 module.register_forward_pre_hook(
@@ -180,6 +185,7 @@ class AttentionRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._keeping.close()
 
 
 @torch.no_grad()

@@ -132,6 +132,12 @@ def extract_features(
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def keeping_prompt_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
+    """A token-prompt method computes the prompt outputs it normally skips (recorders read every token)."""
+    keeping = getattr(getattr(model, "method", None), "keeping_prompt_outputs", None)
+    return keeping() if callable(keeping) else contextlib.nullcontext()
+
+
 def layer_modules(model: nn.Module) -> list[nn.Module]:
     """The per-layer modules whose outputs the layer-wise views read: ViT blocks or CNN stages."""
     backbone = backbone_of(model)
@@ -151,10 +157,12 @@ class BlockRecorder:
         model: nn.Module,
         on_block: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> None:
+        self.model = model
         self.modules = layer_modules(model)
         self.on_block = on_block
         self.records: dict[int, Any] = {}
         self._handles: list[Any] = []
+        self._keeping = contextlib.ExitStack()
 
     def _hook(self, index: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         x = args[0].detach()
@@ -162,6 +170,7 @@ class BlockRecorder:
         self.records[index] = self.on_block(index, x, out) if self.on_block else (x, out)
 
     def __enter__(self) -> BlockRecorder:
+        self._keeping.enter_context(keeping_prompt_outputs(self.model))
         for index, module in enumerate(self.modules):
             self._handles.append(
                 module.register_forward_hook(lambda m, a, o, i=index: self._hook(i, m, a, o))
@@ -172,6 +181,7 @@ class BlockRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._keeping.close()
 
 
 @dataclasses.dataclass

@@ -5,6 +5,11 @@ prefix tokens at the input of some block, deep variants swap the previous block'
 prompts at later blocks, and all prompts are removed again before the final norm, so that ``global_pool``
 (``'token'`` reads CLS, ``'avg'`` averages patches only) and the head see the usual sequence.
 
+Prompt outputs that nobody reads are not computed: in a block whose prompt outputs the next block replaces
+(deep prompts) or the final norm strips, prompts act as keys and values only and the block outputs the other
+tokens (:mod:`promptvit.layers.selected_tokens`; timm's plain ``Block`` only, others run in full). The result
+is the same; ``keeping_prompt_outputs()`` turns this off for tools that read those outputs (the analysis).
+
 Two layers of API:
 
 * tensor functions (``insert_prompts``, ``replace_prompts``, ``strip_prompts``, ``expand_prompts``) that
@@ -21,10 +26,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from promptvit.layers.selected_tokens import (
+    drop_token_range,
+    forward_selected_tokens,
+    supports_selected_tokens,
+)
 
 
 def vpt_init_bound(patch_size: int | tuple[int, int], embed_dim: int) -> float:
@@ -104,6 +115,7 @@ class TokenPromptHooks:
 
     num_prefix_tokens: int
     token_prompts_enabled: bool = True
+    skip_discarded_prompt_outputs: bool = True
 
     @contextlib.contextmanager
     def without_token_prompts(self) -> Iterator[None]:
@@ -115,10 +127,27 @@ class TokenPromptHooks:
         finally:
             self.token_prompts_enabled = previous
 
+    @contextlib.contextmanager
+    def keeping_prompt_outputs(self) -> Iterator[None]:
+        """Within the block every block outputs its prompt tokens too (same logits, more work)."""
+        previous = self.skip_discarded_prompt_outputs
+        self.skip_discarded_prompt_outputs = False
+        try:
+            yield
+        finally:
+            self.skip_discarded_prompt_outputs = previous
+
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def register_token_prompt_hooks(self, backbone: nn.Module, lengths: Mapping[int, int]) -> None:
+    def register_token_prompt_hooks(
+        self, backbone: nn.Module, lengths: Mapping[int, int], keep_prompt_outputs: Collection[int] = ()
+    ) -> None:
+        """Hook the prompts of ``lengths`` (block -> tokens) into ``backbone``.
+
+        ``keep_prompt_outputs`` names blocks that must always compute their prompt outputs (a method that
+        reads them there, e.g. through a hook on ``attn.proj``).
+        """
         blocks = sorted(lengths)
         if not blocks:
             raise ValueError("no block to prompt")
@@ -127,26 +156,60 @@ class TokenPromptHooks:
             raise ValueError(f"prompted blocks {blocks} out of range for a ViT with {depth} blocks")
         #: block -> (prompt tokens in the stream before it, tokens it puts in)
         self.prompt_schedule = {}
+        #: block -> prompt tokens in the stream at its input, for every block from the first prompted one
+        self.prompts_in_block = {}
         in_stream = 0
-        for block in blocks:
-            self.prompt_schedule[block] = (in_stream, int(lengths[block]))
-            in_stream = int(lengths[block])
-            backbone.blocks[block].register_forward_pre_hook(
-                functools.partial(self._insert_token_prompts, block)
-            )
+        for block in range(blocks[0], depth):
+            if block in lengths:
+                self.prompt_schedule[block] = (in_stream, int(lengths[block]))
+                in_stream = int(lengths[block])
+                backbone.blocks[block].register_forward_pre_hook(
+                    functools.partial(self._insert_token_prompts, block)
+                )
+            self.prompts_in_block[block] = in_stream
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
         backbone.norm.register_forward_pre_hook(self._strip_token_prompts)
+        #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
+        self.prompt_output_skipping_blocks = frozenset(
+            block
+            for block, count in self.prompts_in_block.items()
+            if count
+            and (block == depth - 1 or block + 1 in lengths)
+            and block not in keep_prompt_outputs
+            and supports_selected_tokens(backbone.blocks[block])
+        )
+        for block in self.prompt_output_skipping_blocks:
+            module = backbone.blocks[block]
+            # An instance attribute, so the module (its name, weights and hooks) stays timm's own.
+            module.forward = functools.partial(self._forward_skipping_prompt_outputs, block, module)
+
+    def _skipping(self, block: int) -> bool:
+        """Whether ``block`` currently outputs no prompt tokens."""
+        return (
+            self.token_prompts_enabled
+            and self.skip_discarded_prompt_outputs
+            and block in self.prompt_output_skipping_blocks
+        )
+
+    def _forward_skipping_prompt_outputs(
+        self, block: int, module: nn.Module, x: torch.Tensor, *args: object, **kwargs: object
+    ) -> torch.Tensor:
+        if args or kwargs or not self._skipping(block):
+            return type(module).forward(module, x, *args, **kwargs)
+        start, count = self.num_prefix_tokens, self.prompts_in_block[block]
+        return forward_selected_tokens(module, x, lambda tokens: drop_token_range(tokens, start, count))
 
     def _insert_token_prompts(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
         if not self.token_prompts_enabled:
             return None
         x = args[0]
-        num_old, _ = self.prompt_schedule[block]
+        num_old = 0 if self._skipping(block - 1) else self.prompt_schedule[block][0]
         return (replace_prompts(x, self.block_prompts(block, x), self.num_prefix_tokens, num_old), *args[1:])
 
     def _strip_token_prompts(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.token_prompts_enabled:
+        last_block = max(self.prompts_in_block)
+        if not self.token_prompts_enabled or self._skipping(last_block):
             return None
         return (strip_prompts(args[0], self.num_prefix_tokens, self.prompts_at_norm), *args[1:])
 

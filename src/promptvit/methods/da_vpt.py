@@ -291,7 +291,11 @@ class DAVPT(TokenPromptHooks, Method):
 
         lengths = {i: self.block_length(i) for i in range(self.geometry.depth)}
         first = min(i for i, length in lengths.items() if length > 0)
-        self.register_token_prompt_hooks(backbone, {i: n for i, n in lengths.items() if i >= first})
+        # The paper anchor reads the proxy prompts' attention output in the guided blocks: keep it computed.
+        keep = self.guided if config.anchor == "prompt_attn_out" else ()
+        self.register_token_prompt_hooks(
+            backbone, {i: n for i, n in lengths.items() if i >= first}, keep_prompt_outputs=keep
+        )
 
         if config.bias_set != "none":
             qkv = backbone.blocks[0].attn.qkv

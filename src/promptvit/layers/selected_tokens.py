@@ -1,0 +1,56 @@
+"""A timm ViT block that computes the outputs of only some of its tokens; every token still serves as key/value.
+
+Some outputs of a block are thrown away by whatever comes next: deep VPT replaces the previous block's prompt
+outputs with fresh prompts, and the final norm never sees prompt tokens. Their queries, attention rows,
+output projection and MLP are wasted work (about 9/12 of a token's cost in a ViT block). This module runs a
+timm ``Block`` the same way as its own ``forward`` but only for the rows a ``select`` function keeps::
+
+    h = norm1(x);  q, k, v = qkv(h)              # keys and values for every token
+    a = proj(norm(SDPA(select(q), k, v)))         # attention output for the kept tokens only
+    y = select(x) + ls1(a);  y = y + ls2(mlp(norm2(y)))
+
+so ``forward_selected_tokens(block, x, select) == select(block(x))`` up to float rounding. Only the exact
+timm ``Block``/``Attention`` classes qualify (:func:`supports_selected_tokens`); other blocks keep their own
+forward. Module calls go through ``attn.qkv``, ``attn.proj`` and ``mlp`` (so LoRA-wrapped layers and hooks on
+those modules still apply), but ``block.attn`` itself is not called: hooks on it do not fire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
+from torch import nn
+
+
+def supports_selected_tokens(block: nn.Module) -> bool:
+    """True for timm's plain ViT ``Block`` with its plain ``Attention`` (the classes this module mirrors)."""
+    return type(block) is Block and type(getattr(block, "attn", None)) is Attention
+
+
+def drop_token_range(tokens: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Remove tokens ``start .. start + count - 1`` from the token axis (-2) of (..., tokens, dim)."""
+    return torch.cat([tokens[..., :start, :], tokens[..., start + count :, :]], dim=-2)
+
+
+def forward_selected_tokens(
+    block: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``select(block(x))`` computed without the dropped rows; ``select`` acts on the token axis (-2)."""
+    attn = block.attn
+    h = block.norm1(x)
+    batch, tokens, _ = h.shape
+    qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(select(q)), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+    )
+    out = attn.norm(out.transpose(1, 2).flatten(2))
+    if attn.gate is not None:
+        out = out * attn.gate(select(h)).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    y = select(x) + block.drop_path1(block.ls1(out))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
