@@ -8,7 +8,8 @@ each targeted part ``p`` gets its own low-rank update (Hu et al., ICLR 2022)::
 with ``A_p`` (rank x in_features) Kaiming-uniform with ``a = sqrt(5)`` (peft's default) and ``B_p``
 (part_size x rank) zero, so the layer computes exactly the frozen linear at initialisation. Parts that are
 not targeted pass through unchanged. The unmerged forward never builds the full weight update: it projects
-``x`` to ``len(parts) * rank`` features once and expands them per part with one batched product.
+``x`` to ``len(parts) * rank`` features once and adds them back through one block-structured B in a fused
+``addmm``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ class FusedLoRALinear(TunerLayer):
         """The update of each targeted part's weight rows, (len(parts), part_size, in_features)."""
         return torch.matmul(self.lora_B, self.lora_A) * self.scaling
 
+    def stacked_lora_B(self) -> torch.Tensor:
+        """All parts' B as one (out_features, len(parts) * rank) matrix: block ``(p, i)`` is ``B_i`` if part
+        ``p`` is ``parts[i]``, zero elsewhere, so one matmul applies every part's update to its own rows."""
+        n, rank = len(self.parts), self.rank
+        rows = []
+        for p in range(self.num_parts):
+            if p in self.parts:
+                i = self.parts.index(p)
+                rows.append(F.pad(self.lora_B[i], (i * rank, (n - 1 - i) * rank)))
+            else:
+                rows.append(self.lora_B.new_zeros(self.part_size, n * rank))
+        return torch.cat(rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
@@ -87,16 +101,16 @@ class FusedLoRALinear(TunerLayer):
                 )
             return y
         n = len(self.parts)
-        # (..., n * rank): one projection for all targeted parts, scaled here where it is cheapest.
-        h = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1)) * self.scaling
-        # (..., n, part_size): per-part B_p applied as one batched product.
-        delta = torch.einsum("...pr,pdr->...pd", h.unflatten(-1, (n, self.rank)), self.lora_B)
-        if n == self.num_parts:
-            return y + delta.flatten(-2)
-        chunks = list(y.split(self.part_size, dim=-1))
-        for i, p in enumerate(self.parts):
-            chunks[p] = chunks[p] + delta[..., i, :]
-        return torch.cat(chunks, dim=-1)
+        # (..., n * rank): one projection for all targeted parts.
+        h = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1))
+        # y + scaling * h @ B^T in one fused addmm (a few zero blocks cost less than per-part products).
+        update = torch.addmm(
+            y.reshape(-1, y.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            self.stacked_lora_B().T,
+            alpha=self.scaling,
+        )
+        return update.reshape(y.shape)
 
     @torch.no_grad()
     def _apply_delta(self, sign: float) -> None:
