@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -172,6 +173,34 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, monkeypatch)
     # and the same seed without interruption gives the same run again
     again = _fit(tiny_model("bias"), train, val, tmp_path / "c", **options)
     assert _without_time(again.history) == _without_time(straight.history)
+
+
+def test_fp16_loss_scale_state_survives_a_resume(tmp_path: Path, monkeypatch) -> None:
+    """The gradient scaler (fp16 on CUDA) is checkpointed: a resumed run ends with the same scaler state.
+
+    Forced on CPU: ``_autocast_for`` reports fp16 without autocasting, so the engine builds its scaler.
+    """
+    monkeypatch.setattr(engine, "_autocast_for", lambda *a, **k: (contextlib.nullcontext, torch.float16))
+    train, val, options = _resume_setup(tmp_path)
+    options.update(precision="fp16")
+    _fit(tiny_model("bias"), train, val, tmp_path / "a", **options)
+    interrupted = tiny_model("bias")
+
+    def crash(model, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted.method, "on_epoch_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(interrupted, train, val, tmp_path / "b", **options)
+    _fit(tiny_model("bias"), train, val, tmp_path / "b", **options)
+
+    def scaler_state(run: str) -> dict:
+        return json.loads((tmp_path / run / "checkpoint" / "checkpoint.json").read_text())["grad_scaler"]
+
+    straight = scaler_state("a")
+    assert straight["_growth_tracker"] > 0  # steps since the last scale change: what a restart would lose
+    assert scaler_state("b") == straight
 
 
 def test_a_finished_run_is_returned_without_training(tmp_path: Path, monkeypatch) -> None:

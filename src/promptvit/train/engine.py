@@ -395,6 +395,7 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     best_state: dict[str, torch.Tensor] | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Tensors first (a new file), then the JSON naming it (atomic switch), then old tensor files go."""
     tensors = {f"model/{k}": v for k, v in model.tuned_state_dict().items()}
@@ -416,6 +417,8 @@ def _save_checkpoint(
         "tensors_file": name,
         "optimizer": {"param_groups": optim_state["param_groups"], "state_extra": optim_extra},
         "scheduler": scheduler.state_dict(),
+        # fp16 loss scale and its growth counter: a resumed run continues with the scale it had reached
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
     }
     atomic_write_text(directory / CHECKPOINT_FILE, _dumps(meta))
     for old in _tensor_file_names(directory):
@@ -808,7 +811,7 @@ def fit(
     cache, cut, views = _prefix_plan(model, config, train_set, val_set, prefix_cache)
     device = config.resolve_device()
     autocast, autocast_dtype = _autocast_for(config.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype is torch.float16 else None
 
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     setup = _setup_of(model, config, multilabel, class_names, train_set, val_set, fingerprint)
@@ -855,6 +858,8 @@ def fit(
         load_tuned_state(model, _prefixed(tensors, "model/"), str(checkpoint_dir))
         optimizer.load_state_dict(_optimizer_state(meta, tensors))
         scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
         history = meta["history"]
         start_epoch, step, save_index = meta["epoch"], meta["step"], meta["save_index"]
         best_epoch, best_metric, best_val_metrics = (
@@ -991,7 +996,7 @@ def fit(
                 "best_is_current": is_best,
                 "data_init": data_init,
             }
-            _save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, best_state)
+            _save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, best_state, scaler)
             logger.info(
                 "epoch %d/%d: train_loss %.4f%s",
                 epoch,
@@ -1067,5 +1072,5 @@ def fit(
         "data_init": data_init,
         "selection": selection,
     }
-    _save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None)
+    _save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
     return _result_from_meta(final, run_dir)
