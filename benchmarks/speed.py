@@ -642,26 +642,29 @@ NOTES = [
     "training. The two alternatives timed beside it (materialised logits; LSE moved into an extra q/k "
     "channel so that no mask is needed and SDPA keeps its flash kernel) are exact too (tests/perf) but not "
     "faster at 50 tokens, so (c) stays.",
-    "- *VPT-deep*: the insertion is one concatenation per block (no Python loops over tokens or heads); the "
-    "overhead is the 10 extra tokens (60 instead of 50: +20 % tokens, +44 % attention scores). Not "
-    "implemented here (vpt.py and token_prompts.py belong to another change): in deep VPT the prompt "
-    "outputs of block i are discarded by block i+1, so their queries, attention output, projection and MLP "
-    "are wasted work; computing those for the N real tokens only (prompts as keys/values) would remove most "
-    "of the overhead.",
+    "- *VPT-deep*: the insertion is one concatenation per block (no Python loops over tokens or heads). A "
+    "block whose prompt outputs the next block replaces (every block of deep VPT; the last one before the "
+    "norm) computes queries, attention rows, projection and MLP for the real tokens only, with the prompts "
+    "as keys and values (layers/selected_tokens.py). What remains of the overhead is the prompts' share of "
+    "norm1 and qkv and the 10 extra key columns.",
     "- *LoRA vs peft*: peft cannot target q and v slices of the fused qkv (peft#1705); the function-equivalent "
-    "peft model uses r=16 on qkv with a dense B (576 x 16). Ours applies per-part B through an einsum and a "
-    "split/cat of the qkv output; a block-diagonal B in one addmm measured about 5 % faster on the layer "
-    "alone (not applied: layers/lora.py is outside this change).",
-    "- *EPT inference*: the padded key and its mask cost about 4 % here. Taking LSE(u) from the CPU flash "
-    "kernel's second output (`_scaled_dot_product_flash_attention_for_cpu`) and gating its output measured "
-    "about 15 % faster per attention call (exact), but tests/methods/test_ept.py pins the padded-key SDPA call "
-    "in eval mode, so it is not applied.",
+    "peft model uses r=16 on qkv with a dense B (576 x 16). Ours stacks the per-part B into one (576 x 16) "
+    "matrix with a zero block for k and adds the update to the frozen output in one fused addmm; peft runs "
+    "A, B, a scaling multiply and an add.",
+    "- *EPT inference*: the padded key and its mask cost a few per cent. Tried and not shipped: reading "
+    "LSE(u) from the CPU flash kernel's second output (`_scaled_dot_product_flash_attention_for_cpu`) and "
+    "gating its output. It is exact and faster per attention call in isolation (4.2 vs 5.2 ms per call, "
+    "batch 32, 2 threads), but the whole model got slower in this benchmark (0.835 vs 0.938 of timm's "
+    "throughput, 12 rounds each, run back to back); the cause was not found.",
     "- *Few-shot speed-ups have a ceiling set by what is left to compute*. With evaluation once at the end, "
     "every image goes through the backbone once either way except the training epochs: (20 x 50 + 1000) / "
     "(50 + 1000) ~ 1.9x for linear/mlp, so >= 10x cannot be reached in a single run (it is reached across "
     "runs that share a disk cache: the second run computes nothing). With validation after every epoch "
     "linear/mlp reach 17-18x. Partial-1 re-runs the tuned last block (1 of 12) on every image of every "
-    "validation pass: the ceiling is about (20 x 1050) / (1050 + 20 x 1050 / 12) ~ 6.7x at 20 epochs.",
+    "validation pass: per image and epoch, 12 blocks uncached against 1 block plus 11/20 of the one-time "
+    "prefix pass cached puts the ceiling near 12 / 1.55 ~ 7.7x at 20 epochs, before training costs. "
+    "Not implemented: with a class-token readout only the CLS row of the last block is needed, which would "
+    "cut that block's cost about 5x (not bit-identical to timm's forward: 1e-7 differences).",
     "- Figures quoted in these notes are from the committed run. Numbers are from random-init weights (speed does not depend on them). Re-render this file from the "
     "JSON beside it with `--render`.",
     "",
