@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
+from promptvit.layers.selected_tokens import attention_heads
 from promptvit.methods.base import TunerLayer
 
 Way = Literal["pure_cat", "multi_cat", "add", "multiply"]
@@ -177,16 +178,9 @@ class PromptedAttention(TunerLayer):
             return {"logit_bias": self.logit_bias}
         return {"temperature": self.temperature}
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        base = self.base_layer
-        batch, n, _ = x.shape
-        qkv = base.qkv(x).reshape(batch, n, 3, base.num_heads, base.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return base.q_norm(q), base.k_norm(k), v
-
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention over the real keys, (B, H, N, N), for analysis; rows sum to the EPT gate, not to 1."""
-        q, k, _ = self._qkv(x)
+        q, k, _ = attention_heads(self.base_layer, x)
         n = k.shape[-2]
         # The reference computes attn @ v; with v = identity it returns the attention matrix itself.
         identity = torch.eye(n, dtype=q.dtype, device=q.device).expand(*q.shape[:2], n, n)
@@ -213,7 +207,7 @@ class PromptedAttention(TunerLayer):
                 "inputs of that size, or wrap a backbone built for the new size (its prompts get new rows)."
             )
         gate = base.gate(x).sigmoid() if getattr(base, "gate", None) is not None else None
-        q, k, v = self._qkv(x)
+        q, k, v = attention_heads(self.base_layer, x)
         # timm's Attention.scale is head_dim ** -0.5, SDPA's default; pass it only if a module differs.
         scale = getattr(base, "scale", None)
         if scale is not None and scale == q.shape[-1] ** -0.5:

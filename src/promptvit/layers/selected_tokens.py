@@ -35,18 +35,23 @@ def drop_token_range(tokens: torch.Tensor, start: int, count: int) -> torch.Tens
     return torch.cat([tokens[..., :start, :], tokens[..., start + count :, :]], dim=-2)
 
 
+def attention_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a timm fused-qkv ``Attention`` for input x, each (B, heads, N, head_dim), q/k norms applied."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 def forward_selected_tokens(
     block: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """``select(block(x))`` computed without the dropped rows; ``select`` acts on the token axis (-2)."""
     attn = block.attn
     h = block.norm1(x)
-    batch, tokens, _ = h.shape
-    qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(select(q)), attn.k_norm(k)
+    q, k, v = attention_heads(attn, h)
     out = F.scaled_dot_product_attention(
-        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+        select(q), k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
     )
     out = attn.norm(out.transpose(1, 2).flatten(2))
     if attn.gate is not None:
