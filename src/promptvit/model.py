@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from promptvit.backbones import Geometry, backbone_source, classifier_name, geometry_of, weights_fingerprint
+from promptvit.layers.selected_tokens import (
+    class_token_row,
+    forward_selected_tokens,
+    supports_selected_tokens,
+)
 from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
 
 
@@ -19,6 +27,14 @@ class PromptModel(nn.Module):
     Exactly the method's parameters and the classifier head have ``requires_grad``. The timm model
     contract (``forward_features``, ``forward_head``, ``get_classifier``) is passed through, so timm
     training code keeps working.
+
+    Class-token readout: when the head reads only the class token (timm ViT, ``global_pool='token'``), the
+    logits paths (``forward``, ``forward_from_block``) run the last block for that one row; every token still
+    serves as key and value (:mod:`promptvit.layers.selected_tokens`). Same logits up to float rounding (about
+    1e-7 in float32), a sixth of the last block's cost; the final norm then sees that row only. It stands aside
+    while anything hooks into the last block and under gradient checkpointing; ``all_token_outputs()`` (the
+    analysis recorders enter it) or ``readout_rows_only = False`` turn it off. ``forward_features`` always
+    returns every token.
     """
 
     def __init__(
@@ -32,6 +48,10 @@ class PromptModel(nn.Module):
         #: hash of the backbone weights before tuning; an artifact only fits a backbone with the same hash
         self.base_fingerprint = base_fingerprint
         self.head_name = method.head_name(backbone)
+        #: compute only the row the head reads in the last block (see the class docstring)
+        self.readout_rows_only = True
+        self._computing_logits = False
+        self._install_class_token_readout()
 
     @property
     def geometry(self) -> Geometry:
@@ -57,7 +77,8 @@ class PromptModel(nn.Module):
                 f"the model was built for {height}x{width} inputs but got {images.shape[-2]}x{images.shape[-1]}; "
                 "resize the images (the transforms of promptvit.data do) or wrap a backbone built for that size"
             )
-        return self.backbone(images)
+        with self._logits_pass():
+            return self.backbone(images)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(images)
@@ -107,7 +128,8 @@ class PromptModel(nn.Module):
         self._check_cut(block)
         backbone = self.backbone
         if block == self.geometry.depth:
-            return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+            with self._logits_pass():
+                return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
         if self.geometry.kind != "vit":
             return images
         x = backbone.patch_embed(images)
@@ -133,15 +155,76 @@ class PromptModel(nn.Module):
         if self.geometry.kind != "vit":
             return backbone(x)
         blocks = list(backbone.blocks[block:])
-        if blocks and getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled():
-            from timm.models._manipulate import checkpoint_seq
+        with self._logits_pass():
+            if blocks and getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled():
+                from timm.models._manipulate import checkpoint_seq
 
-            x = checkpoint_seq(blocks, x)
-        else:
-            for blk in blocks:
-                x = blk(x)
-        x = backbone.norm(x)
-        return backbone.forward_head(x)
+                x = checkpoint_seq(blocks, x)
+            else:
+                for blk in blocks:
+                    x = blk(x)
+            x = backbone.norm(x)
+            return backbone.forward_head(x)
+
+    # ------------------------------------------------------------------ class-token readout
+
+    def _install_class_token_readout(self) -> None:
+        """Route the last block through :meth:`_last_block_forward` when timm's own head reads its output."""
+        backbone = self.backbone
+        if not (
+            self.geometry.kind == "vit"
+            and isinstance(backbone, VisionTransformer)
+            and type(backbone).forward_head is VisionTransformer.forward_head
+            and type(backbone).pool is VisionTransformer.pool
+            and supports_selected_tokens(backbone.blocks[-1])
+        ):
+            return
+        last = backbone.blocks[-1]
+        # An instance attribute wrapping whatever forward the block had (token prompts may have set one).
+        last.forward = functools.partial(self._last_block_forward, last, last.forward)
+
+    @contextlib.contextmanager
+    def all_token_outputs(self) -> Iterator[None]:
+        """Within the block every block computes every token's output: no class-token readout, and token-prompt
+        methods keep their prompt outputs. Same logits, more work; for tools that read hidden tokens."""
+        previous = self.readout_rows_only
+        self.readout_rows_only = False
+        keeping = getattr(self.method, "keeping_prompt_outputs", None)
+        try:
+            with keeping() if callable(keeping) else contextlib.nullcontext():
+                yield
+        finally:
+            self.readout_rows_only = previous
+
+    @contextlib.contextmanager
+    def _logits_pass(self) -> Iterator[None]:
+        previous = self._computing_logits
+        self._computing_logits = True
+        try:
+            yield
+        finally:
+            self._computing_logits = previous
+
+    def _reads_class_token_only(self, block: nn.Module) -> bool:
+        backbone = self.backbone
+        return (
+            self._computing_logits
+            and self.readout_rows_only
+            and backbone.global_pool == "token"
+            and backbone.attn_pool is None
+            # a checkpointed block is recomputed in backward, outside this pass, so it must not depend on it
+            and not (backbone.grad_checkpointing and torch.is_grad_enabled())
+            # hooks inside the block, or on its output, may read rows other than the class token
+            and not block._forward_hooks
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block)
+        )
+
+    def _last_block_forward(
+        self, block: nn.Module, block_forward: Callable[..., torch.Tensor], x: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
+        if args or kwargs or not self._reads_class_token_only(block):
+            return block_forward(x, *args, **kwargs)
+        return forward_selected_tokens(block, x, class_token_row)
 
     def _modules_in_train_mode(self) -> list[nn.Module]:
         if self.method.trains_backbone:

@@ -24,7 +24,7 @@ from promptvit.analysis.attention import (
     prompt_attention_maps,
     recompute_attention,
 )
-from promptvit.analysis.extract import TokenLayout, eval_mode, keeping_prompt_outputs
+from promptvit.analysis.extract import TokenLayout, all_token_outputs, eval_mode
 from tests.conftest import build_tiny, tiny_input
 
 GRID = (3, 4)
@@ -110,7 +110,7 @@ def _timm_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor
         attn.fused_attn = False
         attn.attn_drop = _Capture()
         captures.append(attn.attn_drop)
-    with torch.no_grad(), eval_mode(model), keeping_prompt_outputs(model):  # every attention row runs
+    with torch.no_grad(), eval_mode(model), all_token_outputs(model):  # every attention row runs
         model(images)
     return [c.seen[-1] for c in captures]
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import promptvit
 from promptvit.artifact import ArtifactError
+from promptvit.layers.selected_tokens import supports_selected_tokens
 from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input
 
 CASES = [(m, k) for m in promptvit.available_methods() for k in sorted(TINY_BACKBONES)]
@@ -140,10 +141,68 @@ def test_identity_at_init_reproduces_timm(method: str, kind: str) -> None:
     if promptvit.geometry_of(base).kind not in cls.supported_kinds:
         pytest.skip(f"{method} does not support {kind}")
     reference = copy.deepcopy(base)
-    model = promptvit.wrap(base, method, **cls.test_options)
+    model = promptvit.wrap(base, method, **cls.test_options).eval()
     x = tiny_input(kind)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference(x))
+        expected = reference(x)
+        with model.all_token_outputs():
+            assert torch.equal(model(x), expected)
+        # the class-token readout computes the same function with fewer rows: equal up to float rounding
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+
+
+def _logits_and_grads(model: promptvit.PromptModel, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    model.zero_grad()
+    logits = model(x)
+    logits.square().sum().backward()
+    return logits.detach(), [p.grad.clone() for _, p in model.tuned_named_parameters()]
+
+
+@pytest.mark.parametrize("method", promptvit.available_methods())
+def test_class_token_readout_gives_the_logits_and_gradients_of_the_full_forward(method: str) -> None:
+    """The logits path runs the last block for the class-token row only; float64 pins the maths exactly."""
+    cls = promptvit.get_method(method)
+    if "vit" not in cls.supported_kinds:
+        pytest.skip(f"{method} does not support ViTs")
+    model = promptvit.wrap(build_tiny("vit_token"), method, num_classes=4, **cls.test_options).double().eval()
+    with torch.no_grad():  # every tuned tensor away from its initial value, so that it shapes the logits
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = tiny_input("vit_token").double()
+    rows_at_norm = []
+    model.backbone.norm.register_forward_pre_hook(lambda m, args: rows_at_norm.append(args[0].shape[1]))
+    fast, fast_grads = _logits_and_grads(model, x)
+    with model.all_token_outputs():
+        full, full_grads = _logits_and_grads(model, x)
+    last = model.backbone.blocks[-1]
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in last.modules() if m is not last)
+    if supports_selected_tokens(last) and not hooked:
+        assert rows_at_norm[0] == 1, f"{method}: the last block computed rows the head does not read"
+    assert rows_at_norm[-1] > 1
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    for (name, _), fast_grad, full_grad in zip(
+        model.tuned_named_parameters(), fast_grads, full_grads, strict=True
+    ):
+        torch.testing.assert_close(fast_grad, full_grad, rtol=1e-12, atol=1e-12, msg=f"{method}: {name}")
+
+
+def test_class_token_readout_stands_aside_for_average_pooling_and_hooks() -> None:
+    x = tiny_input("vit_token")
+    model = promptvit.wrap(build_tiny("vit_token"), "linear", num_classes=4).eval()
+    rows_at_norm = []
+    model.backbone.norm.register_forward_pre_hook(lambda m, args: rows_at_norm.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(x)
+        handle = model.backbone.blocks[-1].mlp.register_forward_hook(lambda m, args, out: None)
+        model(x)  # a hook inside the last block may read any row
+        handle.remove()
+        model.backbone.reset_classifier(4, global_pool="avg")
+        model(x)
+        avg = promptvit.wrap(build_tiny("vit_avg"), "linear", num_classes=4).eval()
+        avg.backbone.norm.register_forward_pre_hook(lambda m, args: rows_at_norm.append(args[0].shape[1]))
+        avg(tiny_input("vit_avg"))
+    n_token, n_avg = (promptvit.geometry_of(build_tiny(k)).num_tokens for k in ("vit_token", "vit_avg"))
+    assert rows_at_norm == [1, n_token, n_token, n_avg]
 
 
 @pytest.mark.parametrize("method,kind", CASES)

@@ -69,7 +69,32 @@ def test_only_timms_own_block_and_attention_qualify() -> None:
     block.__class__ = CustomBlock
     assert not supports_selected_tokens(block)
     ept = promptvit.wrap(build_tiny("vit_token"), "ept", prompt_length=2)
-    assert not supports_selected_tokens(ept.backbone.blocks[0])  # PromptedAttention replaces attn
+    assert supports_selected_tokens(ept.backbone.blocks[0])  # PromptedAttention has forward_selected
+    plain = _timm_block()
+    plain.attn = nn.Sequential(plain.attn)  # another attention module, without forward_selected
+    assert not supports_selected_tokens(plain)
+
+
+@pytest.mark.parametrize("way", ["pure_cat", "multi_cat", "add", "multiply"])
+def test_ept_selected_rows_equal_the_rows_of_its_full_forward(way: str) -> None:
+    """EPT's learned tensors have one row per query token; the kept queries must take their own rows."""
+    model = promptvit.wrap(build_tiny("vit_avg"), "ept", prompt_length=3, way=way).double().eval()
+    with torch.no_grad():  # zero-initialised ways would otherwise hide a wrong row selection
+        for _, p in model.method.named_parameters():
+            p.normal_(0.0, 0.5)
+    block = model.backbone.blocks[-1]
+    x = torch.randn(2, model.geometry.num_tokens, 24, dtype=torch.float64, requires_grad=True)
+
+    def select(tokens: torch.Tensor) -> torch.Tensor:
+        return drop_token_range(tokens, 2, 5)
+
+    expected = select(block(x))
+    got = forward_selected_tokens(block, x, select)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), [x])
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), [x])
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-12, atol=1e-12)
 
 
 def _token_prompt_models(kind: str) -> list[promptvit.PromptModel]:

@@ -9,7 +9,7 @@ import timm
 import torch
 
 import promptvit
-from tests.conftest import build_tiny, tiny_input
+from tests.conftest import build_tiny, tiny_input, without_readout
 
 VITS = ["vit_token", "vit_avg"]
 
@@ -51,7 +51,7 @@ def test_counts() -> None:
 def test_zero_prompt_reproduces_timm(kind: str, options: dict) -> None:
     base = build_tiny(kind, num_classes=4)
     reference = copy.deepcopy(base)
-    model = promptvit.wrap(base, "vp", **options).eval()
+    model = without_readout(promptvit.wrap(base, "vp", **options)).eval()
     x = tiny_input(kind)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
@@ -61,7 +61,7 @@ def test_zero_prompt_reproduces_timm(kind: str, options: dict) -> None:
 def test_token_prompt_is_added_to_every_token_after_position_embedding(kind: str) -> None:
     base = build_tiny(kind, num_classes=4)
     vit = copy.deepcopy(base)
-    model = promptvit.wrap(base, "vp", init="normal").eval()
+    model = without_readout(promptvit.wrap(base, "vp", init="normal")).eval()
     prompt = model.method.prompt
     assert prompt.shape == (model.geometry.num_tokens, model.geometry.embed_dim)
     assert prompt.abs().sum() > 0

@@ -16,7 +16,7 @@ from promptvit.layers.token_prompts import (
     strip_prompts,
     vpt_init_bound,
 )
-from tests.conftest import build_tiny, tiny_input
+from tests.conftest import build_tiny, tiny_input, without_readout
 
 VITS = ["vit_token", "vit_avg"]
 
@@ -48,7 +48,7 @@ def reference_forward(
 def test_matches_step_by_step_reference(kind: str, deep: bool) -> None:
     base = build_tiny(kind, num_classes=4)
     reference = copy.deepcopy(base)
-    model = promptvit.wrap(base, "vpt", prompt_length=3, deep=deep).eval()
+    model = without_readout(promptvit.wrap(base, "vpt", prompt_length=3, deep=deep)).eval()
     prompts = model.method.prompts
     assert prompts.shape == (len(base.blocks) if deep else 1, 3, base.embed_dim)
     x = tiny_input(kind)
@@ -103,7 +103,7 @@ def test_deep_prompts_replace_previous_prompt_outputs(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", VITS)
 def test_prompts_are_stripped_before_norm_and_pooling(kind: str) -> None:
-    model = promptvit.wrap(build_tiny(kind), "vpt", prompt_length=3).eval()
+    model = without_readout(promptvit.wrap(build_tiny(kind), "vpt", prompt_length=3)).eval()
     x = tiny_input(kind)
     seen = {}
     model.backbone.norm.register_forward_hook(lambda m, args, out: seen.update(norm_in=args[0]))
@@ -122,7 +122,7 @@ def test_prompts_are_stripped_before_norm_and_pooling(kind: str) -> None:
 def test_without_token_prompts_runs_the_plain_backbone() -> None:
     base = build_tiny("vit_token", num_classes=4)
     reference = copy.deepcopy(base)
-    model = promptvit.wrap(base, "vpt", prompt_length=2).eval()
+    model = without_readout(promptvit.wrap(base, "vpt", prompt_length=2)).eval()
     x = tiny_input("vit_token")
     with torch.no_grad():
         prompted = model(x)

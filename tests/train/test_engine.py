@@ -335,7 +335,8 @@ def test_evaluate_and_predict_restore_the_mode_and_give_probabilities() -> None:
     assert model.training
     assert metrics["num_samples"] == 6 and 0 <= metrics["accuracy"] <= 100
     images_only = torch.stack([image for image, _ in val])
-    assert torch.equal(predict_scores(model, images_only, multilabel=False), scores)
+    # one batch of 6 against batches of 4 and 2: the same scores up to float rounding
+    torch.testing.assert_close(predict_scores(model, images_only, multilabel=False), scores)
 
 
 def test_progress_bar_and_dict_config(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -50,10 +50,10 @@ from torch import nn
 
 from promptvit.analysis.extract import (
     TokenLayout,
+    all_token_outputs,
     backbone_of,
     eval_mode,
     iterate_batches,
-    keeping_prompt_outputs,
     model_device,
 )
 
@@ -172,7 +172,7 @@ class AttentionRecorder:
         self.records[index] = self.on_layer(index, record) if self.on_layer else record
 
     def __enter__(self) -> AttentionRecorder:
-        self._keeping.enter_context(keeping_prompt_outputs(self.model))  # every block runs its attention
+        self._keeping.enter_context(all_token_outputs(self.model))  # every block runs its attention
         for index, module in self.modules.items():
             self._handles.append(
                 module.register_forward_pre_hook(

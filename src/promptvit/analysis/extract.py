@@ -132,10 +132,10 @@ def extract_features(
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def keeping_prompt_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
-    """A token-prompt method computes the prompt outputs it normally skips (recorders read every token)."""
-    keeping = getattr(getattr(model, "method", None), "keeping_prompt_outputs", None)
-    return keeping() if callable(keeping) else contextlib.nullcontext()
+def all_token_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Every block computes every token's output (recorders read them): ``PromptModel.all_token_outputs``."""
+    every_token = getattr(model, "all_token_outputs", None)
+    return every_token() if callable(every_token) else contextlib.nullcontext()
 
 
 def layer_modules(model: nn.Module) -> list[nn.Module]:
@@ -170,7 +170,7 @@ class BlockRecorder:
         self.records[index] = self.on_block(index, x, out) if self.on_block else (x, out)
 
     def __enter__(self) -> BlockRecorder:
-        self._keeping.enter_context(keeping_prompt_outputs(self.model))
+        self._keeping.enter_context(all_token_outputs(self.model))
         for index, module in enumerate(self.modules):
             self._handles.append(
                 module.register_forward_hook(lambda m, a, o, i=index: self._hook(i, m, a, o))

@@ -19,6 +19,7 @@ concatenation and is the oracle the tests hold the fast path against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -197,8 +198,17 @@ class PromptedAttention(TunerLayer):
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("EPT prompted attention does not support attention masks or is_causal")
+        return self.forward_selected(x, _all_rows)
+
+    def forward_selected(
+        self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``select(self(x))`` with queries (and the prompt rows that belong to them) for the kept tokens only.
+
+        ``select`` acts on the token axis (-2); every token still serves as key and value.
+        """
         base = self.base_layer
-        batch, n, _ = x.shape
+        n = x.shape[1]
         if n != self.num_tokens:
             built = f" for {self.img_size[0]}x{self.img_size[1]} images" if self.img_size else ""
             raise ValueError(
@@ -206,25 +216,31 @@ class PromptedAttention(TunerLayer):
                 f"row per token and the model was built{built} (geometry.img_size={self.img_size}). Feed "
                 "inputs of that size, or wrap a backbone built for the new size (its prompts get new rows)."
             )
-        gate = base.gate(x).sigmoid() if getattr(base, "gate", None) is not None else None
+        gate = base.gate(select(x)).sigmoid() if getattr(base, "gate", None) is not None else None
         q, k, v = attention_heads(self.base_layer, x)
         # timm's Attention.scale is head_dim ** -0.5, SDPA's default; pass it only if a module differs.
         scale = getattr(base, "scale", None)
         if scale is not None and scale == q.shape[-1] ** -0.5:
             scale = None
+        # Every learned tensor has one row per query token (axis -2), so it is selected with the queries.
+        learned = {name: select(tensor) for name, tensor in self._learned().items()}
         x = prompted_sdpa(
-            q,
+            select(q),
             k,
             v,
             way=self.way,
             scale=scale,
             dropout_p=base.attn_drop.p if self.training else 0.0,
-            **self._learned(),
+            **learned,
         )
-        x = x.transpose(1, 2).reshape(batch, n, getattr(base, "attn_dim", base.num_heads * base.head_dim))
+        x = x.transpose(1, 2).flatten(2)
         norm = getattr(base, "norm", None)
         if norm is not None:
             x = norm(x)
         if gate is not None:
             x = x * gate
         return base.proj_drop(base.proj(x))
+
+
+def _all_rows(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens

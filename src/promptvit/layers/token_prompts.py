@@ -209,7 +209,12 @@ class TokenPromptHooks:
 
     def _strip_token_prompts(self, module: nn.Module, args: tuple) -> tuple | None:
         last_block = max(self.prompts_in_block)
-        if not self.token_prompts_enabled or self._skipping(last_block):
+        # No more rows than prefix tokens: only the class token reached the norm (PromptModel's readout).
+        if (
+            not self.token_prompts_enabled
+            or self._skipping(last_block)
+            or args[0].shape[-2] <= self.num_prefix_tokens
+        ):
             return None
         return (strip_prompts(args[0], self.num_prefix_tokens, self.prompts_at_norm), *args[1:])
 
