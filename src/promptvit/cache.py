@@ -139,6 +139,11 @@ def _short(text: str, size: int = 20) -> str:
     return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
 
 
+def _key_of(description: dict[str, Any]) -> str:
+    """The prefix key of a :meth:`PrefixCache.describe_prefix` description."""
+    return _short(json.dumps(description, sort_keys=True), 16)
+
+
 def _versions() -> str:
     import PIL
     import torchvision
@@ -437,8 +442,7 @@ class PrefixCache:
         device: torch.device | str | None = None,
     ) -> str:
         """Hash of everything that computes ``model.forward_prefix(x, cut)`` (module docstring)."""
-        description = self.describe_prefix(model, cut, autocast_dtype, device)
-        return _short(json.dumps(description, sort_keys=True), 16)
+        return _key_of(self.describe_prefix(model, cut, autocast_dtype, device))
 
     def describe_prefix(
         self,
@@ -552,10 +556,8 @@ class PrefixCache:
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         device = torch.device(device)
-        prefix_key = self.prefix_key(model, cut, autocast_dtype, device)
-        description = (
-            self.describe_prefix(model, cut, autocast_dtype, device) if self.directory is not None else {}
-        )
+        description = self.describe_prefix(model, cut, autocast_dtype, device)
+        prefix_key = _key_of(description)
         context = autocast or contextlib.nullcontext
         was_training = model.training
         model.eval()

@@ -195,3 +195,6 @@ def test_a_second_run_reuses_the_disk_cache(tmp_path: Path) -> None:
         prefix_cache=cache,
     )
     assert cache.stats["computed"] == 0 and cache.stats["disk_hits"] == 26 + 12
+    # two validation passes read the 12 validation entries twice; the training set is looked up once, not
+    # once per epoch
+    assert cache.stats["memory_hits"] == 12

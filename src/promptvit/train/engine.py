@@ -890,6 +890,8 @@ def fit(
 
     previous_checkpointing = _enable_grad_checkpointing(model, config.grad_checkpointing)
     nmi_images = _nmi_images(val_set if val_set is not None else train_set) if config.log_nmi else None
+    # The training set's prefix outputs for the current view; without views every epoch reuses them.
+    train_prefix: dict[int | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             started = time.perf_counter()
@@ -897,19 +899,24 @@ def fit(
             seed_everything(epoch_seed)
             generator = torch.Generator().manual_seed(epoch_seed)
             if cut:
+                view = (epoch - 1) % views if views else None
+                if view not in train_prefix:
+                    train_prefix = {
+                        view: cache.prefix_outputs(
+                            model,
+                            train_set,
+                            cut,
+                            view=view,
+                            batch_size=config.eval_batch_size,
+                            num_workers=config.num_workers,
+                            device=device,
+                            autocast=autocast,
+                            autocast_dtype=autocast_dtype,
+                            check=False,
+                        )
+                    }
+                outputs, cached_targets = train_prefix[view]
                 # Same length and sampler seed as the uncached loader, hence the same batches in the same order.
-                outputs, cached_targets = cache.prefix_outputs(
-                    model,
-                    train_set,
-                    cut,
-                    view=(epoch - 1) % views if views else None,
-                    batch_size=config.eval_batch_size,
-                    num_workers=config.num_workers,
-                    device=device,
-                    autocast=autocast,
-                    autocast_dtype=autocast_dtype,
-                    check=False,
-                )
                 loader: Any = CachedBatches(
                     outputs,
                     cached_targets,
