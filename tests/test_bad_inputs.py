@@ -35,6 +35,8 @@ from promptvit.data import (
 )
 from promptvit.io import OutputError, atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError
+from promptvit.protocols.spec import ProtocolError
+from promptvit.protocols.sweep import load_sweep_config
 from tests.conftest import TINY_BACKBONES, build_tiny
 
 EVAL = {
@@ -256,6 +258,17 @@ def missing_config_file(tmp: Path) -> None:
     assert result.exit_code == 2 and "nope.yaml" in result.output
 
 
+def malformed_config_file(tmp: Path) -> None:
+    """Train configs and sweep configs share one reader: a malformed file or a list is one line naming it."""
+    broken, listed = tmp / "broken.yaml", tmp / "listed.yaml"
+    broken.write_text("train: [1, 2\n", encoding="utf-8")
+    listed.write_text("- train\n- method\n", encoding="utf-8")
+    for path, message in ((broken, "not valid YAML"), (listed, "must hold a mapping")):
+        result = CliRunner().invoke(app, ["train", "--config", str(path)])
+        assert result.exit_code == 2 and path.name in result.output and message in result.output
+        raises(ProtocolError, f"{path.name}.*{message}", lambda path=path: load_sweep_config(path))
+
+
 def debug_shows_the_trace(tmp: Path) -> None:
     result = CliRunner().invoke(app, ["--debug", "train", "--config", str(tmp / "nope.yaml")])
     assert isinstance(result.exception, ConfigError)
@@ -468,6 +481,7 @@ CASES: list[Callable[..., None]] = [
     unknown_method_option,
     wrong_option_type,
     missing_config_file,
+    malformed_config_file,
     debug_shows_the_trace,
     method_on_unsupported_backbone,
     artifact_other_backbone,

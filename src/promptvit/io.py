@@ -1,4 +1,4 @@
-"""Safe output: atomic file writes and one writer per run folder.
+"""Safe file I/O: atomic file writes, one writer per run folder, and checked YAML reads.
 
 A kill at any moment leaves the previous file or the new one, never a torn one; a full disk or a read-only
 folder leaves the previous file intact and raises ``OutputError`` naming the file.
@@ -12,6 +12,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 try:
     import fcntl
@@ -105,3 +108,21 @@ def exclusive_folder(folder: str | Path) -> Iterator[Path]:
         yield folder
     finally:
         handle.close()
+
+
+def read_yaml_mapping(path: str | Path, *, name: str, holds: str, error: type[Exception]) -> dict[str, Any]:
+    """The mapping in a YAML file; ``error`` naming the file when it is missing, malformed or not a mapping.
+
+    ``name`` says what the file is ("config file"), ``holds`` what its mapping should contain (for the message).
+    An empty file is an empty mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{name} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as problem:
+        raise error(f"{path} is not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a mapping ({holds})")
+    return data

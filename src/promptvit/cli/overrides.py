@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from promptvit.io import read_yaml_mapping
 from promptvit.methods.base import ConfigError
 
 # Fields of BackboneSpec / MethodSpec themselves; any other key under those sections is a build/method option.
@@ -17,16 +18,9 @@ _SECTION_FIELDS = {
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (backbone, method, data, train)")
-    return data
+    return read_yaml_mapping(
+        path, name="config file", holds="sections backbone, method, data, train", error=ConfigError
+    )
 
 
 def parse_extra_args(args: list[str]) -> dict[str, Any]:

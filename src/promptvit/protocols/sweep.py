@@ -56,7 +56,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, read_yaml_mapping
 from promptvit.methods.base import ConfigError, available_methods
 from promptvit.protocols.fewshot import FewShotProtocol
 from promptvit.protocols.fgvc import FGVCProtocol
@@ -355,14 +355,9 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
 def load_sweep_config(path: str | Path, variables: dict[str, str] | None = None) -> SweepConfig:
     """Read a sweep YAML; ``${NAME}`` in strings is replaced from ``variables``, then the environment."""
     path = Path(path)
-    if not path.is_file():
-        raise ProtocolError(f"sweep config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ProtocolError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{path} must hold a mapping (protocol, base, methods, grid, ...)")
+    raw = read_yaml_mapping(
+        path, name="sweep config", holds="protocol, base, methods, grid, ...", error=ProtocolError
+    )
     raw = _substitute(raw, {"config_dir": str(path.parent.absolute()), **(variables or {})})
     return SweepConfig.model_validate(raw)
 
