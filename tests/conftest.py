@@ -43,6 +43,14 @@ def build_tiny(kind: str, num_classes: int = 3, seed: int = 0) -> torch.nn.Modul
     return create_backbone(arch, num_classes=num_classes, init_seed=seed, **options).eval()
 
 
+def logits_and_grads(model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of ``model(x)`` and the gradient of every tuned tensor for the loss ``sum(logits ** 2)``."""
+    model.zero_grad()
+    logits = model(x)
+    logits.square().sum().backward()
+    return logits.detach(), [p.grad.clone() for _, p in model.tuned_named_parameters()]
+
+
 def without_readout(model):
     """The wrapped model with its class-token readout off, for bit-exact comparisons with timm's forward.
 

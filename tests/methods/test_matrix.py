@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import promptvit
 from promptvit.artifact import ArtifactError
 from promptvit.layers.selected_tokens import supports_selected_tokens
-from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input
+from tests.conftest import TINY_BACKBONES, build_tiny, logits_and_grads, tiny_input
 
 CASES = [(m, k) for m in promptvit.available_methods() for k in sorted(TINY_BACKBONES)]
 
@@ -151,13 +151,6 @@ def test_identity_at_init_reproduces_timm(method: str, kind: str) -> None:
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
 
 
-def _logits_and_grads(model: promptvit.PromptModel, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-    model.zero_grad()
-    logits = model(x)
-    logits.square().sum().backward()
-    return logits.detach(), [p.grad.clone() for _, p in model.tuned_named_parameters()]
-
-
 @pytest.mark.parametrize("method", promptvit.available_methods())
 def test_class_token_readout_gives_the_logits_and_gradients_of_the_full_forward(method: str) -> None:
     """The logits path runs the last block for the class-token row only; float64 pins the maths exactly."""
@@ -171,9 +164,9 @@ def test_class_token_readout_gives_the_logits_and_gradients_of_the_full_forward(
     x = tiny_input("vit_token").double()
     rows_at_norm = []
     model.backbone.norm.register_forward_pre_hook(lambda m, args: rows_at_norm.append(args[0].shape[1]))
-    fast, fast_grads = _logits_and_grads(model, x)
+    fast, fast_grads = logits_and_grads(model, x)
     with model.all_token_outputs():
-        full, full_grads = _logits_and_grads(model, x)
+        full, full_grads = logits_and_grads(model, x)
     last = model.backbone.blocks[-1]
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in last.modules() if m is not last)
     if supports_selected_tokens(last) and not hooked:

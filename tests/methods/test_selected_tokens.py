@@ -14,7 +14,7 @@ from promptvit.layers.selected_tokens import (
     supports_selected_tokens,
 )
 from promptvit.layers.token_prompts import TokenPromptHooks
-from tests.conftest import build_tiny, tiny_input
+from tests.conftest import build_tiny, logits_and_grads, tiny_input
 
 VITS = ["vit_token", "vit_avg"]
 
@@ -113,13 +113,6 @@ def _token_prompt_models(kind: str) -> list[promptvit.PromptModel]:
     return models
 
 
-def _logits_and_grads(model: promptvit.PromptModel, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-    model.zero_grad()
-    logits = model(x)
-    logits.square().sum().backward()
-    return logits.detach(), [p.grad.clone() for _, p in model.tuned_named_parameters()]
-
-
 @pytest.mark.parametrize("kind", VITS)
 def test_skipping_prompt_outputs_changes_no_logit_or_gradient(kind: str) -> None:
     x = tiny_input(kind)
@@ -132,9 +125,9 @@ def test_skipping_prompt_outputs_changes_no_logit_or_gradient(kind: str) -> None
         with torch.no_grad():  # non-zero prompts everywhere, so that every prompt gets a gradient
             for _, p in model.tuned_named_parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        fast, fast_grads = _logits_and_grads(model, x)
+        fast, fast_grads = logits_and_grads(model, x)
         with method.keeping_prompt_outputs():
-            full, full_grads = _logits_and_grads(model, x)
+            full, full_grads = logits_and_grads(model, x)
         torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6, msg=method.name)
         for fast_grad, full_grad in zip(fast_grads, full_grads, strict=True):
             torch.testing.assert_close(fast_grad, full_grad, rtol=1e-4, atol=1e-6, msg=method.name)
