@@ -352,12 +352,44 @@ def bench_inference(args, device: str) -> dict[str, Any]:
 FEWSHOT_METHODS = [("linear", {}), ("mlp", {}), ("partial", {"num_blocks": 1})]
 
 
+def _timed_fit(
+    args,
+    device: str,
+    method: str,
+    options: dict,
+    train,
+    val,
+    names: list[str],
+    run_dir,
+    eval_every: int,
+    cache: bool,
+    cache_dir: str | None = None,
+) -> tuple[float, Any]:
+    """(seconds, FitResult) of one few-shot ``fit`` on a fresh backbone: batch 4, SGD, eval batch 64."""
+    import promptvit
+    from promptvit.train import TrainConfig, fit
+
+    model = promptvit.wrap(_backbone(args.model, args.fewshot_classes), method, **options)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=4,
+        eval_batch_size=64,
+        eval_every=eval_every,
+        progress=False,
+        device=device,
+        cache_prefix=cache,
+        cache_dir=cache_dir,
+    )
+    _sync(device)
+    start = time.perf_counter()
+    result = fit(model, train, val, config=config, run_dir=run_dir, multilabel=False, class_names=names)
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
 def bench_fewshot(args, device: str) -> dict[str, Any]:
     import torch
     from torch.utils.data import TensorDataset
-
-    import promptvit
-    from promptvit.train import TrainConfig, fit
 
     size = MODELS[args.model][2]
     classes = args.fewshot_classes
@@ -373,24 +405,10 @@ def bench_fewshot(args, device: str) -> dict[str, Any]:
         for method, options in FEWSHOT_METHODS:
             row: dict[str, Any] = {}
             for cache in (False, True):
-                model = promptvit.wrap(_backbone(args.model, classes), method, **options)
-                config = TrainConfig(
-                    epochs=args.epochs,
-                    batch_size=4,
-                    eval_batch_size=64,
-                    eval_every=eval_every,
-                    progress=False,
-                    device=device,
-                    cache_prefix=cache,
-                )
                 with tempfile.TemporaryDirectory() as run_dir:
-                    _sync(device)
-                    start = time.perf_counter()
-                    result = fit(
-                        model, train, val, config=config, run_dir=run_dir, multilabel=False, class_names=names
+                    total, result = _timed_fit(
+                        args, device, method, options, train, val, names, run_dir, eval_every, cache
                     )
-                    _sync(device)
-                    total = time.perf_counter() - start
                 epochs = [r["seconds"] for r in result.history]
                 row["cached" if cache else "uncached"] = {"total": total, "epoch": _summary(epochs)}
             row["ratio"] = row["uncached"]["total"] / row["cached"]["total"]
@@ -415,9 +433,6 @@ def _fewshot_protocol(args, device: str, val, names: list[str]) -> dict[str, Any
     import torch
     from torch.utils.data import TensorDataset
 
-    import promptvit
-    from promptvit.train import TrainConfig, fit
-
     size = MODELS[args.model][2]
     classes = args.fewshot_classes
     n_train = classes * args.shots
@@ -430,30 +445,21 @@ def _fewshot_protocol(args, device: str, val, names: list[str]) -> dict[str, Any
                     g = torch.Generator().manual_seed(100 + sampling)  # each sampling draws other images
                     images = torch.randn(n_train, 3, size, size, generator=g)
                     train = TensorDataset(images, torch.arange(n_train) % classes)
-                    model = promptvit.wrap(_backbone(args.model, classes), method, **options)
-                    config = TrainConfig(
-                        epochs=args.epochs,
-                        batch_size=4,
-                        eval_batch_size=64,
-                        eval_every=args.epochs,
-                        progress=False,
-                        device=device,
-                        cache_prefix=cache,
-                        cache_dir=cache_dir if cache else None,
-                    )
-                    _sync(device)
-                    start = time.perf_counter()
-                    fit(
-                        model,
+                    run_dir = Path(run_root) / f"{method}-{sampling}"
+                    total, _ = _timed_fit(
+                        args,
+                        device,
+                        method,
+                        options,
                         train,
                         val,
-                        config=config,
-                        run_dir=Path(run_root) / f"{method}-{sampling}",
-                        multilabel=False,
-                        class_names=names,
+                        names,
+                        run_dir,
+                        args.epochs,
+                        cache,
+                        cache_dir=cache_dir if cache else None,
                     )
-                    _sync(device)
-                    seconds.append(time.perf_counter() - start)
+                    seconds.append(total)
             entry: dict[str, Any] = {"total": sum(seconds), "run": _summary(seconds)}
             if cache:  # one folder per prefix key (cut), one file per cached image
                 entry["prefix_keys"] = sum(1 for d in Path(cache_dir).iterdir() if d.is_dir())
