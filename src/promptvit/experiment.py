@@ -35,6 +35,7 @@ from promptvit.data import (
     sample_medfmc_k_shot,
     stratified_split,
 )
+from promptvit.data.check import guard_duplicates, split_summary_line
 from promptvit.io import atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
@@ -81,7 +82,7 @@ class MethodSpec(Strict):
 class DataSpec(Strict):
     """Where the images are and how the few-shot split is drawn."""
 
-    kind: Literal["folder", "csv", "medfmc", "npz", "digits"] = "folder"
+    kind: Literal["folder", "csv", "medfmc", "npz", "digits", "list", "json"] = "folder"
     path: str | None = Field(None, description="folder root, CSV file, MedFMC root or .npz file")
     image_root: str | None = None
     file_column: str = "file"
@@ -95,6 +96,9 @@ class DataSpec(Strict):
     test_fraction: float | None = Field(0.3, gt=0, lt=1)
     val_per_class: int | None = Field(20, ge=1)
     skip_corrupt: bool = False
+    allow_duplicates: bool = Field(
+        False, description="train even when identical image files sit in two of train/val/test"
+    )
     train_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="RandomResizedCrop area range for training"
     )
@@ -243,7 +247,11 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
     split = make_split(config.data, config.train.seed)
-    atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
+    guard_duplicates(split, config.data.allow_duplicates)
+    line = split_summary_line(split)
+    if config.train.progress:
+        print(line, flush=True)
+    atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
     model = build_model(config, split.train.num_classes)
     data_config = data_config_for(model, config.backbone)
     datasets = {

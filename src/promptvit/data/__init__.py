@@ -4,6 +4,14 @@ This subpackage depends only on torch, torchvision, PIL, numpy and scikit-learn,
 promptvit subpackages, so it can be used (and tested) on its own.
 """
 
+from promptvit.data.benchmarks import (
+    FGVC_FOLDERS,
+    VTAB_LIST_FILES,
+    VTAB_NAMES,
+    read_fgvc_json,
+    read_label_list,
+    vtab_task,
+)
 from promptvit.data.dataset import ImageDataset, SkippedFile, find_unreadable, load_image
 from promptvit.data.errors import DataError
 from promptvit.data.fewshot import (
@@ -35,6 +43,7 @@ from promptvit.data.sources import (
 from promptvit.data.transforms import ToModelMode, build_transforms, to_8bit
 
 __all__ = [
+    "FGVC_FOLDERS",
     "IMAGE_EXTENSIONS",
     "MEDFMC_CLASSES",
     "MEDFMC_DATASETS",
@@ -44,6 +53,8 @@ __all__ = [
     "Label",
     "LabeledSamples",
     "MedFMCFiles",
+    "VTAB_LIST_FILES",
+    "VTAB_NAMES",
     "Sample",
     "SkippedFile",
     "ToModelMode",
@@ -58,6 +69,8 @@ __all__ = [
     "medfmc_split_files",
     "parse_medfmc_line",
     "read_csv",
+    "read_fgvc_json",
+    "read_label_list",
     "read_image_folder",
     "read_medfmc_list",
     "read_npz",
@@ -65,4 +78,5 @@ __all__ = [
     "sample_medfmc_k_shot",
     "stratified_split",
     "to_8bit",
+    "vtab_task",
 ]

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from promptvit.data import ImageDataset, build_transforms
+from promptvit.data.check import guard_duplicates, split_summary_line
 from promptvit.experiment import build_model, data_config_for, environment
 from promptvit.io import atomic_write_text
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
@@ -83,7 +84,8 @@ def execute(spec: RunSpec, run_dir: str | Path, *, threads: int | None = None) -
     atomic_write_text(
         run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
-    atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
+    guard_duplicates(split, config.data.allow_duplicates)
+    atomic_write_text(run_dir / "data.txt", split_summary_line(split) + "\n" + split.summary() + "\n")
 
     model = build_model(config, split.train.num_classes)
     data_config = data_config_for(model, config.backbone)

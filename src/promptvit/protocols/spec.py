@@ -31,7 +31,7 @@ from promptvit.experiment import RunConfig
 from promptvit.train.config import OPERATIONAL_FIELDS
 
 #: DataSpec keys that describe training-time preprocessing; kept from the base config for every protocol
-TRANSFORM_KEYS = ("train_scale", "hflip", "skip_corrupt")
+TRANSFORM_KEYS = ("train_scale", "hflip", "skip_corrupt", "allow_duplicates")
 
 Stage = Literal["search", "final"]
 EvalSplit = Literal["val", "test"]
@@ -47,11 +47,14 @@ class Strict(BaseModel):
 
 
 class SourceSpec(Strict):
-    """One labelled image source of a fixed split: a ``<class>/<image>`` folder or a ``file,label`` CSV."""
+    """One labelled image source of a fixed split: a ``<class>/<image>`` folder, a ``file,label`` CSV, a
+    ``relative/path label`` list (VTAB-1k's ``train800.txt``...) or a ``{path: class_id}`` JSON (VPT's FGVC)."""
 
-    kind: Literal["folder", "csv"] = "folder"
+    kind: Literal["folder", "csv", "list", "json"] = "folder"
     path: str
-    image_root: str | None = Field(None, description="CSV only: folder the file names are relative to")
+    image_root: str | None = Field(
+        None, description="CSV, list, JSON: folder the file names are relative to (default: the file's folder)"
+    )
     file_column: str = "file"
     label_column: str = "label"
     file_suffix: str = ""
@@ -72,6 +75,9 @@ class SplitSpec(Strict):
     )
     holdout_seed: int = 0
     class_sources: list[SourceSpec] = Field(default_factory=list)
+    more_train: list[SourceSpec] = Field(
+        default_factory=list, description="further sources appended to train (FGVC final: train.json + val.json)"
+    )
 
 
 class RunSpec(Strict):
@@ -172,6 +178,8 @@ def train_hash(spec: RunSpec) -> str:
     splits = None
     if spec.splits is not None:
         splits = spec.splits.model_dump(mode="json", exclude={"test"})
+        if not splits["more_train"]:
+            del splits["more_train"]  # keeps the hashes of runs recorded before the field existed
         # the test source still names classes (head size), so it stays as a class source
         if spec.splits.test is not None:
             splits["class_sources"] = [*splits["class_sources"], spec.splits.test.model_dump(mode="json")]

@@ -25,6 +25,8 @@ from promptvit.data import (
     cap_per_class,
     make_few_shot_split,
     read_csv,
+    read_fgvc_json,
+    read_label_list,
     stratified_split,
 )
 from promptvit.experiment import load_samples, make_split
@@ -70,9 +72,12 @@ def read_folder(path: str | Path, class_names: list[str]) -> LabeledSamples:
     return LabeledSamples(items=items, class_names=list(class_names), multilabel=False, source=str(root))
 
 
-def _read_source(source: SourceSpec, class_names: list[str] | None) -> LabeledSamples:
+def _read_source(source: SourceSpec, class_names: list[str] | None, check_files: bool = True) -> LabeledSamples:
     if source.kind == "folder":
         return read_folder(source.path, class_names or folder_classes(source.path))
+    if source.kind in ("list", "json"):
+        reader = read_label_list if source.kind == "list" else read_fgvc_json
+        return reader(source.path, source.image_root, class_names, check_files)
     return read_csv(
         source.path,
         image_root=source.image_root,
@@ -86,12 +91,12 @@ def _read_source(source: SourceSpec, class_names: list[str] | None) -> LabeledSa
 def _source_classes(source: SourceSpec) -> list[str]:
     if source.kind == "folder":
         return folder_classes(source.path)
-    return _read_source(source, None).class_names
+    return _read_source(source, None, check_files=False).class_names
 
 
 def source_class_names(splits: SplitSpec) -> list[str]:
     """Union of the classes of every source of ``splits``, naturally sorted."""
-    sources = [splits.train, splits.val, splits.test, *splits.class_sources]
+    sources = [splits.train, splits.val, splits.test, *splits.class_sources, *splits.more_train]
     names: set[str] = set()
     for source in sources:
         if source is not None:
@@ -109,6 +114,9 @@ def fixed_split(splits: SplitSpec) -> FewShotSplit:
     """Train/val/test from fixed sources with one shared class list; val from a hold-out if asked."""
     class_names = source_class_names(splits)
     train = _read_source(splits.train, class_names)
+    for extra in splits.more_train:
+        more = _read_source(extra, class_names)
+        train = train.subset([*train.items, *more.items], f"{train.source} + {more.source}")
     if splits.holdout_fraction is not None:
         if splits.val is not None:
             raise ProtocolError("give either a val source or holdout_fraction, not both")

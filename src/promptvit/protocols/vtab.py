@@ -1,15 +1,27 @@
 """VTAB-1k (19 tasks) as in VPT: tune on train800 -> val200, final runs on train800val200, test at the LAST epoch.
 
-Expected layout (prepared image folders, one sub-folder per class; class folder names may be the class
-indices; a split may lack some classes, the union over the four splits defines the label set)::
+Two layouts, detected per task (``layout: auto``, the default):
 
-    <root>/<task>/train800/<class>/*.jpg         the 800 training images of the 1k split
-    <root>/<task>/val200/<class>/*.jpg           the 200 validation images
-    <root>/<task>/train800val200/<class>/*.jpg   all 1000 (train800 + val200)
-    <root>/<task>/test/<class>/*.jpg             the task's test split
+* ``lists``, the copy most papers use (NOAH, SSF, RepAdapter, PETL_Vision)::
 
-``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``). Any image extension
-promptvit reads is accepted.
+      <root>/<folder>/train800.txt         one 'relative/path label' per line, paths relative to <folder>
+      <root>/<folder>/val200.txt
+      <root>/<folder>/train800val200.txt
+      <root>/<folder>/test.txt
+      <root>/<folder>/images/...           (wherever the lists point)
+
+  ``<folder>`` is the distribution's name (``cifar`` for CIFAR-100, ``oxford_iiit_pet``, ``smallnorb_azi``...)
+  or promptvit's task name; :data:`promptvit.data.VTAB_NAMES` maps the names. A copy with only
+  ``train800val200.txt`` and ``test.txt`` runs the final stage; a search stage on it is refused with the
+  missing files named (fix the hyperparameters instead, or add the two files).
+* ``folders``, prepared image folders, one sub-folder per class::
+
+      <root>/<task>/{train800,val200,train800val200,test}/<class>/*.jpg
+
+In both, a split may lack some classes: the union over the splits defines the label set.
+
+``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``); the distribution's folder
+names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too.
 
 Protocol (VPT ``tune_vtab.py``, spec §2):
 
@@ -28,6 +40,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from promptvit.data import VTAB_LIST_FILES, VTAB_NAMES, DataError, vtab_task
 from promptvit.protocols.spec import Protocol, ProtocolError, SourceSpec, SplitSpec, Stage, Unit, absolute
 
 VTAB_GROUPS: dict[str, tuple[str, ...]] = {
@@ -56,6 +69,8 @@ VTAB_TASKS: tuple[str, ...] = tuple(t for tasks in VTAB_GROUPS.values() for t in
 VTAB_GROUP_OF: dict[str, str] = {t: g for g, tasks in VTAB_GROUPS.items() for t in tasks}
 VTAB_SEEDS = (42, 44, 82, 100, 800)
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+SEARCH_SPLITS = ("train800", "val200")
+FINAL_SPLITS = ("train800val200", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,17 +88,67 @@ class VTABProtocol(Protocol):
     normalization: Literal["imagenet", "backbone"] = Field(
         "imagenet", description="ImageNet mean/std as VPT, or the backbone config's own statistics"
     )
+    layout: Literal["auto", "lists", "folders"] = Field(
+        "auto", description="lists: the VTAB-1k .txt copy; folders: <split>/<class>/ image folders"
+    )
 
-    @field_validator("tasks")
+    @field_validator("tasks", mode="before")
     @classmethod
     def _known(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in VTAB_GROUP_OF]
-        if unknown:
-            raise ValueError(f"unknown VTAB tasks {unknown}; the 19 tasks are {list(VTAB_TASKS)}")
-        return tasks
+        known = []
+        for task in tasks:
+            try:
+                known.append(vtab_task(task))
+            except DataError as error:
+                raise ValueError(str(error)) from None
+        return known
 
-    def _folder(self, task: str, split: str) -> SourceSpec:
-        return SourceSpec(kind="folder", path=absolute(Path(self.root) / task / split))
+    def _task_dir(self, task: str) -> Path:
+        """The distribution's folder name if present, else promptvit's task name."""
+        root = Path(self.root)
+        for name in (VTAB_NAMES[task].folder, task):
+            if (root / name).is_dir():
+                return root / name
+        return root / task
+
+    def _layout(self, task: str) -> str:
+        if self.layout != "auto":
+            return self.layout
+        base = self._task_dir(task)
+        return "lists" if any((base / f).is_file() for f in VTAB_LIST_FILES.values()) else "folders"
+
+    def _missing(self, task: str, splits: tuple[str, ...]) -> list[str]:
+        base = self._task_dir(task)
+        if self._layout(task) == "lists":
+            return [VTAB_LIST_FILES[s] for s in splits if not (base / VTAB_LIST_FILES[s]).is_file()]
+        return [f"{s}/" for s in splits if not (base / s).is_dir()]
+
+    def _source(self, task: str, split: str) -> SourceSpec:
+        base = self._task_dir(task)
+        if self._layout(task) == "lists":
+            return SourceSpec(kind="list", path=absolute(base / VTAB_LIST_FILES[split]))
+        return SourceSpec(kind="folder", path=absolute(base / split))
+
+    def _class_sources(self, task: str) -> list[SourceSpec]:
+        if self._layout(task) == "folders":
+            return [self._source(task, s) for s in VTAB_SPLITS]
+        present = [s for s in VTAB_SPLITS if not self._missing(task, (s,))]
+        return [self._source(task, s) for s in present]
+
+    def _search_needs(self, task: str) -> None:
+        missing = self._missing(task, SEARCH_SPLITS)
+        if missing and self._layout(task) == "lists":
+            base = self._task_dir(task)
+            raise ProtocolError(
+                f"VTAB-1k {task}: the search stage (train800 -> val200) needs {' and '.join(missing)} in "
+                f"{base}, which this copy lacks (it ships {', '.join(self._present(base))}). Fallback: give "
+                "fixed hyperparameters (one grid point per method), so only the final stage "
+                "(train800val200 -> test) runs, or add the missing files from the full VTAB-1k copy."
+            )
+
+    @staticmethod
+    def _present(base: Path) -> list[str]:
+        return [f for f in VTAB_LIST_FILES.values() if (base / f).is_file()] or ["no list files"]
 
     def units(self, stage: Stage) -> list[Unit]:
         overrides = (
@@ -93,18 +158,19 @@ class VTABProtocol(Protocol):
         )
         units = []
         for task in self.tasks:
-            every = [self._folder(task, s) for s in VTAB_SPLITS]
+            every = self._class_sources(task)
             if stage == "search":
+                self._search_needs(task)
                 splits = SplitSpec(
-                    train=self._folder(task, "train800"),
-                    val=self._folder(task, "val200"),
+                    train=self._source(task, "train800"),
+                    val=self._source(task, "val200"),
                     class_sources=every,
                 )
                 label, seeds = "train800 -> val200", self.search_seeds
             else:
                 splits = SplitSpec(
-                    train=self._folder(task, "train800val200"),
-                    test=self._folder(task, "test"),
+                    train=self._source(task, "train800val200"),
+                    test=self._source(task, "test"),
                     class_sources=every,
                 )
                 label, seeds = "train800val200 -> test", self.seeds
@@ -128,15 +194,19 @@ class VTABProtocol(Protocol):
         return units
 
     def check(self) -> None:
-        missing = [
-            str(Path(self.root) / task / split)
-            for task in self.tasks
-            for split in VTAB_SPLITS
-            if not (Path(self.root) / task / split).is_dir()
-        ]
-        if missing:
-            shown = ", ".join(missing[:4]) + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+        """The final stage's files must exist (the search stage's are checked when a search is planned)."""
+        problems = []
+        for task in self.tasks:
+            needed = VTAB_SPLITS if self._layout(task) == "folders" else FINAL_SPLITS
+            missing = self._missing(task, needed)
+            if missing:
+                problems.append(f"{self._task_dir(task)}: {', '.join(missing)}")
+        if problems:
+            shown = "; ".join(problems[:4]) + (
+                f" (and {len(problems) - 4} more tasks)" if len(problems) > 4 else ""
+            )
             raise ProtocolError(
-                f"VTAB-1k folders missing: {shown}. Expected <root>/<task>/"
-                "{train800,val200,train800val200,test}/<class>/<image>"
+                f"VTAB-1k data missing: {shown}. Expected <root>/<task>/ with train800.txt, val200.txt, "
+                "train800val200.txt, test.txt (the VTAB-1k list copy; the final stage needs the last two) or "
+                "<root>/<task>/{train800,val200,train800val200,test}/<class>/<image>"
             )

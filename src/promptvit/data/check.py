@@ -1,0 +1,430 @@
+"""Check a data set before training on it: what ``promptvit data check`` reports and training enforces.
+
+:func:`read_layout` reads a data set the way training would (VTAB-1k lists or folders, VPT's FGVC JSONs,
+MedFMC lists, ``train/ val/ test/`` folders, one class folder, a CSV) into named splits plus the pairs of
+splits that must not share images. :func:`check_splits` then opens every file once (content hash, decode,
+size) and reports:
+
+* classes and counts per split, and a class-balance summary;
+* files that do not decode (named) -- blocking;
+* the same file, or identical file contents, in two splits that must be disjoint -- blocking;
+* identical files under different classes, images smaller than the model input, labels present in an
+  evaluated split but never in its training split -- warnings (blocking with ``strict``).
+
+:func:`guard_duplicates` is the training-time part: it refuses a train/val/test split with identical
+files in two parts unless duplicates are explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from promptvit.data.benchmarks import FGVC_FOLDERS, VTAB_LIST_FILES, read_fgvc_json, read_label_list
+from promptvit.data.errors import DataError
+from promptvit.data.fewshot import FewShotSplit
+from promptvit.data.sources import (
+    LabeledSamples,
+    read_csv,
+    read_image_folder,
+    read_medfmc_list,
+)
+
+_SHOWN = 5  # examples quoted per problem
+
+LAYOUTS = ("auto", "vtab", "fgvc", "medfmc", "lists", "splits", "folder", "csv")
+_GENERIC_LISTS = ("train", "val", "trainval", "test")  # what ``promptvit data fewshot --format vtab`` writes
+
+
+@dataclass
+class Layout:
+    """Named splits of one data set and the (training, evaluated) pairs that must not share images."""
+
+    kind: str
+    splits: dict[str, LabeledSamples]
+    pairs: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    digest: str | None
+    size: tuple[int, int] | None
+    error: str | None
+
+
+@dataclass
+class Problem:
+    severity: str  # 'error' blocks training; 'warning' blocks only with strict
+    code: str
+    message: str
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataReport:
+    kind: str
+    splits: dict[str, dict[str, Any]]
+    problems: list[Problem]
+
+    def blocking(self, strict: bool = False) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error" or (strict and p.severity == "warning")]
+
+    def summary_line(self) -> str:
+        """One line: images and classes per split, then the problem counts."""
+        parts = [
+            f"{name} {info['images']} ({info['classes_present']} classes)"
+            for name, info in self.splits.items()
+        ]
+        errors = sum(p.severity == "error" for p in self.problems)
+        warnings = sum(p.severity == "warning" for p in self.problems)
+        return f"data ({self.kind}): " + ", ".join(parts) + f"; {errors} errors, {warnings} warnings"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "splits": self.splits, "problems": [asdict(p) for p in self.problems]}
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _list_files(base: Path) -> list[str]:
+    return [name for name, file in VTAB_LIST_FILES.items() if (base / file).is_file()]
+
+
+def _fgvc_image_root(base: Path, first: str) -> Path:
+    """VPT's image folder for a known data set folder, else the first of images/, Images/, . holding ``first``."""
+    for name, folder in FGVC_FOLDERS.items():
+        if base.name in (folder.folder, name):
+            return base / folder.image_dir
+    for candidate in (base / "images", base / "Images", base):
+        if (candidate / first).is_file():
+            return candidate
+    return base
+
+
+def _medfmc_dataset(base: Path, dataset: str | None) -> str:
+    from promptvit.data.sources import MEDFMC_CLASSES
+
+    name = dataset or base.name.lower()
+    if name not in MEDFMC_CLASSES:
+        raise DataError(
+            f"{base}: give --dataset (one of {list(MEDFMC_CLASSES)}); the folder name does not say which "
+            "MedFMC data set this is"
+        )
+    return name
+
+
+def detect_layout(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return "csv"
+        raise DataError(f"{path}: data check reads a folder or a .csv file; give the folder that holds it")
+    if not path.is_dir():
+        raise DataError(f"data not found: {path}")
+    if (path / "train.json").is_file():
+        return "fgvc"
+    if _list_files(path) or all((path / s).is_dir() for s in ("train800val200", "test")):
+        return "vtab"
+    if (path / "trainval.txt").is_file() and (path / "test_WithLabel.txt").is_file():
+        return "medfmc"
+    if (path / "train.txt").is_file() and (path / "test.txt").is_file():
+        return "lists"
+    if (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
+        return "splits"
+    return "folder"
+
+
+def read_layout(path: str | os.PathLike[str], kind: str = "auto", dataset: str | None = None) -> Layout:
+    """Read the data set at ``path`` (see the module docstring); ``kind`` forces a layout."""
+    base = Path(path)
+    if kind not in LAYOUTS:
+        raise DataError(f"unknown data layout '{kind}'; expected one of {', '.join(LAYOUTS)}")
+    kind = detect_layout(base) if kind == "auto" else kind
+    if kind == "vtab":
+        present = _list_files(base)
+        if present:
+            splits = {name: read_label_list(base / VTAB_LIST_FILES[name]) for name in present}
+        else:
+            splits = {s: read_image_folder(base / s) for s in VTAB_LIST_FILES if (base / s).is_dir()}
+        wanted = [
+            ("train800", "val200"),
+            ("train800", "test"),
+            ("val200", "test"),
+            ("train800val200", "test"),
+        ]
+    elif kind == "fgvc":
+        splits = {}
+        for split in ("train", "val", "test"):
+            file = base / f"{split}.json"
+            if file.is_file():
+                first = next(iter(read_fgvc_json(file, check_files=False).items)).path or ""
+                rel = os.path.relpath(first, base)
+                splits[split] = read_fgvc_json(file, _fgvc_image_root(base, rel))
+        wanted = [("train", "val"), ("train", "test"), ("val", "test")]
+    elif kind == "medfmc":
+        name = _medfmc_dataset(base, dataset)
+        files = {"trainval": base / "trainval.txt", "test": base / "test_WithLabel.txt"}
+        for file in sorted(base.glob(f"{name}_*-shot_train_exp*.txt")):
+            files[file.stem.removeprefix(f"{name}_")] = file
+        splits = {split: read_medfmc_list(file, name, base / "images") for split, file in files.items()}
+        wanted = [(split, "test") for split in splits if split != "test"]
+    elif kind == "lists":
+        splits = {
+            s: read_label_list(base / f"{s}.txt") for s in _GENERIC_LISTS if (base / f"{s}.txt").is_file()
+        }
+        wanted = [("train", "val"), ("train", "test"), ("val", "test"), ("trainval", "test")]
+    elif kind == "splits":
+        splits = {s: read_image_folder(base / s) for s in ("train", "val", "test") if (base / s).is_dir()}
+        wanted = [("train", "val"), ("train", "test"), ("val", "test")]
+    elif kind == "folder":
+        splits = {"all": read_image_folder(base)}
+        wanted = []
+    else:
+        splits = {"all": read_csv(base)}
+        wanted = []
+    if not splits:
+        raise DataError(f"{base}: no splits found for the '{kind}' layout")
+    pairs = [(a, b) for a, b in wanted if a in splits and b in splits]
+    return Layout(kind=kind, splits=splits, pairs=pairs)
+
+
+# ------------------------------------------------------------------------------------------- checking
+
+
+def inspect_file(path: str) -> FileInfo:
+    """Content hash, decoded size or the reason it cannot be decoded; the file is read once."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return FileInfo(None, None, f"cannot be read ({error.strerror or error})")
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return FileInfo(digest, None, "is an empty (0-byte) file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return FileInfo(digest, image.size, None)
+    except Image.DecompressionBombError as error:
+        return FileInfo(digest, None, f"is too large to decode safely ({error})")
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "is truncated" if "truncated" in str(error) else f"is not a readable image ({error})"
+        return FileInfo(digest, None, reason)
+
+
+def inspect_files(paths: Iterable[str], workers: int = 8) -> dict[str, FileInfo]:
+    """:func:`inspect_file` for every distinct path (threads: PIL and hashlib release the GIL)."""
+    unique = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(unique, pool.map(inspect_file, unique), strict=True))
+
+
+def _label_names(samples: LabeledSamples, label: Any) -> tuple[str, ...]:
+    if samples.multilabel:
+        return tuple(n for n, v in zip(samples.class_names, label, strict=True) if v)
+    return (samples.class_names[label],)
+
+
+def _example(paths: Iterable[str]) -> str:
+    shown = sorted(paths)
+    more = f" (and {len(shown) - _SHOWN} more)" if len(shown) > _SHOWN else ""
+    return ", ".join(shown[:_SHOWN]) + more
+
+
+def _split_info(samples: LabeledSamples) -> dict[str, Any]:
+    counts = dict(zip(samples.class_names, samples.class_counts(), strict=True))
+    present = {k: v for k, v in counts.items() if v}
+    smallest = min(present.values()) if present else 0
+    largest = max(present.values()) if present else 0
+    return {
+        "images": len(samples),
+        "classes": len(samples.class_names),
+        "classes_present": len(present),
+        "counts": counts,
+        "balance": {
+            "min": smallest,
+            "max": largest,
+            "ratio": round(largest / smallest, 2) if smallest else None,
+        },
+        "source": samples.source,
+    }
+
+
+def cross_split_duplicates(
+    splits: dict[str, LabeledSamples], pairs: list[tuple[str, str]], infos: dict[str, FileInfo]
+) -> list[Problem]:
+    """Blocking problems: a file listed in both splits of a pair, or identical contents in both."""
+    problems = []
+    for a, b in pairs:
+        paths_a = {os.path.normpath(s.path) for s in splits[a].items if s.path}
+        paths_b = {os.path.normpath(s.path) for s in splits[b].items if s.path}
+        shared = paths_a & paths_b
+        if shared:
+            problems.append(
+                Problem(
+                    "error",
+                    "split_overlap",
+                    f"{len(shared)} files are listed in both {a} and {b}: {_example(shared)}",
+                    sorted(shared),
+                )
+            )
+        by_digest: dict[str, list[str]] = defaultdict(list)
+        for path in paths_a - shared:
+            info = infos.get(path)
+            if info and info.digest:
+                by_digest[info.digest].append(path)
+        pairs_found = [
+            f"{os.path.basename(x)} ({a}) = {path} ({b})"
+            for path in sorted(paths_b - shared)
+            if (info := infos.get(path)) and info.digest in by_digest
+            for x in by_digest[info.digest][:1]
+        ]
+        if pairs_found:
+            problems.append(
+                Problem(
+                    "error",
+                    "duplicate_across_splits",
+                    f"{len(pairs_found)} files in {b} are identical to files in {a} (content hash): "
+                    + "; ".join(pairs_found[:_SHOWN])
+                    + (f" (and {len(pairs_found) - _SHOWN} more)" if len(pairs_found) > _SHOWN else ""),
+                    pairs_found,
+                )
+            )
+    return problems
+
+
+def check_splits(layout: Layout, input_size: int | None = 224, workers: int = 8) -> DataReport:
+    """Inspect every file of ``layout`` once and report (see the module docstring)."""
+    files = [os.path.normpath(s.path) for part in layout.splits.values() for s in part.items if s.path]
+    infos = inspect_files(files, workers)
+    problems: list[Problem] = []
+
+    bad = {p: i.error for p, i in infos.items() if i.error}
+    if bad:
+        listing = "; ".join(f"{p} {reason}" for p, reason in sorted(bad.items())[:_SHOWN])
+        more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
+        problems.append(
+            Problem(
+                "error", "unreadable", f"{len(bad)} images cannot be decoded: {listing}{more}", sorted(bad)
+            )
+        )
+    problems += cross_split_duplicates(layout.splits, layout.pairs, infos)
+
+    labels_by_digest: dict[str, set[tuple[str, ...]]] = defaultdict(set)
+    files_by_digest: dict[str, set[str]] = defaultdict(set)
+    for part in layout.splits.values():
+        for sample in part.items:
+            info = infos.get(os.path.normpath(sample.path)) if sample.path else None
+            if info and info.digest and not info.error:
+                labels_by_digest[info.digest].add(_label_names(part, sample.label))
+                files_by_digest[info.digest].add(os.path.normpath(sample.path))  # type: ignore[arg-type]
+    conflicting = [
+        d for d, labels in labels_by_digest.items() if len(labels) > 1 and len(files_by_digest[d]) > 1
+    ]
+    if conflicting:
+        groups = [" = ".join(sorted(files_by_digest[d])) for d in conflicting]
+        problems.append(
+            Problem(
+                "warning",
+                "duplicate_across_classes",
+                f"{len(conflicting)} groups of identical files carry different labels: {_example(groups)}",
+                groups,
+            )
+        )
+    same_split = (
+        [d for d, paths in files_by_digest.items() if len(paths) > 1 and d not in conflicting]
+        if not layout.pairs
+        else []
+    )
+    if same_split:
+        groups = [" = ".join(sorted(files_by_digest[d])) for d in same_split]
+        problems.append(
+            Problem(
+                "warning",
+                "duplicate_files",
+                f"{len(same_split)} groups of identical files; a random split can put copies on both sides: "
+                f"{_example(groups)}",
+                groups,
+            )
+        )
+
+    if input_size:
+        small = sorted(p for p, i in infos.items() if i.size and min(i.size) < input_size)
+        if small:
+            sizes = Counter(f"{infos[p].size[0]}x{infos[p].size[1]}" for p in small)  # type: ignore[index]
+            problems.append(
+                Problem(
+                    "warning",
+                    "smaller_than_input",
+                    f"{len(small)} images are smaller than the model input {input_size}x{input_size} "
+                    f"(they will be upscaled; sizes {dict(sizes.most_common(3))}): {_example(small)}",
+                    small,
+                )
+            )
+
+    for train, evaluated in layout.pairs:
+        seen = {n for s in layout.splits[train].items for n in _label_names(layout.splits[train], s.label)}
+        unseen = sorted(
+            {
+                n
+                for s in layout.splits[evaluated].items
+                for n in _label_names(layout.splits[evaluated], s.label)
+            }
+            - seen
+        )
+        if unseen:
+            problems.append(
+                Problem(
+                    "warning",
+                    "label_not_in_training",
+                    f"labels {unseen[:10]}{' ...' if len(unseen) > 10 else ''} occur in {evaluated} but never in "
+                    f"{train}: a model trained on {train} cannot predict them",
+                    unseen,
+                )
+            )
+    for name, part in layout.splits.items():
+        if not len(part):
+            problems.append(Problem("error", "empty_split", f"split {name} ({part.source}) has no images"))
+    splits = {name: _split_info(part) for name, part in layout.splits.items()}
+    return DataReport(kind=layout.kind, splits=splits, problems=problems)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def split_summary_line(split: FewShotSplit) -> str:
+    """The one line training prints and writes first in ``data.txt``."""
+    parts = []
+    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
+        present = sum(1 for c in part.class_counts() if c)
+        parts.append(f"{name} {len(part)} images ({present}/{part.num_classes} classes)")
+    return "data: " + ", ".join(parts)
+
+
+def guard_duplicates(split: FewShotSplit, allow: bool) -> list[Problem]:
+    """Raise DataError when two of train/val/test share identical files, unless ``allow``; return them.
+
+    Files that do not exist are left to the dataset, which names them when it loads them.
+    """
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    paths = [
+        os.path.normpath(s.path) for p in parts.values() for s in p.items if s.path and os.path.isfile(s.path)
+    ]
+    if not paths:
+        return []
+    infos = inspect_files(paths)
+    problems = cross_split_duplicates(parts, [("train", "val"), ("train", "test"), ("val", "test")], infos)
+    if problems and not allow:
+        raise DataError(
+            "; ".join(p.message for p in problems)
+            + ". Remove the copies (promptvit data check PATH lists them all), or pass "
+            "--data.allow-duplicates true to train anyway."
+        )
+    return problems
