@@ -1,0 +1,196 @@
+"""VTAB-1k list copies and VPT's FGVC JSONs as people have them: detection, names, splits, sweeps end to end."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from promptvit.cli import app
+from promptvit.data import VTAB_NAMES, DataError, read_fgvc_json, read_label_list, vtab_task
+from promptvit.protocols import (
+    VTAB_TASKS,
+    FGVCProtocol,
+    ProtocolError,
+    VTABProtocol,
+    load_records,
+    materialise,
+)
+
+from .helpers import tiny_base, write_vtab_root
+from .layouts import write_fgvc_json, write_vtab_lists
+
+
+def _pairs(samples) -> list[tuple[str, str]]:
+    return sorted((Path(s.path).name, samples.class_names[s.label]) for s in samples.items)
+
+
+def _expected(rows: list[tuple[str, int]]) -> list[tuple[str, str]]:
+    return sorted((Path(rel).name, str(label)) for rel, label in rows)
+
+
+def test_vtab_names_map_both_ways() -> None:
+    assert list(VTAB_NAMES) == list(VTAB_TASKS)
+    assert len({n.folder for n in VTAB_NAMES.values()}) == 19
+    for task, names in VTAB_NAMES.items():
+        assert vtab_task(task) == vtab_task(names.folder) == vtab_task(names.registry) == task
+    assert VTAB_NAMES["cifar100"].folder == "cifar" and vtab_task("cifar") == "cifar100"
+    assert vtab_task('smallnorb(predicted_attribute="label_azimuth")') == "smallnorb_azi"
+    assert (
+        vtab_task("svhn_cropped") == "svhn"
+        and vtab_task("diabetic_retinopathy_detection") == "diabetic_retinopathy"
+    )
+    with pytest.raises(DataError, match="several VTAB tasks"):
+        vtab_task("clevr")
+    assert VTABProtocol(root="r", tasks=["cifar", "oxford_iiit_pet", "dsprites_loc"]).tasks == [
+        "cifar100",
+        "oxford_iiit_pet",
+        "dsprites_loc",
+    ]
+    with pytest.raises(ValueError, match="unknown VTAB task"):
+        VTABProtocol(root="r", tasks=["imagenet"])
+    assert {n.num_classes for t, n in VTAB_NAMES.items() if t.startswith("dsprites")} == {16}
+
+
+def test_vtab_list_copy_is_detected_and_read(tmp_path: Path) -> None:
+    rows = write_vtab_lists(tmp_path / "vtab-1k" / "cifar", classes=3)
+    protocol = VTABProtocol(root=str(tmp_path / "vtab-1k"), tasks=["cifar100"], seeds=[42])
+    protocol.check()
+    search = protocol.run_specs(tiny_base(), stage="search")[0]
+    final = protocol.run_specs(tiny_base())[0]
+    assert search.splits.train.kind == "list" and search.splits.train.path.endswith("cifar/train800.txt")
+    assert final.splits.train.path.endswith("cifar/train800val200.txt") and final.splits.test.path.endswith(
+        "cifar/test.txt"
+    )
+    s, f = materialise(search), materialise(final)
+    assert s.train.class_names == ["0", "1", "2"] == f.test.class_names  # class 2 only outside train800
+    assert _pairs(s.train) == _expected(rows["train800"]) and _pairs(s.val) == _expected(rows["val200"])
+    assert _pairs(f.train) == _expected(rows["train800val200"]) and _pairs(f.test) == _expected(rows["test"])
+    assert Counter(x.label for x in s.train.items) == {0: 4, 1: 4}
+
+
+def test_list_reader_errors_name_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "a b.jpg").write_bytes(b"x")
+    (tmp_path / "l.txt").write_text("a b.jpg 3\n\nimages/x.jpg three\n")
+    with pytest.raises(DataError, match=r"l\.txt, line 3: cannot parse 'images/x.jpg three'"):
+        read_label_list(tmp_path / "l.txt", check_files=False)
+    (tmp_path / "l.txt").write_text("a b.jpg 3\n")
+    assert read_label_list(tmp_path / "l.txt").items[0].path == str(tmp_path / "a b.jpg")
+    with pytest.raises(DataError, match="label 3 is not among"):
+        read_label_list(tmp_path / "l.txt", class_names=["0", "1"])
+    (tmp_path / "t.json").write_text('{"a.jpg": "1"}')
+    with pytest.raises(DataError, match="class ids must be integers"):
+        read_fgvc_json(tmp_path / "t.json", check_files=False)
+    (tmp_path / "t.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="holds a list"):
+        read_fgvc_json(tmp_path / "t.json")
+
+
+def test_vtab_copy_without_search_files(tmp_path: Path) -> None:
+    write_vtab_lists(tmp_path / "dtd", only_final=True)
+    protocol = VTABProtocol(root=str(tmp_path), tasks=["dtd"], seeds=[42])
+    protocol.check()  # the final stage can run
+    assert len(protocol.run_specs(tiny_base())) == 1
+    with pytest.raises(ProtocolError, match=r"needs train800\.txt and val200\.txt .*fixed hyperparameters"):
+        protocol.run_specs(tiny_base(), stage="search")
+    (tmp_path / "dtd" / "test.txt").unlink()
+    with pytest.raises(ProtocolError, match=r"dtd: test\.txt"):
+        protocol.check()
+
+
+def test_vtab_folder_layout_still_works(tmp_path: Path) -> None:
+    write_vtab_root(tmp_path, ["dtd"])
+    protocol = VTABProtocol(root=str(tmp_path), tasks=["dtd"])
+    protocol.check()
+    assert protocol.run_specs(tiny_base())[0].splits.train.kind == "folder"
+
+
+def test_fgvc_json_layout(tmp_path: Path) -> None:
+    cub = write_fgvc_json(tmp_path / "CUB_200_2011", classes=3, first_id=1)
+    cars = write_fgvc_json(tmp_path / "Stanford-cars", classes=2, first_id=0)
+    protocol = FGVCProtocol(
+        root=str(tmp_path), datasets=["CUB_200_2011", "cars"], seeds=[0], check_num_classes=False
+    )
+    assert protocol.datasets == ["cub", "cars"]
+    protocol.check()
+    search = {s.task: materialise(s) for s in protocol.run_specs(tiny_base(), stage="search")}
+    final_specs = protocol.run_specs(tiny_base())
+    final = {s.task: materialise(s) for s in final_specs}
+    assert search["cub"].train.class_names == ["1", "2", "3"]  # VPT's 1-based ids, in numeric order
+    assert sorted(
+        (Path(s.path).name, int(search["cub"].train.class_names[s.label])) for s in search["cub"].train.items
+    ) == sorted((Path(rel).name, label) for rel, label in cub["train"])
+    assert len(search["cub"].val) == 6 and len(search["cub"].test) == 0
+    assert len(final["cub"].train) == 18 and len(final["cub"].val) == 0 and len(final["cub"].test) == 6
+    assert all(s.epoch_selection == "last" and "train.json + val.json" in s.split for s in final_specs)
+    assert Path(final["cars"].test.items[0].path).parent.name == "car_ims"  # paths relative to the folder
+    assert len(final["cars"].train) == len(cars["train"]) + len(cars["val"])
+    vpt_code = FGVCProtocol(
+        root=str(tmp_path), datasets=["cub"], final_train="train", check_num_classes=False
+    )
+    spec = vpt_code.run_specs(tiny_base())[0]
+    split = materialise(spec)
+    assert spec.epoch_selection == "val" and len(split.train) == 12 and len(split.val) == 6
+    (tmp_path / "CUB_200_2011" / "val.json").unlink()
+    with pytest.raises(ProtocolError, match=r"val\.json not found"):
+        protocol.check()
+
+
+def _sweep(tmp_path: Path, protocol: dict, grid: dict | None = None) -> tuple[int, str, Path]:
+    results = tmp_path / "res"
+    config = {
+        "name": "layouts",
+        "protocol": protocol,
+        "base": tiny_base(epochs=1),
+        "methods": ["linear"],
+        "grid": grid or {},
+        "results": str(results),
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--no-report"], terminal_width=200)
+    return result.exit_code, result.output, results
+
+
+def test_sweeps_on_real_layouts_through_the_cli(tmp_path: Path) -> None:
+    write_vtab_lists(tmp_path / "vtab" / "cifar")
+    write_vtab_lists(tmp_path / "vtab" / "eurosat", only_final=True)
+    code, output, results = _sweep(
+        tmp_path / "a",
+        {"name": "vtab", "root": str(tmp_path / "vtab"), "tasks": ["cifar", "eurosat"], "seeds": [42]},
+    )
+    assert code == 0, output
+    records = load_records(results).records
+    assert {(r["task"], r["status"]) for r in records} == {("cifar100", "ok"), ("eurosat", "ok")}
+    assert all(r["sizes"] == {"train": 14, "val": 0, "test": 9} for r in records)
+    code, output, _ = _sweep(
+        tmp_path / "b",
+        {"name": "vtab", "root": str(tmp_path / "vtab"), "tasks": ["eurosat"], "seeds": [42]},
+        grid={"lr": [0.01, 0.001]},
+    )
+    assert code == 2 and "val200.txt" in output and "Traceback" not in output
+
+    write_fgvc_json(tmp_path / "fgvc" / "Stanford-dogs", classes=2)
+    code, output, results = _sweep(
+        tmp_path / "c",
+        {
+            "name": "fgvc",
+            "root": str(tmp_path / "fgvc"),
+            "datasets": ["dogs"],
+            "seeds": [0],
+            "check_num_classes": False,
+        },
+        grid={"lr": [0.01, 0.001]},
+    )
+    assert code == 0, output
+    records = load_records(results).records
+    assert Counter(r["stage"] for r in records) == {"search": 2, "final": 1}
+    final = next(r for r in records if r["stage"] == "final")
+    assert (
+        final["sizes"] == {"train": 12, "val": 0, "test": 4}
+        and final["selection"]["hyperparameters_split"] == "val"
+    )
