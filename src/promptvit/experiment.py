@@ -89,7 +89,9 @@ class DataSpec(Strict):
     label_column: str = "label"
     label_columns: list[str] | None = None
     file_suffix: str = ""
-    dataset: Literal["chest", "colon", "endo"] | None = Field(None, description="MedFMC dataset")
+    dataset: Literal["chest", "colon", "endo", "neojaundice", "retino"] | None = Field(
+        None, description="MedFMC dataset"
+    )
     exp: int = Field(1, ge=1, description="MedFMC official experiment split (1..5)")
     shots: int | None = Field(None, ge=1, description="K images (or MedFMC studies) per class; None = all")
     classes: list[str] | None = Field(None, description="use only these classes, in this order")

@@ -63,3 +63,25 @@ def write_fgvc_json(
         (base / f"{split}.json").write_text(json.dumps(entries))
         rows[split] = list(entries.items())
     return rows
+
+
+def write_medfmc_baseline(root: Path) -> dict[str, dict[str, list[tuple[str, int]]]]:
+    """``NeoJaundice/`` and ``Retino/`` as the MedFMC few-shot baseline ships them: ``images/``,
+    ``fewshot-pool.txt`` and ``test.txt`` with ``name.png label`` lines (three photos per baby, '0012-1.png')."""
+    written: dict[str, dict[str, list[tuple[str, int]]]] = {}
+    for folder, classes in (("NeoJaundice", 2), ("Retino", 5)):
+        rows: dict[str, list[tuple[str, int]]] = {"fewshot-pool.txt": [], "test.txt": []}
+        for file, start in (("fewshot-pool.txt", 0), ("test.txt", 50)):
+            for i in range(start, start + 3 * classes):
+                label = i % classes
+                names = (
+                    [f"{i:04d}-{p}.png" for p in (1, 2, 3)]
+                    if folder == "NeoJaundice"
+                    else [f"2023011612{i:08d}.png"]
+                )
+                for name in names:
+                    save_image(root / folder / "images" / name, label, classes, stable_seed(folder, name))
+                    rows[file].append((name, label))
+            (root / folder / file).write_text("".join(f"{n} {label}\n" for n, label in rows[file]))
+        written[folder] = rows
+    return written

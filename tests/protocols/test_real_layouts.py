@@ -14,6 +14,7 @@ from promptvit.data import VTAB_NAMES, DataError, read_fgvc_json, read_label_lis
 from promptvit.protocols import (
     VTAB_TASKS,
     FGVCProtocol,
+    MedFMCProtocol,
     ProtocolError,
     VTABProtocol,
     load_records,
@@ -21,7 +22,7 @@ from promptvit.protocols import (
 )
 
 from .helpers import tiny_base, write_vtab_root
-from .layouts import write_fgvc_json, write_vtab_lists
+from .layouts import write_fgvc_json, write_medfmc_baseline, write_vtab_lists
 
 
 def _pairs(samples) -> list[tuple[str, str]]:
@@ -134,6 +135,11 @@ def test_fgvc_json_layout(tmp_path: Path) -> None:
     spec = vpt_code.run_specs(tiny_base())[0]
     split = materialise(spec)
     assert spec.epoch_selection == "val" and len(split.train) == 12 and len(split.val) == 6
+    for folder in ("CUB_200_2011", "Stanford-cars"):  # data check finds VPT's image roots too
+        check = CliRunner().invoke(
+            app, ["data", "check", str(tmp_path / folder), "--input-size", "16", "--json"]
+        )
+        assert check.exit_code == 0 and '"kind": "fgvc"' in check.output, check.output
     (tmp_path / "CUB_200_2011" / "val.json").unlink()
     with pytest.raises(ProtocolError, match=r"val\.json not found"):
         protocol.check()
@@ -194,3 +200,48 @@ def test_sweeps_on_real_layouts_through_the_cli(tmp_path: Path) -> None:
         final["sizes"] == {"train": 12, "val": 0, "test": 4}
         and final["selection"]["hyperparameters_split"] == "val"
     )
+
+
+def test_medfmc_neojaundice_and_retino_from_the_baseline_lists(tmp_path: Path) -> None:
+    rows = write_medfmc_baseline(tmp_path)
+    protocol = MedFMCProtocol(root=str(tmp_path), datasets=["neojaundice", "retino"], shots=[1], exps=[1, 2])
+    protocol.check()
+    specs = protocol.run_specs(tiny_base())
+    assert {(s.task, s.metric) for s in specs} == {("neojaundice", "accuracy"), ("retino", "accuracy")}
+    splits = {(s.task, s.split): materialise(s) for s in specs}
+    neo = splits["neojaundice", "exp1"]
+    babies = Counter((Path(s.path).name[:4], s.label) for s in neo.train.items)
+    assert len(babies) == 2 and set(babies.values()) == {3}  # one baby per class, all three photos
+    assert {lab for _, lab in babies} == {0, 1}
+    assert {s.key for s in neo.val.items} == {
+        str(tmp_path / "NeoJaundice" / "images" / n) for n, _ in rows["NeoJaundice"]["fewshot-pool.txt"]
+    } - {s.key for s in neo.train.items}
+    assert len(neo.test) == len(rows["NeoJaundice"]["test.txt"])
+    retino = splits["retino", "exp1"]
+    assert sorted(s.label for s in retino.train.items) == [0, 1, 2, 3, 4]
+    assert {s.key for s in retino.train.items} != {s.key for s in splits["retino", "exp2"].train.items}
+    again = materialise(protocol.run_specs(tiny_base())[0])
+    assert [s.key for s in again.train.items] == [
+        s.key for s in splits[specs[0].task, specs[0].split].train.items
+    ]
+    code, output, results = _sweep(
+        tmp_path / "d",
+        {
+            "name": "medfmc",
+            "root": str(tmp_path),
+            "datasets": ["neojaundice", "retino"],
+            "shots": [1],
+            "exps": [1],
+        },
+    )
+    assert code == 0, output
+    records = load_records(results).records
+    assert {(r["task"], r["status"], r["metric"]) for r in records} == {
+        ("neojaundice", "ok", "accuracy"),
+        ("retino", "ok", "accuracy"),
+    }
+    check = CliRunner().invoke(app, ["data", "check", str(tmp_path / "NeoJaundice"), "--input-size", "16"])
+    assert check.exit_code == 0 and "data (medfmc): trainval 18 (2 classes), test 18" in check.output
+    (tmp_path / "Retino" / "test.txt").unlink()
+    with pytest.raises(ProtocolError, match=r"Retino/ with images/, fewshot-pool.txt"):
+        protocol.check()

@@ -122,6 +122,14 @@ def _medfmc_dataset(base: Path, dataset: str | None) -> str:
     return name
 
 
+_MEDFMC_POOL = ("trainval.txt", "fewshot-pool.txt")  # the official release; the few-shot baseline's
+_MEDFMC_TEST = ("test_WithLabel.txt", "test.txt")
+
+
+def _medfmc_file(base: Path, names: tuple[str, ...]) -> Path | None:
+    return next((base / n for n in names if (base / n).is_file()), None)
+
+
 def detect_layout(path: Path) -> str:
     if path.is_file():
         if path.suffix.lower() == ".csv":
@@ -131,10 +139,10 @@ def detect_layout(path: Path) -> str:
         raise DataError(f"data not found: {path}")
     if (path / "train.json").is_file():
         return "fgvc"
+    if _medfmc_file(path, _MEDFMC_POOL) and _medfmc_file(path, _MEDFMC_TEST):
+        return "medfmc"
     if _list_files(path) or all((path / s).is_dir() for s in ("train800val200", "test")):
         return "vtab"
-    if (path / "trainval.txt").is_file() and (path / "test_WithLabel.txt").is_file():
-        return "medfmc"
     if (path / "train.txt").is_file() and (path / "test.txt").is_file():
         return "lists"
     if (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
@@ -171,7 +179,8 @@ def read_layout(path: str | os.PathLike[str], kind: str = "auto", dataset: str |
         wanted = [("train", "val"), ("train", "test"), ("val", "test")]
     elif kind == "medfmc":
         name = _medfmc_dataset(base, dataset)
-        files = {"trainval": base / "trainval.txt", "test": base / "test_WithLabel.txt"}
+        files = {"trainval": _medfmc_file(base, _MEDFMC_POOL), "test": _medfmc_file(base, _MEDFMC_TEST)}
+        files = {k: v for k, v in files.items() if v is not None}
         for file in sorted(base.glob(f"{name}_*-shot_train_exp*.txt")):
             files[file.stem.removeprefix(f"{name}_")] = file
         splits = {split: read_medfmc_list(file, name, base / "images") for split, file in files.items()}

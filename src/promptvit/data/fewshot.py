@@ -25,6 +25,7 @@ from promptvit.data.errors import DataError
 from promptvit.data.sources import (
     MEDFMC_CLASSES,
     MEDFMC_DATASETS,
+    MEDFMC_SINGLE_LABEL,
     LabeledSamples,
     Sample,
     medfmc_split_files,
@@ -126,6 +127,10 @@ def _colon_study(sample: Sample) -> str:
     return sample.file_name[:-9]
 
 
+def _neojaundice_study(sample: Sample) -> str:
+    return sample.file_name[:4]  # '0012-1.png': three photos per baby share the first four characters
+
+
 def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: str | None) -> LabeledSamples:
     """MedFMC N-way K-shot (spec §6.2), drawn from ``samples`` (normally ``trainval.txt``).
 
@@ -134,6 +139,8 @@ def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: st
       studies' images positive for the class;
     * colon: K positive and K negative slides (``file_name[:-9]``), then all their patches of
       that label;
+    * neojaundice: the same with babies (``file_name[:4]``) instead of slides;
+    * retino: K images per class (single-label);
     * ``None`` (other data): multi-label as chest; single-label as :func:`sample_k_shot`.
     """
     _check_k(k)
@@ -143,7 +150,7 @@ def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: st
         return _sample_groups_per_class(samples, k, seed, lambda s: s.key, "positive images")
     if dataset not in MEDFMC_CLASSES:
         raise DataError(f"unknown MedFMC dataset '{dataset}'; expected one of {MEDFMC_DATASETS} or None")
-    expected_multilabel = dataset != "colon"
+    expected_multilabel = dataset not in MEDFMC_SINGLE_LABEL
     if samples.multilabel != expected_multilabel or samples.num_classes != len(MEDFMC_CLASSES[dataset]):
         raise DataError(
             f"{samples.source} ({samples.num_classes} classes, multilabel={samples.multilabel}) is not a "
@@ -153,6 +160,10 @@ def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: st
         return _sample_groups_per_class(samples, k, seed, lambda s: s.key, "positive images")
     if dataset == "endo":
         return _sample_groups_per_class(samples, k, seed, _endo_study, "studies")
+    if dataset == "neojaundice":
+        return _sample_groups_per_class(samples, k, seed, _neojaundice_study, "babies")
+    if dataset == "retino":
+        return sample_k_shot(samples, k, seed)
     return _sample_groups_per_class(samples, k, seed, _colon_study, "slides")
 
 
@@ -265,12 +276,18 @@ def holdout_validation(trainval: LabeledSamples, train: LabeledSamples) -> Label
 def load_medfmc_split(
     root: str | os.PathLike[str], dataset: str, shots: int, exp: int, check_files: bool = True
 ) -> FewShotSplit:
-    """Official MedFMC run: train = ``{K}-shot_train_exp{E}``, val = trainval - train, test = test_WithLabel."""
+    """Official MedFMC run: train = ``{K}-shot_train_exp{E}``, val = trainval - train, test = test_WithLabel.
+
+    Without a train list (NeoJaundice, Retino), train is drawn from trainval by the benchmark's rule, seed = exp.
+    """
     files = medfmc_split_files(root, dataset, shots, exp)
-    train, trainval, test = (
-        read_medfmc_list(path, dataset, files.image_root, check_files)
-        for path in (files.train, files.trainval, files.test)
+    trainval, test = (
+        read_medfmc_list(path, dataset, files.image_root, check_files) for path in (files.trainval, files.test)
     )
+    if files.train is None:
+        train = sample_medfmc_k_shot(trainval, shots, exp, dataset)
+    else:
+        train = read_medfmc_list(files.train, dataset, files.image_root, check_files)
     return FewShotSplit(train=train, val=holdout_validation(trainval, train), test=test)
 
 

@@ -26,7 +26,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 )
 
-MEDFMC_DATASETS = ("chest", "endo", "colon")
+MEDFMC_DATASETS = ("chest", "endo", "colon", "neojaundice", "retino")
+#: one class index per line ('name.png 3'); chest and endo lines carry 0/1 vectors
+MEDFMC_SINGLE_LABEL = ("colon", "neojaundice", "retino")
+#: folder names of the few-shot baseline's release, accepted beside promptvit's names
+MEDFMC_FOLDERS = {"neojaundice": "NeoJaundice", "retino": "Retino"}
 
 MEDFMC_CLASSES: dict[str, tuple[str, ...]] = {
     "chest": (
@@ -54,6 +58,9 @@ MEDFMC_CLASSES: dict[str, tuple[str, ...]] = {
     # The benchmark code spells class 0 'negtive'; we use the correct spelling. Only the display
     # name differs: the label index (0 = negative, 1 = positive) is the one in the list files.
     "colon": ("negative", "positive"),
+    # The few-shot baseline's public lists give class indices only, so the names are the indices.
+    "neojaundice": ("0", "1"),
+    "retino": ("0", "1", "2", "3", "4"),
 }
 
 _MAX_LISTED = 5  # how many offending lines an error message quotes before summarising
@@ -441,12 +448,15 @@ def parse_medfmc_line(line: str, dataset: str) -> tuple[str, Label]:
     else:
         parts = text.rsplit(maxsplit=1)
         fields = parts[1:]
-        expected = "'file name.png' then one label 0 or 1"
-    want = 1 if dataset == "colon" else num_classes
-    if len(parts) < 2 or len(fields) != want or not all(f in ("0", "1") for f in fields):
+        labels = "0 or 1" if num_classes == 2 else f"0..{num_classes - 1}"
+        expected = f"'file name.png' then one label {labels}"
+    single = dataset in MEDFMC_SINGLE_LABEL
+    allowed = [str(c) for c in range(num_classes)] if single else ["0", "1"]
+    want = 1 if single else num_classes
+    if len(parts) < 2 or len(fields) != want or not all(f in allowed for f in fields):
         raise DataError(f"cannot parse {text!r}: expected {expected}")
     values = tuple(int(f) for f in fields)
-    return parts[0], values[0] if dataset == "colon" else values
+    return parts[0], values[0] if single else values
 
 
 def read_medfmc_list(
@@ -484,7 +494,7 @@ def read_medfmc_list(
     return LabeledSamples(
         items=items,
         class_names=list(MEDFMC_CLASSES[dataset]),
-        multilabel=dataset != "colon",
+        multilabel=dataset not in MEDFMC_SINGLE_LABEL,
         source=source,
     )
 
@@ -494,10 +504,12 @@ class MedFMCFiles:
     """Where one (dataset, K, exp) configuration of MedFMC lives on disk.
 
     ``val`` is None when the official val file is absent: it is not needed, because the chest and
-    endo val files overlap their train files and ``holdout_validation`` replaces them.
+    endo val files overlap their train files and ``holdout_validation`` replaces them. ``train`` is None
+    for NeoJaundice and Retino when no ``{K}-shot_train_exp{E}`` list exists: their baseline publishes only
+    the pool and the test list, so the K-shot set is drawn from the pool (seed = exp).
     """
 
-    train: Path
+    train: Path | None
     val: Path | None
     test: Path
     trainval: Path
@@ -511,22 +523,36 @@ def medfmc_split_files(root: str | os.PathLike[str], dataset: str, shots: int, e
     if shots < 1 or exp < 1:
         raise DataError(f"shots and exp must be positive (got shots={shots}, exp={exp})")
     base = Path(root) / dataset
+    if not base.is_dir() and dataset in MEDFMC_FOLDERS:
+        base = Path(root) / MEDFMC_FOLDERS[dataset]
+
+    def first(*names: str) -> Path:
+        return next((base / n for n in names if (base / n).is_file()), base / names[0])
+
+    drawn = dataset in MEDFMC_FOLDERS  # no official K-shot lists: drawn from the pool when absent
     files = MedFMCFiles(
         train=base / f"{dataset}_{shots}-shot_train_exp{exp}.txt",
         val=base / f"{dataset}_{shots}-shot_val_exp{exp}.txt",
-        test=base / "test_WithLabel.txt",
-        trainval=base / "trainval.txt",
+        test=first("test_WithLabel.txt", "test.txt") if drawn else base / "test_WithLabel.txt",
+        trainval=first("trainval.txt", "fewshot-pool.txt") if drawn else base / "trainval.txt",
         image_root=base / "images",
     )
-    required = [files.train, files.test, files.trainval]
+    if drawn and not files.train.is_file():  # type: ignore[union-attr]
+        files = dataclasses.replace(files, train=None)
+    required = [p for p in (files.train, files.test, files.trainval) if p is not None]
     missing = [str(p) for p in required if not p.is_file()]
     if not files.image_root.is_dir():
         missing.append(f"{files.image_root}/ (folder)")
     if missing:
+        expected = (
+            f"{Path(root)}/{MEDFMC_FOLDERS[dataset]}/ with images/, fewshot-pool.txt (or trainval.txt) and "
+            "test.txt (or test_WithLabel.txt), as the MedFMC few-shot baseline ships them"
+            if drawn
+            else f"the benchmark layout {Path(root)}/<chest|colon|endo>/ with images/ and the split .txt files "
+            "(the official K is 1, 5 or 10 and exp 1..5)"
+        )
         raise DataError(
-            f"MedFMC {dataset} {shots}-shot exp{exp}: missing " + ", ".join(missing) + ". Expected the "
-            f"benchmark layout {Path(root)}/<chest|colon|endo>/ with images/ and the split .txt files "
-            "(the official K is 1, 5 or 10 and exp 1..5)."
+            f"MedFMC {dataset} {shots}-shot exp{exp}: missing " + ", ".join(missing) + f". Expected {expected}."
         )
     if files.val is not None and not files.val.is_file():
         files = dataclasses.replace(files, val=None)

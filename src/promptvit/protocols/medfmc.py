@@ -5,8 +5,13 @@
   (``promptvit.data.load_medfmc_split``). The official chest/endo val files are never used: they contain
   most of their own training images (spec Ambiguity 11).
 * Test: ``test_WithLabel.txt``, evaluated once per final run.
-* Metric: mAP (mmcls definition, all classes) for chest and endo, top-1 accuracy for colon; AUC is
-  recorded too. Tables report mean and std over the exps and the repeated training ``seeds``.
+* Metric: mAP (mmcls definition, all classes) for chest and endo, top-1 accuracy for colon, NeoJaundice and
+  Retino; AUC is recorded too.
+* NeoJaundice and Retino (``datasets: [neojaundice, retino]``, folders ``NeoJaundice/`` and ``Retino/`` as the
+  few-shot baseline ships them: ``images/``, ``fewshot-pool.txt`` or ``trainval.txt``, ``test.txt`` or
+  ``test_WithLabel.txt``, lines ``name.png label``): the baseline publishes no K-shot lists in this format,
+  so without ``{dataset}_{K}-shot_train_exp{E}.txt`` the K-shot set is drawn from the pool with the
+  baseline's rule (K babies per class for NeoJaundice, K images per class for Retino), seed = exp. Tables report mean and std over the exps and the repeated training ``seeds``.
 """
 
 from __future__ import annotations
@@ -18,18 +23,24 @@ from pydantic import Field
 from promptvit.data import DataError, medfmc_split_files
 from promptvit.protocols.spec import Protocol, ProtocolError, Stage, Unit, absolute
 
-MEDFMC_METRICS = {"chest": "map", "endo": "map", "colon": "accuracy"}
+MEDFMC_METRICS = {
+    "chest": "map",
+    "endo": "map",
+    "colon": "accuracy",
+    "neojaundice": "accuracy",
+    "retino": "accuracy",
+}
 MEDFMC_SHOTS = (1, 5, 10)
 MEDFMC_EXPS = (1, 2, 3, 4, 5)
 
-Dataset = Literal["chest", "colon", "endo"]
+Dataset = Literal["chest", "colon", "endo", "neojaundice", "retino"]
 
 
 class MedFMCProtocol(Protocol):
     """MedFMC from a root holding ``chest/``, ``colon/``, ``endo/`` (``images/`` + the split ``.txt`` files)."""
 
     kind: ClassVar[str] = "medfmc"
-    task_order: ClassVar[tuple[str, ...]] = ("chest", "colon", "endo")
+    task_order: ClassVar[tuple[str, ...]] = ("chest", "colon", "endo", "neojaundice", "retino")
     name: Literal["medfmc"] = "medfmc"
     root: str
     datasets: list[Dataset] = Field(default_factory=lambda: ["chest", "colon", "endo"])
