@@ -139,7 +139,7 @@ def detect_layout(path: Path) -> str:
         raise DataError(f"data not found: {path}")
     if (path / "train.json").is_file():
         return "fgvc"
-    if _medfmc_file(path, _MEDFMC_POOL) and _medfmc_file(path, _MEDFMC_TEST):
+    if _medfmc_file(path, _MEDFMC_POOL) and _medfmc_file(path, _MEDFMC_TEST) and (path / "images").is_dir():
         return "medfmc"
     if _list_files(path) or all((path / s).is_dir() for s in ("train800val200", "test")):
         return "vtab"
