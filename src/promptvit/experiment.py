@@ -17,7 +17,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-import promptvit
+from promptvit._version import __version__
 from promptvit.backbones import create_backbone
 from promptvit.cache import PrefixCache
 from promptvit.data import (
@@ -223,7 +223,7 @@ def environment() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
-        "promptvit": promptvit.__version__,
+        "promptvit": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),

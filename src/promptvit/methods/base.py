@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
-
-
-class ConfigError(ValueError):
-    """A method or run option is unknown or has the wrong type or value."""
+from promptvit.errors import ConfigError
 
 
 @dataclasses.dataclass

@@ -64,8 +64,8 @@ from tqdm.auto import tqdm
 
 from promptvit.artifact import load_tuned_state
 from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, random_transform_steps
+from promptvit.errors import ConfigError, ResumeError, TrainingError
 from promptvit.io import atomic_write, atomic_write_text
-from promptvit.methods.base import ConfigError
 from promptvit.model import PromptModel
 from promptvit.train.config import OMITTED_AT_DEFAULT, OPERATIONAL_FIELDS, TrainConfig
 from promptvit.train.losses import check_targets, classification_loss
@@ -81,14 +81,6 @@ METRICS_FILE = "metrics.json"
 ARTIFACT_DIR = "artifact"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_FORMAT = 1
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss or parameters); the last good checkpoint is kept."""
-
-
-class ResumeError(TrainingError):
-    """The checkpoint in the run folder does not belong to this run (other setup) or is unreadable."""
 
 
 @dataclasses.dataclass
