@@ -11,7 +11,7 @@ indices; a split may lack some classes, the union over the four splits defines t
 ``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``). Any image extension
 promptvit reads is accepted.
 
-Protocol (VPT ``tune_vtab.py``, spec §2):
+Protocol (VPT's ``tune_vtab.py``; docs/protocols-and-recipes.md, "VTAB-1k protocol"):
 
 * search: every grid point trains on train800 and is scored by val200 top-1 **at the last epoch** (no epoch
   selection; ties go to the smaller lr) with one seed (``search_seeds``, default 42);
