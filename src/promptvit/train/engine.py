@@ -1,5 +1,7 @@
 """The training loop: ``fit`` (with checkpoints, exact resume and validation-based selection),
-``evaluate`` and ``predict_scores``.
+``evaluate`` and ``predict_scores``. What a checkpoint holds and how a run resumes is in
+``train/checkpoint.py``; the hooks around epochs (log.csv, TensorBoard, measurements such as NMI) in
+``train/callbacks.py``.
 
 The engine sees tuning methods only through ``PromptModel`` and the hooks of ``Method``
 (``needs_data_init``/``initialize_from_data``, ``auxiliary_loss``, ``on_epoch_end``). Datasets are plain
@@ -650,6 +652,39 @@ class _EpochBatches:
         )
 
 
+def _summary(
+    state: TrainingState,
+    selection: str,
+    last_epoch: int,
+    select_metric: str | None,
+    model: PromptModel,
+    config: TrainConfig,
+    device: torch.device,
+    speed: dict[str, Any],
+) -> dict[str, Any]:
+    """``metrics.json`` of a finished run; ``speed``: the speed options as the run used them."""
+    seconds = [row["seconds"] for row in state.history]
+    return {
+        "best_epoch": state.best_epoch,
+        "selection": selection,
+        "select_metric": select_metric,
+        "best_metric": state.best_metric,
+        "val": state.best_val_metrics,
+        "epochs": last_epoch,
+        "steps": state.step,
+        "timing": {
+            "total_seconds": sum(seconds),
+            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+            "device": str(device),
+        },
+        "parameters": model.parameter_summary(),
+        "speed": speed,
+        "method": model.method.name,
+        "data_init": state.data_init,
+        "config": config.model_dump(),
+    }
+
+
 def fit(
     model: PromptModel,
     train_set: Dataset,
@@ -840,33 +875,16 @@ def fit(
             selection = f"last epoch (val {select} could not be computed at any epoch)"
         state.best_epoch, state.best_metric = last_epoch, None
     save_artifact(selection)
-    seconds = [row["seconds"] for row in state.history]
-    summary = {
-        "best_epoch": state.best_epoch,
-        "selection": selection,
-        "select_metric": select if val_set is not None else None,
-        "best_metric": state.best_metric,
-        "val": state.best_val_metrics,
-        "epochs": last_epoch,
-        "steps": state.step,
-        "timing": {
-            "total_seconds": sum(seconds),
-            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
-            "device": str(device),
-        },
-        "parameters": model.parameter_summary(),
-        "speed": {
-            "prefix_cut": cut,
-            "cache_views": views,
-            "prefix_cache": dict(cache.stats) if cache is not None else None,
-            "grad_checkpointing": config.grad_checkpointing,
-            "precision": config.precision if autocast_dtype is not None else "fp32",
-            "channels_last": channels_last,
-        },
-        "method": model.method.name,
-        "data_init": state.data_init,
-        "config": config.model_dump(),
+    speed = {
+        "prefix_cut": cut,
+        "cache_views": views,
+        "prefix_cache": dict(cache.stats) if cache is not None else None,
+        "grad_checkpointing": config.grad_checkpointing,
+        "precision": config.precision if autocast_dtype is not None else "fp32",
+        "channels_last": channels_last,
     }
+    select_metric = select if val_set is not None else None
+    summary = _summary(state, selection, last_epoch, select_metric, model, config, device, speed)
     atomic_write_text(run_dir / METRICS_FILE, dumps(summary))
     state.epoch, state.save_index = last_epoch, state.save_index + 1
     final = state.meta(finished=True, best_is_current=True, selection=selection)
