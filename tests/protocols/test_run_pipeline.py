@@ -21,12 +21,12 @@ from tests.conftest import build_tiny
 from tests.protocols.helpers import tiny_base, write_image_folder
 
 
-def _spec(data: Path, evaluate_on: str = "test", **train: Any) -> RunSpec:
+def _spec(data: Path, evaluate_on: str = "test", method: str = "linear", **train: Any) -> RunSpec:
     base = tiny_base(epochs=1, **train)
     config = RunConfig.model_validate(
         {
             **base,
-            "method": {"name": "linear"},
+            "method": {"name": method},
             "data": {"path": str(data), "val_per_class": 2, "test_fraction": 0.3, "skip_corrupt": True},
         }
     )
@@ -35,7 +35,7 @@ def _spec(data: Path, evaluate_on: str = "test", **train: Any) -> RunSpec:
         task="folder",
         split="draw 0",
         seed=0,
-        method="linear",
+        method=method,
         config=config,
         evaluate_on=evaluate_on,
         augment=False,
@@ -92,6 +92,12 @@ def test_a_search_run_never_builds_a_dataset_of_the_test_images(
     body = execute(spec, tmp_path / "run")
     assert body["evaluated_on"] == "val"
     assert built == [split.train.source, split.val.source]
+
+
+def test_the_pipeline_attaches_the_nmi_logger_that_log_nmi_asks_for(data: Path, tmp_path: Path) -> None:
+    execute(_spec(data, method="vpt", log_nmi=True), tmp_path / "run")
+    header = (tmp_path / "run" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"nmi_block0", "nmi_block1"} <= set(header)
 
 
 @pytest.mark.parametrize(
