@@ -417,7 +417,7 @@ def full_disk_during_artifact_save(tmp: Path, monkeypatch: pytest.MonkeyPatch) -
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("promptvit.artifact.save_file", no_space)
+    monkeypatch.setattr("promptvit.artifact_format.save_file", no_space)
     raises(OutputError, WEIGHTS_FILE, lambda: model.save_pretrained(directory))
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     promptvit.load(directory, base_model=build_tiny("vit_token"))  # still loads

@@ -1,10 +1,10 @@
 """promptvit: visual prompt tuning and parameter-efficient fine-tuning for timm vision backbones."""
 
-__version__ = "0.1.0"
-
-from promptvit.artifact import ArtifactError, load  # noqa: E402
-from promptvit.backbones import BackboneError, Geometry, create_backbone, geometry_of  # noqa: E402
-from promptvit.methods import (  # noqa: E402
+from promptvit._version import __version__  # noqa: F401
+from promptvit.artifact import ArtifactError, load
+from promptvit.backbones import BackboneError, Geometry, create_backbone, geometry_of
+from promptvit.errors import PromptvitError
+from promptvit.methods import (
     ConfigError,
     Method,
     MethodConfig,
@@ -12,7 +12,7 @@ from promptvit.methods import (  # noqa: E402
     get_method,
     register_method,
 )
-from promptvit.model import PromptModel, wrap  # noqa: E402
+from promptvit.model import PromptModel, wrap
 
 __all__ = [
     "ArtifactError",
@@ -22,6 +22,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "PromptModel",
+    "PromptvitError",
     "available_methods",
     "create_backbone",
     "geometry_of",

@@ -12,9 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
-class BackboneError(ValueError):
-    """A backbone cannot be built, loaded or matched."""
+from promptvit.errors import BackboneError
 
 
 @dataclasses.dataclass(frozen=True)

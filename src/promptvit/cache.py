@@ -63,7 +63,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from promptvit.backbones import classifier_name
-from promptvit.methods.base import ConfigError
+from promptvit.errors import CacheError
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,6 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-class CacheError(ConfigError):
-    """Prefix caching cannot be used as asked (random transforms, unsupported dataset, bad cache file)."""
 
 
 # ----------------------------------------------------------------------------------------- hashing

@@ -1,10 +1,12 @@
 """One training run from a validated config: data -> backbone + method -> fit -> test -> run folder.
 
-The CLI and the protocols call ``run_experiment``; it is plain Python so notebooks can too.
+``run_pipeline`` is the one run every caller shares: ``run_experiment`` (``promptvit train``, the demo)
+and each sweep run (``protocols.runner.execute``). It is plain Python so notebooks can call it too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -16,8 +18,9 @@ import timm
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.utils.data import DataLoader, Dataset
 
-import promptvit
+from promptvit._version import __version__
 from promptvit.backbones import create_backbone
 from promptvit.cache import PrefixCache
 from promptvit.data import (
@@ -39,7 +42,7 @@ from promptvit.data.check import guard_duplicates, split_summary_line
 from promptvit.io import atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
-from promptvit.train import TrainConfig, evaluate, fit
+from promptvit.train import Callback, FitResult, TrainConfig, evaluate, fit
 
 
 class Strict(BaseModel):
@@ -229,7 +232,7 @@ def environment() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
-        "promptvit": promptvit.__version__,
+        "promptvit": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
@@ -244,68 +247,149 @@ def run_experiment(config: RunConfig, *, resume: bool = True) -> dict[str, Any]:
         return _run_locked(config, run_dir, resume)
 
 
-def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+class NMILogger(Callback):
+    """``train.log_nmi``: after every epoch, the prompt/patch NMI of each prompted block (``analysis.nmi``)
+    on a fixed batch of up to ``count`` validation (else training) images, as ``nmi_block<i>`` columns.
+
+    Blocks without prompt tokens are left out, so methods without prompts log nothing.
+    """
+
+    config_flag = "log_nmi"
+
+    def __init__(self, count: int = 32) -> None:
+        self.count = count
+        self.images: torch.Tensor | None = None
+
+    def on_fit_start(self, model: PromptModel, train_set: Dataset, val_set: Dataset | None) -> None:
+        data = val_set if val_set is not None else train_set
+        if len(data):
+            self.images = next(iter(DataLoader(data, batch_size=self.count, shuffle=False)))[0]
+
+    def on_epoch_end(self, model: PromptModel, epoch: int) -> dict[str, Any]:
+        if self.images is None or model.geometry.kind != "vit":
+            return {}
+        from promptvit.analysis.nmi import layer_nmi  # here: the analysis package imports matplotlib
+
+        means = layer_nmi(model, self.images)["mean"]
+        return {f"nmi_block{index}": float(value) for index, value in enumerate(means) if value is not None}
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What ``run_pipeline`` leaves behind besides the run folder."""
+
+    model: PromptModel
+    fit: FitResult
+    #: metrics of the one evaluated split, at the selected epoch
+    metrics: dict[str, Any]
+    data_config: dict[str, Any]
+    environment: dict[str, str]
+    #: whether training continued from a checkpoint found in the run folder
+    resumed: bool
+    seconds: float
+
+
+def run_pipeline(
+    config: RunConfig,
+    split: FewShotSplit,
+    run_dir: Path,
+    *,
+    evaluate_on: Literal["val", "test"] = "test",
+    select_on_val: bool = True,
+    augment: bool | None = None,
+    data_config_overrides: dict[str, Any] | None = None,
+    artifact_info: dict[str, Any] | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    resume: bool = True,
+    versions: dict[str, str] | None = None,
+) -> RunOutcome:
+    """The one run: record config and data -> build -> fit (resumable) -> evaluate one split once.
+
+    ``promptvit train``, the demo and every sweep run come through here, so they share the prefix cache,
+    the precision, ``skipped_files.txt`` and the environment record. ``select_on_val`` picks the epoch on
+    the validation set (else the last epoch is kept); ``evaluate_on="val"`` scores only the validation
+    set and never builds a dataset of the test images. ``augment`` defaults to ``config.data.augment``;
+    ``versions`` to ``environment()`` (read once per run).
+    """
     atomic_write_text(
         run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
-    split = make_split(config.data, config.train.seed)
     guard_duplicates(split, config.data.allow_duplicates)
     line = split_summary_line(split)
     if config.train.progress:
         print(line, flush=True)
     atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
+    started = time.perf_counter()
     model = build_model(config, split.train.num_classes)
-    data_config = data_config_for(model, config.backbone)
+    data_config = {**data_config_for(model, config.backbone), **(data_config_overrides or {})}
+    augment = config.data.augment if augment is None else augment
+    parts = {"train": split.train}
+    if (select_on_val and len(split.val)) or evaluate_on == "val":
+        parts["val"] = split.val
+    parts[evaluate_on] = getattr(split, evaluate_on)
     datasets = {
         name: ImageDataset(
             part,
             build_transforms(
                 data_config,
-                train=name == "train" and config.data.augment,
+                train=name == "train" and augment,
                 train_scale=config.data.train_scale,
                 hflip=config.data.hflip,
             ),
             config.data.skip_corrupt,
         )
-        for name, part in (("train", split.train), ("val", split.val), ("test", split.test))
+        for name, part in parts.items()
     }
     skipped = [f"{name}: {s}" for name, ds in datasets.items() for s in ds.skipped]
     if skipped:
         atomic_write_text(run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
-    started = time.perf_counter()
-    # One cache serves training, validation and the test pass (and sweeps that share the cut).
+    # One cache serves training, validation and the final pass (and sweeps that share the cut).
     cache = PrefixCache(config.train.cache_dir) if config.train.cache_prefix else None
-    versions = environment()  # asks git once; recorded in the artifact and in metrics.json
-    fit(
+    versions = versions if versions is not None else environment()
+    resumed = resume and (run_dir / "checkpoint" / "checkpoint.json").is_file()
+    result = fit(
         model,
         datasets["train"],
-        datasets["val"] if len(split.val) else None,
+        datasets["val"] if select_on_val and len(split.val) else None,
         config=config.train,
         run_dir=run_dir,
         multilabel=split.train.multilabel,
         class_names=split.train.class_names,
-        extra_artifact_info={"data_config": data_config, "environment": versions},
+        extra_artifact_info={"data_config": data_config, "environment": versions, **(artifact_info or {})},
         resume=resume,
+        fingerprint=fingerprint,
         prefix_cache=cache,
+        callbacks=[NMILogger()] if config.train.log_nmi else [],
     )
-    test_metrics = evaluate(
-        model,
-        datasets["test"],
-        multilabel=split.train.multilabel,
-        class_names=split.train.class_names,
-        batch_size=config.train.eval_batch_size,
-        prefix_cache=cache,
-        precision=config.train.precision,
+    if evaluate_on == "val" and select_on_val and result.val_metrics is not None:
+        metrics = result.val_metrics  # the selected epoch's validation metrics, as fit computed them
+    else:
+        metrics = evaluate(
+            model,
+            datasets[evaluate_on],
+            multilabel=split.train.multilabel,
+            class_names=split.train.class_names,
+            batch_size=config.train.eval_batch_size,
+            prefix_cache=cache,
+            precision=config.train.precision,
+        )
+    return RunOutcome(
+        model, result, metrics, data_config, versions, resumed, round(time.perf_counter() - started, 2)
     )
+
+
+def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+    split = make_split(config.data, config.train.seed)
+    outcome = run_pipeline(config, split, run_dir, resume=resume)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.update(
-        test=test_metrics,
+        test=outcome.metrics,
         test_split=split.test.source,
         num_train=len(split.train),
         num_val=len(split.val),
         num_test=len(split.test),
-        seconds_total=round(time.perf_counter() - started, 2),
-        environment=versions,
+        seconds_total=outcome.seconds,
+        environment=outcome.environment,
     )
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

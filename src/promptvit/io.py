@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from promptvit.errors import OutputError
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, the run-folder lock is skipped
@@ -36,10 +38,6 @@ def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-class OutputError(OSError):
-    """An output file or folder cannot be written (full disk, read-only folder, another writer)."""
 
 
 def _output_error(path: Path, error: OSError) -> OutputError:

@@ -280,7 +280,7 @@ class PromptModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, **extra: Any) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (tuned parameters only)."""
-        from promptvit.artifact import save_artifact
+        from promptvit.artifact_format import save_artifact
 
         return save_artifact(self, directory, **extra)
 

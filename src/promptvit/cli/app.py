@@ -10,50 +10,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
+from promptvit.cli.output import USER_ERRORS, console, fail, state
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml
+from promptvit.cli.protocol_commands import register_protocol_commands
 
 app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
 )
-console = Console(stderr=False)
-_state = {"debug": False}
-
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from promptvit.artifact import ArtifactError
-    from promptvit.backbones import BackboneError
-    from promptvit.data import DataError
-    from promptvit.io import OutputError
-    from promptvit.methods.base import ConfigError
-    from promptvit.train import TrainingError
-
-    return (ArtifactError, BackboneError, DataError, ConfigError, OutputError, TrainingError, ValidationError)
-
-
-def _fail(error: BaseException) -> None:
-    if _state["debug"]:
-        raise error
-    if isinstance(error, ValidationError):
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
-        message = "invalid config: " + "; ".join(lines)
-    else:
-        message = str(error)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
-    console.print(
-        "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
-    )
-    raise typer.Exit(code=2)
 
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]) -> Any:
@@ -106,8 +77,8 @@ def train(
     try:
         run_config = _run_config(config, shortcuts, ctx.args)
         metrics = run_experiment(run_config, resume=resume)
-    except _user_errors() as error:
-        _fail(error)
+    except USER_ERRORS as error:
+        fail(error)
     _print_run(run_config.run_dir(), metrics)
 
 
@@ -184,8 +155,8 @@ def eval_(
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         metrics = evaluate(model, dataset, multilabel=info["multilabel"], class_names=info["class_names"])
-    except (*_user_errors(), ValueError) as error:
-        _fail(error)
+    except (*USER_ERRORS, ValueError) as error:
+        fail(error)
     if out:
         from promptvit.io import atomic_write_text
 
@@ -201,11 +172,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 32,
 ) -> None:
     """Write per-class probabilities (softmax, or sigmoid for multi-label) for each image to a CSV."""
-    import torch
-
-    from promptvit.data import IMAGE_EXTENSIONS, build_transforms, load_image
+    from promptvit.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
     from promptvit.data.sources import LabeledSamples, Sample
     from promptvit.io import atomic_write
+    from promptvit.train import predict_scores
 
     try:
         model, info = _load_for_inference(artifact)
@@ -222,17 +192,11 @@ def predict(
         names = info["class_names"]
         dummy = tuple([0] * len(names)) if info["multilabel"] else 0
         samples = LabeledSamples([Sample(str(f), dummy) for f in files], names, info["multilabel"], "predict")
-        transform = build_transforms(info["data_config"], train=False)
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(files), batch_size):
-                chunk = samples.items[start : start + batch_size]
-                batch = torch.stack([transform(load_image(s, samples)) for s in chunk])
-                logits = model(batch)
-                scores = logits.sigmoid() if info["multilabel"] else logits.softmax(-1)
-                rows += [[s.path, *map(float, row)] for s, row in zip(chunk, scores.tolist(), strict=True)]
-    except (*_user_errors(), FileNotFoundError) as error:
-        _fail(error)
+        dataset = ImageDataset(samples, build_transforms(info["data_config"], train=False))
+        scores = predict_scores(model, dataset, multilabel=info["multilabel"], batch_size=batch_size)
+        rows = [[s.path, *map(float, row)] for s, row in zip(samples.items, scores.tolist(), strict=True)]
+    except (*USER_ERRORS, FileNotFoundError) as error:
+        fail(error)
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
@@ -283,8 +247,8 @@ def analyze(
             compare=others or None,
             name=run_or_artifact.name,
         )
-    except (*_user_errors(), ValueError) as error:
-        _fail(error)
+    except (*USER_ERRORS, ValueError) as error:
+        fail(error)
     figures = sorted(p.name for p in out.glob("*.png"))
     sample = result["sample"]
     console.print(
@@ -331,8 +295,8 @@ def bench_methods(
             repeats=repeats,
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
-    except _user_errors() as error:
-        _fail(error)
+    except USER_ERRORS as error:
+        fail(error)
     table = efficiency_table(rows)
     atomic_write_text(out / "efficiency.md", table + "\n")
     atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
@@ -378,8 +342,8 @@ def demo(
             shots=shots,
             on_done=lambda method, m: console.print(f"stage 2: {method} done ({m['seconds_total']:.0f} s)"),
         )
-    except _user_errors() as error:
-        _fail(error)
+    except USER_ERRORS as error:
+        fail(error)
     table = Table(title="few-shot digits 5-9 on a backbone pretrained on digits 0-4 (test split, %)")
     for column in ("method", "tuned params", "val acc", "test acc", "test bal. acc", "best epoch", "seconds"):
         table.add_column(column)
@@ -396,8 +360,6 @@ def demo(
     console.print(table)
     console.print(f"artifacts and metrics: {out}/<method>/ (artifact/, metrics.json, log.csv)")
 
-
-from promptvit.cli.protocol_commands import register_protocol_commands  # noqa: E402
 
 register_protocol_commands(app)
 

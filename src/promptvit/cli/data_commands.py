@@ -1,6 +1,6 @@
 """Verbs for data sets: ``data check`` (what would block or distort training) and ``data fewshot``.
 
-Registered on the main app by ``register_data_commands(app)``; user errors print one line (``_fail``).
+Registered on the main app by ``register_data_commands(app)``; user errors print one line (``cli.output.fail``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def check(
 ) -> None:
     """Read a data set the way training would and report classes, counts and problems.
     Exit code 0 only when nothing blocks training (1: blocking problems, 2: unreadable data set)."""
-    from promptvit.cli.app import _fail, _user_errors, console
+    from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.data.check import check_splits, read_layout
 
     try:
         report = check_splits(read_layout(path, kind, dataset), input_size=input_size or None)
-    except _user_errors() as error:
-        _fail(error)
+    except USER_ERRORS as error:
+        fail(error)
     blocking = report.blocking(strict)
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "ok": not blocking}, indent=2))
@@ -79,7 +79,7 @@ def fewshot(
     label_column: Annotated[str, typer.Option(help="CSV: label column")] = "label",
 ) -> None:
     """Write K-shot train/val/test split files with a seed, so your own data set gets benchmark-style lists."""
-    from promptvit.cli.app import _fail, _user_errors, console
+    from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.data import DataError, read_csv, read_image_folder
     from promptvit.data.split_files import write_fewshot_files
 
@@ -105,8 +105,8 @@ def fewshot(
             test_fraction=test_fraction,
             val_per_class=val_per_class,
         )
-    except _user_errors() as error:
-        _fail(error)
+    except USER_ERRORS as error:
+        fail(error)
     console.print(f"wrote {len(written)} {fmt} split files to {out} (see {out / 'README.txt'})")
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
+from promptvit.errors import ConfigError
 from promptvit.io import read_yaml_mapping
-from promptvit.methods.base import ConfigError
 
 # Fields of BackboneSpec / MethodSpec themselves; any other key under those sections is a build/method option.
 _SECTION_FIELDS = {

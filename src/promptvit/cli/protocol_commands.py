@@ -1,6 +1,6 @@
 """Verbs for benchmark protocols: ``sweep`` (run a protocol x methods x grids YAML) and ``report``.
 
-Registered on the main app by ``register_protocol_commands(app)``; user errors print one line (``_fail``).
+Registered on the main app by ``register_protocol_commands(app)``; user errors print one line (``cli.output.fail``).
 """
 
 from __future__ import annotations
@@ -10,16 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from promptvit.cli.app import _user_errors
-    from promptvit.protocols import ProtocolError
-
-    return (*_user_errors(), ProtocolError, FileNotFoundError)
+from promptvit.cli.output import USER_ERRORS, console, fail
 
 
 def _parse_vars(pairs: list[str]) -> dict[str, str]:
-    from promptvit.protocols import ProtocolError
+    from promptvit.errors import ProtocolError
 
     variables = {}
     for pair in pairs:
@@ -48,7 +43,6 @@ def sweep(
     """Run a protocol sweep: search on validation, then final test runs; re-run to resume after a kill."""
     from rich.table import Table
 
-    from promptvit.cli.app import _fail, console
     from promptvit.protocols import load_sweep_config, run_sweep, write_report
 
     def on_event(stage: str, spec: Any, status: str, error: str | None, done: int, total: int) -> None:
@@ -76,8 +70,8 @@ def sweep(
             rendered = write_report(
                 outcome.results, outcome.results / "report", title=sweep_config.title or sweep_config.name
             )
-    except _errors() as error:
-        _fail(error)
+    except (*USER_ERRORS, FileNotFoundError) as error:
+        fail(error)
     table = Table(title=f"sweep {sweep_config.name} -> {outcome.results}")
     for column in ("stage", "planned runs", "outcomes"):
         table.add_column(column)
@@ -110,13 +104,12 @@ def report(
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
-    from promptvit.cli.app import _fail, console
     from promptvit.protocols import write_report
 
     try:
         rendered = write_report(results, out, title=title, plots=plots)
-    except _errors() as error:
-        _fail(error)
+    except (*USER_ERRORS, FileNotFoundError) as error:
+        fail(error)
     for problem in rendered.loaded.problems:
         console.print(f"[yellow]warning:[/] {problem}", highlight=False)
     console.print(

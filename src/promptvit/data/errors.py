@@ -1,12 +1,7 @@
-"""The one exception type for mistakes in user-supplied data."""
+"""Data errors; ``DataError`` is defined in ``promptvit.errors`` with the library's other exceptions."""
 
 from __future__ import annotations
 
+from promptvit.errors import DataError
 
-class DataError(ValueError):
-    """A problem with the user's data files (missing, malformed, inconsistent).
-
-    Subclassing ``ValueError`` lets callers that only know the standard library still catch it,
-    while the CLI can catch exactly this type and print the message without a traceback: every
-    message names the file (and line, where there is one) and says how to fix it.
-    """
+__all__ = ["DataError"]

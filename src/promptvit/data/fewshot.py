@@ -132,7 +132,7 @@ def _neojaundice_study(sample: Sample) -> str:
 
 
 def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: str | None) -> LabeledSamples:
-    """MedFMC N-way K-shot (spec §6.2), drawn from ``samples`` (normally ``trainval.txt``).
+    """MedFMC N-way K-shot (docs/protocols-and-recipes.md, "MedFMC few-shot sampling"), drawn from ``samples`` (normally ``trainval.txt``).
 
     * chest: per class, K images positive for it (an image may be drawn for several classes);
     * endo: per class, K studies (``file_name[:18]``) with a positive image, then all of those

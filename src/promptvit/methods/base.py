@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
-
-
-class ConfigError(ValueError):
-    """A method or run option is unknown or has the wrong type or value."""
+from promptvit.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -138,6 +135,21 @@ class Method(nn.Module):
         (linear, mlp; also the only cut a CNN supports). 0, the default, means no caching is possible.
         """
         return 0
+
+    #: a boolean option that, when False, confines the method to the first block (``deep`` of VPT and SPT)
+    deep_option: ClassVar[str | None] = None
+
+    def prompted_depth(self) -> int | None:
+        """Blocks that carry the method's prompts or modules, for reports; None where that means nothing.
+
+        The ``layers`` option where the method has one (None there = every block), else ``deep_option``.
+        """
+        options = self.config.to_dict()
+        if "layers" in options:
+            return len(options["layers"]) if options["layers"] is not None else self.geometry.depth
+        if self.deep_option is not None:
+            return self.geometry.depth if options.get(self.deep_option, True) else 1
+        return None
 
     # Optional data-aware hooks (SPT, DA-VPT); the engine calls them, other methods keep the defaults.
     needs_data_init: ClassVar[bool] = False

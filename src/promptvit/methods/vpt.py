@@ -48,6 +48,7 @@ class VPT(TokenPromptHooks, Method):
     """Visual Prompt Tuning; ``prompts`` has shape (depth if deep else 1, L, d)."""
 
     name = "vpt"
+    deep_option = "deep"
     config_class = VPTConfig
     paper = "VPT: Visual Prompt Tuning (Jia et al., ECCV 2022)"
     supported_kinds = ("vit",)

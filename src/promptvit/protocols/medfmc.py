@@ -3,7 +3,7 @@
 * Training: ``{dataset}_{K}-shot_train_exp{E}.txt`` (K in 1, 5, 10; the five official exps), duplicates kept.
 * Model selection (epoch and hyperparameters): ``trainval.txt`` minus the training files of that exp
   (``promptvit.data.load_medfmc_split``). The official chest/endo val files are never used: they contain
-  most of their own training images (spec Ambiguity 11).
+  most of their own training images (docs/protocols-and-recipes.md, "MedFMC model selection").
 * Test: ``test_WithLabel.txt``, evaluated once per final run.
 * Metric: mAP (mmcls definition, all classes) for chest and endo, top-1 accuracy for colon, NeoJaundice and
   Retino; AUC is recorded too.

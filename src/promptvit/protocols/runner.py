@@ -1,4 +1,5 @@
-"""Execute one :class:`RunSpec` and record it: build -> fit (resumable) -> evaluate ONE split -> record.
+"""Execute one :class:`RunSpec` and record it: ``experiment.run_pipeline`` (build -> fit, resumable ->
+evaluate ONE split), then the record.
 
 The protocol decides what is evaluated: a search-stage run evaluates the validation set only (the test set
 is never loaded into a dataset, let alone scored), a final run evaluates the test set once, at the epoch the
@@ -17,25 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from promptvit.data import ImageDataset, build_transforms
-from promptvit.data.check import guard_duplicates, split_summary_line
-from promptvit.experiment import build_model, data_config_for, environment
-from promptvit.io import atomic_write_text
+from promptvit.errors import ResumeError, TrainingError
+from promptvit.experiment import environment, run_pipeline
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
 from promptvit.protocols.store import RECORD_FORMAT, ResultStore
-from promptvit.train import ResumeError, TrainingError, evaluate, fit
-
-
-def prompted_depth(method: str, options: dict[str, Any], depth: int) -> int | None:
-    """Blocks that carry the method's prompts/modules: ``layers`` if given, VPT's deep flag, else None."""
-    if "layers" in options:
-        return len(options["layers"]) if options["layers"] is not None else depth
-    if method == "vpt":
-        return depth if options.get("deep", True) else 1
-    return None
 
 
 def _now() -> str:
@@ -65,15 +53,18 @@ def _selection(spec: RunSpec, fit_selection: str) -> dict[str, Any]:
     }
 
 
-def execute(spec: RunSpec, run_dir: str | Path, *, threads: int | None = None) -> dict[str, Any]:
+def execute(
+    spec: RunSpec,
+    run_dir: str | Path,
+    *,
+    threads: int | None = None,
+    versions: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Train and evaluate ``spec`` in ``run_dir`` (resuming a checkpoint there); return the record body."""
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = spec.config
-    digest = train_hash(spec)
-    started = time.perf_counter()
     split = materialise(spec)
     evaluated = split.val if spec.evaluate_on == "val" else split.test
     if not len(evaluated):
@@ -81,58 +72,27 @@ def execute(spec: RunSpec, run_dir: str | Path, *, threads: int | None = None) -
     use_val = spec.epoch_selection == "val"
     if use_val and not len(split.val):
         raise ValueError(f"{spec.describe()}: epoch selection on val needs a non-empty validation set")
-    atomic_write_text(
-        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
-    guard_duplicates(split, config.data.allow_duplicates)
-    atomic_write_text(run_dir / "data.txt", split_summary_line(split) + "\n" + split.summary() + "\n")
-
-    model = build_model(config, split.train.num_classes)
-    data_config = data_config_for(model, config.backbone)
+    overrides: dict[str, Any] = {}
     if spec.eval_resize == "direct":
-        data_config["crop_pct"] = 1.0
+        overrides["crop_pct"] = 1.0
     if spec.interpolation:
-        data_config["interpolation"] = spec.interpolation
-    eval_tf = build_transforms(data_config, train=False)
-    train_tf = (
-        build_transforms(
-            data_config, train=True, train_scale=config.data.train_scale, hflip=config.data.hflip
-        )
-        if spec.augment
-        else eval_tf
-    )
-    skip = config.data.skip_corrupt
-    train_set = ImageDataset(split.train, train_tf, skip)
-    val_set = ImageDataset(split.val, eval_tf, skip) if use_val else None
-    resumed = (run_dir / "checkpoint" / "checkpoint.json").is_file()
-    result = fit(
-        model,
-        train_set,
-        val_set,
-        config=config.train,
-        run_dir=run_dir,
-        multilabel=split.train.multilabel,
-        class_names=split.train.class_names,
-        extra_artifact_info={
-            "data_config": data_config,
-            "environment": environment(),
-            "protocol": {"name": spec.protocol, "task": spec.task, "shots": spec.shots, "split": spec.split},
+        overrides["interpolation"] = spec.interpolation
+    outcome = run_pipeline(
+        spec.config,
+        split,
+        run_dir,
+        evaluate_on=spec.evaluate_on,
+        select_on_val=use_val,
+        augment=spec.augment,
+        data_config_overrides=overrides,
+        artifact_info={
+            "protocol": {"name": spec.protocol, "task": spec.task, "shots": spec.shots, "split": spec.split}
         },
+        fingerprint={"train_hash": train_hash(spec)},
         resume=True,
-        fingerprint={"train_hash": digest},
+        versions=versions,
     )
-    fit_seconds = time.perf_counter() - started
-    if spec.evaluate_on == "val" and use_val and result.val_metrics is not None:
-        metrics = result.val_metrics  # the selected epoch's validation metrics, as fit computed them
-    else:
-        dataset = ImageDataset(evaluated, eval_tf, skip)
-        metrics = evaluate(
-            model,
-            dataset,
-            multilabel=split.train.multilabel,
-            class_names=split.train.class_names,
-            batch_size=config.train.eval_batch_size,
-        )
+    model, result, metrics = outcome.model, outcome.fit, outcome.metrics
     metric = resolve_metric(spec, split.train.multilabel)
     if metric not in metrics:
         raise ValueError(f"metric '{metric}' is not computed for this task; available: {sorted(metrics)}")
@@ -150,14 +110,14 @@ def execute(spec: RunSpec, run_dir: str | Path, *, threads: int | None = None) -
         "method_name": model.method.name,
         "method_options": options,
         "prompt_length": options.get("prompt_length"),
-        "prompted_depth": prompted_depth(model.method.name, options, model.geometry.depth),
+        "prompted_depth": model.method.prompted_depth(),
         "backbone_depth": model.geometry.depth,
         "num_classes": split.train.num_classes,
         "multilabel": split.train.multilabel,
         "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "data": {"train": split.train.source, "val": split.val.source, "evaluated": evaluated.source},
-        "resumed": resumed,
-        "fit_seconds": round(fit_seconds, 3),
+        "resumed": outcome.resumed,
+        "fit_seconds": outcome.seconds,
     }
 
 
@@ -206,8 +166,9 @@ def run_and_record(
         record = _base_record(spec, store)
         record["started_at"] = _now()
         started = time.perf_counter()
+        versions = environment()  # asks git once per run
         try:
-            body = execute(spec, store.run_dir(record["train_hash"]), threads=threads)
+            body = execute(spec, store.run_dir(record["train_hash"]), threads=threads, versions=versions)
             record.update(status="ok", error=None, **body)
         except ResumeError as error:
             record.update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -221,7 +182,7 @@ def run_and_record(
             )
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         record["finished_at"] = _now()
-        record["environment"] = environment()
+        record["environment"] = versions
         if record["status"] == "failed":
             store.add_failure(record)
             return "failed"

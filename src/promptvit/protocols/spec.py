@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from promptvit.errors import ProtocolError
 from promptvit.experiment import RunConfig
 from promptvit.train.config import OPERATIONAL_FIELDS
 
@@ -36,10 +37,6 @@ TRANSFORM_KEYS = ("train_scale", "hflip", "skip_corrupt", "allow_duplicates")
 Stage = Literal["search", "final"]
 EvalSplit = Literal["val", "test"]
 EpochSelection = Literal["val", "last"]
-
-
-class ProtocolError(ValueError):
-    """A protocol, sweep or results-store problem the user can fix (bad option, missing data, bad YAML)."""
 
 
 class Strict(BaseModel):

@@ -23,7 +23,7 @@ In both, a split may lack some classes: the union over the splits defines the la
 ``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``); the distribution's folder
 names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too.
 
-Protocol (VPT ``tune_vtab.py``, spec §2):
+Protocol (VPT's ``tune_vtab.py``; docs/protocols-and-recipes.md, "VTAB-1k protocol"):
 
 * search: every grid point trains on train800 and is scored by val200 top-1 **at the last epoch** (no epoch
   selection; ties go to the smaller lr) with one seed (``search_seeds``, default 42);

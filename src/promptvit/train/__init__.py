@@ -4,12 +4,15 @@ It knows tuning methods only through ``PromptModel`` and the ``Method`` hooks, a
 datasets of ``(image, target)`` pairs; it never imports ``promptvit.data`` or the CLI.
 """
 
+from promptvit.errors import ResumeError, TrainingError
+from promptvit.train.callbacks import Callback
 from promptvit.train.config import TrainConfig
-from promptvit.train.engine import FitResult, ResumeError, TrainingError, evaluate, fit, predict_scores
+from promptvit.train.engine import FitResult, evaluate, fit, predict_scores
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
 
 __all__ = [
+    "Callback",
     "FitResult",
     "ResumeError",
     "TrainConfig",

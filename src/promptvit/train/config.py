@@ -1,6 +1,6 @@
 """``TrainConfig``: every option of one training run, validated, with unknown keys rejected.
 
-The defaults are the EPT/MedFM recipe (spec §1.4): SGD, lr 6e-4, momentum 0.9, weight decay 1e-4,
+The defaults are the EPT/MedFM recipe (docs/protocols-and-recipes.md, "Training recipe"): SGD, lr 6e-4, momentum 0.9, weight decay 1e-4,
 cosine annealing to 0 without warm-up, 20 epochs, batch size 4. Two deliberate differences from that
 recipe are options: ``decay_all=False`` (the default here) exempts biases, norm parameters and prompts from
 weight decay, while the EPT code decays every parameter (set ``decay_all=True`` to match it); and the

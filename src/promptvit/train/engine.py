@@ -1,5 +1,7 @@
 """The training loop: ``fit`` (with checkpoints, exact resume and validation-based selection),
-``evaluate`` and ``predict_scores``.
+``evaluate`` and ``predict_scores``. What a checkpoint holds and how a run resumes is in
+``train/checkpoint.py``; the hooks around epochs (log.csv, TensorBoard, measurements such as NMI) in
+``train/callbacks.py``.
 
 The engine sees tuning methods only through ``PromptModel`` and the hooks of ``Method``
 (``needs_data_init``/``initialize_from_data``, ``auxiliary_loss``, ``on_epoch_end``). Datasets are plain
@@ -41,54 +43,54 @@ last bits).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import logging
 import math
 import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from promptvit.artifact import load_tuned_state
 from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, random_transform_steps
-from promptvit.io import atomic_write, atomic_write_text
-from promptvit.methods.base import ConfigError
+from promptvit.errors import ConfigError, TrainingError
+from promptvit.io import atomic_write_text
 from promptvit.model import PromptModel
-from promptvit.train.config import OMITTED_AT_DEFAULT, OPERATIONAL_FIELDS, TrainConfig
+from promptvit.train.callbacks import (
+    LOG_FILE,
+    Callback,
+    TensorBoardLogger,
+    check_requested,
+    write_log,
+)
+from promptvit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    TrainingState,
+    compare_setup,
+    dumps,
+    jsonable,
+    prefixed,
+    read_checkpoint,
+    save_checkpoint,
+    setup_of,
+)
+from promptvit.train.config import TrainConfig
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FILE = "checkpoint.json"
-LOG_FILE = "log.csv"
 METRICS_FILE = "metrics.json"
 ARTIFACT_DIR = "artifact"
-TENSORBOARD_DIR = "tensorboard"
-CHECKPOINT_FORMAT = 1
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss or parameters); the last good checkpoint is kept."""
-
-
-class ResumeError(TrainingError):
-    """The checkpoint in the run folder does not belong to this run (other setup) or is unreadable."""
 
 
 @dataclasses.dataclass
@@ -145,35 +147,13 @@ def _loader(
     )
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON value: tensors to numbers/lists, tuples to lists, non-finite floats to None."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(_jsonable(value), indent=2, allow_nan=False) + "\n"
-
-
 def _scalars(prefix: str, values: dict[str, Any], *, keep_text: bool = False) -> dict[str, Any]:
     """Flatten numbers (and dicts of numbers, as ``prefix + key/sub``) for a log row; drop the rest.
 
     ``keep_text`` also keeps short strings (a method's class-to-prompt mapping, say) for log.csv.
     """
     row: dict[str, Any] = {}
-    for key, value in _jsonable(values).items():
+    for key, value in jsonable(values).items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         text = keep_text and isinstance(value, str) and len(value) <= 500
         if value is None or number or text:
@@ -336,142 +316,6 @@ def evaluate(
     return metrics
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def _setup_of(
-    model: PromptModel,
-    config: TrainConfig,
-    multilabel: bool,
-    class_names: list[str],
-    train_set: Dataset,
-    val_set: Dataset | None,
-    fingerprint: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The flat dict a checkpoint must match to be resumed (operational config fields left out)."""
-    setup: dict[str, Any] = {
-        k: v
-        for k, v in config.model_dump().items()
-        if k not in OPERATIONAL_FIELDS and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])
-    }
-    setup["method"] = model.method.name
-    setup.update({f"method.{k}": v for k, v in model.config.to_dict().items()})
-    setup.update(
-        base_fingerprint=model.base_fingerprint,
-        num_classes=model.num_classes,
-        class_names=list(class_names),
-        multilabel=multilabel,
-        train_size=len(train_set),
-        val_size=None if val_set is None else len(val_set),
-    )
-    for key, value in (fingerprint or {}).items():
-        setup[key if key not in setup else f"fingerprint.{key}"] = value
-    return _jsonable(json.loads(json.dumps(_jsonable(setup), default=str)))
-
-
-def _compare_setup(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    keys = sorted(set(saved) | set(current))
-    missing = object()
-    differing = [k for k in keys if saved.get(k, missing) != current.get(k, missing)]
-    if differing:
-        described = "; ".join(
-            f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
-            for k in differing
-        )
-        raise ResumeError(
-            f"{where} belongs to a run with another setup, differing in {differing} ({described}). "
-            "Use another run_dir, or pass resume=False to start this run over in it."
-        )
-
-
-def _tensor_file_names(directory: Path) -> list[Path]:
-    return sorted(directory.glob("tensors-*.safetensors"))
-
-
-def _save_checkpoint(
-    directory: Path,
-    meta: dict[str, Any],
-    model: PromptModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    best_state: dict[str, torch.Tensor] | None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """Tensors first (a new file), then the JSON naming it (atomic switch), then old tensor files go."""
-    tensors = {f"model/{k}": v for k, v in model.tuned_state_dict().items()}
-    if best_state is not None and not meta["best_is_current"]:
-        tensors.update({f"best/{k}": v for k, v in best_state.items()})
-    optim_state = optimizer.state_dict()
-    optim_extra: dict[str, dict[str, Any]] = {}
-    for index, entries in optim_state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index}/{key}"] = value
-            else:
-                optim_extra.setdefault(str(index), {})[key] = value
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    name = f"tensors-{meta['save_index']:06d}.safetensors"
-    atomic_write(directory / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    meta = {
-        **meta,
-        "tensors_file": name,
-        "optimizer": {"param_groups": optim_state["param_groups"], "state_extra": optim_extra},
-        "scheduler": scheduler.state_dict(),
-        # fp16 loss scale and its growth counter: a resumed run continues with the scale it had reached
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-    }
-    atomic_write_text(directory / CHECKPOINT_FILE, _dumps(meta))
-    for old in _tensor_file_names(directory):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    path = directory / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / meta["tensors_file"]))
-    except (OSError, json.JSONDecodeError, KeyError, SafetensorError, ValueError) as error:
-        raise ResumeError(
-            f"{directory} holds an unreadable checkpoint ({error}); pass resume=False to start over"
-        ) from error
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ResumeError(f"{path} has checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
-    return meta, tensors
-
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _optimizer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in _prefixed(tensors, "optim/").items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entries in meta["optimizer"]["state_extra"].items():
-        state.setdefault(int(index), {}).update(entries)
-    groups = [dict(g) for g in meta["optimizer"]["param_groups"]]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    atomic_write_text(path, buffer.getvalue())
-
-
 # ------------------------------------------------------------------------------------------- fit
 
 
@@ -621,21 +465,6 @@ def _check_finite_parameters(model: PromptModel, epoch: int) -> None:
         )
 
 
-def _nmi_images(dataset: Dataset, count: int = 32) -> torch.Tensor | None:
-    """A fixed batch (the first ``count`` items) whose NMI is tracked across epochs."""
-    return next(iter(DataLoader(dataset, batch_size=count, shuffle=False)))[0] if len(dataset) else None
-
-
-def _nmi_columns(model: PromptModel, images: torch.Tensor) -> dict[str, float]:
-    """Prompt/patch NMI per prompted block (blocks without prompt tokens are left out)."""
-    from promptvit.analysis.nmi import layer_nmi
-
-    if model.geometry.kind != "vit":
-        return {}
-    means = layer_nmi(model, images)["mean"]
-    return {f"nmi_block{index}": float(value) for index, value in enumerate(means) if value is not None}
-
-
 def _data_init(
     model: PromptModel, train_set: Dataset, config: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
@@ -663,7 +492,7 @@ def _data_init(
     with torch.no_grad():
         info = model.method.initialize_from_data(model, batches()) or {}
     logger.info("data-dependent initialisation of %s: %s", model.method.name, info)
-    return _jsonable(info)
+    return jsonable(info)
 
 
 def _prefix_plan(
@@ -748,6 +577,114 @@ def _result_from_meta(meta: dict[str, Any], run_dir: Path) -> FitResult:
     )
 
 
+def _check_fit_arguments(
+    model: PromptModel,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: TrainConfig,
+    class_names: list[str],
+    extra_artifact_info: dict[str, Any] | None,
+) -> Dataset | None:
+    """Refuse what cannot train; returns the validation set to use (None for an empty one)."""
+    if len(class_names) != model.num_classes:
+        raise ConfigError(f"{len(class_names)} class names for a model with {model.num_classes} outputs")
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty")
+    reserved = {"class_names", "multilabel", "selection"} & set(extra_artifact_info or {})
+    if reserved:
+        raise ConfigError(f"extra_artifact_info must not set {sorted(reserved)}; fit records them itself")
+    return None if val_set is not None and len(val_set) == 0 else val_set
+
+
+class _EpochBatches:
+    """Each epoch's training batches: images, or with a prefix cut the cached prefix outputs of its view."""
+
+    def __init__(
+        self,
+        model: PromptModel,
+        train_set: Dataset,
+        config: TrainConfig,
+        cache: PrefixCache | None,
+        cut: int,
+        views: int,
+        device: torch.device,
+        autocast: bool,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model, self.train_set, self.config, self.cache = model, train_set, config, cache
+        self.cut, self.views, self.device = cut, views, device
+        self.autocast, self.autocast_dtype = autocast, autocast_dtype
+        # The training set's prefix outputs for the current view; without views every epoch reuses them.
+        self.prefix: dict[int | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def loader(self, epoch: int, generator: torch.Generator) -> Any:
+        config, pin = self.config, self.device.type == "cuda"
+        if not self.cut:
+            return DataLoader(
+                self.train_set,
+                batch_size=config.batch_size,
+                shuffle=True,
+                generator=generator,
+                num_workers=config.num_workers,
+                pin_memory=pin,
+            )
+        view = (epoch - 1) % self.views if self.views else None
+        if view not in self.prefix:
+            assert self.cache is not None
+            self.prefix = {
+                view: self.cache.prefix_outputs(
+                    self.model,
+                    self.train_set,
+                    self.cut,
+                    view=view,
+                    batch_size=config.eval_batch_size,
+                    num_workers=config.num_workers,
+                    device=self.device,
+                    autocast=self.autocast,
+                    autocast_dtype=self.autocast_dtype,
+                    check=False,
+                )
+            }
+        outputs, cached_targets = self.prefix[view]
+        # Same length and sampler seed as the uncached loader, hence the same batches in the same order.
+        return CachedBatches(
+            outputs, cached_targets, batch_size=config.batch_size, shuffle=True, generator=generator, pin_memory=pin
+        )
+
+
+def _summary(
+    state: TrainingState,
+    selection: str,
+    last_epoch: int,
+    select_metric: str | None,
+    model: PromptModel,
+    config: TrainConfig,
+    device: torch.device,
+    speed: dict[str, Any],
+) -> dict[str, Any]:
+    """``metrics.json`` of a finished run; ``speed``: the speed options as the run used them."""
+    seconds = [row["seconds"] for row in state.history]
+    return {
+        "best_epoch": state.best_epoch,
+        "selection": selection,
+        "select_metric": select_metric,
+        "best_metric": state.best_metric,
+        "val": state.best_val_metrics,
+        "epochs": last_epoch,
+        "steps": state.step,
+        "timing": {
+            "total_seconds": sum(seconds),
+            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+            "device": str(device),
+        },
+        "parameters": model.parameter_summary(),
+        "speed": speed,
+        "method": model.method.name,
+        "data_init": state.data_init,
+        "config": config.model_dump(),
+    }
+
+
 def fit(
     model: PromptModel,
     train_set: Dataset,
@@ -761,6 +698,7 @@ def fit(
     resume: bool = True,
     fingerprint: dict[str, Any] | None = None,
     prefix_cache: PrefixCache | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train ``model``'s tuned parameters on ``train_set``; select the epoch on ``val_set``; save the artifact.
 
@@ -781,6 +719,8 @@ def fit(
             dataset sizes all match; otherwise ``ResumeError`` names the differing keys.
         prefix_cache: the cache used with ``config.cache_prefix`` (default: a new one, on disk under
             ``config.cache_dir`` if set); pass one to share prefixes with other runs or test evaluation.
+        callbacks: watchers of the epochs (``promptvit.train.callbacks``), e.g. the NMI logger that
+            ``config.log_nmi`` asks for; TensorBoard (``config.log_tensorboard``) is added here.
 
     Raises:
         TrainingError: non-finite loss, gradient norm or parameters (the last checkpoint stays intact).
@@ -791,21 +731,15 @@ def fit(
         config = TrainConfig.model_validate(config)
     run_dir = Path(run_dir)
     class_names = list(class_names)
-    if len(class_names) != model.num_classes:
-        raise ConfigError(f"{len(class_names)} class names for a model with {model.num_classes} outputs")
-    if len(train_set) == 0:
-        raise ValueError("the training set is empty")
-    if val_set is not None and len(val_set) == 0:
-        val_set = None
+    val_set = _check_fit_arguments(model, train_set, val_set, config, class_names, extra_artifact_info)
+    callbacks = list(callbacks)
+    check_requested(config, callbacks)
     select = config.select_metric or ("map" if multilabel else "accuracy")
     if select not in selectable_metrics(multilabel):
         raise ConfigError(
             f"select_metric '{select}' is not available for {'multi' if multilabel else 'single'}-label tasks; "
             f"choose one of {list(selectable_metrics(multilabel))}"
         )
-    reserved = {"class_names", "multilabel", "selection"} & set(extra_artifact_info or {})
-    if reserved:
-        raise ConfigError(f"extra_artifact_info must not set {sorted(reserved)}; fit records them itself")
 
     # Speed options first, so that a refused cache (random augmentation) fails before the run folder changes.
     cache, cut, views = _prefix_plan(model, config, train_set, val_set, prefix_cache)
@@ -814,28 +748,31 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype is torch.float16 else None
 
     checkpoint_dir = run_dir / CHECKPOINT_DIR
-    setup = _setup_of(model, config, multilabel, class_names, train_set, val_set, fingerprint)
-    saved = _read_checkpoint(checkpoint_dir) if resume else None
+    state = TrainingState(setup_of(model, config, multilabel, class_names, train_set, val_set, fingerprint))
+    saved = read_checkpoint(checkpoint_dir) if resume else None
     if saved is not None:
-        _compare_setup(saved[0]["setup"], setup, checkpoint_dir)
+        compare_setup(saved[0]["setup"], state.setup, checkpoint_dir)
     elif not resume:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    def save_artifact(selection: str) -> None:
+        model.save_pretrained(
+            run_dir / ARTIFACT_DIR,
+            class_names=class_names,
+            multilabel=multilabel,
+            selection=selection,
+            **(extra_artifact_info or {}),
+        )
+
     model.to(device)
     channels_last = _use_channels_last(model, config.channels_last, device)
     if saved is not None and saved[0]["finished"]:
         meta, tensors = saved
-        load_tuned_state(model, _prefixed(tensors, "model/"), str(checkpoint_dir))
+        load_tuned_state(model, prefixed(tensors, "model/"), str(checkpoint_dir))
         if not (run_dir / ARTIFACT_DIR).is_dir():
-            model.save_pretrained(
-                run_dir / ARTIFACT_DIR,
-                class_names=class_names,
-                multilabel=multilabel,
-                selection=meta["selection"],
-                **(extra_artifact_info or {}),
-            )
+            save_artifact(meta["selection"])
         logger.info("%s already finished; returning its result", run_dir)
         return _result_from_meta(meta, run_dir)
 
@@ -845,105 +782,33 @@ def fit(
     seed_everything(config.seed)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-
-    history: list[dict[str, Any]] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch: int | None = None
-    best_metric: float | None = None
-    best_val_metrics: dict[str, Any] | None = None
-    data_init: dict[str, Any] | None = None
-    start_epoch, step, save_index = 0, 0, 0
     if saved is not None:
-        meta, tensors = saved
-        load_tuned_state(model, _prefixed(tensors, "model/"), str(checkpoint_dir))
-        optimizer.load_state_dict(_optimizer_state(meta, tensors))
-        scheduler.load_state_dict(meta["scheduler"])
-        if scaler is not None and meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
-        history = meta["history"]
-        start_epoch, step, save_index = meta["epoch"], meta["step"], meta["save_index"]
-        best_epoch, best_metric, best_val_metrics = (
-            meta["best_epoch"],
-            meta["best_metric"],
-            meta["best_val_metrics"],
-        )
-        data_init = meta.get("data_init")
-        if best_epoch is not None:
-            best_state = (
-                {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
-                if meta["best_is_current"]
-                else _prefixed(tensors, "best/")
-            )
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+        state.restore(saved, model, optimizer, scheduler, scaler, checkpoint_dir)
+        logger.info("resuming %s after epoch %d (step %d)", run_dir, state.epoch, state.step)
     elif model.method.needs_data_init:
-        data_init = _data_init(model, train_set, config, device)
+        state.data_init = _data_init(model, train_set, config, device)
 
-    writer = None
     if config.log_tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ConfigError(
-                "log_tensorboard=True needs the 'tensorboard' package (pip install tensorboard)"
-            ) from error
-        writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
-
+        callbacks.append(TensorBoardLogger(run_dir))
     previous_checkpointing = _enable_grad_checkpointing(model, config.grad_checkpointing)
-    nmi_images = _nmi_images(val_set if val_set is not None else train_set) if config.log_nmi else None
-    # The training set's prefix outputs for the current view; without views every epoch reuses them.
-    train_prefix: dict[int | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    batches = _EpochBatches(model, train_set, config, cache, cut, views, device, autocast, autocast_dtype)
     try:
-        for epoch in range(start_epoch + 1, epochs + 1):
+        for callback in callbacks:
+            callback.on_fit_start(model, train_set, val_set)
+        for epoch in range(state.epoch + 1, epochs + 1):
             started = time.perf_counter()
             epoch_seed = derived_seed(config.seed, epoch)
             seed_everything(epoch_seed)
-            generator = torch.Generator().manual_seed(epoch_seed)
-            if cut:
-                view = (epoch - 1) % views if views else None
-                if view not in train_prefix:
-                    train_prefix = {
-                        view: cache.prefix_outputs(
-                            model,
-                            train_set,
-                            cut,
-                            view=view,
-                            batch_size=config.eval_batch_size,
-                            num_workers=config.num_workers,
-                            device=device,
-                            autocast=autocast,
-                            autocast_dtype=autocast_dtype,
-                            check=False,
-                        )
-                    }
-                outputs, cached_targets = train_prefix[view]
-                # Same length and sampler seed as the uncached loader, hence the same batches in the same order.
-                loader: Any = CachedBatches(
-                    outputs,
-                    cached_targets,
-                    batch_size=config.batch_size,
-                    shuffle=True,
-                    generator=generator,
-                    pin_memory=device.type == "cuda",
-                )
-            else:
-                loader = DataLoader(
-                    train_set,
-                    batch_size=config.batch_size,
-                    shuffle=True,
-                    generator=generator,
-                    num_workers=config.num_workers,
-                    pin_memory=device.type == "cuda",
-                )
             train_row, step = _train_epoch(
                 model,
-                loader,
+                batches.loader(epoch, torch.Generator().manual_seed(epoch_seed)),
                 optimizer,
                 scheduler,
                 config=config,
                 device=device,
                 epoch=epoch,
                 epochs=epochs,
-                step=step,
+                step=state.step,
                 last_step=last_step,
                 multilabel=multilabel,
                 cut=cut,
@@ -953,13 +818,10 @@ def fit(
             )
             method_info = model.method.on_epoch_end(model, epoch) or {}
             _check_finite_parameters(model, epoch)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "step": step,
-                **train_row,
-                **_scalars("method_", method_info, keep_text=True),
-                **(_nmi_columns(model, nmi_images) if nmi_images is not None else {}),
-            }
+            row: dict[str, Any] = {"epoch": epoch, "step": step, **train_row}
+            row.update(_scalars("method_", method_info, keep_text=True))
+            for callback in callbacks:
+                row.update(callback.on_epoch_end(model, epoch))
             is_best = False
             if val_set is not None and (epoch % config.eval_every == 0 or epoch == epochs):
                 metrics = evaluate(
@@ -974,36 +836,20 @@ def fit(
                 )
                 row.update(_scalars("val_", metrics))
                 value = metrics.get(select)
-                if _is_better(value, best_metric, select):
+                if _is_better(value, state.best_metric, select):
                     is_best = True
-                    best_epoch, best_metric, best_val_metrics = epoch, value, _jsonable(metrics)
-                    best_state = {
+                    state.best_epoch, state.best_metric, state.best_val_metrics = epoch, value, jsonable(metrics)
+                    state.best_state = {
                         k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()
                     }
             row["seconds"] = time.perf_counter() - started
-            history.append(_jsonable(row))
-            _write_log(run_dir / LOG_FILE, history)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
-            save_index += 1
-            meta = {
-                "format": CHECKPOINT_FORMAT,
-                "finished": False,
-                "setup": setup,
-                "epoch": epoch,
-                "step": step,
-                "save_index": save_index,
-                "history": history,
-                "best_epoch": best_epoch,
-                "best_metric": best_metric,
-                "best_val_metrics": best_val_metrics,
-                "best_is_current": is_best,
-                "data_init": data_init,
-            }
-            _save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, best_state, scaler)
+            state.history.append(jsonable(row))
+            write_log(run_dir / LOG_FILE, state.history)
+            for callback in callbacks:
+                callback.on_row(epoch, row)
+            state.epoch, state.step, state.save_index = epoch, step, state.save_index + 1
+            meta = state.meta(finished=False, best_is_current=is_best)
+            save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, state.best_state, scaler)
             logger.info(
                 "epoch %d/%d: train_loss %.4f%s",
                 epoch,
@@ -1012,72 +858,35 @@ def fit(
                 f", val {select} {row.get('val_' + select)}" if "val_" + select in row else "",
             )
     finally:
-        if writer is not None:
-            writer.close()
+        for callback in callbacks:
+            callback.close()
         if previous_checkpointing is not None:
             model.backbone.set_grad_checkpointing(previous_checkpointing)
 
     # ------------------------------------------------------------------ selection and artifact
-    last_epoch = history[-1]["epoch"] if history else epochs
-    if best_state is not None:
-        load_tuned_state(model, best_state, f"tuned state of epoch {best_epoch}")
-        selection = f"val {select} (best at epoch {best_epoch} of {last_epoch})"
+    last_epoch = state.history[-1]["epoch"] if state.history else epochs
+    if state.best_state is not None:
+        load_tuned_state(model, state.best_state, f"tuned state of epoch {state.best_epoch}")
+        selection = f"val {select} (best at epoch {state.best_epoch} of {last_epoch})"
     else:
         if val_set is None:
             selection = "last epoch (no validation set)"
         else:
             selection = f"last epoch (val {select} could not be computed at any epoch)"
-        best_epoch, best_metric = last_epoch, None
-    model.save_pretrained(
-        run_dir / ARTIFACT_DIR,
-        class_names=class_names,
-        multilabel=multilabel,
-        selection=selection,
-        **(extra_artifact_info or {}),
-    )
-    seconds = [row["seconds"] for row in history]
-    summary = {
-        "best_epoch": best_epoch,
-        "selection": selection,
-        "select_metric": select if val_set is not None else None,
-        "best_metric": best_metric,
-        "val": best_val_metrics,
-        "epochs": last_epoch,
-        "steps": step,
-        "timing": {
-            "total_seconds": sum(seconds),
-            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
-            "device": str(device),
-        },
-        "parameters": model.parameter_summary(),
-        "speed": {
-            "prefix_cut": cut,
-            "cache_views": views,
-            "prefix_cache": dict(cache.stats) if cache is not None else None,
-            "grad_checkpointing": config.grad_checkpointing,
-            "precision": config.precision if autocast_dtype is not None else "fp32",
-            "channels_last": channels_last,
-        },
-        "method": model.method.name,
-        "data_init": data_init,
-        "config": config.model_dump(),
+        state.best_epoch, state.best_metric = last_epoch, None
+    save_artifact(selection)
+    speed = {
+        "prefix_cut": cut,
+        "cache_views": views,
+        "prefix_cache": dict(cache.stats) if cache is not None else None,
+        "grad_checkpointing": config.grad_checkpointing,
+        "precision": config.precision if autocast_dtype is not None else "fp32",
+        "channels_last": channels_last,
     }
-    atomic_write_text(run_dir / METRICS_FILE, _dumps(summary))
-    save_index += 1
-    final = {
-        "format": CHECKPOINT_FORMAT,
-        "finished": True,
-        "setup": setup,
-        "epoch": last_epoch,
-        "step": step,
-        "save_index": save_index,
-        "history": history,
-        "best_epoch": best_epoch,
-        "best_metric": best_metric,
-        "best_val_metrics": best_val_metrics,
-        "best_is_current": True,
-        "data_init": data_init,
-        "selection": selection,
-    }
-    _save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
+    select_metric = select if val_set is not None else None
+    summary = _summary(state, selection, last_epoch, select_metric, model, config, device, speed)
+    atomic_write_text(run_dir / METRICS_FILE, dumps(summary))
+    state.epoch, state.save_index = last_epoch, state.save_index + 1
+    final = state.meta(finished=True, best_is_current=True, selection=selection)
+    save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
     return _result_from_meta(final, run_dir)

@@ -1,4 +1,4 @@
-"""Classification metrics, MedFMC conventions (spec §6.3 and Ambiguities 12).
+"""Classification metrics, MedFMC conventions (docs/protocols-and-recipes.md, "MedFMC metrics").
 
 **Every metric is a percentage (0-100)**, as MedFMC and the EPT paper report them; a metric that cannot be
 computed (e.g. AUC when no class has both positives and negatives) is ``None``, never NaN.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from promptvit.methods.base import ConfigError
+from promptvit.errors import ConfigError
 from promptvit.train.config import TrainConfig
 
 #: modules whose parameters are normalisation parameters (exempt from weight decay unless decay_all)
