@@ -42,7 +42,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.prompted_attention import WAYS, PromptedAttention
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
@@ -116,11 +116,12 @@ class EPT(Method):
         self.prompt_length = _prompt_length(config, geometry) if config.way.endswith("_cat") else 0
 
     def attach(self, backbone: nn.Module) -> None:
+        adapter = adapter_for(backbone)
         for index in self.layer_indices:
-            block = backbone.blocks[index]
+            parent, name = adapter.attention_slot(index)
             try:
-                block.attn = PromptedAttention(
-                    block.attn,
+                layer = PromptedAttention(
+                    getattr(parent, name),
                     num_tokens=self.geometry.num_tokens,
                     way=self.config.way,
                     prompt_length=self.prompt_length,
@@ -129,6 +130,7 @@ class EPT(Method):
                 )
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error
+            self.injections.replace(parent, name, layer)
 
     def tuned_from_block(self) -> int:
         """Blocks before the first prompted one are frozen."""

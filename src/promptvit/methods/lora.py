@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
@@ -83,13 +83,15 @@ class LoRA(Method):
     def attach(self, backbone: nn.Module) -> None:
         config: LoRAConfig = self.config
         parts = sorted(QKV.index(t) for t in config.targets)
+        adapter = adapter_for(backbone)
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
-            attn = backbone.blocks[index].attn
+            parent, name = adapter.attention_slot(index)
+            attn = getattr(parent, name)
             qkv = getattr(attn, "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
             layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
-            attn.qkv = layer
+            self.injections.replace(attn, "qkv", layer)
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
