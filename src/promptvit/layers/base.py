@@ -44,6 +44,10 @@ class Injections:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self, kind: str) -> list[_Injection]:
+        """The recorded changes of one kind (``pre_hook``, ``hook``, ``replace``, ``forward``), in order."""
+        return [entry for entry in self._entries if entry.kind == kind]
+
     def pre_hook(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         self._add(_Injection("pre_hook", module, hook))
 

@@ -34,7 +34,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.vp import _check_input_size, image_size
 
 
@@ -133,6 +133,12 @@ class AP(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts, x.shape[0])
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        if self.config.variant == "concat":
+            return [self.token_prompt_change()]
+        kind = "add_tokens" if self.config.variant == "add" else "scale_tokens"
+        return [BatchedChange(kind, block=self.config.layer, tensors={"delta": self.delta.detach()})]
 
     def tuned_from_block(self) -> int:
         """The prompt is applied by a pre-hook on block ``layer`` (ViT); CNN stages are not cached (0)."""

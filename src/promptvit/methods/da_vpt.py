@@ -73,7 +73,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import check_block_list, resolve_blocks
 
 
@@ -360,6 +360,10 @@ class DAVPT(TokenPromptHooks, Method):
                         yield parameter
         if getattr(backbone, "cls_token", None) is not None:
             yield backbone.cls_token
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        """Prompts only: the key/value bias deltas of DA-VPT+ are served per task."""
+        return [self.token_prompt_change()] if self.config.bias_set == "none" else None
 
     @classmethod
     def expected_num_parameters(cls, config: DAVPTConfig, geometry: Geometry) -> int | None:

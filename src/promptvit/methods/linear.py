@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from promptvit.backbones import Geometry
-from promptvit.methods.base import Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -24,6 +26,9 @@ class Linear(Method):
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return []
 
     @classmethod
     def expected_num_parameters(cls, config: LinearConfig, geometry: Geometry) -> int:

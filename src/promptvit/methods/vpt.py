@@ -23,7 +23,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -88,6 +88,9 @@ class VPT(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts[block], x.shape[0], self.prompt_dropout)
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return [self.token_prompt_change()]
 
     @classmethod
     def expected_num_parameters(cls, config: VPTConfig, geometry: Geometry) -> int | None:
