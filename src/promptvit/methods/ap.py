@@ -62,6 +62,7 @@ class AP(TokenPromptHooks, Method):
     """Activation prompt: ``delta`` (add, product) or ``prompts`` (concat) at the input of one block/stage."""
 
     name = "ap"
+    table_rank = 11
     config_class = APConfig
     paper = "AP: Activation Prompts (Zhang et al., AISTATS 2026)"
     supported_kinds = ("vit", "cnn")

@@ -240,6 +240,7 @@ class DAVPT(TokenPromptHooks, Method):
     """DA-VPT; ``proxy_prompts`` (|G|, M, d) at the guided blocks, ``other_prompts`` (depth - |G|, L, d)."""
 
     name = "da_vpt"
+    table_rank = 13
     config_class = DAVPTConfig
     paper = "DA-VPT: Semantic-Guided Visual Prompt Tuning (Ren et al., CVPR 2025)"
     supported_kinds = ("vit",)

@@ -106,6 +106,7 @@ def _layer_indices(config: EPTConfig, geometry: Geometry) -> list[int]:
 @register_method
 class EPT(Method):
     name = "ept"
+    table_rank = 10
     config_class = EPTConfig
     paper = "EPT: Embedded Prompt Tuning (Zu et al., MedIA 2024)"
     test_options = {"prompt_length": 3}

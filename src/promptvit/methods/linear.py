@@ -18,6 +18,8 @@ class LinearConfig(MethodConfig):
 @register_method
 class Linear(Method):
     name = "linear"
+    table_rank = 0
+    is_baseline = True
     config_class = LinearConfig
     paper = "linear probing (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")

@@ -70,6 +70,7 @@ class LoRAConfig(MethodConfig):
 @register_method
 class LoRA(Method):
     name = "lora"
+    table_rank = 4
     config_class = LoRAConfig
     paper = "LoRA (Hu et al., ICLR 2022)"
     identity_at_init = True

@@ -26,6 +26,7 @@ class MLPConfig(MethodConfig):
 @register_method
 class MLP(Method):
     name = "mlp"
+    table_rank = 3
     config_class = MLPConfig
     paper = "MLP-k head (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")

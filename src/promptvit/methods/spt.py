@@ -59,6 +59,7 @@ class SPT(VPT):
     """Self-Prompt Tuning; ``prompts`` has shape (depth if deep else 1, K, d)."""
 
     name = "spt"
+    table_rank = 12
     config_class = SPTConfig
     paper = "SPT: Self-Prompt Tuning (Wang et al., ICML 2024)"
     supported_kinds = ("vit",)

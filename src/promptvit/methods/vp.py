@@ -70,6 +70,7 @@ class VP(Method):
     """Visual prompting by addition: ``prompt`` (token mode) or ``pad_up/pad_down/pad_left/pad_right`` (pad)."""
 
     name = "vp"
+    table_rank = 8
     config_class = VPConfig
     paper = "VP (Bahng et al. 2022), as the EPT paper's baseline"
     # Token mode needs a ViT (ConfigError on a CNN); pad mode works on both.

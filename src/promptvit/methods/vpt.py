@@ -48,6 +48,7 @@ class VPT(TokenPromptHooks, Method):
     """Visual Prompt Tuning; ``prompts`` has shape (depth if deep else 1, L, d)."""
 
     name = "vpt"
+    table_rank = 9
     config_class = VPTConfig
     paper = "VPT: Visual Prompt Tuning (Jia et al., ECCV 2022)"
     supported_kinds = ("vit",)
@@ -91,6 +92,10 @@ class VPT(TokenPromptHooks, Method):
 
     def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
         return [self.token_prompt_change()]
+
+    @classmethod
+    def prompted_depth(cls, config: VPTConfig, depth: int) -> int | None:
+        return depth if config.deep else 1
 
     @classmethod
     def expected_num_parameters(cls, config: VPTConfig, geometry: Geometry) -> int | None:
