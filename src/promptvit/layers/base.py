@@ -9,8 +9,9 @@ them back in the original order. ``PromptModel.disable_adapter()`` and ``unload(
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +33,40 @@ class _Injection:
     name: str = ""  # attribute of a replaced child
     original: Any = None  # the replaced child
     hook_id: int | None = None  # key of a registered hook in the module's hook dict (survives deepcopy)
+
+
+@dataclasses.dataclass
+class ForwardPlan:
+    """How a wrapped model's forward runs: one object shared by ``PromptModel`` and its method.
+
+    Fields change only for the length of a ``with plan.using(...)`` block, so no mode outlives the code that
+    asked for it. The plan decides which output rows blocks compute; it never changes the logits (beyond
+    float rounding).
+    """
+
+    #: the current forward computes logits (``forward``, ``forward_from_block``), not hidden tokens
+    logits: bool = False
+    #: in a logits pass, the last block computes only the rows the head reads (the class token)
+    class_token_readout: bool = True
+    #: blocks whose prompt outputs are discarded next (replaced, or stripped at the final norm) skip them
+    skip_prompt_outputs: bool = True
+    #: token prompts are inserted (off for a prompt-free forward, e.g. a data-dependent prompt init)
+    token_prompts: bool = True
+
+    @contextlib.contextmanager
+    def using(self, **fields: bool) -> Iterator[ForwardPlan]:
+        """Set ``fields`` within the block; the previous values come back on exit."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"ForwardPlan has no field(s) {sorted(unknown)}")
+        previous = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in previous.items():
+                setattr(self, name, value)
 
 
 class Injections:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
-from promptvit.layers.base import BatchedChange, Injections, TunerLayer
+from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,8 @@ class Method(nn.Module):
         self.geometry = geometry
         #: every hook, replaced module and forward override this method put into the backbone
         self.injections = Injections()
+        #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
+        self.plan = ForwardPlan()
 
     def attach(self, backbone: nn.Module) -> None:
         """Inject layers or register hooks on the (frozen) backbone."""

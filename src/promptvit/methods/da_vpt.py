@@ -385,7 +385,7 @@ class DAVPT(TokenPromptHooks, Method):
         return output + delta.to(output.dtype)
 
     def _capturing(self) -> bool:
-        return self.training and self.token_prompts_enabled
+        return self.training and self.plan.token_prompts
 
     def _capture_block_input(self, g: int, module: nn.Module, args: tuple) -> None:
         if self._capturing() and self.config.anchor == "patch_mean" and self.config.beta > 0:
