@@ -1,6 +1,6 @@
 """Data-dependent prompt initialisation: prompts from the tokens each prompted layer receives (SPT).
 
-SPT (spec §3.2) runs the frozen backbone **without prompts** over training images and initialises the
+SPT (docs/methods.md, SPT) runs the frozen backbone **without prompts** over training images and initialises the
 prompts of layer ``i`` from the tokens that layer receives:
 
 * layer 0: the ``patch_embed`` output, i.e. patch tokens **before** the position embedding, no CLS;
@@ -53,7 +53,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def window_bounds(num_tokens: int, k: int) -> list[tuple[int, int]]:
-    """The ``k`` (start, end) token windows of SPT's mean/max pooling (spec §3.2)."""
+    """The ``k`` (start, end) token windows of SPT's mean/max pooling (docs/methods.md, SPT)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k == 1:

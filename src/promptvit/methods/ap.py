@@ -1,6 +1,6 @@
 """AP: an input-independent prompt on the activation map at the input of one block (ViT) or stage (CNN).
 
-No official code exists (spec §4, ambiguity 10); this is our reading of the paper, which defines
+No official code exists (docs/methods.md, AP); this is our reading of the paper, which defines
 ``g(z, delta) = z + delta`` at layer l, with VP as the case l = 0:
 
 * ``add`` (the paper's AP): ``z_l + delta``, delta of the full activation shape, shared across samples and

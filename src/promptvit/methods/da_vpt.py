@@ -1,4 +1,4 @@
-"""DA-VPT (and DA-VPT+): deep prompts guided by a class -> prompt metric loss (spec §5, ambiguities 8-9).
+"""DA-VPT (and DA-VPT+): deep prompts guided by a class -> prompt metric loss (docs/methods.md, DA-VPT).
 
 Architecture (as the released code): deep prompts at **every** block, each replacing the previous block's
 prompt outputs (``[CLS, prompts_l, patches]``). Guided blocks (``guided_layers``, default the last one)
@@ -17,7 +17,7 @@ pre-logit features (accumulated during the training steps), **warm-started** fro
 classes not seen in the epoch keep their prompt, and the update is skipped if all classes collapse into one
 prompt.
 
-Loss (Proxy-Anchor form of the released code, spec §5.2): with ``s_bm = r * cos(a_b, p_m)``::
+Loss (Proxy-Anchor form of the released code, docs/methods.md, DA-VPT): with ``s_bm = r * cos(a_b, p_m)``::
 
     L = 1/M sum_m log(1 + sum_{b in P_m} exp(-alpha (s_bm - margin_pos)))
       + 1/M sum_m log(1 + sum_{b not in P_m} exp(alpha (s_bm - margin_neg)))
@@ -34,7 +34,7 @@ guided layer's prompts (L2-normalised, scaled by ``r = proxy_scale``), and ``P_m
 
 ``auxiliary_loss = 1/|G| sum_l (beta L_patch + lam L_cls)``.
 
-Multi-label targets (float multi-hot, our rule, ambiguity 9): multi-positive Proxy-Anchor -- the mapped prompt
+Multi-label targets (float multi-hot, our rule; docs/methods.md, DA-VPT): multi-positive Proxy-Anchor -- the mapped prompt
 of every positive label is a positive for the sample (for ``prompt_attn_out`` the anchor is the mean of the
 attention outputs at those prompts); all-negative images are left out of the metric loss.
 
@@ -170,7 +170,7 @@ def proxy_anchor_loss(
     margin_neg: float = -0.1,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """DA-VPT's Proxy-Anchor loss (spec §5.2), normalised by the number of proxies M.
+    """DA-VPT's Proxy-Anchor loss (docs/methods.md, DA-VPT), normalised by the number of proxies M.
 
     ``anchors`` (B, D), ``proxies`` (M, D), ``positives`` (B, M) bool. ``s = scale * cos(anchor, proxy)``;
     each proxy adds ``log(1 + sum_pos exp(-alpha (s - margin_pos)))`` and

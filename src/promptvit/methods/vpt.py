@@ -1,6 +1,6 @@
 """VPT: learnable prompt tokens after the prefix tokens, in the first block (shallow) or in every block (deep).
 
-As in the official code (spec §2): the prompts go in after the patch and position embedding (so they get no
+As in the official code (docs/methods.md, VPT): the prompts go in after the patch and position embedding (so they get no
 position embedding), as ``[CLS/registers, prompts, patches]``; deep prompts replace the previous block's
 prompt outputs before each block i >= 1; prompts are initialised ``U(-v, v)`` with
 ``v = sqrt(6 / (3 p^2 + d))``; prompt dropout (0.1 in the paper runs) is applied at every insertion and is
