@@ -38,6 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from promptvit.backbones import adapter_for
+
 Sampler = Literal["random", "mean_pool", "max_pool", "kmeans"]
 SAMPLERS: tuple[str, ...] = ("random", "mean_pool", "max_pool", "kmeans")
 
@@ -130,13 +132,14 @@ class LayerTokenCatcher:
     """
 
     def __init__(self, backbone: nn.Module, layers: Sequence[int], stop_early: bool = False) -> None:
-        depth = len(backbone.blocks)
+        self.adapter = adapter_for(backbone)
+        depth = len(self.adapter.blocks)
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"layers {bad} out of range for a ViT with {depth} blocks")
         self.backbone = backbone
         self.layers = sorted(set(layers))
-        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        self.num_prefix_tokens = self.adapter.num_prefix_tokens
         self.stop_early = stop_early
         self.tokens: dict[int, torch.Tensor] = {}
 
@@ -146,10 +149,10 @@ class LayerTokenCatcher:
         try:
             for layer in self.layers:
                 if layer == 0:
-                    handles.append(self.backbone.patch_embed.register_forward_hook(self._record_patch_embed))
+                    handles.append(self.adapter.patch_embed.register_forward_hook(self._record_patch_embed))
                 else:
                     handles.append(
-                        self.backbone.blocks[layer].register_forward_pre_hook(
+                        self.adapter.blocks[layer].register_forward_pre_hook(
                             functools.partial(self._record_block_input, layer)
                         )
                     )

@@ -348,9 +348,10 @@ class DAVPT(TokenPromptHooks, Method):
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         if self.config.bias_set != "full_released":
             return
-        for block in backbone.blocks:
+        adapter = adapter_for(backbone)
+        for index, block in enumerate(adapter.blocks):
             for module, names in (
-                (block.attn.proj, ("bias",)),
+                (adapter.attention(index).proj, ("bias",)),
                 (block.mlp.fc2, ("bias",)),
                 (block.norm2, ("bias",)),
                 (block.norm1, ("weight", "bias")),
