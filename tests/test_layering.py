@@ -35,11 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 SIBLINGS_APART: list[set[str]] = [{"train", "serving", "analysis"}, {"protocols", "demo"}]
 
 # Upward imports tolerated for now, each with the reason and who removes it.
-TEMPORARY_ALLOWANCES: dict[tuple[str, str], str] = {
-    # layers/ still imports methods.base (Method, ConfigError); the tuner-contract branch (issue 13a)
-    # removes it. Delete this entry when that branch is merged.
-    ("layers", "methods"): "issue 13a: layers never import methods",
-}
+TEMPORARY_ALLOWANCES: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import promptvit
 from promptvit.artifact import ArtifactError
-from promptvit.layers.selected_tokens import supports_selected_tokens
+from promptvit.backbones.vit import supports_selected_rows as supports_selected_tokens
 from tests.conftest import TINY_BACKBONES, build_tiny, logits_and_grads, tiny_input
 
 CASES = [(m, k) for m in promptvit.available_methods() for k in sorted(TINY_BACKBONES)]
@@ -208,3 +208,98 @@ def test_deepcopy_is_independent(method: str, kind: str) -> None:
         for _, p in model.tuned_named_parameters():
             p.add_(torch.randn_like(p))
         assert not torch.equal(model(x), clone(x))
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_disable_adapter_gives_timms_output_and_comes_back(method: str, kind: str) -> None:
+    """Inside ``disable_adapter()`` the model is timm's own pre-wrap backbone, bit for bit; outside, the method."""
+    cls = promptvit.get_method(method)
+    base = build_tiny(kind)
+    if promptvit.geometry_of(base).kind not in cls.supported_kinds:
+        pytest.skip(f"{method} does not support {kind}")
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, method, num_classes=4, **cls.test_options)
+    _train_a_little(model, kind)
+    x = tiny_input(kind)
+    with torch.no_grad():
+        tuned = model(x)
+        with model.disable_adapter():
+            assert torch.equal(model.backbone(x), reference(x))
+            assert torch.equal(model(x), reference(x))
+        assert torch.equal(model(x), tuned)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_unload_gives_back_the_original_backbone(method: str, kind: str) -> None:
+    cls = promptvit.get_method(method)
+    base = build_tiny(kind)
+    if promptvit.geometry_of(base).kind not in cls.supported_kinds:
+        pytest.skip(f"{method} does not support {kind}")
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, method, num_classes=4, **cls.test_options)
+    _train_a_little(model, kind)
+    if method == "lora":
+        model.merge()  # unload must also undo a merge exactly
+    unloaded = model.unload()
+    assert unloaded is base
+    after = unloaded.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert {name: p.requires_grad for name, p in unloaded.named_parameters()} == flags
+    x = tiny_input(kind)
+    with torch.no_grad():
+        assert torch.equal(unloaded(x), reference(x))
+    promptvit.wrap(unloaded, method, num_classes=4, **cls.test_options)  # free to be wrapped again
+
+
+def test_wrapping_the_same_backbone_twice_is_refused() -> None:
+    base = build_tiny("vit_token")
+    first = promptvit.wrap(base, "vpt", num_classes=4, prompt_length=2).eval()
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        expected = first(x)
+    with pytest.raises(promptvit.ConfigError, match="already wrapped"):
+        promptvit.wrap(base, "lora", num_classes=4)
+    with torch.no_grad():
+        assert torch.equal(first(x), expected)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_serving_equals_per_task_inference(method: str, kind: str) -> None:
+    """Every method is served (batched through its declared changes, or per task) with its own logits."""
+    from promptvit.serving import MultiTaskModel
+
+    model = _wrapped(method, kind).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # tuned tensors away from their initial values, so that each one shapes the logits
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    plain = promptvit.wrap(build_tiny(kind), "linear", num_classes=3).eval()
+    served = MultiTaskModel(build_tiny(kind), [model, plain], names=["task", "plain"])
+    changes = model.method.batched_changes(model.backbone)
+    batched = changes == [] or (changes is not None and promptvit.geometry_of(build_tiny(kind)).kind == "vit")
+    assert ("task" in served.batched_tasks) == batched
+    x = tiny_input(kind, batch=3)
+    out = served(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out["task"], model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["plain"], plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_disables_and_unloads_its_own_backbone() -> None:
+    base = build_tiny("vit_token")
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, "bias", num_classes=4)
+    _train_a_little(model, "vit_token")
+    clone = copy.deepcopy(model)
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        tuned = model(x)
+        with clone.disable_adapter():
+            assert torch.equal(clone(x), reference(x))
+            assert torch.equal(model(x), tuned)  # the original keeps its method and weights
+        unloaded = clone.unload()
+        assert unloaded is not base and torch.equal(unloaded(x), reference(x))
+        assert torch.equal(model(x), tuned)

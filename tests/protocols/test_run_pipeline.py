@@ -115,4 +115,4 @@ def test_the_pipeline_attaches_the_nmi_logger_that_log_nmi_asks_for(data: Path, 
 def test_prompted_depth_is_asked_of_the_method(method: str, options: dict, expected: int | None) -> None:
     model = promptvit.wrap(build_tiny("vit_token"), method, num_classes=2, **options)
     assert model.geometry.depth == 2
-    assert model.method.prompted_depth() == expected
+    assert model.method.prompted_depth(model.config, model.geometry.depth) == expected

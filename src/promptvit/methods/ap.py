@@ -1,6 +1,6 @@
 """AP: an input-independent prompt on the activation map at the input of one block (ViT) or stage (CNN).
 
-No official code exists (spec §4, ambiguity 10); this is our reading of the paper, which defines
+No official code exists (docs/methods.md, AP); this is our reading of the paper, which defines
 ``g(z, delta) = z + delta`` at layer l, with VP as the case l = 0:
 
 * ``add`` (the paper's AP): ``z_l + delta``, delta of the full activation shape, shared across samples and
@@ -27,14 +27,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, cnn_stages
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.token_prompts import (
     TokenPromptHooks,
     expand_prompts,
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.vp import _check_input_size, image_size
 
 
@@ -57,15 +57,12 @@ class APConfig(MethodConfig):
         _check_input_size("ap", self.cnn_input_size)
 
 
-class _ProbeDone(Exception):
-    """Stops the shape-probing forward once the prompted stage's input is known."""
-
-
 @register_method
 class AP(TokenPromptHooks, Method):
     """Activation prompt: ``delta`` (add, product) or ``prompts`` (concat) at the input of one block/stage."""
 
     name = "ap"
+    table_rank = 11
     config_class = APConfig
     paper = "AP: Activation Prompts (Zhang et al., AISTATS 2026)"
     supported_kinds = ("vit", "cnn")
@@ -88,9 +85,8 @@ class AP(TokenPromptHooks, Method):
         self.num_prefix_tokens = geometry.num_prefix_tokens
 
     def _target(self, backbone: nn.Module) -> nn.Module:
-        if self.geometry.kind == "vit":
-            return backbone.blocks[self.config.layer]
-        return cnn_stages(backbone)[self.config.layer]
+        adapter = adapter_for(backbone)
+        return (adapter.blocks if adapter.kind == "vit" else adapter.stages)[self.config.layer]
 
     def attach(self, backbone: nn.Module) -> None:
         device, dtype = reference_device_dtype(backbone)
@@ -108,33 +104,16 @@ class AP(TokenPromptHooks, Method):
         else:
             shape = self._probe_stage_input(backbone, device, dtype)
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        self._target(backbone).register_forward_pre_hook(self._prompt_activation)
+        self.injections.pre_hook(self._target(backbone), self._prompt_activation)
 
     def _probe_stage_input(
         self, backbone: nn.Module, device: torch.device, dtype: torch.dtype
     ) -> tuple[int, ...]:
         """(C, H, W) of the prompted stage's input for one zero image of the configured size."""
-        height, width = image_size(self.geometry, self.config.cnn_input_size)
-        modes = {module: module.training for module in backbone.modules()}
-        handle = self._target(backbone).register_forward_pre_hook(self._record_shape)
-        try:
-            backbone.eval()
-            with torch.no_grad():
-                backbone(torch.zeros(1, 3, height, width, device=device, dtype=dtype))
-        except _ProbeDone:
-            pass
-        finally:
-            handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
-        shape = self.__dict__.pop("_probed_shape", None)
-        if shape is None:
-            raise ConfigError(f"ap: stage {self.config.layer} of {self.geometry.architecture} never ran")
-        return shape
-
-    def _record_shape(self, module: nn.Module, args: tuple) -> None:
-        self._probed_shape = tuple(args[0].shape[1:])
-        raise _ProbeDone
+        shapes = adapter_for(backbone).stage_input_shapes(
+            image_size(self.geometry, self.config.cnn_input_size)
+        )
+        return shapes[self.config.layer]
 
     def _prompt_activation(self, module: nn.Module, args: tuple) -> tuple:
         z = args[0]
@@ -155,6 +134,12 @@ class AP(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts, x.shape[0])
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        if self.config.variant == "concat":
+            return [self.token_prompt_change()]
+        kind = "add_tokens" if self.config.variant == "add" else "scale_tokens"
+        return [BatchedChange(kind, block=self.config.layer, tensors={"delta": self.delta.detach()})]
 
     def tuned_from_block(self) -> int:
         """The prompt is applied by a pre-hook on block ``layer`` (ViT); CNN stages are not cached (0)."""

@@ -2,8 +2,10 @@
 
 A tuning method is one module: a config dataclass plus a ``Method`` subclass, registered with
 ``@register_method``. ``PromptModel`` (in ``promptvit.model``) is the only caller of the hooks below, and
-the training engine sees methods only through ``PromptModel`` and these hooks, so adding a method never
-touches the others.
+the training engine sees methods only through ``PromptModel`` and these hooks. Every change a method makes to
+the backbone goes through its ``injections`` ledger (:mod:`promptvit.layers.base`), so it can be disabled
+and removed; what generic code needs to know (data init, auxiliary loss, per-epoch logs, how it batches
+across tasks, its frozen prefix) is declared here, never looked up by method name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
 from promptvit.errors import ConfigError
+from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
 
 
 @dataclasses.dataclass
@@ -92,11 +95,19 @@ class Method(nn.Module):
     identity_at_init: ClassVar[bool] = False
     #: options the shared test matrix uses to keep the method small (e.g. a short prompt)
     test_options: ClassVar[dict[str, Any]] = {}
+    #: row position in result tables (the built-ins follow EPT's Table 1, then the methods it lacks)
+    table_rank: ClassVar[int] = 1000
+    #: the reference other methods are compared with in reports (linear probing)
+    is_baseline: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, geometry: Geometry) -> None:
         super().__init__()
         self.config = config
         self.geometry = geometry
+        #: every hook, replaced module and forward override this method put into the backbone
+        self.injections = Injections()
+        #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
+        self.plan = ForwardPlan()
 
     def attach(self, backbone: nn.Module) -> None:
         """Inject layers or register hooks on the (frozen) backbone."""
@@ -121,6 +132,17 @@ class Method(nn.Module):
         """
         return None
 
+    @classmethod
+    def prompted_depth(cls, config: MethodConfig, depth: int) -> int | None:
+        """How many blocks carry the method's prompts or modules (reports plot scores against it).
+
+        Default: the length of a ``layers`` option (every block when it is None); None without one.
+        """
+        if not any(f.name == "layers" for f in dataclasses.fields(config)):
+            return None
+        layers = config.layers
+        return len(layers) if layers is not None else depth
+
     def tuned_from_block(self) -> int:
         """Index of the first ViT block whose computation depends on tuned parameters.
 
@@ -135,21 +157,6 @@ class Method(nn.Module):
         (linear, mlp; also the only cut a CNN supports). 0, the default, means no caching is possible.
         """
         return 0
-
-    #: a boolean option that, when False, confines the method to the first block (``deep`` of VPT and SPT)
-    deep_option: ClassVar[str | None] = None
-
-    def prompted_depth(self) -> int | None:
-        """Blocks that carry the method's prompts or modules, for reports; None where that means nothing.
-
-        The ``layers`` option where the method has one (None there = every block), else ``deep_option``.
-        """
-        options = self.config.to_dict()
-        if "layers" in options:
-            return len(options["layers"]) if options["layers"] is not None else self.geometry.depth
-        if self.deep_option is not None:
-            return self.geometry.depth if options.get(self.deep_option, True) else 1
-        return None
 
     # Optional data-aware hooks (SPT, DA-VPT); the engine calls them, other methods keep the defaults.
     needs_data_init: ClassVar[bool] = False
@@ -169,16 +176,20 @@ class Method(nn.Module):
         """Called by the engine after each epoch (numbered from 1); returns numbers worth logging."""
         return {}
 
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        """The method's changes in a form the multi-task server applies per sample; ``None``: not batchable.
+
+        ``[]`` means nothing but the head changes. The server gathers each kind of change per sample, so a
+        new method that expresses itself in these kinds is served batched without touching the server.
+        """
+        return None
+
     def merge(self) -> None:
         """Fold the method into the backbone weights where possible (LoRA)."""
         raise NotImplementedError(f"method '{self.name}' cannot be merged into the backbone")
 
     def unmerge(self) -> None:
         raise NotImplementedError(f"method '{self.name}' cannot be merged into the backbone")
-
-
-class TunerLayer(nn.Module):
-    """Marker base for layers a method injects into a backbone (LoRA linear, adapter, prompted attention)."""
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -204,6 +215,16 @@ def get_method(name: str) -> type[Method]:
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+def methods_in_table_order() -> list[str]:
+    """Names of all registered methods in the row order of result tables (``table_rank``, then name)."""
+    return sorted(_REGISTRY, key=lambda name: (_REGISTRY[name].table_rank, name))
+
+
+def baseline_method() -> str | None:
+    """The registered method reports compare against (``is_baseline``), if any."""
+    return next((name for name, cls in sorted(_REGISTRY.items()) if cls.is_baseline), None)
 
 
 def make_config(method: str | MethodConfig, **options: Any) -> tuple[type[Method], MethodConfig]:

@@ -7,8 +7,8 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, classifier_name, set_classifier
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.backbones import Geometry, classifier_name
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -26,6 +26,7 @@ class MLPConfig(MethodConfig):
 @register_method
 class MLP(Method):
     name = "mlp"
+    table_rank = 3
     config_class = MLPConfig
     paper = "MLP-k head (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
@@ -36,7 +37,9 @@ class MLP(Method):
         hidden = [
             layer for _ in range(self.config.num_layers - 1) for layer in (nn.Linear(width, width), act())
         ]
-        set_classifier(backbone, nn.Sequential(*hidden, backbone.get_classifier()))
+        parent_name, _, child = classifier_name(backbone).rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        self.injections.replace(parent, child, nn.Sequential(*hidden, backbone.get_classifier()))
 
     def head_name(self, backbone: nn.Module) -> str:
         mlp_head = classifier_name(backbone)
@@ -48,6 +51,9 @@ class MLP(Method):
     def tuned_from_block(self) -> int:
         """Only the MLP head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return []
 
     @classmethod
     def expected_num_parameters(cls, config: MLPConfig, geometry: Geometry) -> int:

@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, is_vit
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.token_prompts import reference_device_dtype
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -65,23 +65,12 @@ def image_size(geometry: Geometry, cnn_input_size: list[int] | None) -> tuple[in
     return int(geometry.img_size[0]), int(geometry.img_size[1])
 
 
-def image_input_module(backbone: nn.Module) -> nn.Module:
-    """The first module applied to the images: a ViT's patch embedding or a CNN's stem convolution."""
-    if is_vit(backbone):
-        return backbone.patch_embed
-    for name in ("conv1", "conv_stem", "stem"):
-        if isinstance(getattr(backbone, name, None), nn.Module):
-            return getattr(backbone, name)
-    raise ConfigError(
-        f"vp: cannot find the stem of {type(backbone).__name__} (looked for conv1, conv_stem, stem)"
-    )
-
-
 @register_method
 class VP(Method):
     """Visual prompting by addition: ``prompt`` (token mode) or ``pad_up/pad_down/pad_left/pad_right`` (pad)."""
 
     name = "vp"
+    table_rank = 8
     config_class = VPConfig
     paper = "VP (Bahng et al. 2022), as the EPT paper's baseline"
     # Token mode needs a ViT (ConfigError on a CNN); pad mode works on both.
@@ -119,7 +108,7 @@ class VP(Method):
             self.prompt = self._new(
                 self.geometry.num_tokens, self.geometry.embed_dim, device=device, dtype=dtype
             )
-            backbone.blocks[0].register_forward_pre_hook(self._add_token_prompt)
+            self.injections.pre_hook(adapter_for(backbone).blocks[0], self._add_token_prompt)
             return
         height, width = image_size(self.geometry, self.config.cnn_input_size)
         pad = self.config.pad_size
@@ -127,7 +116,7 @@ class VP(Method):
         self.pad_down = self._new(3, pad, width, device=device, dtype=dtype)
         self.pad_left = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
         self.pad_right = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
-        image_input_module(backbone).register_forward_pre_hook(self._add_pad_prompt)
+        self.injections.pre_hook(adapter_for(backbone).input_module(), self._add_pad_prompt)
 
     def frame(self) -> torch.Tensor:
         """The (3, H, W) pixel prompt: the learned border around a zero centre."""
@@ -157,6 +146,11 @@ class VP(Method):
                 f"{tuple(x.shape[1:])}; resize the images or set cnn_input_size (CNNs)"
             )
         return (x + frame, *args[1:])
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        if self.config.mode == "token":
+            return [BatchedChange("add_tokens", block=0, tensors={"delta": self.prompt.detach()})]
+        return [BatchedChange("add_pixels", tensors={"frame": self.frame().detach()})]
 
     def tuned_from_block(self) -> int:
         """No frozen prefix worth caching: the prompt is added at the input (pixels or block-0 tokens)."""

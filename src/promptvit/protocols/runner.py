@@ -110,7 +110,7 @@ def execute(
         "method_name": model.method.name,
         "method_options": options,
         "prompt_length": options.get("prompt_length"),
-        "prompted_depth": model.method.prompted_depth(),
+        "prompted_depth": model.method.prompted_depth(model.config, model.geometry.depth),
         "backbone_depth": model.geometry.depth,
         "num_classes": split.train.num_classes,
         "multilabel": split.train.multilabel,
