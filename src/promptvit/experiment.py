@@ -35,7 +35,9 @@ from promptvit.data import (
     sample_medfmc_k_shot,
     stratified_split,
 )
-from promptvit.io import atomic_write_text, exclusive_folder
+from promptvit.data.fewshot import warn_untrained_classes
+from promptvit.data.manifest import SPLIT_FILES, record_split
+from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import TrainConfig, evaluate, fit
@@ -126,6 +128,12 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs"
     name: str | None = Field(None, description="run folder name (default: method-shots-seed)")
+
+    @model_validator(mode="after")
+    def _name_stays_in_output_dir(self) -> RunConfig:
+        if self.name is not None:
+            check_run_name(self.name)
+        return self
 
     def run_dir(self) -> Path:
         shots = f"{self.data.shots}shot" if self.data.shots else "all"
@@ -244,6 +252,10 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
     )
     split = make_split(config.data, config.train.seed)
     atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
+    warn_untrained_classes(split)
+    recorded = record_split(split)
+    if recorded is not None:  # `eval RUN` scores exactly these files later
+        atomic_write_text(run_dir / SPLIT_FILES, json.dumps(recorded) + "\n")
     model = build_model(config, split.train.num_classes)
     data_config = data_config_for(model, config.backbone)
     datasets = {
@@ -296,6 +308,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         num_test=len(split.test),
         seconds_total=round(time.perf_counter() - started, 2),
         environment=versions,
+        backbone_pretrained=bool(config.backbone.pretrained or config.backbone.weights),
     )
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml
@@ -44,7 +45,9 @@ def _fail(error: BaseException) -> None:
         message = "invalid config: " + "; ".join(lines)
     else:
         message = str(error)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
+    console.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )  # paths stay copyable
     console.print(
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )
@@ -126,20 +129,18 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
     console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
 
 
-def _artifact_dir(path: Path) -> Path:
-    from promptvit.artifact import CONFIG_FILE, ArtifactError
-
-    for candidate in (path, path / "artifact"):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise ArtifactError(f"{path} is neither an artifact folder nor a run folder with artifact/ inside")
-
-
 def _load_for_inference(path: Path) -> tuple[Any, dict[str, Any]]:
-    from promptvit.artifact import load, read_artifact_config
+    from promptvit.artifact import default_data_config, load, read_artifact_config
 
-    artifact = _artifact_dir(path)
-    return load(artifact).eval(), read_artifact_config(artifact)
+    info = read_artifact_config(path)
+    model = load(path).eval()
+    info.setdefault("data_config", default_data_config(model))
+    return model, info
+
+
+def _inputs(*paths: str | Path | None) -> list[Path]:
+    """What a command reads, for ``check_output_path``: its run/artifact folders and data paths."""
+    return [Path(p) for p in paths if p is not None and Path(p).exists()]
 
 
 def _labelled_dataset(
@@ -155,8 +156,13 @@ def _labelled_dataset(
             raise typer.BadParameter(
                 "give --data (an artifact folder has no run config to take a test split from)"
             )
-        raw = read_yaml(run_config)
-        samples = make_split(DataSpec.model_validate(raw["data"]), raw["train"]["seed"]).test
+        from promptvit.data.manifest import SPLIT_FILES, recorded_samples
+
+        if (run_or_artifact / SPLIT_FILES).is_file():
+            samples = recorded_samples(run_or_artifact / SPLIT_FILES, "test")
+        else:  # a run from before split files were recorded: the split is drawn again
+            raw = read_yaml(run_config)
+            samples = make_split(DataSpec.model_validate(raw["data"]), raw["train"]["seed"]).test
     else:
         raw = apply_overrides({"path": data, "kind": data_kind or "folder"}, parse_extra_args(extra))
         samples = load_samples(DataSpec.model_validate(raw))
@@ -177,19 +183,21 @@ def eval_(
     data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
 ) -> None:
-    """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split."""
+    """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
+    (exactly the files the run recorded; changed or vanished files are reported)."""
+    from promptvit.io import atomic_write_text, check_output_path
     from promptvit.train import evaluate
 
     try:
+        if out:
+            check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         metrics = evaluate(model, dataset, multilabel=info["multilabel"], class_names=info["class_names"])
+        if out:
+            atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     except (*_user_errors(), ValueError) as error:
         _fail(error)
-    if out:
-        from promptvit.io import atomic_write_text
-
-        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
 
 
@@ -205,9 +213,10 @@ def predict(
 
     from promptvit.data import IMAGE_EXTENSIONS, build_transforms, load_image
     from promptvit.data.sources import LabeledSamples, Sample
-    from promptvit.io import atomic_write
+    from promptvit.io import atomic_write, check_output_path
 
     try:
+        check_output_path(out, protected=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
         for path in images:
@@ -247,8 +256,11 @@ def predict(
                 )
                 writer.writerow([row[0], *(f"{p:.6f}" for p in probs), label])
 
-    atomic_write(out, write)
-    console.print(f"wrote {len(rows)} predictions to {out}")
+    try:
+        atomic_write(out, write)
+    except _user_errors() as error:
+        _fail(error)
+    console.print(f"wrote {len(rows)} predictions to {escape(str(out))}", highlight=False)
 
 
 @app.command(context_settings=EXTRA)
@@ -268,8 +280,10 @@ def analyze(
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.io import check_output_path
 
     try:
+        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         others = {path.name: _load_for_inference(path)[0] for path in compare or []}

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from promptvit.io import read_yaml_mapping
+from promptvit.io import load_yaml_strict, read_yaml_mapping
 from promptvit.methods.base import ConfigError
 
 # Fields of BackboneSpec / MethodSpec themselves; any other key under those sections is a build/method option.
@@ -37,7 +35,7 @@ def parse_extra_args(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} needs a value")
             value = args[i + 1]
             i += 1
-        overrides[key.replace("-", "_")] = yaml.safe_load(value)
+        overrides[key.replace("-", "_")] = load_yaml_strict(value)
         i += 1
     return overrides
 
