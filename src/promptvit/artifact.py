@@ -119,7 +119,7 @@ def read_artifact_config(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path} is not valid JSON ({error}); the artifact is damaged, re-save it"
         ) from error
-    if config.get("library") != "promptvit" or "method" not in config:
+    if not isinstance(config, dict) or config.get("library") != "promptvit" or "method" not in config:
         raise ArtifactError(f"{path} was not written by promptvit (no 'library'/'method' entries)")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path} has format {config['format_version']}; upgrade promptvit to read it")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml
+from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 
 app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
@@ -24,6 +24,10 @@ console = Console(stderr=False)
 _state = {"debug": False}
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+RANDOM_BACKBONE_WARNING = (
+    "WARNING: no --pretrained or --weights: the backbone is randomly initialised, so these results say "
+    "nothing about transfer from pretrained features (recorded as backbone_pretrained: false in metrics.json)"
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -63,6 +67,14 @@ def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]
     from promptvit.experiment import RunConfig
 
     raw = read_yaml(config) if config else {}
+    dropped = switch_method(raw, shortcuts.get("method.name"))
+    if dropped:
+        console.print(
+            f"note: --method {shortcuts['method.name']} replaces the config's method; its options "
+            f"{', '.join(dropped)} are not carried over",
+            highlight=False,
+            markup=False,
+        )
     raw = apply_overrides(raw, shortcuts)
     raw = apply_overrides(raw, parse_extra_args(extra))
     return RunConfig.model_validate(raw)
@@ -108,6 +120,8 @@ def train(
     }
     try:
         run_config = _run_config(config, shortcuts, ctx.args)
+        if not (run_config.backbone.pretrained or run_config.backbone.weights):
+            console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
         metrics = run_experiment(run_config, resume=resume)
     except _user_errors() as error:
         _fail(error)
@@ -126,6 +140,8 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
         table.add_row(split, shown)
     console.print(table)
     console.print(f"selection: {metrics.get('selection', '')}")
+    if metrics.get("backbone_pretrained") is False:
+        console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
     console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
 
 
@@ -168,7 +184,9 @@ def _labelled_dataset(
         samples = load_samples(DataSpec.model_validate(raw))
     if samples.class_names != info["class_names"]:
         raise ValueError(
-            f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}"
+            f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}; "
+            "evaluate on data with the artifact's classes (an artifact saved from Python names them with "
+            "save_pretrained(folder, class_names=[...]))"
         )
     return ImageDataset(samples, build_transforms(info["data_config"], train=False))
 

@@ -56,3 +56,17 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
                 raise ConfigError(f"cannot set {dotted}: '{part}' is not a section")
         node[parts[-1]] = value
     return config
+
+
+def switch_method(config: dict[str, Any], method: str | None) -> list[str]:
+    """Give ``config`` the method ``method`` (from ``--method``); the options of another method are dropped.
+
+    Options belong to the method they were written for (``prompt_length`` means nothing to ``linear``), so
+    ``-c vpt.yaml --method linear`` trains linear with its defaults. Returns the dropped option names.
+    """
+    section = config.get("method")
+    if method is None or not isinstance(section, dict) or section.get("name", "linear") == method:
+        return []
+    dropped = sorted(section.get("options") or {})
+    config["method"] = {"name": method}
+    return dropped

@@ -293,6 +293,26 @@ def read_csv(
     csv_path = Path(path)
     _require_file(csv_path, "CSV file")
     root = Path(image_root) if image_root is not None else csv_path.parent
+    try:
+        return _read_csv_rows(
+            csv_path, root, file_column, label_column, label_columns, class_names, file_suffix, check_files
+        )
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
+        ) from None
+
+
+def _read_csv_rows(
+    csv_path: Path,
+    root: Path,
+    file_column: str,
+    label_column: str,
+    label_columns: Sequence[str] | None,
+    class_names: Sequence[str] | None,
+    file_suffix: str,
+    check_files: bool,
+) -> LabeledSamples:
     source = str(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
@@ -456,6 +476,11 @@ def _labels_without_names(source: str, raw: list[tuple[int, str]]) -> tuple[list
             )
         return [str(i) for i in range(top + 1)], indices  # type: ignore[operator, return-value]
     names = sorted({text for _, text in raw})
+    if len(names) > MAX_CLASSES:
+        raise DataError(
+            f"{source}: {len(names):,} distinct labels (more than {MAX_CLASSES:,} classes); is the label column "
+            "right? Set label_column to the column holding the classes"
+        )
     lookup = {n: i for i, n in enumerate(names)}
     return names, [lookup[text] for _, text in raw]
 
