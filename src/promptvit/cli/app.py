@@ -224,7 +224,7 @@ def predict(
     artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
 ) -> None:
     """Write per-class probabilities (softmax, or sigmoid for multi-label) for each image to a CSV."""
     import torch
