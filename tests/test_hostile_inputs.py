@@ -828,6 +828,27 @@ def weights_backbone_not_warned(tmp: Path) -> None:
     assert json.loads((tmp / "runs" / "p" / "metrics.json").read_text())["backbone_pretrained"] is True
 
 
+def report_says_random_backbone(tmp: Path) -> None:
+    from promptvit.protocols import write_report
+    from tests.protocols.test_report import rec
+
+    def with_backbone(record: dict, backbone: dict) -> dict:
+        return {**record, "spec": {"config": {"backbone": backbone}}}
+
+    records = [
+        with_backbone(rec("linear", "chest", 1, 10.0, 0), {"name": "vit", "pretrained": False}),
+        with_backbone(rec("linear", "chest", 1, 12.0, 1), {"name": "vit", "weights": "w.safetensors"}),
+    ]
+    (tmp / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    markdown = write_report(tmp / "r.jsonl", tmp / "out", plots=False).markdown.read_text()
+    assert "WARNING: 1 of 2 runs trained on a randomly initialised backbone" in markdown
+    (tmp / "r.jsonl").write_text(json.dumps(records[1]) + "\n")
+    assert (
+        "randomly initialised"
+        not in write_report(tmp / "r.jsonl", tmp / "o2", plots=False).markdown.read_text()
+    )
+
+
 # -- concurrency and interrupted writes --------------------------------------------------------------------
 
 
@@ -938,6 +959,7 @@ CASES: list[Callable[..., None]] = [
     sweep_without_methods,
     random_backbone_warned,
     weights_backbone_not_warned,
+    report_says_random_backbone,
     concurrent_writers_same_file,
     stale_temp_files_ignored,
 ]
