@@ -9,6 +9,7 @@ nodes, names holding Rich markup.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (paths["junk_dir"] / "a" / "x.png").write_bytes(b"not a png")
     os.mkfifo(paths["fifo"])
     paths["dangling_link"].symlink_to(tmp / "nowhere")
+    paths["device"] = tmp / "mynull"  # a private null device, never the real /dev/null
+    try:
+        os.mknod(paths["device"], 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:  # not root: a FIFO is the nearest special file
+        os.mkfifo(paths["device"])
     data = tmp / "data"
     rng = np.random.default_rng(0)
     for c in range(2):
@@ -137,7 +143,10 @@ def invocations() -> list[tuple[str, list[str]]]:
             "predict:batch-size-0",
             ["predict", "{run}", "{image}", "--batch-size", "0", "--out", "{out}/p.csv"],
         ),
-        ("predict:dev-null", ["predict", "{run}", "{image}", "--out", "/dev/null"]),
+        ("predict:out-under-a-file", ["predict", "{run}", "{image}", "--out", "{garbage}/p.csv"]),
+        ("eval:out-under-a-file", ["eval", "{run}", "--out", "{garbage}/m.json"]),
+        ("analyze:out-is-a-file", ["analyze", "{run}", "--out", "{garbage}", "--max-samples", "4"]),
+        ("predict:device-node", ["predict", "{run}", "{image}", "--out", "{device}"]),
         ("eval:data-kind-unknown", ["eval", "{run}", "--data", "{data}", "--data-kind", "nope"]),
         ("analyze:max-samples-0", ["analyze", "{run}", "--out", "{out}/a", "--max-samples", "0"]),
         ("sweep:bad-var", ["sweep", "{yaml_list}", "--var", "novalue"]),

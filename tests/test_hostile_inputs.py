@@ -160,12 +160,20 @@ def own_run(tmp: Path, run: Path) -> Path:
 # -- output paths ------------------------------------------------------------------------------------------
 
 
+def null_device(tmp: Path) -> Path:
+    """A private copy of /dev/null (never the real one: a regression must not break the machine)."""
+    try:
+        os.mknod(tmp / "mynull", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    return tmp / "mynull"
+
+
 def out_device_node(tmp: Path, run: Path) -> None:
-    png(tmp / "x.png")
-    before = os.stat("/dev/null")
-    clear_error(cli("predict", run, tmp / "x.png", "--out", "/dev/null"), "/dev/null", "not a regular file")
-    after = os.stat("/dev/null")
-    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    device = null_device(tmp)
+    result = cli("predict", run, png(tmp / "x.png"), "--out", device)
+    clear_error(result, "mynull", "not a regular file")
+    assert stat.S_ISCHR(os.stat(device).st_mode) and os.stat(device).st_rdev == os.makedev(1, 3)
 
 
 def out_fifo(tmp: Path, run: Path) -> None:
@@ -229,7 +237,7 @@ def out_python_api_symlink(tmp: Path) -> None:
     (tmp / "real.json").write_text("{}")
     (tmp / "link.json").symlink_to(tmp / "real.json")
     raises(OutputError, "symbolic link", lambda: atomic_write_text(tmp / "link.json", "x"))
-    raises(OutputError, "not a regular file", lambda: check_output_path("/dev/null"))
+    raises(OutputError, "not a regular file", lambda: check_output_path(null_device(tmp)))
     assert (tmp / "real.json").read_text() == "{}"
 
 
@@ -654,6 +662,19 @@ def csv_multilabel_nan(tmp: Path) -> None:
     )
 
 
+def csv_warning_on_the_console(tmp: Path) -> None:
+    data = image_folder(tmp / "data")
+    rows = [f"c{c}/{i}.png,{'0.0' if (c, i) == (0, 0) else c}" for c in range(2) for i in range(6)]
+    (tmp / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    config = config_file(tmp, data)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"].update(kind="csv", path=str(tmp / "labels.csv"), image_root=str(data))
+    config.write_text(yaml.safe_dump(raw))
+    result = cli("train", "--config", config, "--name", "csv")
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "['0', '0.0'] -> '0'" in result.output
+
+
 def labels_only_in_evaluation(tmp: Path) -> None:
     def part(labels: list[int]) -> LabeledSamples:
         return LabeledSamples(
@@ -935,6 +956,7 @@ CASES: list[Callable[..., None]] = [
     csv_utf8_bom,
     csv_semicolons,
     csv_multilabel_nan,
+    csv_warning_on_the_console,
     labels_only_in_evaluation,
     strip_image,
     strip_image_3m,

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,9 +50,8 @@ def _fail(error: BaseException) -> None:
         message = "invalid config: " + "; ".join(lines)
     else:
         message = str(error)
-    console.print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
-    )  # paths stay copyable
+    # soft_wrap keeps paths copyable; escaping keeps '[' in paths and hints ('promptvit[ray]') as written
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     console.print(
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )
@@ -61,6 +61,12 @@ def _fail(error: BaseException) -> None:
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings (suspicious labels, untrained classes...) as one line, like errors, without source lines."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]) -> Any:
