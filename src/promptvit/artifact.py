@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from promptvit.backbones import BackboneError, Geometry, create_backbone, geometry_of
-from promptvit.io import _output_error, atomic_write, atomic_write_text
+from promptvit.io import atomic_write, atomic_write_text
 from promptvit.methods.base import get_method
 from promptvit.model import PromptModel, wrap
 
@@ -59,11 +59,7 @@ def default_data_config(model: PromptModel) -> dict[str, Any]:
 def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Path:
     """Write the tuned parameters and what is needed to rebuild the model; the config last, naming the
     weights' hash, so an interrupted save is detected at load."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _output_error(directory, error) from error
+    directory = Path(directory)  # created by the first atomic write (OutputError naming it if it cannot be)
     state = {name: tensor.contiguous().cpu() for name, tensor in model.tuned_state_dict().items()}
     geometry = model.geometry
     config = {

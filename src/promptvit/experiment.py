@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import promptvit
+from promptvit.artifact import default_data_config
 from promptvit.backbones import create_backbone
 from promptvit.cache import PrefixCache
 from promptvit.data import (
@@ -203,8 +204,7 @@ def build_model(config: RunConfig, num_classes: int) -> PromptModel:
 
 def data_config_for(model: PromptModel, spec: BackboneSpec) -> dict[str, Any]:
     """Input size from the model as built (timm's pretrained_cfg may still say 224), stats from its config."""
-    data_config = dict(timm.data.resolve_data_config({}, model=model.backbone))
-    data_config["input_size"] = (3, *model.geometry.img_size)
+    data_config = default_data_config(model)
     if spec.image_size is not None:
         if model.geometry.kind == "vit":
             raise ConfigError(
