@@ -76,6 +76,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "name": "good",
     }
     (tmp / "good.yaml").write_text(yaml.safe_dump(config))
+    sweep = {
+        "protocol": {
+            "name": "fewshot",
+            "tasks": {"t": {"kind": "folder", "path": str(data)}},
+            "shots": [2],
+            "seeds": [0],
+        },
+        "base": {k: config[k] for k in ("backbone", "train")},
+        "methods": ["linear"],
+    }
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     result = CliRunner().invoke(app, ["train", "--config", str(tmp / "good.yaml")])
     assert result.exit_code == 0, result.output
     paths.update(run=tmp / "runs" / "good", image=data / "c0" / "0.png", data=data, out=tmp / "out")
@@ -167,6 +178,9 @@ def invocations() -> list[tuple[str, list[str]]]:
                 "{out}/b",
             ],
         ),
+        ("bench:out-is-a-file", ["bench-methods", "--out", "{garbage}", "--methods", "linear"]),
+        ("sweep:results-is-a-file", ["sweep", "{good_sweep}", "--results", "{garbage}"]),
+        ("report:out-is-a-file", ["report", "{run}", "--out", "{garbage}"]),
         ("bench:unknown-backbone", ["bench-methods", "--backbone", "not_a_model", "--out", "{out}/b"]),
         ("bench:bad-option", ["bench-methods", "--backbone.nonsense", "1", "--out", "{out}/b"]),
     ]
@@ -180,6 +194,7 @@ CASES = invocations()
 def test_no_traceback(case: str, argv: list[str], corpus: dict[str, Path]) -> None:
     values = {name: str(path) for name, path in corpus.items()}
     values["good"] = str(corpus["run"].parent.parent / "good.yaml")
+    values["good_sweep"] = str(corpus["run"].parent.parent / "sweep.yaml")
     args = [arg.format(**values) if "{" in arg and "[/]" not in arg else arg for arg in argv]
     args = [a.replace("{markup[/]name}", values["markup[/]name"]) for a in args]
     result = CliRunner().invoke(app, args)

@@ -353,12 +353,13 @@ def bench_methods(
 
     from promptvit.analysis import efficiency_portrait, efficiency_table, plot_efficiency
     from promptvit.backbones import create_backbone
-    from promptvit.io import atomic_write_text
+    from promptvit.io import atomic_write_text, check_output_path
 
     options = {k.removeprefix("backbone."): v for k, v in parse_extra_args(ctx.args).items()}
     options.setdefault("img_size", image_size)
     factory = functools.partial(create_backbone, backbone, **options)
     try:
+        check_output_path(out / "efficiency.md")  # before minutes of measuring
         rows = efficiency_portrait(
             factory,
             [(name, {}) for name in methods.split(",")],
@@ -369,12 +370,12 @@ def bench_methods(
             repeats=repeats,
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
+        table = efficiency_table(rows)
+        atomic_write_text(out / "efficiency.md", table + "\n")
+        atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
+        plot_efficiency(rows, out / "efficiency.png")
     except _user_errors() as error:
         _fail(error)
-    table = efficiency_table(rows)
-    atomic_write_text(out / "efficiency.md", table + "\n")
-    atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
-    plot_efficiency(rows, out / "efficiency.png")
     console.print(table)
     console.print(f"wrote {out}/efficiency.md, efficiency.json and efficiency.png")
 
