@@ -500,6 +500,8 @@ def yaml_alias_bomb(tmp: Path) -> None:
 
 def yaml_aliases_allowed(tmp: Path) -> None:
     assert load_yaml_strict("a: &x [1, 2]\nb: *x\n") == {"a": [1, 2], "b": [1, 2]}
+    merged = load_yaml_strict("base: &b {x: 1, z: 0}\nother:\n  <<: *b\n  x: 2\n")
+    assert merged["other"] == {"x": 2, "z": 0}
 
 
 def sweep_duplicate_key(tmp: Path) -> None:

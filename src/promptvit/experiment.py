@@ -15,7 +15,7 @@ from typing import Any, Literal
 import timm
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import promptvit
 from promptvit.artifact import default_data_config
@@ -130,11 +130,10 @@ class RunConfig(Strict):
     output_dir: str = "runs"
     name: str | None = Field(None, description="run folder name (default: method-shots-seed)")
 
-    @model_validator(mode="after")
-    def _name_stays_in_output_dir(self) -> RunConfig:
-        if self.name is not None:
-            check_run_name(self.name)
-        return self
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_output_dir(cls, name: str | None) -> str | None:
+        return check_run_name(name) if name is not None else None
 
     def run_dir(self) -> Path:
         shots = f"{self.data.shots}shot" if self.data.shots else "all"

@@ -179,6 +179,9 @@ def read_yaml_mapping(path: str | Path, *, name: str, holds: str, error: type[Ex
     except UnicodeDecodeError as problem:
         raise error(f"{path} is not UTF-8 text ({problem}); save it as UTF-8") from None
     except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        if isinstance(problem, yaml.constructor.ConstructorError) and mark is not None:  # one line
+            raise error(f"{path}, line {mark.line + 1}: {problem.problem}") from None
         raise error(f"{path} is not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise error(f"{path} must hold a mapping ({holds})")
@@ -195,6 +198,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden by design
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, str | int | float | bool) and key in seen:
