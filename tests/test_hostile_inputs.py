@@ -885,6 +885,17 @@ def concurrent_writers_same_file(tmp: Path) -> None:
     assert (tmp / "out.csv").read_text() in texts and [p.name for p in tmp.iterdir()] == ["out.csv"]
 
 
+def lock_file_planted_as_link(tmp: Path) -> None:
+    from promptvit.io import LOCK_FILE, exclusive_folder
+
+    (tmp / "precious.txt").write_text("keep me")
+    (tmp / "run").mkdir()
+    (tmp / "run" / LOCK_FILE).symlink_to(tmp / "precious.txt")
+    with pytest.raises(OutputError, match="run"), exclusive_folder(tmp / "run"):
+        pass
+    assert (tmp / "precious.txt").read_text() == "keep me"
+
+
 def stale_temp_files_ignored(tmp: Path) -> None:
     directory = python_artifact(tmp)
     (directory / f".{WEIGHTS_FILE}.abc123.tmp").write_bytes(b"half a file")
@@ -986,6 +997,7 @@ CASES: list[Callable[..., None]] = [
     report_says_random_backbone,
     concurrent_writers_same_file,
     stale_temp_files_ignored,
+    lock_file_planted_as_link,
 ]
 
 

@@ -141,7 +141,9 @@ def exclusive_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole block)
+        # O_NOFOLLOW: a lock file planted as a link must not make us truncate the file it points to
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        handle = open(descriptor, "a+")  # noqa: SIM115 (held for the whole block)
     except OSError as error:
         raise _output_error(folder, error) from error
     try:
