@@ -72,6 +72,12 @@ def check_output_path(path: str | Path, *, protected: Iterable[str | Path] = ())
         raise OutputError(
             errno.EEXIST, f"cannot write {path}: it is {kind}; give the path of a new or regular file"
         )
+    folder = next((p for p in path.parents if p.exists()), None)  # the nearest existing parent
+    if folder is not None and not folder.is_dir():
+        raise OutputError(
+            errno.ENOTDIR,
+            f"cannot write {path}: {folder} is a file, not a folder; choose another output path",
+        )
     target = path.resolve()
     for owned in protected:
         owned_path = Path(owned).resolve()

@@ -354,12 +354,15 @@ def bench_methods(
     from promptvit.analysis import efficiency_portrait, efficiency_table, plot_efficiency
     from promptvit.backbones import create_backbone
     from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.methods import get_method
 
     options = {k.removeprefix("backbone."): v for k, v in parse_extra_args(ctx.args).items()}
     options.setdefault("img_size", image_size)
     factory = functools.partial(create_backbone, backbone, **options)
     try:
         check_output_path(out / "efficiency.md")  # before minutes of measuring
+        for name in methods.split(","):
+            get_method(name)  # ConfigError listing the methods, before any measuring
         rows = efficiency_portrait(
             factory,
             [(name, {}) for name in methods.split(",")],
