@@ -357,6 +357,7 @@ def class_count_mismatch_on_load(tmp: Path) -> None:
     directory = saved_artifact(tmp)
     config = json.loads((directory / "adapter_config.json").read_text())
     config["num_classes"] = 5
+    config["class_names"] = list("abcde")
     (directory / "adapter_config.json").write_text(json.dumps(config))
     raises(
         ArtifactError,

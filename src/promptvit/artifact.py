@@ -10,26 +10,33 @@ from torch import nn
 from promptvit.artifact_format import (
     CONFIG_FILE,
     FORMAT_VERSION,
+    MAX_CLASSES,
     WEIGHTS_FILE,
+    default_data_config,
     load_tuned_state,
     read_artifact_config,
     read_artifact_weights,
+    resolve_artifact_dir,
     save_artifact,
 )
 from promptvit.backbones import Geometry, create_backbone, geometry_of
 from promptvit.errors import ArtifactError, BackboneError
+from promptvit.io import file_sha256
 from promptvit.methods.base import get_method
 from promptvit.model import PromptModel, wrap
 
 __all__ = [
     "CONFIG_FILE",
     "FORMAT_VERSION",
+    "MAX_CLASSES",
     "WEIGHTS_FILE",
     "ArtifactError",
+    "default_data_config",
     "load",
     "load_tuned_state",
     "read_artifact_config",
     "read_artifact_weights",
+    "resolve_artifact_dir",
     "save_artifact",
 ]
 
@@ -45,10 +52,16 @@ def load(
     The base must have the geometry the artifact was trained on and, unless ``check_weights=False``,
     the same pretrained weights (compared by fingerprint); otherwise ``ArtifactError`` says what differs.
     """
-    directory = Path(directory)
+    directory = resolve_artifact_dir(directory)
     config = read_artifact_config(directory)
     weights_path, state = read_artifact_weights(directory)
 
+    recorded = config.get("weights_sha256")
+    if recorded is not None and recorded != file_sha256(weights_path):
+        raise ArtifactError(
+            f"{weights_path} is not the file {CONFIG_FILE} was saved with (its SHA-256 differs): the two "
+            "files come from different saves, e.g. a save interrupted between them; save the artifact again"
+        )
     if base_model is None:
         base_model = _rebuild_base(config, directory)
     saved = Geometry.from_dict(config["geometry"])

@@ -1,5 +1,10 @@
 """The artifact's files: ``adapter_config.json`` + ``adapter_model.safetensors`` (tuned parameters only).
 
+The pair is consistent or refused: the config records the SHA-256 of the weights file it was saved with,
+so weights from one save next to the config of another (a kill between the two writes) are an
+``ArtifactError`` at load, never a silent mix. Every artifact carries ``class_names``, ``multilabel`` and
+``data_config`` (defaults when the saver gave none), so one written from Python works with every CLI verb.
+
 Writing and reading them needs only a model's public accessors (``tuned_state_dict``, ``geometry``, ...),
 so this module sits below ``model.py`` (whose ``save_pretrained`` calls ``save_artifact``); rebuilding a
 model from the files (``artifact.load``) sits above it.
@@ -17,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from promptvit._version import __version__
 from promptvit.errors import ArtifactError
-from promptvit.io import atomic_write, atomic_write_text
+from promptvit.io import atomic_write, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     from promptvit.model import PromptModel
@@ -25,12 +30,21 @@ if TYPE_CHECKING:
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+MAX_CLASSES = 100_000
+
+def default_data_config(model: PromptModel) -> dict[str, Any]:
+    """Preprocessing from the backbone's timm config, at the input size the model was built for."""
+    import timm
+
+    data_config = dict(timm.data.resolve_data_config({}, model=model.backbone))
+    data_config["input_size"] = (3, *model.geometry.img_size)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
 
 
 def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Path:
-    """Write the tuned parameters and what is needed to rebuild the model; each file atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the tuned parameters and what is needed to rebuild the model; the config last, naming the
+    weights' hash, so an interrupted save is detected at load."""
+    directory = Path(directory)  # created by the first atomic write (OutputError naming it if it cannot be)
     state = {name: tensor.contiguous().cpu() for name, tensor in model.tuned_state_dict().items()}
     geometry = model.geometry
     config = {
@@ -45,32 +59,64 @@ def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Pa
         "num_classes": model.num_classes,
         "input_size": [3, *geometry.img_size],
         "parameters": model.parameter_summary(),
+        "class_names": [f"class_{i}" for i in range(model.num_classes)],
+        "multilabel": False,
         **extra,
     }
+    if "data_config" not in config:
+        config["data_config"] = default_data_config(model)
+    if len(config["class_names"]) != model.num_classes:
+        raise ArtifactError(f"{len(config['class_names'])} class names for {model.num_classes} outputs")
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    config["weights_sha256"] = file_sha256(directory / WEIGHTS_FILE)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, default=list) + "\n")
     return directory
 
 
+def resolve_artifact_dir(path: str | Path) -> Path:
+    """``path`` itself when it is an artifact folder, ``path/artifact`` when it is a run folder."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "artifact" / CONFIG_FILE).is_file():
+        return path / "artifact"
+    return path
+
+
 def read_artifact_config(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
+    """The artifact's config (a run folder's ``artifact/`` is found), with defaults for older entries."""
+    directory = resolve_artifact_dir(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
         pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
         hint = (
             f" (found {pickles}: pickled weights are not loaded; re-save as safetensors)" if pickles else ""
         )
-        raise ArtifactError(f"{path} not found: not a promptvit artifact folder{hint}")
+        raise ArtifactError(
+            f"{path} not found: {directory} is neither an artifact folder nor a run folder with artifact/ "
+            f"inside{hint}"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(
             f"{path} is not valid JSON ({error}); the artifact is damaged, re-save it"
         ) from error
-    if config.get("library") != "promptvit" or "method" not in config:
+    if not isinstance(config, dict) or config.get("library") != "promptvit" or "method" not in config:
         raise ArtifactError(f"{path} was not written by promptvit (no 'library'/'method' entries)")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path} has format {config['format_version']}; upgrade promptvit to read it")
+    num_classes = config.get("num_classes")
+    if (
+        not isinstance(num_classes, int)
+        or isinstance(num_classes, bool)
+        or not 1 <= num_classes <= MAX_CLASSES
+    ):
+        raise ArtifactError(f"{path}: num_classes {num_classes!r} is not a class count (1..{MAX_CLASSES:,})")
+    # Artifacts saved from Python before every save recorded them (one format however it was written).
+    config.setdefault("class_names", [f"class_{i}" for i in range(num_classes)])
+    config.setdefault("multilabel", False)
+    names = config["class_names"]
+    if not isinstance(names, list) or len(names) != num_classes or len(set(map(str, names))) != len(names):
+        raise ArtifactError(f"{path}: class_names must list {num_classes} distinct names, got {names!r}")
     return config
 
 
@@ -101,6 +147,18 @@ def load_tuned_state(model: PromptModel, state: dict, source: str) -> None:
         if tensor.shape != expected[name].shape:
             raise ArtifactError(
                 f"{source}: '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+        if tensor.dtype.is_floating_point != expected[name].dtype.is_floating_point or (
+            tensor.dtype == torch.bool
+        ) != (expected[name].dtype == torch.bool):
+            raise ArtifactError(
+                f"{source}: '{name}' has dtype {tensor.dtype}, the model expects {expected[name].dtype}; "
+                "the file was not written by save_pretrained, re-save it"
+            )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(
+                f"{source}: '{name}' holds NaN or infinite values; the artifact is damaged (or training "
+                "diverged), re-train or re-save it"
             )
     own = model.state_dict()
     for name, tensor in state.items():

@@ -50,3 +50,8 @@ class ResumeError(TrainingError):
 
 class ProtocolError(PromptvitError, ValueError):
     """A protocol, sweep or results-store problem the user can fix (bad option, missing data, bad YAML)."""
+
+
+class DataWarning(UserWarning):
+    """Data that is usable but suspicious (labels only in evaluation splits, singleton classes,
+    near-duplicate numeric labels); the message names the file and what to check."""

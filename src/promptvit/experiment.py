@@ -17,10 +17,11 @@ from typing import Any, Literal
 import timm
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from promptvit._version import __version__
+from promptvit.artifact import default_data_config
 from promptvit.backbones import create_backbone
 from promptvit.cache import PrefixCache
 from promptvit.data import (
@@ -39,7 +40,9 @@ from promptvit.data import (
     stratified_split,
 )
 from promptvit.data.check import guard_duplicates, split_summary_line
-from promptvit.io import atomic_write_text, exclusive_folder
+from promptvit.data.fewshot import warn_untrained_classes
+from promptvit.data.manifest import SPLIT_FILES, record_split
+from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import Callback, FitResult, TrainConfig, evaluate, fit
@@ -136,6 +139,11 @@ class RunConfig(Strict):
     output_dir: str = "runs"
     name: str | None = Field(None, description="run folder name (default: method-shots-seed)")
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_output_dir(cls, name: str | None) -> str | None:
+        return check_run_name(name) if name is not None else None
+
     def run_dir(self) -> Path:
         shots = f"{self.data.shots}shot" if self.data.shots else "all"
         return Path(self.output_dir) / (self.name or f"{self.method.name}-{shots}-seed{self.train.seed}")
@@ -204,8 +212,7 @@ def build_model(config: RunConfig, num_classes: int) -> PromptModel:
 
 def data_config_for(model: PromptModel, spec: BackboneSpec) -> dict[str, Any]:
     """Input size from the model as built (timm's pretrained_cfg may still say 224), stats from its config."""
-    data_config = dict(timm.data.resolve_data_config({}, model=model.backbone))
-    data_config["input_size"] = (3, *model.geometry.img_size)
+    data_config = default_data_config(model)
     if spec.image_size is not None:
         if model.geometry.kind == "vit":
             raise ConfigError(
@@ -319,6 +326,10 @@ def run_pipeline(
     if config.train.progress:
         print(line, flush=True)
     atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
+    warn_untrained_classes(split)
+    recorded = record_split(split)
+    if recorded is not None:  # `eval RUN` scores exactly these files later
+        atomic_write_text(run_dir / SPLIT_FILES, json.dumps(recorded) + "\n")
     started = time.perf_counter()
     model = build_model(config, split.train.num_classes)
     data_config = {**data_config_for(model, config.backbone), **(data_config_overrides or {})}
@@ -390,6 +401,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         num_test=len(split.test),
         seconds_total=outcome.seconds,
         environment=outcome.environment,
+        backbone_pretrained=bool(config.backbone.pretrained or config.backbone.weights),
     )
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -53,6 +53,10 @@ def create_backbone(
             model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except RuntimeError as error:  # timm raises RuntimeError for unknown names
         raise BackboneError(f"cannot build timm model '{name}': {error}") from error
+    except TypeError as error:  # a build option the architecture does not take
+        raise BackboneError(
+            f"cannot build timm model '{name}' with options {sorted(kwargs)}: {error}; check the option names"
+        ) from error
     except OSError as error:  # hub unreachable or file missing on the hub
         raise BackboneError(
             f"cannot download pretrained weights for '{name}' ({error}). Offline? Pass a local weights file "
@@ -104,12 +108,15 @@ def load_weights(model: nn.Module, path: str | Path, *, allow_pickle: bool = Fal
         except Exception as error:  # pickle with arbitrary objects, truncated file...
             hint = "" if allow_pickle else " If you trust the file, allow pickles (allow_pickle=True);"
             raise BackboneError(
-                f"cannot read {path} as a weights-only PyTorch checkpoint ({str(error).splitlines()[0]}).{hint} "
+                f"cannot read {path} as a weights-only PyTorch checkpoint "
+                f"({(str(error).splitlines() or [type(error).__name__])[0]}).{hint} "
                 "better, convert it to safetensors"
             ) from error
         for key in ("state_dict", "model", "module"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} does not hold a state dict (names -> tensors); save model.state_dict()")
     own = model.state_dict()
     head = classifier_name(model)
     state = {

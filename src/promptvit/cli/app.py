@@ -6,31 +6,51 @@ import csv
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from promptvit.cli.output import USER_ERRORS, console, fail, state
-from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml
+from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 from promptvit.cli.protocol_commands import register_protocol_commands
 
 app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
 )
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+RANDOM_BACKBONE_WARNING = (
+    "WARNING: no --pretrained or --weights: the backbone is randomly initialised, so these results say "
+    "nothing about transfer from pretrained features (recorded as backbone_pretrained: false in metrics.json)"
+)
 
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     state["debug"] = debug
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings (suspicious labels, untrained classes...) as one line, like errors, without source lines."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]) -> Any:
     from promptvit.experiment import RunConfig
 
     raw = read_yaml(config) if config else {}
+    dropped = switch_method(raw, shortcuts.get("method.name"))
+    if dropped:
+        console.print(
+            f"note: --method {shortcuts['method.name']} replaces the config's method; its options "
+            f"{', '.join(dropped)} are not carried over",
+            highlight=False,
+            markup=False,
+        )
     raw = apply_overrides(raw, shortcuts)
     raw = apply_overrides(raw, parse_extra_args(extra))
     return RunConfig.model_validate(raw)
@@ -76,6 +96,8 @@ def train(
     }
     try:
         run_config = _run_config(config, shortcuts, ctx.args)
+        if not (run_config.backbone.pretrained or run_config.backbone.weights):
+            console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
@@ -94,23 +116,23 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
         table.add_row(split, shown)
     console.print(table)
     console.print(f"selection: {metrics.get('selection', '')}")
+    if metrics.get("backbone_pretrained") is False:
+        console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
     console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
 
 
-def _artifact_dir(path: Path) -> Path:
-    from promptvit.artifact import CONFIG_FILE, ArtifactError
-
-    for candidate in (path, path / "artifact"):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise ArtifactError(f"{path} is neither an artifact folder nor a run folder with artifact/ inside")
-
-
 def _load_for_inference(path: Path) -> tuple[Any, dict[str, Any]]:
-    from promptvit.artifact import load, read_artifact_config
+    from promptvit.artifact import default_data_config, load, read_artifact_config
 
-    artifact = _artifact_dir(path)
-    return load(artifact).eval(), read_artifact_config(artifact)
+    info = read_artifact_config(path)
+    model = load(path).eval()
+    info.setdefault("data_config", default_data_config(model))
+    return model, info
+
+
+def _inputs(*paths: str | Path | None) -> list[Path]:
+    """What a command reads, for ``check_output_path``: its run/artifact folders and data paths."""
+    return [Path(p) for p in paths if p is not None and Path(p).exists()]
 
 
 def _labelled_dataset(
@@ -126,14 +148,21 @@ def _labelled_dataset(
             raise typer.BadParameter(
                 "give --data (an artifact folder has no run config to take a test split from)"
             )
-        raw = read_yaml(run_config)
-        samples = make_split(DataSpec.model_validate(raw["data"]), raw["train"]["seed"]).test
+        from promptvit.data.manifest import SPLIT_FILES, recorded_samples
+
+        if (run_or_artifact / SPLIT_FILES).is_file():
+            samples = recorded_samples(run_or_artifact / SPLIT_FILES, "test")
+        else:  # a run from before split files were recorded: the split is drawn again
+            raw = read_yaml(run_config)
+            samples = make_split(DataSpec.model_validate(raw["data"]), raw["train"]["seed"]).test
     else:
         raw = apply_overrides({"path": data, "kind": data_kind or "folder"}, parse_extra_args(extra))
         samples = load_samples(DataSpec.model_validate(raw))
     if samples.class_names != info["class_names"]:
         raise ValueError(
-            f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}"
+            f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}; "
+            "evaluate on data with the artifact's classes (an artifact saved from Python names them with "
+            "save_pretrained(folder, class_names=[...]))"
         )
     return ImageDataset(samples, build_transforms(info["data_config"], train=False))
 
@@ -148,19 +177,21 @@ def eval_(
     data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
 ) -> None:
-    """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split."""
+    """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
+    (exactly the files the run recorded; changed or vanished files are reported)."""
+    from promptvit.io import atomic_write_text, check_output_path
     from promptvit.train import evaluate
 
     try:
+        if out:
+            check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         metrics = evaluate(model, dataset, multilabel=info["multilabel"], class_names=info["class_names"])
+        if out:
+            atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     except (*USER_ERRORS, ValueError) as error:
         fail(error)
-    if out:
-        from promptvit.io import atomic_write_text
-
-        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
 
 
@@ -169,15 +200,16 @@ def predict(
     artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
 ) -> None:
     """Write per-class probabilities (softmax, or sigmoid for multi-label) for each image to a CSV."""
     from promptvit.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
     from promptvit.data.sources import LabeledSamples, Sample
-    from promptvit.io import atomic_write
+    from promptvit.io import atomic_write, check_output_path
     from promptvit.train import predict_scores
 
     try:
+        check_output_path(out, protected=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
         for path in images:
@@ -211,8 +243,11 @@ def predict(
                 )
                 writer.writerow([row[0], *(f"{p:.6f}" for p in probs), label])
 
-    atomic_write(out, write)
-    console.print(f"wrote {len(rows)} predictions to {out}")
+    try:
+        atomic_write(out, write)
+    except USER_ERRORS as error:
+        fail(error)
+    console.print(f"wrote {len(rows)} predictions to {escape(str(out))}", highlight=False)
 
 
 @app.command(context_settings=EXTRA)
@@ -232,8 +267,10 @@ def analyze(
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.io import check_output_path
 
     try:
+        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         others = {path.name: _load_for_inference(path)[0] for path in compare or []}
@@ -279,12 +316,16 @@ def bench_methods(
 
     from promptvit.analysis import efficiency_portrait, efficiency_table, plot_efficiency
     from promptvit.backbones import create_backbone
-    from promptvit.io import atomic_write_text
+    from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.methods import get_method
 
     options = {k.removeprefix("backbone."): v for k, v in parse_extra_args(ctx.args).items()}
     options.setdefault("img_size", image_size)
     factory = functools.partial(create_backbone, backbone, **options)
     try:
+        check_output_path(out / "efficiency.md")  # before minutes of measuring
+        for name in methods.split(","):
+            get_method(name)  # ConfigError listing the methods, before any measuring
         rows = efficiency_portrait(
             factory,
             [(name, {}) for name in methods.split(",")],
@@ -295,12 +336,12 @@ def bench_methods(
             repeats=repeats,
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
+        table = efficiency_table(rows)
+        atomic_write_text(out / "efficiency.md", table + "\n")
+        atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
+        plot_efficiency(rows, out / "efficiency.png")
     except USER_ERRORS as error:
         fail(error)
-    table = efficiency_table(rows)
-    atomic_write_text(out / "efficiency.md", table + "\n")
-    atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
-    plot_efficiency(rows, out / "efficiency.png")
     console.print(table)
     console.print(f"wrote {out}/efficiency.md, efficiency.json and efficiency.png")
 

@@ -10,6 +10,7 @@ from typing import NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from promptvit.errors import PromptvitError
 
@@ -29,7 +30,8 @@ def fail(error: BaseException) -> NoReturn:
         message = "invalid config: " + "; ".join(lines)
     else:
         message = str(error)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
+    # soft_wrap keeps paths copyable; escaping keeps '[' in paths and hints ('promptvit[ray]') as written
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     console.print(
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from promptvit.errors import ConfigError
-from promptvit.io import read_yaml_mapping
+from promptvit.io import load_yaml_strict, read_yaml_mapping
 
 # Fields of BackboneSpec / MethodSpec themselves; any other key under those sections is a build/method option.
 _SECTION_FIELDS = {
@@ -37,7 +35,7 @@ def parse_extra_args(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} needs a value")
             value = args[i + 1]
             i += 1
-        overrides[key.replace("-", "_")] = yaml.safe_load(value)
+        overrides[key.replace("-", "_")] = load_yaml_strict(value)
         i += 1
     return overrides
 
@@ -58,3 +56,17 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
                 raise ConfigError(f"cannot set {dotted}: '{part}' is not a section")
         node[parts[-1]] = value
     return config
+
+
+def switch_method(config: dict[str, Any], method: str | None) -> list[str]:
+    """Give ``config`` the method ``method`` (from ``--method``); the options of another method are dropped.
+
+    Options belong to the method they were written for (``prompt_length`` means nothing to ``linear``), so
+    ``-c vpt.yaml --method linear`` trains linear with its defaults. Returns the dropped option names.
+    """
+    section = config.get("method")
+    if method is None or not isinstance(section, dict) or section.get("name", "linear") == method:
+        return []
+    dropped = sorted(section.get("options") or {})
+    config["method"] = {"name": method}
+    return dropped

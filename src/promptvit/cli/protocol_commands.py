@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from promptvit.cli.output import USER_ERRORS, console, fail
 
@@ -48,8 +49,8 @@ def sweep(
     def on_event(stage: str, spec: Any, status: str, error: str | None, done: int, total: int) -> None:
         style = {"ok": "green", "failed": "bold red", "diverged": "yellow"}.get(status, "dim")
         console.print(
-            f"[{stage} {done}/{total}] [{style}]{status}[/] {spec.describe()}"
-            + (f": {error}" if error else ""),
+            f"[{stage} {done}/{total}] [{style}]{status}[/] {escape(spec.describe())}"
+            + (f": {escape(error)}" if error else ""),
             highlight=False,
         )
 
@@ -81,11 +82,11 @@ def sweep(
         table.add_row(stage, str(outcome.planned.get(stage, 0)), shown)
     console.print(table)
     for line in outcome.unresolved:
-        console.print(f"[yellow]not run:[/] {line}", highlight=False)
+        console.print(f"[yellow]not run:[/] {escape(line)}", highlight=False)
     if outcome.failures:
         console.print(f"[bold red]{len(outcome.failures)} failed runs[/] (rerun the same command to retry):")
         for line in outcome.failures[:10]:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     if dry_run and outcome.planned.get("search"):
         console.print(
             "the final runs of searched presets are planned after their search: the final count above covers "
@@ -104,14 +105,20 @@ def report(
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
-    from promptvit.protocols import write_report
+    from promptvit.protocols import ProtocolError, load_records, write_report
 
     try:
-        rendered = write_report(results, out, title=title, plots=plots)
+        loaded = load_records(results)
+        if not loaded.records:
+            raise ProtocolError(
+                f"no run records in {', '.join(map(str, results))} ({len(loaded.failures)} failed attempts); "
+                "give a sweep's results folder or its .jsonl record files"
+            )
+        rendered = write_report(loaded, out, title=title, plots=plots)
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
     for problem in rendered.loaded.problems:
-        console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
     console.print(
         f"{len(rendered.loaded.records)} records, {len(rendered.tables)} tables, {len(rendered.plots)} plots -> "
         f"{rendered.markdown}, {rendered.html}, {rendered.csv}"

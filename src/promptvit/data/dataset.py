@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from promptvit.data.errors import DataError
 from promptvit.data.sources import LabeledSamples, Sample
@@ -49,13 +49,38 @@ def load_image(sample: Sample, samples: LabeledSamples) -> Image.Image:
     try:
         with open(sample.path, "rb") as handle:
             image = Image.open(handle)
+            _check_sides(image.size, where)  # from the header, before decoding
             image.load()
+            image = ImageOps.exif_transpose(image)  # the pixels the way any viewer shows them
+    except DataError:
+        raise
     except Image.DecompressionBombError as error:
         raise DataError(f"{where} is too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         reason = "is truncated" if "truncated" in str(error) else f"is not a readable image ({error})"
         raise DataError(f"{where} {reason}. Re-copy it, or pass skip_corrupt=True.") from None
     return image
+
+
+MAX_IMAGE_SIDE = 30_000
+"""Longest side accepted, in pixels (PIL's pixel-count check alone lets a 1 x 3,000,000 strip through)."""
+MAX_ASPECT_RATIO = 100
+"""Longest over shortest side accepted: resizing the short side of a thin strip to the model's input size
+would blow its long side up (1 x 300,000 px becomes 224 x 67 million)."""
+
+
+def _check_sides(size: tuple[int, int], where: str) -> None:
+    width, height = size
+    if min(width, height) < 1 or max(width, height) > MAX_IMAGE_SIDE:
+        raise DataError(
+            f"{where} is {width}x{height} px; sides must be 1..{MAX_IMAGE_SIDE:,} px. Downscale or crop it, "
+            "or pass skip_corrupt=True."
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(
+            f"{where} is {width}x{height} px, more than {MAX_ASPECT_RATIO}:1; resizing it to the model's "
+            "input would need huge memory. Crop it, or pass skip_corrupt=True."
+        )
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:

@@ -1,7 +1,7 @@
-"""Data errors; ``DataError`` is defined in ``promptvit.errors`` with the library's other exceptions."""
+"""Data errors and warnings; ``DataError`` and ``DataWarning`` are defined in ``promptvit.errors`` with the library's other exceptions."""
 
 from __future__ import annotations
 
-from promptvit.errors import DataError
+from promptvit.errors import DataError, DataWarning
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "DataWarning"]

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from promptvit.data.errors import DataError
+from promptvit.data.errors import DataError, DataWarning
 from promptvit.data.sources import (
     MEDFMC_CLASSES,
     MEDFMC_DATASETS,
@@ -334,3 +334,27 @@ def make_few_shot_split(
     return FewShotSplit(
         train=train, val=val.subset(val.items, f"{samples.source} (val, seed {seed})"), test=test
     )
+
+
+def warn_untrained_classes(split: FewShotSplit) -> list[str]:
+    """Warn (``DataWarning``) about classes that have evaluation images but no training image; returns them.
+
+    Such a class can never be predicted correctly, so its evaluation scores are meaningless.
+    """
+    trained = {c for c, n in enumerate(split.train.class_counts()) if n}
+    untrained = [
+        split.train.class_names[c]
+        for part in (split.val, split.test)
+        for c, n in enumerate(part.class_counts())
+        if n and c not in trained and c < len(split.train.class_names)
+    ]
+    untrained = sorted(set(untrained))
+    if untrained:
+        warnings.warn(
+            f"{split.train.source}: classes {untrained[:10]} appear only in the validation/test split, "
+            "never in training; their scores are meaningless. Add training images or drop the classes "
+            "(data.classes)",
+            DataWarning,
+            stacklevel=2,
+        )
+    return untrained

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptvit.data.errors import DataError
+from promptvit.data.errors import DataError, DataWarning
 
 Label = int | tuple[int, ...]
 """Single-label: the class index. Multi-label: a 0/1 tuple with one entry per class."""
@@ -299,6 +300,26 @@ def read_csv(
     csv_path = Path(path)
     _require_file(csv_path, "CSV file")
     root = Path(image_root) if image_root is not None else csv_path.parent
+    try:
+        return _read_csv_rows(
+            csv_path, root, file_column, label_column, label_columns, class_names, file_suffix, check_files
+        )
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
+        ) from None
+
+
+def _read_csv_rows(
+    csv_path: Path,
+    root: Path,
+    file_column: str,
+    label_column: str,
+    label_columns: Sequence[str] | None,
+    class_names: Sequence[str] | None,
+    file_suffix: str,
+    check_files: bool,
+) -> LabeledSamples:
     source = str(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
@@ -356,43 +377,117 @@ def read_csv(
     return LabeledSamples(items=items, class_names=names, multilabel=multilabel, source=source)
 
 
+MAX_CLASSES = 10_000
+"""More classes than this from a label column is a typo (a label ``1e8``), not a task."""
+_MISSING_LABELS = frozenset({"", "nan", "na", "n/a", "null", "none", "?"})
+
+
+def _normalise_labels(source: str, raw: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The one rule for single-label CSV labels (docs/bad-inputs.md, "CSV labels").
+
+    Whitespace is stripped; an empty or missing-value label (NaN, NA, null, None, ?) is an error, since it is
+    not a class; a label that reads as a whole number ('1', '1.0', '01', '1e0') is that number, written
+    '1'. Spellings merged this way are reported in a ``DataWarning``.
+    """
+    out = []
+    spellings: dict[str, set[str]] = {}
+    for line, text in raw:
+        text = text.strip()
+        if text.lower() in _MISSING_LABELS:
+            raise DataError(
+                f"{source}, line {line}: the label is missing ({text!r}); a missing value is not a class. "
+                "Fill it in or remove the row"
+            )
+        index = _int_like(text)
+        if index is not None:
+            spellings.setdefault(str(index), set()).add(text)
+            text = str(index)
+        out.append((line, text))
+    merged = {k: sorted(v) for k, v in spellings.items() if len(v) > 1}
+    if merged:
+        warnings.warn(
+            f"{source}: numeric labels written differently were read as one class: "
+            + "; ".join(f"{v} -> '{k}'" for k, v in sorted(merged.items())[:_MAX_LISTED]),
+            DataWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def _warn_singletons(source: str, names: list[str], labels: list[int]) -> None:
+    counts = [0] * len(names)
+    for label in labels:
+        counts[label] += 1
+    single = [n for n, c in zip(names, counts, strict=True) if c == 1]
+    if single:
+        warnings.warn(
+            f"{source}: {len(single)} class(es) have a single image ({single[:_MAX_LISTED]}): too few to "
+            "train and test on; check for typos in the labels",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
 def _single_label_csv_labels(
     source: str, raw: list[tuple[int, str]], class_names: Sequence[str] | None
 ) -> tuple[list[str], list[int]]:
-    if class_names is not None:
-        names = list(class_names)
-        if len(set(names)) != len(names):
-            raise DataError(f"class_names for {source} repeat a name: {names}")
-        lookup = {n: i for i, n in enumerate(names)}
-        labels = []
-        for line, text in raw:
-            if text in lookup:
-                labels.append(lookup[text])
-                continue
-            index = _int_like(text)
-            if index is None:
-                raise DataError(
-                    f"{source}, line {line}: unknown class '{text}'. Known classes: {names}. "
-                    "Fix the label or add the class to class_names."
-                )
-            if not 0 <= index < len(names):
-                raise DataError(
-                    f"{source}, line {line}: label {index} out of range for {len(names)} classes "
-                    f"(valid: 0..{len(names) - 1}). Fix the label or the class_names list."
-                )
-            labels.append(index)
+    raw = _normalise_labels(source, raw)
+    if class_names is None:
+        names, labels = _labels_without_names(source, raw)
+        _warn_singletons(source, names, labels)
         return names, labels
+    names = list(class_names)
+    if len(set(names)) != len(names):
+        raise DataError(f"class_names for {source} repeat a name: {names}")
+    lookup = {n: i for i, n in enumerate(names)}
+    labels = []
+    for line, text in raw:
+        if text in lookup:
+            labels.append(lookup[text])
+            continue
+        index = _int_like(text)
+        if index is None:
+            raise DataError(
+                f"{source}, line {line}: unknown class '{text}'. Known classes: {names}. "
+                "Fix the label or add the class to class_names."
+            )
+        if not 0 <= index < len(names):
+            raise DataError(
+                f"{source}, line {line}: label {index} out of range for {len(names)} classes "
+                f"(valid: 0..{len(names) - 1}). Fix the label or the class_names list."
+            )
+        labels.append(index)
+    return names, labels
+
+
+def _labels_without_names(source: str, raw: list[tuple[int, str]]) -> tuple[list[str], list[int]]:
+    """Whole-number labels are indices 0..max, every one used; otherwise the sorted distinct labels."""
     indices = [_int_like(text) for _, text in raw]
     if all(i is not None for i in indices):
         for (line, text), index in zip(raw, indices, strict=True):
             if index < 0:  # type: ignore[operator]
                 raise DataError(f"{source}, line {line}: negative class index {text}")
-        num = max(indices) + 1  # type: ignore[type-var, operator]
-        return [str(i) for i in range(num)], indices  # type: ignore[return-value]
-    for line, text in raw:
-        if not text:
-            raise DataError(f"{source}, line {line}: empty label")
+        top = max(indices)  # type: ignore[type-var]
+        unused = sorted(set(range(min(top + 1, MAX_CLASSES + 1))) - set(indices))  # type: ignore[operator, arg-type]
+        if top >= MAX_CLASSES or unused:
+            line = next(line for (line, _), i in zip(raw, indices, strict=True) if i == top)
+            raise DataError(
+                f"{source}, line {line}: label {top} makes {top + 1:,} classes"  # type: ignore[operator]
+                + (
+                    f", but {len(unused):,} of the indices 0..{top} are never used ({unused[:_MAX_LISTED]})"
+                    if unused
+                    else f" (more than {MAX_CLASSES:,})"
+                )
+                + ". A typo? Integer labels must be the class indices 0..N-1; fix the label, or pass "
+                "class_names to fix the classes"
+            )
+        return [str(i) for i in range(top + 1)], indices  # type: ignore[operator, return-value]
     names = sorted({text for _, text in raw})
+    if len(names) > MAX_CLASSES:
+        raise DataError(
+            f"{source}: {len(names):,} distinct labels (more than {MAX_CLASSES:,} classes); is the label column "
+            "right? Set label_column to the column holding the classes"
+        )
     lookup = {n: i for i, n in enumerate(names)}
     return names, [lookup[text] for _, text in raw]
 

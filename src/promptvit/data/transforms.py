@@ -45,7 +45,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
         return image
     if mode in _HIGH_BIT_MODES:
         pixels = np.asarray(image, dtype=np.float64)
-        pixels = np.clip(np.nan_to_num(pixels), 0.0, None)
+        pixels = np.clip(np.where(np.isfinite(pixels), pixels, 0.0), 0.0, None)  # inf would darken the rest
         peak = pixels.max()
         scaled = pixels * (255.0 / peak) if peak > 0 else pixels
         return Image.fromarray(np.round(scaled).astype(np.uint8))

@@ -372,6 +372,12 @@ def secondary_tables(group: Group) -> list[Table]:
     return tables
 
 
+def _random_backbone(record: dict[str, Any]) -> bool:
+    """Whether the run's backbone had neither hub weights nor a weights file (unknown records: False)."""
+    backbone = ((record.get("spec") or {}).get("config") or {}).get("backbone")
+    return isinstance(backbone, dict) and not (backbone.get("pretrained") or backbone.get("weights"))
+
+
 def _hp_text(record: dict[str, Any]) -> str:
     """lr, weight decay and method options of the run; '*' marks those chosen by the search."""
     hparams = record.get("hparams") or {}
@@ -674,6 +680,12 @@ def write_report(
         "on validation or at the last epoch, as each table's selection table says; the test set was never "
         "used for selection.",
     ]
+    random = [r for r in loaded.records if _random_backbone(r)]
+    if random:
+        intro.append(
+            f"WARNING: {len(random)} of {len(loaded.records)} runs trained on a randomly initialised backbone "
+            "(no pretrained weights or weights file): their scores say nothing about transfer."
+        )
     md = [f"# {title}", ""]
     md += [f"{line}  " for line in header or []]
     md += ["", *intro, ""]

@@ -320,6 +320,13 @@ class SweepConfig(Strict):
             raise ValueError("name may only contain letters, digits, '.', '_' and '-'")
         return value
 
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, value: list[str | MethodPreset]) -> list[str | MethodPreset]:
+        if not value:
+            raise ValueError("methods is empty: list at least one method or preset to run")
+        return value
+
     @field_validator("base")
     @classmethod
     def _has_backbone(cls, value: dict[str, Any]) -> dict[str, Any]:
