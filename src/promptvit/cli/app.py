@@ -401,6 +401,10 @@ from promptvit.cli.protocol_commands import register_protocol_commands  # noqa: 
 
 register_protocol_commands(app)
 
+from promptvit.cli.export_commands import register_export_commands  # noqa: E402
+
+register_export_commands(app)
+
 
 def main() -> None:
     try:
