@@ -6,6 +6,7 @@ The CLI and the protocols call ``run_experiment``; it is plain Python so noteboo
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import time
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import timm
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import promptvit
 from promptvit.backbones import create_backbone
@@ -39,6 +40,8 @@ from promptvit.io import atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import TrainConfig, evaluate, fit
+
+logger = logging.getLogger(__name__)
 
 
 class Strict(BaseModel):
@@ -103,6 +106,14 @@ class DataSpec(Strict):
         True,
         description="random augmentation for training; false uses the eval transform (required by cache_prefix)",
     )
+
+    @field_validator("classes", "label_columns", mode="before")
+    @classmethod
+    def _names_from_numbers(cls, value: Any) -> Any:
+        # `--data.classes [0,1]` reads as YAML numbers; folder and column names are text.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataSpec:
@@ -193,6 +204,20 @@ def build_model(config: RunConfig, num_classes: int) -> PromptModel:
         return wrap(backbone, config.method.name, num_classes=num_classes, **config.method.options)
 
 
+def backbone_init(spec: BackboneSpec) -> str:
+    """``pretrained`` (hub), ``weights`` (a local file) or ``random``: recorded with every run."""
+    return "weights" if spec.weights else "pretrained" if spec.pretrained else "random"
+
+
+def warn_if_random_init(spec: BackboneSpec) -> None:
+    if backbone_init(spec) == "random":
+        logger.warning(
+            "the backbone '%s' is randomly initialised (no --pretrained or --weights): results will say "
+            "little about a pretrained model; this run is marked backbone_init: random",
+            spec.name,
+        )
+
+
 def data_config_for(model: PromptModel, spec: BackboneSpec) -> dict[str, Any]:
     """Input size from the model as built (timm's pretrained_cfg may still say 224), stats from its config."""
     data_config = dict(timm.data.resolve_data_config({}, model=model.backbone))
@@ -244,6 +269,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
     )
     split = make_split(config.data, config.train.seed)
     atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
+    warn_if_random_init(config.backbone)
     model = build_model(config, split.train.num_classes)
     data_config = data_config_for(model, config.backbone)
     datasets = {
@@ -296,6 +322,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         num_test=len(split.test),
         seconds_total=round(time.perf_counter() - started, 2),
         environment=versions,
+        backbone_init=backbone_init(config.backbone),
     )
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

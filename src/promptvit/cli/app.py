@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
+import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,9 +52,26 @@ def _fail(error: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+class _ConsoleLog(logging.Handler):
+    """promptvit's log records (one line per epoch, resume, warnings) on the console of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else None
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        console.print(prefix + record.getMessage(), style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+def _show_library_log() -> None:
+    library = logging.getLogger("promptvit")
+    if not any(isinstance(h, _ConsoleLog) for h in library.handlers):
+        library.addHandler(_ConsoleLog())
+    library.setLevel(logging.INFO)
+
+
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     _state["debug"] = debug
+    _show_library_log()
 
 
 def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]) -> Any:
@@ -103,12 +121,27 @@ def train(
         "output_dir": out,
         "name": name,
     }
+    run_config = None
     try:
         run_config = _run_config(config, shortcuts, ctx.args)
         metrics = run_experiment(run_config, resume=resume)
     except _user_errors() as error:
         _fail(error)
+    except KeyboardInterrupt:
+        _interrupted(run_config.run_dir() if run_config is not None else None)
     _print_run(run_config.run_dir(), metrics)
+
+
+def _interrupted(run_dir: Path | None) -> None:
+    """Ctrl-C during training: say what was kept and the command that continues from it."""
+    command = ["promptvit", *(a for a in sys.argv[1:] if a != "--no-resume")]
+    checkpoint = run_dir / "checkpoint" if run_dir is not None else None
+    if checkpoint is not None and checkpoint.is_dir():
+        kept = f"the last checkpoint (saved after every epoch) is in {checkpoint}"
+    else:
+        kept = "no epoch had finished, so nothing was saved yet"
+    console.print(f"interrupted: {kept}; resume with:\n  {shlex.join(command)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=130)
 
 
 def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -344,19 +377,9 @@ def bench_methods(
 @app.command()
 def methods() -> None:
     """List every registered method with its options, defaults and source paper."""
-    from promptvit.methods import available_methods, get_method
+    from promptvit.cli.catalog import method_rows, render
 
-    table = Table(title="promptvit methods")
-    for column in ("method", "backbones", "options (defaults)", "paper"):
-        table.add_column(column, overflow="fold")
-    for name in available_methods():
-        cls = get_method(name)
-        options = ", ".join(
-            f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
-            for f in dataclasses.fields(cls.config_class)
-        )
-        table.add_row(name, "/".join(cls.supported_kinds), options or "-", cls.paper)
-    console.print(table)
+    console.print(render(method_rows(), console.width), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

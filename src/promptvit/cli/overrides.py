@@ -8,7 +8,13 @@ from typing import Any
 import yaml
 
 from promptvit.io import read_yaml_mapping
-from promptvit.methods.base import ConfigError
+
+
+def _config_error(message: str) -> Exception:
+    # Imported here: promptvit.methods imports torch, which `promptvit --help` should not wait for.
+    from promptvit.methods.base import ConfigError
+
+    return ConfigError(message)
 
 # Fields of BackboneSpec / MethodSpec themselves; any other key under those sections is a build/method option.
 _SECTION_FIELDS = {
@@ -18,6 +24,8 @@ _SECTION_FIELDS = {
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    from promptvit.methods.base import ConfigError
+
     return read_yaml_mapping(
         path, name="config file", holds="sections backbone, method, data, train", error=ConfigError
     )
@@ -30,11 +38,11 @@ def parse_extra_args(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.option VALUE")
+            raise _config_error(f"unexpected argument {arg!r}; overrides look like --section.option VALUE")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"override {arg} needs a value")
+                raise _config_error(f"override {arg} needs a value")
             value = args[i + 1]
             i += 1
         overrides[key.replace("-", "_")] = yaml.safe_load(value)
@@ -55,6 +63,6 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"cannot set {dotted}: '{part}' is not a section")
+                raise _config_error(f"cannot set {dotted}: '{part}' is not a section")
         node[parts[-1]] = value
     return config

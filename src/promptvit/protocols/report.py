@@ -340,6 +340,13 @@ def main_table(group: Group) -> Table:
         + ("" if baseline_avg is not None else " (no complete 'linear' row here, so not computed)"),
         "params (method): parameters the method adds or unfreezes, head excluded; tuned: all trained parameters",
     ]
+    random_init = sum(r.get("backbone_init") == "random" for r in group.records)
+    if random_init:
+        notes.insert(
+            0,
+            f"WARNING: {random_init} of {len(group.records)} runs used a randomly initialised backbone "
+            "(no pretrained or local weights); their scores say little about a pretrained model",
+        )
     if vtab:
         notes.append(
             "VTAB-1k: group means average the group's tasks; 'mean of N tasks' weights every task equally, "

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from promptvit.data import ImageDataset, build_transforms
-from promptvit.experiment import build_model, data_config_for, environment
+from promptvit.experiment import backbone_init, build_model, data_config_for, environment
 from promptvit.io import atomic_write_text
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
@@ -177,6 +177,7 @@ def _base_record(spec: RunSpec, store: ResultStore) -> dict[str, Any]:
         "group": spec.group,
         "tags": spec.tags,
         "backbone": spec.config.backbone.name,
+        "backbone_init": backbone_init(spec.config.backbone),
         "run_dir": os.path.relpath(store.run_dir(digest), store.root),
         "artifact": os.path.relpath(store.run_dir(digest) / "artifact", store.root),
         "spec": spec.model_dump(mode="json"),

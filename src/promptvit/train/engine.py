@@ -874,7 +874,7 @@ def fit(
                 if meta["best_is_current"]
                 else _prefixed(tensors, "best/")
             )
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+        logger.info("resuming from epoch %d (step %d) of %s", start_epoch, step, run_dir)
     elif model.method.needs_data_init:
         data_init = _data_init(model, train_set, config, device)
 
@@ -1009,7 +1009,7 @@ def fit(
                 epoch,
                 epochs,
                 row["train_loss"],
-                f", val {select} {row.get('val_' + select)}" if "val_" + select in row else "",
+                f", val {select} {row['val_' + select]:.2f}" if row.get("val_" + select) is not None else "",
             )
     finally:
         if writer is not None:
