@@ -1,4 +1,4 @@
-"""Verb ``export``: write an artifact as a peft adapter, a plain timm checkpoint or an ONNX model.
+"""Verbs ``export`` (a peft adapter, a plain timm checkpoint or ONNX) and ``push`` (to the Hugging Face Hub).
 
 Registered on the main app by ``register_export_commands(app)``; user errors print one line (``_fail``).
 """
@@ -32,5 +32,22 @@ def export(
     )
 
 
+def push(
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder (artifact + metrics + recipe) or artifact")],
+    repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME")],
+    private: Annotated[bool, typer.Option(help="create the repository as private")] = False,
+) -> None:
+    """Upload an artifact with a model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    from promptvit.cli.app import _fail, _user_errors, console
+    from promptvit.hub import push_to_hub
+
+    try:
+        url = push_to_hub(run_or_artifact, repo, private=private)
+    except (*_user_errors(), OSError) as error:
+        _fail(error)
+    console.print(f"pushed to {url}; load with promptvit.load(\"hf-hub:{repo}\")", highlight=False)
+
+
 def register_export_commands(app: typer.Typer) -> None:
     app.command("export")(export)
+    app.command("push")(push)
