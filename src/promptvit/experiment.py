@@ -5,6 +5,7 @@ The CLI and the protocols call ``run_experiment``; it is plain Python so noteboo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -39,7 +40,7 @@ from promptvit.data import (
 from promptvit.io import atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
-from promptvit.train import TrainConfig, evaluate, fit
+from promptvit.train import TrainConfig, distributed, evaluate, fit
 
 logger = logging.getLogger(__name__)
 
@@ -259,17 +260,21 @@ def environment() -> dict[str, str]:
 def run_experiment(config: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     """Train with model selection on validation, then test the selected model once; returns metrics.json."""
     run_dir = config.run_dir()
-    with exclusive_folder(run_dir):
+    # Under torchrun only rank 0 writes run files (and holds the folder's lock); see train.distributed.
+    with exclusive_folder(run_dir) if distributed.is_writer() else contextlib.nullcontext():
         return _run_locked(config, run_dir, resume)
 
 
 def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
-    atomic_write_text(
-        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
+    writes = distributed.is_writer()
+    if writes:
+        atomic_write_text(
+            run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
     split = make_split(config.data, config.train.seed)
-    atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
-    warn_if_random_init(config.backbone)
+    if writes:
+        atomic_write_text(run_dir / "data.txt", split.summary() + "\n")
+        warn_if_random_init(config.backbone)
     model = build_model(config, split.train.num_classes)
     data_config = data_config_for(model, config.backbone)
     datasets = {
@@ -286,7 +291,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         for name, part in (("train", split.train), ("val", split.val), ("test", split.test))
     }
     skipped = [f"{name}: {s}" for name, ds in datasets.items() for s in ds.skipped]
-    if skipped:
+    if skipped and writes:
         atomic_write_text(run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
     started = time.perf_counter()
     # One cache serves training, validation and the test pass (and sweeps that share the cut).
@@ -324,5 +329,6 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         environment=versions,
         backbone_init=backbone_init(config.backbone),
     )
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if writes:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

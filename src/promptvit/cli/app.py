@@ -129,7 +129,10 @@ def train(
         _fail(error)
     except KeyboardInterrupt:
         _interrupted(run_config.run_dir() if run_config is not None else None)
-    _print_run(run_config.run_dir(), metrics)
+    from promptvit.train.distributed import is_writer
+
+    if is_writer():  # under torchrun, rank 0 speaks for the run
+        _print_run(run_config.run_dir(), metrics)
 
 
 def _interrupted(run_dir: Path | None) -> None:

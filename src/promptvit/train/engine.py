@@ -67,6 +67,7 @@ from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, ran
 from promptvit.io import atomic_write, atomic_write_text
 from promptvit.methods.base import ConfigError
 from promptvit.model import PromptModel
+from promptvit.train import distributed
 from promptvit.train.config import OMITTED_AT_DEFAULT, OPERATIONAL_FIELDS, TrainConfig
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
@@ -573,6 +574,7 @@ def _train_epoch(
                 scaler.scale(total).backward()
             else:
                 total.backward()
+            distributed.average_gradients(params)  # no-op unless under torchrun
             if config.grad_clip is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -602,6 +604,7 @@ def _train_epoch(
                 break
     finally:
         bar.close()
+    seen, loss_sum, aux_sum, aux_seen = distributed.sum_over_ranks([seen, loss_sum, aux_sum, aux_seen])
     if seen == 0:
         raise ValueError("the training loader produced no batches")
     row: dict[str, Any] = {"train_loss": loss_sum / seen}
@@ -809,7 +812,10 @@ def fit(
 
     # Speed options first, so that a refused cache (random augmentation) fails before the run folder changes.
     cache, cut, views = _prefix_plan(model, config, train_set, val_set, prefix_cache)
-    device = config.resolve_device()
+    ranks, device = distributed.setup(config.resolve_device())  # (None, device) unless under torchrun
+    if ranks is not None and cut:
+        raise ConfigError("train.cache_prefix is not supported under torchrun yet; turn it off for this run")
+    writes = distributed.is_writer()  # rank 0 alone writes run files
     autocast, autocast_dtype = _autocast_for(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype is torch.float16 else None
 
@@ -818,17 +824,18 @@ def fit(
     saved = _read_checkpoint(checkpoint_dir) if resume else None
     if saved is not None:
         _compare_setup(saved[0]["setup"], setup, checkpoint_dir)
-    elif not resume:
+    elif not resume and writes:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
     channels_last = _use_channels_last(model, config.channels_last, device)
     if saved is not None and saved[0]["finished"]:
         meta, tensors = saved
         load_tuned_state(model, _prefixed(tensors, "model/"), str(checkpoint_dir))
-        if not (run_dir / ARTIFACT_DIR).is_dir():
+        if writes and not (run_dir / ARTIFACT_DIR).is_dir():
             model.save_pretrained(
                 run_dir / ARTIFACT_DIR,
                 class_names=class_names,
@@ -879,7 +886,7 @@ def fit(
         data_init = _data_init(model, train_set, config, device)
 
     writer = None
-    if config.log_tensorboard:
+    if config.log_tensorboard and writes:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -923,6 +930,15 @@ def fit(
                     batch_size=config.batch_size,
                     shuffle=True,
                     generator=generator,
+                    pin_memory=device.type == "cuda",
+                )
+            elif ranks is not None:
+                loader = distributed.ShardedBatches(
+                    train_set,
+                    global_batch=config.batch_size,
+                    generator=generator,
+                    ranks=ranks,
+                    num_workers=config.num_workers,
                     pin_memory=device.type == "cuda",
                 )
             else:
@@ -982,7 +998,8 @@ def fit(
                     }
             row["seconds"] = time.perf_counter() - started
             history.append(_jsonable(row))
-            _write_log(run_dir / LOG_FILE, history)
+            if writes:
+                _write_log(run_dir / LOG_FILE, history)
             if writer is not None:
                 for key, value in row.items():
                     if key != "epoch" and isinstance(value, (int, float)):
@@ -1003,7 +1020,8 @@ def fit(
                 "best_is_current": is_best,
                 "data_init": data_init,
             }
-            _save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, best_state, scaler)
+            if writes:
+                _save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, best_state, scaler)
             logger.info(
                 "epoch %d/%d: train_loss %.4f%s",
                 epoch,
@@ -1028,13 +1046,14 @@ def fit(
         else:
             selection = f"last epoch (val {select} could not be computed at any epoch)"
         best_epoch, best_metric = last_epoch, None
-    model.save_pretrained(
-        run_dir / ARTIFACT_DIR,
-        class_names=class_names,
-        multilabel=multilabel,
-        selection=selection,
-        **(extra_artifact_info or {}),
-    )
+    if writes:
+        model.save_pretrained(
+            run_dir / ARTIFACT_DIR,
+            class_names=class_names,
+            multilabel=multilabel,
+            selection=selection,
+            **(extra_artifact_info or {}),
+        )
     seconds = [row["seconds"] for row in history]
     summary = {
         "best_epoch": best_epoch,
@@ -1062,7 +1081,8 @@ def fit(
         "data_init": data_init,
         "config": config.model_dump(),
     }
-    atomic_write_text(run_dir / METRICS_FILE, _dumps(summary))
+    if writes:
+        atomic_write_text(run_dir / METRICS_FILE, _dumps(summary))
     save_index += 1
     final = {
         "format": CHECKPOINT_FORMAT,
@@ -1079,5 +1099,7 @@ def fit(
         "data_init": data_init,
         "selection": selection,
     }
-    _save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
+    if writes:
+        _save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
+    distributed.barrier()  # the other ranks go on only once the run files are complete
     return _result_from_meta(final, run_dir)
