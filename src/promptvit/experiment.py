@@ -119,7 +119,7 @@ class DataSpec(Strict):
     @model_validator(mode="after")
     def _needs_path(self) -> DataSpec:
         if self.kind != "digits" and not self.path:
-            raise ValueError(f"data.path is required for data.kind={self.kind}")
+            raise ValueError(f"data.path is required when data.kind is {self.kind} (--data PATH)")
         if self.kind == "medfmc" and self.classes:
             raise ValueError(
                 "data.classes does not apply to MedFMC, whose classes are fixed by the benchmark"
@@ -159,7 +159,7 @@ def load_samples(spec: DataSpec) -> LabeledSamples:
             label_columns=spec.label_columns,
             file_suffix=spec.file_suffix,
         )
-    raise ValueError(f"data.kind={spec.kind} has its own splits")
+    raise ValueError(f"data.kind {spec.kind} has its own splits")
 
 
 def _select(samples: LabeledSamples, spec: DataSpec) -> LabeledSamples:
