@@ -287,7 +287,7 @@ def _write_peft(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[st
             target = peft_model.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(layer.lora_A.reshape(num_targets * layer.rank, -1))
             target.lora_B["default"].weight.copy_(layer.stacked_lora_B())
-    peft_model.save_pretrained(str(out))
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)  # a ViT has no vocabulary to check
     # Load it back as a user would: a plain timm model of the same weights, then PeftModel.from_pretrained.
     loaded = PeftModel.from_pretrained(_plain_model(model), str(out)).eval()
     with torch.no_grad():
