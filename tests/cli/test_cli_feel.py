@@ -111,3 +111,15 @@ def test_method_list_values_parse_as_the_cli_reads_them(value: str) -> None:
     from promptvit.cli.overrides import parse_extra_args
 
     assert parse_extra_args(["--method.targets", value])["method.targets"] == yaml.safe_load(value)
+
+
+def test_reports_warn_about_runs_on_a_random_init_backbone() -> None:
+    from promptvit.protocols import build_tables
+    from tests.protocols.test_report import medfmc_records
+
+    records = medfmc_records()
+    assert not any("randomly initialised" in note for note in build_tables(records)[0].notes)
+    for record in records[:3]:
+        record["backbone_init"] = "random"
+    notes = build_tables(records)[0].notes
+    assert notes[0].startswith("WARNING: 3 of ") and "runs used a randomly initialised backbone" in notes[0]
