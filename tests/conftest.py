@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Two cores: one torch thread per test process keeps OpenMP from spinning against a parallel worker.
 torch.set_num_threads(int(os.environ.get("PROMPTVIT_TEST_THREADS", "1")))
+# `promptvit methods` keeps its rows in a cache folder: never the user's own during tests.
+os.environ.setdefault("PROMPTVIT_CACHE_DIR", tempfile.mkdtemp(prefix="promptvit-test-cache-"))
 
 from promptvit.backbones import create_backbone  # noqa: E402
 

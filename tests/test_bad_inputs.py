@@ -271,6 +271,7 @@ def malformed_config_file(tmp: Path) -> None:
 
 def debug_shows_the_trace(tmp: Path) -> None:
     result = CliRunner().invoke(app, ["--debug", "train", "--config", str(tmp / "nope.yaml")])
+    CliRunner().invoke(app, ["methods"])  # --debug is process state: leave it off for the tests that follow
     assert isinstance(result.exception, ConfigError)
 
 

@@ -23,6 +23,7 @@ OLD_HOMES = [
     ("promptvit.train", "TrainingError", RuntimeError),
     ("promptvit.train", "ResumeError", RuntimeError),
     ("promptvit.protocols", "ProtocolError", ValueError),
+    ("promptvit.export", "ExportError", ValueError),
 ]
 
 

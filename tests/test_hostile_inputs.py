@@ -839,7 +839,7 @@ def sweep_without_methods(tmp: Path) -> None:
 
 def random_backbone_warned(tmp: Path, run: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["backbone_pretrained"] is False
+    assert metrics["backbone_init"] == "random"
     data = image_folder(tmp / "data")
     result = cli("train", "--config", config_file(tmp, data), "--name", "w")
     assert result.exit_code == 0 and result.output.count("randomly initialised") == 2
@@ -853,7 +853,7 @@ def weights_backbone_not_warned(tmp: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "randomly initialised" not in result.output
-    assert json.loads((tmp / "runs" / "p" / "metrics.json").read_text())["backbone_pretrained"] is True
+    assert json.loads((tmp / "runs" / "p" / "metrics.json").read_text())["backbone_init"] == "weights"
 
 
 def report_says_random_backbone(tmp: Path) -> None:

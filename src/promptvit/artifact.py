@@ -51,7 +51,12 @@ def load(
 
     The base must have the geometry the artifact was trained on and, unless ``check_weights=False``,
     the same pretrained weights (compared by fingerprint); otherwise ``ArtifactError`` says what differs.
+    ``directory`` may be a Hub id, ``"hf-hub:ORG/NAME"`` (see :mod:`promptvit.hub`).
     """
+    if isinstance(directory, str) and directory.startswith("hf-hub:"):
+        from promptvit.hub import download
+
+        directory = download(directory)
     directory = resolve_artifact_dir(directory)
     config = read_artifact_config(directory)
     weights_path, state = read_artifact_weights(directory)

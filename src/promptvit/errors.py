@@ -55,3 +55,7 @@ class ProtocolError(PromptvitError, ValueError):
 class DataWarning(UserWarning):
     """Data that is usable but suspicious (labels only in evaluation splits, singleton classes,
     near-duplicate numeric labels); the message names the file and what to check."""
+
+
+class ExportError(PromptvitError, ValueError):
+    """A model cannot be exported in the requested format, or the exported model computes other logits."""

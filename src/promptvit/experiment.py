@@ -6,8 +6,10 @@ and each sweep run (``protocols.runner.execute``). It is plain Python so noteboo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import platform
 import subprocess
 import time
@@ -45,7 +47,9 @@ from promptvit.data.manifest import SPLIT_FILES, record_split
 from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
-from promptvit.train import Callback, FitResult, TrainConfig, evaluate, fit
+from promptvit.train import Callback, FitResult, TrainConfig, distributed, evaluate, fit
+
+logger = logging.getLogger(__name__)
 
 
 class Strict(BaseModel):
@@ -116,10 +120,18 @@ class DataSpec(Strict):
         description="random augmentation for training; false uses the eval transform (required by cache_prefix)",
     )
 
+    @field_validator("classes", "label_columns", mode="before")
+    @classmethod
+    def _names_from_numbers(cls, value: Any) -> Any:
+        # `--data.classes [0,1]` reads as YAML numbers; folder and column names are text.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        return value
+
     @model_validator(mode="after")
     def _needs_path(self) -> DataSpec:
         if self.kind != "digits" and not self.path:
-            raise ValueError(f"data.path is required for data.kind={self.kind}")
+            raise ValueError(f"data.path is required when data.kind is {self.kind} (--data PATH)")
         if self.kind == "medfmc" and self.classes:
             raise ValueError(
                 "data.classes does not apply to MedFMC, whose classes are fixed by the benchmark"
@@ -164,7 +176,7 @@ def load_samples(spec: DataSpec) -> LabeledSamples:
             label_columns=spec.label_columns,
             file_suffix=spec.file_suffix,
         )
-    raise ValueError(f"data.kind={spec.kind} has its own splits")
+    raise ValueError(f"data.kind {spec.kind} has its own splits")
 
 
 def _select(samples: LabeledSamples, spec: DataSpec) -> LabeledSamples:
@@ -210,6 +222,20 @@ def build_model(config: RunConfig, num_classes: int) -> PromptModel:
         return wrap(backbone, config.method.name, num_classes=num_classes, **config.method.options)
 
 
+def backbone_init(spec: BackboneSpec) -> str:
+    """``pretrained`` (hub), ``weights`` (a local file) or ``random``: recorded with every run."""
+    return "weights" if spec.weights else "pretrained" if spec.pretrained else "random"
+
+
+def warn_if_random_init(spec: BackboneSpec) -> None:
+    if backbone_init(spec) == "random":
+        logger.warning(
+            "the backbone '%s' is randomly initialised (no --pretrained or --weights): results will say "
+            "little about a pretrained model; this run is marked backbone_init: random",
+            spec.name,
+        )
+
+
 def data_config_for(model: PromptModel, spec: BackboneSpec) -> dict[str, Any]:
     """Input size from the model as built (timm's pretrained_cfg may still say 224), stats from its config."""
     data_config = default_data_config(model)
@@ -250,7 +276,8 @@ def environment() -> dict[str, str]:
 def run_experiment(config: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     """Train with model selection on validation, then test the selected model once; returns metrics.json."""
     run_dir = config.run_dir()
-    with exclusive_folder(run_dir):
+    # Under torchrun only rank 0 writes run files (and holds the folder's lock); see train.distributed.
+    with exclusive_folder(run_dir) if distributed.is_writer() else contextlib.nullcontext():
         return _run_locked(config, run_dir, resume)
 
 
@@ -318,18 +345,21 @@ def run_pipeline(
     set and never builds a dataset of the test images. ``augment`` defaults to ``config.data.augment``;
     ``versions`` to ``environment()`` (read once per run).
     """
-    atomic_write_text(
-        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
+    writes = distributed.is_writer()  # under torchrun only rank 0 writes run files
     guard_duplicates(split, config.data.allow_duplicates)
     line = split_summary_line(split)
-    if config.train.progress:
-        print(line, flush=True)
-    atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
-    warn_untrained_classes(split)
-    recorded = record_split(split)
-    if recorded is not None:  # `eval RUN` scores exactly these files later
-        atomic_write_text(run_dir / SPLIT_FILES, json.dumps(recorded) + "\n")
+    if writes:
+        atomic_write_text(
+            run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
+        if config.train.progress:
+            print(line, flush=True)
+        atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
+        warn_untrained_classes(split)
+        warn_if_random_init(config.backbone)
+        recorded = record_split(split)
+        if recorded is not None:  # `eval RUN` scores exactly these files later
+            atomic_write_text(run_dir / SPLIT_FILES, json.dumps(recorded) + "\n")
     started = time.perf_counter()
     model = build_model(config, split.train.num_classes)
     data_config = {**data_config_for(model, config.backbone), **(data_config_overrides or {})}
@@ -352,7 +382,7 @@ def run_pipeline(
         for name, part in parts.items()
     }
     skipped = [f"{name}: {s}" for name, ds in datasets.items() for s in ds.skipped]
-    if skipped:
+    if skipped and writes:
         atomic_write_text(run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
     # One cache serves training, validation and the final pass (and sweeps that share the cut).
     cache = PrefixCache(config.train.cache_dir) if config.train.cache_prefix else None
@@ -401,7 +431,8 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         num_test=len(split.test),
         seconds_total=outcome.seconds,
         environment=outcome.environment,
-        backbone_pretrained=bool(config.backbone.pretrained or config.backbone.weights),
+        backbone_init=backbone_init(config.backbone),
     )
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if distributed.is_writer():
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -368,6 +368,12 @@ class PromptModel(nn.Module):
 
         return save_artifact(self, directory, **extra)
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Upload the artifact and a model card to the Hugging Face Hub; see :func:`promptvit.hub.push_to_hub`."""
+        from promptvit.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
+
 
 def wrap(
     model: nn.Module,

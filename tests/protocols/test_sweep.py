@@ -250,6 +250,7 @@ def test_process_backend_matches_inprocess(backend_data, inprocess_scores, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_ray_backend_matches_inprocess(backend_data, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'promptvit[ray]'); skipping")
     small = {"shots": (1,), "methods": ("bias",)}  # 2 search + 2 final runs: Ray's start-up dominates anyway

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
+import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -24,14 +25,31 @@ app = typer.Typer(
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 RANDOM_BACKBONE_WARNING = (
     "WARNING: no --pretrained or --weights: the backbone is randomly initialised, so these results say "
-    "nothing about transfer from pretrained features (recorded as backbone_pretrained: false in metrics.json)"
+    "nothing about transfer from pretrained features (recorded as backbone_init: random in metrics.json)"
 )
+
+
+class _ConsoleLog(logging.Handler):
+    """promptvit's log records (one line per epoch, resume, warnings) on the console of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else None
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        console.print(prefix + record.getMessage(), style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+def _show_library_log() -> None:
+    library = logging.getLogger("promptvit")
+    if not any(isinstance(h, _ConsoleLog) for h in library.handlers):
+        library.addHandler(_ConsoleLog())
+    library.setLevel(logging.INFO)
 
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     state["debug"] = debug
     warnings.showwarning = _show_warning
+    _show_library_log()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -94,14 +112,30 @@ def train(
         "output_dir": out,
         "name": name,
     }
+    run_config = None
     try:
         run_config = _run_config(config, shortcuts, ctx.args)
-        if not (run_config.backbone.pretrained or run_config.backbone.weights):
-            console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
-    _print_run(run_config.run_dir(), metrics)
+    except KeyboardInterrupt:
+        _interrupted(run_config.run_dir() if run_config is not None else None)
+    from promptvit.train.distributed import is_writer
+
+    if is_writer():  # under torchrun, rank 0 speaks for the run
+        _print_run(run_config.run_dir(), metrics)
+
+
+def _interrupted(run_dir: Path | None) -> None:
+    """Ctrl-C during training: say what was kept and the command that continues from it."""
+    command = ["promptvit", *(a for a in sys.argv[1:] if a != "--no-resume")]
+    checkpoint = run_dir / "checkpoint" if run_dir is not None else None
+    if checkpoint is not None and checkpoint.is_dir():
+        kept = f"the last checkpoint (saved after every epoch) is in {checkpoint}"
+    else:
+        kept = "no epoch had finished, so nothing was saved yet"
+    console.print(f"interrupted: {kept}; resume with:\n  {shlex.join(command)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=130)
 
 
 def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -116,7 +150,7 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
         table.add_row(split, shown)
     console.print(table)
     console.print(f"selection: {metrics.get('selection', '')}")
-    if metrics.get("backbone_pretrained") is False:
+    if metrics.get("backbone_init") == "random":
         console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
     console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
 
@@ -349,19 +383,9 @@ def bench_methods(
 @app.command()
 def methods() -> None:
     """List every registered method with its options, defaults and source paper."""
-    from promptvit.methods import available_methods, get_method
+    from promptvit.cli.catalog import method_rows, render
 
-    table = Table(title="promptvit methods")
-    for column in ("method", "backbones", "options (defaults)", "paper"):
-        table.add_column(column, overflow="fold")
-    for name in available_methods():
-        cls = get_method(name)
-        options = ", ".join(
-            f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
-            for f in dataclasses.fields(cls.config_class)
-        )
-        table.add_row(name, "/".join(cls.supported_kinds), options or "-", cls.paper)
-    console.print(table)
+    console.print(render(method_rows(), console.width), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -407,6 +431,9 @@ register_protocol_commands(app)
 from promptvit.cli.data_commands import register_data_commands  # noqa: E402
 
 register_data_commands(app)
+from promptvit.cli.export_commands import register_export_commands  # noqa: E402
+
+register_export_commands(app)
 
 
 def main() -> None:

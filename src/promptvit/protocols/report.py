@@ -325,6 +325,13 @@ def main_table(group: Group) -> Table:
         + ("" if baseline_avg is not None else " (no complete 'linear' row here, so not computed)"),
         "params (method): parameters the method adds or unfreezes, head excluded; tuned: all trained parameters",
     ]
+    random_init = sum(_random_backbone(r) for r in group.records)
+    if random_init:
+        notes.insert(
+            0,
+            f"WARNING: {random_init} of {len(group.records)} runs used a randomly initialised backbone "
+            "(no pretrained or local weights); their scores say little about a pretrained model",
+        )
     if vtab:
         notes.append(
             "VTAB-1k: group means average the group's tasks; 'mean of N tasks' weights every task equally, "
@@ -374,6 +381,8 @@ def secondary_tables(group: Group) -> list[Table]:
 
 def _random_backbone(record: dict[str, Any]) -> bool:
     """Whether the run's backbone had neither hub weights nor a weights file (unknown records: False)."""
+    if "backbone_init" in record:
+        return record["backbone_init"] == "random"
     backbone = ((record.get("spec") or {}).get("config") or {}).get("backbone")
     return isinstance(backbone, dict) and not (backbone.get("pretrained") or backbone.get("weights"))
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from promptvit.errors import ResumeError, TrainingError
-from promptvit.experiment import environment, run_pipeline
+from promptvit.experiment import backbone_init, environment, run_pipeline
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
 from promptvit.protocols.store import RECORD_FORMAT, ResultStore
@@ -139,6 +139,7 @@ def _base_record(spec: RunSpec, store: ResultStore) -> dict[str, Any]:
         "group": spec.group,
         "tags": spec.tags,
         "backbone": spec.config.backbone.name,
+        "backbone_init": backbone_init(spec.config.backbone),
         "run_dir": os.path.relpath(store.run_dir(digest), store.root),
         "artifact": os.path.relpath(store.run_dir(digest) / "artifact", store.root),
         "spec": spec.model_dump(mode="json"),

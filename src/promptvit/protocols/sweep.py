@@ -398,7 +398,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError as error:
         raise ProtocolError(
-            "backend 'ray' needs Ray: pip install 'promptvit[ray]' (or pip install 'ray[tune]'); "
+            "backend 'ray' needs Ray: pip install 'promptvit[ray]' (or pip install ray); "
             "or use --backend inprocess / process"
         ) from error
     return ray

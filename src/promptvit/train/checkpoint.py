@@ -150,7 +150,8 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         tensors = load_file(str(directory / meta["tensors_file"]))
     except (OSError, json.JSONDecodeError, KeyError, SafetensorError, ValueError) as error:
         raise ResumeError(
-            f"{directory} holds an unreadable checkpoint ({error}); pass resume=False to start over"
+            f"{directory} holds an unreadable checkpoint ({error}); start over with --no-resume "
+            "(Python: resume=False)"
         ) from error
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path} has checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")

@@ -140,7 +140,7 @@ class TrainConfig(BaseModel):
         if self.max_steps is None and self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if self.cache_views and not self.cache_prefix:
-            raise ValueError(f"cache_views={self.cache_views} needs cache_prefix=True")
+            raise ValueError(f"train.cache_views {self.cache_views} needs train.cache_prefix true")
         return self
 
     @property

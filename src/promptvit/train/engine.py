@@ -64,6 +64,7 @@ from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, ran
 from promptvit.errors import ConfigError, TrainingError
 from promptvit.io import atomic_write_text
 from promptvit.model import PromptModel
+from promptvit.train import distributed
 from promptvit.train.callbacks import (
     LOG_FILE,
     Callback,
@@ -417,6 +418,7 @@ def _train_epoch(
                 scaler.scale(total).backward()
             else:
                 total.backward()
+            distributed.average_gradients(params)  # no-op unless under torchrun
             if config.grad_clip is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -446,6 +448,7 @@ def _train_epoch(
                 break
     finally:
         bar.close()
+    seen, loss_sum, aux_sum, aux_seen = distributed.sum_over_ranks([seen, loss_sum, aux_sum, aux_seen])
     if seen == 0:
         raise ValueError("the training loader produced no batches")
     row: dict[str, Any] = {"train_loss": loss_sum / seen}
@@ -610,8 +613,10 @@ class _EpochBatches:
         device: torch.device,
         autocast: bool,
         autocast_dtype: torch.dtype | None,
+        ranks: Any = None,
     ) -> None:
         self.model, self.train_set, self.config, self.cache = model, train_set, config, cache
+        self.ranks = ranks  # under torchrun: this rank's share of every batch (train.distributed)
         self.cut, self.views, self.device = cut, views, device
         self.autocast, self.autocast_dtype = autocast, autocast_dtype
         # The training set's prefix outputs for the current view; without views every epoch reuses them.
@@ -619,6 +624,15 @@ class _EpochBatches:
 
     def loader(self, epoch: int, generator: torch.Generator) -> Any:
         config, pin = self.config, self.device.type == "cuda"
+        if not self.cut and self.ranks is not None:
+            return distributed.ShardedBatches(
+                self.train_set,
+                global_batch=config.batch_size,
+                generator=generator,
+                ranks=self.ranks,
+                num_workers=config.num_workers,
+                pin_memory=pin,
+            )
         if not self.cut:
             return DataLoader(
                 self.train_set,
@@ -743,7 +757,10 @@ def fit(
 
     # Speed options first, so that a refused cache (random augmentation) fails before the run folder changes.
     cache, cut, views = _prefix_plan(model, config, train_set, val_set, prefix_cache)
-    device = config.resolve_device()
+    ranks, device = distributed.setup(config.resolve_device())  # (None, device) unless under torchrun
+    if ranks is not None and cut:
+        raise ConfigError("train.cache_prefix is not supported under torchrun yet; turn it off for this run")
+    writes = distributed.is_writer()  # rank 0 alone writes run files
     autocast, autocast_dtype = _autocast_for(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype is torch.float16 else None
 
@@ -752,12 +769,15 @@ def fit(
     saved = read_checkpoint(checkpoint_dir) if resume else None
     if saved is not None:
         compare_setup(saved[0]["setup"], state.setup, checkpoint_dir)
-    elif not resume:
+    elif not resume and writes:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     def save_artifact(selection: str) -> None:
+        if not writes:
+            return
         model.save_pretrained(
             run_dir / ARTIFACT_DIR,
             class_names=class_names,
@@ -784,14 +804,16 @@ def fit(
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     if saved is not None:
         state.restore(saved, model, optimizer, scheduler, scaler, checkpoint_dir)
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, state.epoch, state.step)
+        logger.info("resuming from epoch %d (step %d) of %s", state.epoch, state.step, run_dir)
     elif model.method.needs_data_init:
         state.data_init = _data_init(model, train_set, config, device)
 
-    if config.log_tensorboard:
+    if config.log_tensorboard and writes:
         callbacks.append(TensorBoardLogger(run_dir))
     previous_checkpointing = _enable_grad_checkpointing(model, config.grad_checkpointing)
-    batches = _EpochBatches(model, train_set, config, cache, cut, views, device, autocast, autocast_dtype)
+    batches = _EpochBatches(
+        model, train_set, config, cache, cut, views, device, autocast, autocast_dtype, ranks
+    )
     try:
         for callback in callbacks:
             callback.on_fit_start(model, train_set, val_set)
@@ -844,18 +866,20 @@ def fit(
                     }
             row["seconds"] = time.perf_counter() - started
             state.history.append(jsonable(row))
-            write_log(run_dir / LOG_FILE, state.history)
+            if writes:
+                write_log(run_dir / LOG_FILE, state.history)
             for callback in callbacks:
                 callback.on_row(epoch, row)
             state.epoch, state.step, state.save_index = epoch, step, state.save_index + 1
             meta = state.meta(finished=False, best_is_current=is_best)
-            save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, state.best_state, scaler)
+            if writes:
+                save_checkpoint(checkpoint_dir, meta, model, optimizer, scheduler, state.best_state, scaler)
             logger.info(
                 "epoch %d/%d: train_loss %.4f%s",
                 epoch,
                 epochs,
                 row["train_loss"],
-                f", val {select} {row.get('val_' + select)}" if "val_" + select in row else "",
+                f", val {select} {row['val_' + select]:.2f}" if row.get("val_" + select) is not None else "",
             )
     finally:
         for callback in callbacks:
@@ -885,8 +909,11 @@ def fit(
     }
     select_metric = select if val_set is not None else None
     summary = _summary(state, selection, last_epoch, select_metric, model, config, device, speed)
-    atomic_write_text(run_dir / METRICS_FILE, dumps(summary))
+    if writes:
+        atomic_write_text(run_dir / METRICS_FILE, dumps(summary))
     state.epoch, state.save_index = last_epoch, state.save_index + 1
     final = state.meta(finished=True, best_is_current=True, selection=selection)
-    save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
+    if writes:
+        save_checkpoint(checkpoint_dir, final, model, optimizer, scheduler, None, scaler)
+    distributed.barrier()  # the other ranks go on only once the run files are complete
     return _result_from_meta(final, run_dir)

@@ -1,0 +1,53 @@
+"""Verbs ``export`` (a peft adapter, a plain timm checkpoint or ONNX) and ``push`` (to the Hugging Face Hub).
+
+Registered on the main app by ``register_export_commands(app)``; user errors print one line (``cli.output.fail``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def export(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="peft, onnx or merged-timm")],
+    out: Annotated[Path, typer.Option(help="new (or empty) folder for the exported files")],
+) -> None:
+    """Export a trained artifact for other tools; the export is loaded back and its logits checked."""
+    from promptvit.cli.output import USER_ERRORS, console, fail
+    from promptvit.export import ExportError, export
+
+    try:
+        record = export(artifact, out, format)
+    except (*USER_ERRORS, ExportError) as error:
+        fail(error)
+    tolerance = record["tolerance"]
+    console.print(
+        f"wrote {format} export of '{record['method']}' to {out}: {', '.join(record['files'])}; "
+        f"logits match the tuned model (max abs diff {record['max_abs_diff']:.2g}, "
+        f"tolerance {tolerance['atol']:g} + {tolerance['rtol']:g} x max|logits|)"
+    )
+
+
+def push(
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder (artifact + metrics + recipe) or artifact")],
+    repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME")],
+    private: Annotated[bool, typer.Option(help="create the repository as private")] = False,
+) -> None:
+    """Upload an artifact with a model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    from promptvit.cli.output import USER_ERRORS, console, fail
+    from promptvit.hub import push_to_hub
+
+    try:
+        url = push_to_hub(run_or_artifact, repo, private=private)
+    except (*USER_ERRORS, OSError) as error:
+        fail(error)
+    console.print(f"pushed to {url}; load with promptvit.load(\"hf-hub:{repo}\")", highlight=False)
+
+
+def register_export_commands(app: typer.Typer) -> None:
+    app.command("export")(export)
+    app.command("push")(push)
