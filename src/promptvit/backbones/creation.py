@@ -1,141 +1,16 @@
-"""Create timm backbones (hub name or local weights) and answer geometry questions about them."""
+"""Create timm backbones (hub name or local weights), fingerprint and load their weights."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
-class BackboneError(ValueError):
-    """A backbone cannot be built, loaded or matched."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """What methods need to know about a backbone, independent of its weights.
-
-    For ViTs ``depth`` counts transformer blocks; for CNNs it counts stages.
-    """
-
-    kind: str  # "vit" or "cnn"
-    architecture: str
-    embed_dim: int  # ViT width; CNN feature width before the head
-    depth: int
-    num_heads: int = 0
-    num_prefix_tokens: int = 0
-    num_patches: int = 0
-    img_size: tuple[int, int] = (224, 224)
-    patch_size: tuple[int, int] = (16, 16)
-    mlp_hidden: int = 0
-    qkv_bias: bool = True
-    global_pool: str = ""
-    dynamic_img_size: bool = False
-    class_token: bool = True
-    pos_embed_len: int = 0  # rows of the learned position embedding (CLS row included unless no_embed_class)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens a ViT block sees without prompts: prefix (CLS, registers) plus patches."""
-        return self.num_prefix_tokens + self.num_patches
-
-    def vit_block_parameters(self) -> int:
-        """Parameters of one standard pre-norm timm ViT block (two LayerNorms, qkv, proj, two-layer MLP)."""
-        d, h = self.embed_dim, self.mlp_hidden
-        return 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + d * h + h + h * d + d
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Geometry:
-        data = dict(data)
-        data["img_size"] = tuple(data["img_size"])
-        data["patch_size"] = tuple(data["patch_size"])
-        return cls(**data)
-
-
-def is_vit(model: nn.Module) -> bool:
-    return isinstance(model, VisionTransformer)
-
-
-def geometry_of(model: nn.Module) -> Geometry:
-    """Describe a timm ViT (any depth/width/patch/size, class token or pooled) or a timm CNN."""
-    if is_vit(model):
-        block = model.blocks[0]
-        return Geometry(
-            kind="vit",
-            architecture=type(model).__name__,
-            embed_dim=model.embed_dim,
-            depth=len(model.blocks),
-            num_heads=block.attn.num_heads,
-            num_prefix_tokens=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            img_size=tuple(model.patch_embed.img_size),
-            patch_size=tuple(model.patch_embed.patch_size),
-            mlp_hidden=block.mlp.fc1.out_features,
-            qkv_bias=block.attn.qkv.bias is not None,
-            global_pool=model.global_pool,
-            dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-            class_token=model.cls_token is not None,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
-        )
-    stages = cnn_stages(model)
-    input_size = (
-        model.pretrained_cfg.get("input_size", (3, 224, 224))
-        if hasattr(model, "pretrained_cfg")
-        else (3, 224, 224)
-    )
-    return Geometry(
-        kind="cnn",
-        architecture=type(model).__name__,
-        embed_dim=model.num_features,
-        depth=len(stages),
-        img_size=tuple(input_size[1:]),
-        patch_size=(1, 1),
-        global_pool=str(getattr(model, "global_pool", "")),
-    )
-
-
-def cnn_stages(model: nn.Module) -> list[nn.Module]:
-    """The sequence of stages of a timm CNN: ResNet ``layer1..4`` or EfficientNet-style ``blocks``."""
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
-        return [getattr(model, f"layer{i}") for i in range(1, 5)]
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential):
-        return list(blocks)
-    raise BackboneError(
-        f"unsupported backbone {type(model).__name__}: promptvit handles timm VisionTransformer, "
-        "ResNet-style (layer1..layer4) and EfficientNet-style (blocks) models"
-    )
-
-
-def classifier_name(model: nn.Module) -> str:
-    """Dotted name of the classifier module (``head``, ``fc``, ``classifier``...)."""
-    name = (
-        getattr(model, "pretrained_cfg", {}).get("classifier") if hasattr(model, "pretrained_cfg") else None
-    )
-    modules = dict(model.named_modules())
-    if name in modules:
-        return name
-    target = model.get_classifier()
-    for module_name, module in modules.items():
-        if module is target and module_name:
-            return module_name
-    raise BackboneError(f"cannot find the classifier module of {type(model).__name__}")
-
-
-def set_classifier(model: nn.Module, module: nn.Module) -> None:
-    """Replace the classifier module in place."""
-    parent_name, _, child = classifier_name(model).rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+from promptvit.backbones.base import BackboneError, classifier_name
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor], samples_per_tensor: int = 4096) -> str:

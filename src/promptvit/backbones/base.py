@@ -1,0 +1,344 @@
+"""The backbone interface: what methods may ask of a timm model, one adapter class per model family.
+
+A :class:`BackboneAdapter` wraps one timm model (it owns no weights and changes nothing) and answers the
+questions methods, ``PromptModel``, serving and analysis need, so none of them reads a timm class's
+internals. Families register with :func:`register_adapter` by timm model class; :func:`adapter_for` picks
+the adapter of the most specific registered class in the model's MRO, so a subclass family (e.g. a
+distilled ViT) is one more module and one more registration.
+
+Token models (``kind == "vit"``) expose the token sequence (``embed``), the blocks with their attention
+parts and MLP, the prefix tokens and where prompts may be inserted, the final norm and the head.
+Convolutional models (``kind == "cnn"``) expose their stages and the layers after the last stage.
+
+:class:`AttentionParts` plus :func:`attend` are the ONE implementation of multi-head self-attention that
+prompted attention, row-selected blocks, multi-task serving and the attention analysis share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptvit.backbones.geometry import Geometry
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be built, loaded or matched."""
+
+
+Select = Callable[[torch.Tensor], torch.Tensor]
+#: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, float], torch.Tensor]
+
+
+def all_rows(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens
+
+
+def sdpa_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout_p: float
+) -> torch.Tensor:
+    """Plain softmax attention through torch's SDPA (what timm's fused path computes)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of one self-attention module, read once by the family adapter.
+
+    ``qkv`` is a fused projection whose output is ``[q | k | v]``; ``q_norm``/``k_norm`` act per head;
+    ``norm`` acts on the concatenated heads before ``proj``; ``gate`` (or None) is a sigmoid gate on that
+    output computed from the attention input. Modules are called as modules, so injected layers (LoRA) and
+    hooks on them take part.
+    """
+
+    module: nn.Module
+    qkv: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+    q_norm: nn.Module
+    k_norm: nn.Module
+    attn_drop: nn.Module
+    norm: nn.Module
+    gate: nn.Module | None
+    proj: nn.Module
+    proj_drop: nn.Module
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def sdpa_scale(self) -> float | None:
+        """``scale`` to pass to SDPA: None when it is SDPA's own default ``head_dim ** -0.5``."""
+        return None if self.scale == self.head_dim**-0.5 else self.scale
+
+    def heads(
+        self, x: torch.Tensor, qkv_delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v for input ``x`` (B, N, D), each (B, heads, N, head_dim), q/k norms applied.
+
+        ``qkv_delta`` (broadcastable to the fused projection's output) is added before the split.
+        """
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x)
+        if qkv_delta is not None:
+            qkv = qkv + qkv_delta
+        q, k, v = (
+            qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        return self.q_norm(q), self.k_norm(k), v
+
+    def probabilities(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention probabilities (B, H, N, N) in float32, as timm's unfused path computes them."""
+        q, k, _ = self.heads(x)
+        logits = ((q * self.scale) @ k.transpose(-2, -1)).float()
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            else:
+                logits = logits + attn_mask.float()
+        return logits.softmax(dim=-1)
+
+
+def attend(
+    parts: AttentionParts,
+    x: torch.Tensor,
+    *,
+    select: Select = all_rows,
+    core: AttentionCore = sdpa_core,
+    qkv_delta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``select(attention(x))``: every token is a key and value, only the selected rows are queries.
+
+    ``select`` acts on the token axis (-2); ``core`` replaces the softmax attention of the heads (EPT's
+    prompted softmax, per-sample serving tables); ``qkv_delta`` is added to the fused projection.
+    """
+    q, k, v = parts.heads(x, qkv_delta)
+    dropout_p = parts.attn_drop.p if parts.module.training else 0.0
+    out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
+    out = parts.norm(out.transpose(1, 2).flatten(2))
+    if parts.gate is not None:
+        out = out * parts.gate(select(x)).sigmoid()
+    return parts.proj_drop(parts.proj(out))
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the classifier module of any timm model (``get_classifier`` located by identity)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier")
+    modules = dict(model.named_modules())
+    if name in modules:
+        return name
+    target = model.get_classifier()
+    for module_name, module in modules.items():
+        if module is target and module_name:
+            return module_name
+    raise BackboneError(f"cannot find the classifier module of {type(model).__name__}")
+
+
+class BackboneAdapter:
+    """The interface between one timm model family and everything above it.
+
+    Subclasses set ``kind`` and implement the questions that apply to it; the defaults refuse with a
+    :class:`BackboneError` naming the family. An adapter is cheap: build one wherever needed with
+    :func:`adapter_for`.
+    """
+
+    #: "vit" (token sequences through blocks) or "cnn" (feature maps through stages)
+    kind: ClassVar[str]
+    #: short family name used in messages and the family table
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _unsupported(self, what: str) -> BackboneError:
+        return BackboneError(f"{type(self.model).__name__} ({self.family}) has no {what}")
+
+    # ------------------------------------------------------------------ every family
+
+    def geometry(self) -> Geometry:
+        raise NotImplementedError
+
+    def classifier_name(self) -> str:
+        """Dotted name of the classifier module (``head``, ``fc``, ``classifier``...)."""
+        return classifier_name(self.model)
+
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_submodule(self.classifier_name())
+
+    def set_classifier(self, module: nn.Module) -> None:
+        """Replace the classifier module in place."""
+        parent_name, _, child = self.classifier_name().rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, module)
+
+    def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """What the classifier receives: ``forward_head(forward_features(x), pre_logits=True)``."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def input_module(self) -> nn.Module:
+        """The first module that sees the images (a pixel prompt is added at its input)."""
+        raise self._unsupported("input module")
+
+    # ------------------------------------------------------------------ token models
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        raise self._unsupported("transformer blocks")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches (class, distillation, register tokens)."""
+        raise self._unsupported("token sequence")
+
+    @property
+    def prompt_position(self) -> int:
+        """Where inserted tokens go in the block input: after the prefix tokens, before the patches.
+
+        Inserted tokens get no position embedding, so nobody's position shifts.
+        """
+        return self.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The module whose output is the patch tokens before any position embedding."""
+        raise self._unsupported("patch embedding")
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm after the last block; prompts are stripped at its input."""
+        raise self._unsupported("final norm")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The token sequence the first block receives (embedding, position, prefix tokens, pre-norm)."""
+        raise self._unsupported("token embedding")
+
+    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        """Run ``blocks`` as the model would (module calls; gradient checkpointing honoured)."""
+        for block in blocks:
+            tokens = block(tokens)
+        return tokens
+
+    def attention(self, block: int) -> AttentionParts:
+        """The attention parts of ``blocks[block]`` (through injected wrappers that keep a ``base_layer``)."""
+        raise self._unsupported("attention parts")
+
+    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
+        """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
+        raise self._unsupported("attention")
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""
+        raise self._unsupported("MLP")
+
+    def supports_selected_rows(self, block: int) -> bool:
+        """Whether :meth:`forward_block_rows` can compute only some output rows of ``blocks[block]``."""
+        return False
+
+    def forward_block_rows(self, block: int, x: torch.Tensor, select: Select) -> torch.Tensor:
+        """``select(blocks[block](x))`` without computing the dropped rows (keys/values still see all)."""
+        raise self._unsupported("row-selected block forward")
+
+    def reads_class_token_only(self) -> bool:
+        """Whether the head reads row 0 of the final norm's output and nothing else."""
+        return False
+
+    def tuned_with_last_blocks(self) -> list[nn.Module]:
+        """Modules after the blocks that belong with the last ones (final norms) for partial tuning."""
+        raise self._unsupported("blocks")
+
+    def prefix_state_names(self, cut: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Name prefixes of the parameters/buffers that compute the input of ``blocks[cut]``."""
+        raise self._unsupported("token prefix")
+
+    def prefix_modules(self, cut: int) -> list[nn.Module]:
+        """The modules that compute the input of ``blocks[cut]`` (for cache keys)."""
+        raise self._unsupported("token prefix")
+
+    # ------------------------------------------------------------------ convolutional models
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        raise self._unsupported("stages")
+
+    def after_stages(self) -> list[nn.Module]:
+        """Layers between the last stage and the pooling that belong with the last stage."""
+        return []
+
+    @torch.no_grad()
+    def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
+        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""
+        shapes: list[tuple[int, ...]] = []
+        stages = self.stages
+        handles = [
+            stage.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[1:])))
+            for stage in stages
+        ]
+        reference = next(self.model.parameters())
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            self.model.forward_features(
+                torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
+            )
+        finally:
+            self.model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return shapes[: len(stages)]
+
+
+_ADAPTERS: dict[type, type[BackboneAdapter]] = {}
+
+
+def register_adapter(*model_classes: type) -> Callable[[type[BackboneAdapter]], type[BackboneAdapter]]:
+    """Class decorator: ``adapter_for`` uses this adapter for models of these timm classes."""
+
+    def decorate(adapter: type[BackboneAdapter]) -> type[BackboneAdapter]:
+        for model_class in model_classes:
+            if model_class in _ADAPTERS:
+                raise ValueError(
+                    f"{model_class.__name__} already has the adapter {_ADAPTERS[model_class].__name__}"
+                )
+            _ADAPTERS[model_class] = adapter
+        return adapter
+
+    return decorate
+
+
+def registered_adapters() -> dict[type, type[BackboneAdapter]]:
+    """timm model class -> adapter class, for every registered family."""
+    return dict(_ADAPTERS)
+
+
+def adapter_class_for(model: nn.Module) -> type[BackboneAdapter] | None:
+    for cls in type(model).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+def adapter_for(model: nn.Module) -> BackboneAdapter:
+    """The adapter of the most specific registered class of ``model``; BackboneError if none."""
+    adapter = adapter_class_for(model)
+    if adapter is None:
+        families = ", ".join(sorted({a.family for a in _ADAPTERS.values()}))
+        raise BackboneError(
+            f"unsupported backbone {type(model).__name__}: promptvit handles timm {families} models"
+        )
+    return adapter(model)
+
+
+def unwrap_base_layers(module: nn.Module) -> nn.Module:
+    """Follow ``base_layer`` links of injected tuner layers down to the backbone's own module."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module

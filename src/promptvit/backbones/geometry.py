@@ -1,0 +1,50 @@
+"""Geometry: what methods need to know about a backbone, independent of its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What methods need to know about a backbone, independent of its weights.
+
+    For ViTs ``depth`` counts transformer blocks; for CNNs it counts stages.
+    """
+
+    kind: str  # "vit" or "cnn"
+    architecture: str
+    embed_dim: int  # ViT width; CNN feature width before the head
+    depth: int
+    num_heads: int = 0
+    num_prefix_tokens: int = 0
+    num_patches: int = 0
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    mlp_hidden: int = 0
+    qkv_bias: bool = True
+    global_pool: str = ""
+    dynamic_img_size: bool = False
+    class_token: bool = True
+    pos_embed_len: int = 0  # rows of the learned position embedding (CLS row included unless no_embed_class)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a ViT block sees without prompts: prefix (CLS, registers) plus patches."""
+        return self.num_prefix_tokens + self.num_patches
+
+    def vit_block_parameters(self) -> int:
+        """Parameters of one standard pre-norm timm ViT block (two LayerNorms, qkv, proj, two-layer MLP)."""
+        d, h = self.embed_dim, self.mlp_hidden
+        return 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + d * h + h + h * d + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
+        data = dict(data)
+        data["img_size"] = tuple(data["img_size"])
+        data["patch_size"] = tuple(data["patch_size"])
+        return cls(**data)

@@ -1,0 +1,173 @@
+"""Adapter for timm ``VisionTransformer`` (class token or not, register tokens, any global pool).
+
+The only module that reads ViT internals: the embedding steps before block 0 (``patch_embed``,
+``_pos_embed``, ``patch_drop``, ``norm_pre``; timm has no public call for "tokens at the input of block 0"),
+the layout of timm's pre-norm ``Block`` (for computing selected output rows) and of its ``Attention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
+
+from promptvit.backbones.base import (
+    AttentionParts,
+    BackboneAdapter,
+    BackboneError,
+    Select,
+    attend,
+    register_adapter,
+    unwrap_base_layers,
+)
+from promptvit.backbones.geometry import Geometry
+
+
+def timm_attention_parts(attn: nn.Module) -> AttentionParts:
+    """The parts of a timm fused-qkv ``Attention`` (``gate`` and ``norm`` are optional across timm 1.0)."""
+    required = ("qkv", "num_heads", "scale", "q_norm", "k_norm", "attn_drop", "proj")
+    missing = [name for name in required if not hasattr(attn, name)]
+    if missing:
+        raise BackboneError(f"{type(attn).__name__} is not a timm fused-qkv attention: it lacks {missing}")
+    num_heads = int(attn.num_heads)
+    head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * num_heads)))
+    return AttentionParts(
+        module=attn,
+        qkv=attn.qkv,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        scale=float(attn.scale),
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        attn_drop=attn.attn_drop,
+        norm=_optional(attn, "norm"),
+        gate=getattr(attn, "gate", None),  # timm >= 1.0.28 only
+        proj=attn.proj,
+        proj_drop=_optional(attn, "proj_drop"),
+    )
+
+
+def _optional(module: nn.Module, name: str) -> nn.Module:
+    part = getattr(module, name, None)
+    return part if part is not None else nn.Identity()
+
+
+@register_adapter(VisionTransformer)
+class ViTAdapter(BackboneAdapter):
+    kind = "vit"
+    family = "VisionTransformer"
+
+    model: VisionTransformer
+
+    def geometry(self) -> Geometry:
+        model = self.model
+        block = model.blocks[0]
+        attn = self.attention(0)
+        return Geometry(
+            kind="vit",
+            architecture=type(model).__name__,
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            num_heads=attn.num_heads,
+            num_prefix_tokens=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=tuple(model.patch_embed.patch_size),
+            mlp_hidden=unwrap_base_layers(block.mlp).fc1.out_features,
+            qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
+            global_pool=model.global_pool,
+            dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+            class_token=model.cls_token is not None,
+            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+        )
+
+    def input_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.patch_embed(images)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        return model.norm_pre(x)
+
+    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        blocks = list(blocks)
+        if blocks and getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return checkpoint_seq(blocks, tokens)
+        return super().forward_blocks(tokens, blocks)
+
+    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "attn"
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "mlp"
+
+    def attention(self, block: int) -> AttentionParts:
+        return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
+
+    def supports_selected_rows(self, block: int) -> bool:
+        """timm's plain pre-norm ``Block`` whose attention is timm's or computes selected rows itself."""
+        module = self.model.blocks[block]
+        if type(module) is not Block:
+            return False
+        attn = module.attn
+        return type(attn) is Attention or callable(getattr(attn, "forward_selected", None))
+
+    def forward_block_rows(self, block: int, x: torch.Tensor, select: Select) -> torch.Tensor:
+        return forward_block_rows(self.model.blocks[block], x, select)
+
+    def reads_class_token_only(self) -> bool:
+        model = self.model
+        return (
+            model.global_pool == "token"
+            and getattr(model, "attn_pool", None) is None
+            and type(model).forward_head is VisionTransformer.forward_head
+            and type(model).pool is VisionTransformer.pool
+        )
+
+    def tuned_with_last_blocks(self) -> list[nn.Module]:
+        return [self.model.norm, self.model.fc_norm]
+
+    def prefix_state_names(self, cut: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        stem = ("patch_embed.", "norm_pre.", "cls_token", "reg_token", "pos_embed")
+        return stem, tuple(f"blocks.{i}." for i in range(cut))
+
+    def prefix_modules(self, cut: int) -> list[nn.Module]:
+        model = self.model
+        return [model.patch_embed, model.norm_pre, getattr(model, "patch_drop", None), *model.blocks[:cut]]
+
+
+def forward_block_rows(block: nn.Module, x: torch.Tensor, select: Select) -> torch.Tensor:
+    """``select(block(x))`` for a timm pre-norm ``Block``, computing only the selected rows.
+
+    Module calls go through ``attn.qkv``, ``attn.proj`` and ``mlp`` (injected layers and hooks on them
+    apply), but ``block.attn`` is not called as a module: hooks on it do not fire.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    if type(attn) is Attention:
+        out = attend(timm_attention_parts(attn), h, select=select)
+    else:
+        out = attn.forward_selected(h, select)
+    y = select(x) + block.drop_path1(block.ls1(out))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
