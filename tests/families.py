@@ -7,7 +7,6 @@ name -> (timm architecture, build options, input size)
 
 from __future__ import annotations
 
-
 import torch
 from timm.layers import SwiGLUPacked
 

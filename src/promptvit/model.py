@@ -12,7 +12,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from promptvit.backbones import Geometry, backbone_source, classifier_name, geometry_of, weights_fingerprint
+from promptvit.backbones import (
+    Geometry,
+    adapter_for,
+    backbone_source,
+    body_parameters,
+    classifier_name,
+    geometry_of,
+    weights_fingerprint,
+)
 from promptvit.layers.selected_tokens import (
     class_token_row,
     forward_selected_tokens,
@@ -240,6 +248,11 @@ class PromptModel(nn.Module):
         self.method.train(mode)
         return self
 
+    def extra_heads(self) -> list[nn.Module]:
+        """Classifier modules besides the main one (a distilled ViT's distillation head), tuned with it."""
+        main = self.backbone.get_submodule(classifier_name(self.backbone))
+        return [m for m in adapter_for(self.backbone).classifier_modules() if m is not main]
+
     def tuned_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
@@ -257,7 +270,8 @@ class PromptModel(nn.Module):
 
     def parameter_summary(self) -> dict[str, int]:
         """Tuned parameter counts by group (head, method), plus tuned and total."""
-        head = sum(p.numel() for p in self.get_classifier().parameters() if p.requires_grad)
+        heads = [self.get_classifier(), *self.extra_heads()]
+        head = sum(p.numel() for m in heads for p in m.parameters() if p.requires_grad)
         tuned = sum(p.numel() for _, p in self.tuned_named_parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"method": tuned - head, "head": head, "tuned": tuned, "total": total}
@@ -322,11 +336,8 @@ def wrap(
     source = backbone_source(model)
     if base_model_name is not None:
         source["name"] = base_model_name
-    head = classifier_name(model)
     # The head is new or replaced per task, so only the body identifies the backbone.
-    fingerprint = weights_fingerprint(
-        {n: p for n, p in model.named_parameters() if not n.startswith(head + ".")}
-    )
+    fingerprint = weights_fingerprint(body_parameters(model))
     model.requires_grad_(False)
     tuner = method_cls(config, geometry)
     tuner.attach(model)
@@ -334,5 +345,7 @@ def wrap(
         parameter.requires_grad_(True)
     wrapped = PromptModel(model, tuner, source, fingerprint)
     wrapped.get_classifier().requires_grad_(True)
+    for extra in wrapped.extra_heads():
+        extra.requires_grad_(True)
     wrapped.train(model.training)
     return wrapped

@@ -40,7 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptvit.backbones import classifier_name, geometry_of, set_classifier, weights_fingerprint
+from promptvit.backbones import (
+    body_parameters,
+    geometry_of,
+    set_classifier,
+    weights_fingerprint,
+)
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.layers.prompted_attention import PromptedAttention
 from promptvit.layers.token_prompts import replace_prompts, strip_prompts
@@ -53,8 +58,7 @@ _REQUIRED_ATTN = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_drop
 
 
 def _body_fingerprint(backbone: nn.Module) -> str:
-    head = classifier_name(backbone)
-    return weights_fingerprint({n: p for n, p in backbone.named_parameters() if not n.startswith(head + ".")})
+    return weights_fingerprint(body_parameters(backbone))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,12 @@ class BackboneError(ValueError):
 
 
 Select = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Removable(Protocol):
+    """A hook handle or anything else that undoes itself (``torch.utils.hooks.RemovableHandle``)."""
+
+    def remove(self) -> None: ...
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, float], torch.Tensor]
 
@@ -133,6 +139,8 @@ def classifier_name(model: nn.Module) -> str:
     """Dotted name of the classifier module of any timm model (``get_classifier`` located by identity)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
+    if isinstance(name, (tuple, list)):  # two heads (distilled ViT): the first is the class head
+        name = name[0] if name else None
     modules = dict(model.named_modules())
     if name in modules:
         return name
@@ -173,6 +181,10 @@ class BackboneAdapter:
 
     def get_classifier(self) -> nn.Module:
         return self.model.get_submodule(self.classifier_name())
+
+    def classifier_modules(self) -> list[nn.Module]:
+        """Every module that maps features to logits (two for a distilled ViT); all are tuned as the head."""
+        return [self.get_classifier()]
 
     def set_classifier(self, module: nn.Module) -> None:
         """Replace the classifier module in place."""
@@ -250,6 +262,23 @@ class BackboneAdapter:
     def reads_class_token_only(self) -> bool:
         """Whether the head reads row 0 of the final norm's output and nothing else."""
         return False
+
+    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+        """``(attention module, attribute)`` of the fused ``[q | k | v]`` projection of ``blocks[block]``.
+
+        Only where the attention calls it as a module, so a wrapped projection (LoRA) or a hook on it is
+        not bypassed; otherwise a BackboneError says why.
+        """
+        raise self._unsupported("fused qkv projection")
+
+    def prepare_inserted_tokens(self) -> list[Removable]:
+        """Hooks that let blocks take tokens inserted at :attr:`prompt_position`.
+
+        Needed where attention indexes tokens by position (rotary embeddings, relative position bias):
+        inserted tokens then get no position, patch tokens keep theirs. The caller owns the handles and
+        removes them with its other hooks. Most families need none.
+        """
+        return []
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:
         """Modules after the blocks that belong with the last ones (final norms) for partial tuning."""

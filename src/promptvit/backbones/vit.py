@@ -125,6 +125,9 @@ class ViTAdapter(BackboneAdapter):
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
 
+    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+        return unwrap_base_layers(self.model.blocks[block].attn), "qkv"
+
     def supports_selected_rows(self, block: int) -> bool:
         """timm's plain pre-norm ``Block`` whose attention is timm's or computes selected rows itself."""
         module = self.model.blocks[block]

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterator, Mapping
 import torch
 from torch import nn
 
+from promptvit.backbones import adapter_for
 from promptvit.layers.selected_tokens import (
     drop_token_range,
     forward_selected_tokens,
@@ -167,6 +168,8 @@ class TokenPromptHooks:
                     functools.partial(self._insert_token_prompts, block)
                 )
             self.prompts_in_block[block] = in_stream
+        #: hooks of the backbone family that give inserted tokens no position (rotary, relative bias)
+        self.inserted_token_handles = adapter_for(backbone).prepare_inserted_tokens()
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
         backbone.norm.register_forward_pre_hook(self._strip_token_prompts)

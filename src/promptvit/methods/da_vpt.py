@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.backbones import Geometry, classifier_name
+from promptvit.backbones import BackboneError, Geometry, adapter_for, classifier_name
 from promptvit.layers.prompt_init import (
     SAMPLERS,
     LayerTokenCatcher,
@@ -297,6 +297,12 @@ class DAVPT(TokenPromptHooks, Method):
             backbone, {i: n for i, n in lengths.items() if i >= first}, keep_prompt_outputs=keep
         )
 
+        if config.bias_set != "none" or self.has_cls:
+            for index in range(self.geometry.depth):
+                try:
+                    adapter_for(backbone).qkv_slot(index)
+                except BackboneError as error:
+                    raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
         if config.bias_set != "none":
             qkv = backbone.blocks[0].attn.qkv
             self._qkv_part = qkv.out_features // 3

@@ -42,7 +42,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.prompted_attention import WAYS, PromptedAttention
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
@@ -116,7 +116,12 @@ class EPT(Method):
         self.prompt_length = _prompt_length(config, geometry) if config.way.endswith("_cat") else 0
 
     def attach(self, backbone: nn.Module) -> None:
+        adapter = adapter_for(backbone)
         for index in self.layer_indices:
+            try:
+                adapter.attention(index)
+            except BackboneError as error:
+                raise ConfigError(f"ept: prompted attention re-computes plain softmax attention; {error}") from None
             block = backbone.blocks[index]
             try:
                 block.attn = PromptedAttention(

@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
@@ -84,7 +84,10 @@ class LoRA(Method):
         config: LoRAConfig = self.config
         parts = sorted(QKV.index(t) for t in config.targets)
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
-            attn = backbone.blocks[index].attn
+            try:
+                attn, _ = adapter_for(backbone).qkv_slot(index)
+            except BackboneError as error:
+                raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = getattr(attn, "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, is_vit
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.token_prompts import reference_device_dtype
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
@@ -66,15 +66,8 @@ def image_size(geometry: Geometry, cnn_input_size: list[int] | None) -> tuple[in
 
 
 def image_input_module(backbone: nn.Module) -> nn.Module:
-    """The first module applied to the images: a ViT's patch embedding or a CNN's stem convolution."""
-    if is_vit(backbone):
-        return backbone.patch_embed
-    for name in ("conv1", "conv_stem", "stem"):
-        if isinstance(getattr(backbone, name, None), nn.Module):
-            return getattr(backbone, name)
-    raise ConfigError(
-        f"vp: cannot find the stem of {type(backbone).__name__} (looked for conv1, conv_stem, stem)"
-    )
+    """The first module applied to the images: a ViT's patch embedding or a CNN's stem."""
+    return adapter_for(backbone).input_module()
 
 
 @register_method

@@ -1,0 +1,29 @@
+"""Adapter for timm ``VisionTransformerDistilled`` (DeiT distilled: class and distillation tokens, two heads).
+
+Everything is a ViT's except the readout: two prefix tokens (prompts go after both), and at inference the
+logits are the mean of ``head`` (class token) and ``head_dist`` (distillation token), so both are the head.
+"""
+
+from __future__ import annotations
+
+from timm.models.deit import VisionTransformerDistilled
+from torch import nn
+
+from promptvit.backbones.base import register_adapter
+from promptvit.backbones.vit import ViTAdapter
+
+
+@register_adapter(VisionTransformerDistilled)
+class DistilledViTAdapter(ViTAdapter):
+    family = "VisionTransformerDistilled"
+
+    model: VisionTransformerDistilled
+
+    def classifier_name(self) -> str:
+        return "head"
+
+    def classifier_modules(self) -> list[nn.Module]:
+        return [self.model.head, self.model.head_dist]
+
+    def reads_class_token_only(self) -> bool:
+        return False  # the distillation token's head is read too
