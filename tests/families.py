@@ -1,7 +1,8 @@
-"""Tiny random-init builds of every timm family promptvit supports, plus medical-backbone shapes.
+"""Tiny random-init builds of every registered backbone family, plus medical-backbone shapes.
 
-Each entry keeps the architecture options that matter (rotary or relative positions, prefix tokens, pooling,
-LayerScale, SwiGLU, windows) at a width, depth and image size that build and run in milliseconds.
+``FAMILY_BUILDS`` is collected from the adapters' ``tiny_builds``, so a new family (one adapter module with
+its builds) joins every test that loops over it. ``MEDICAL_BUILDS`` keeps the architecture options of the
+pathology and ophthalmology backbones people wrap, at tiny widths and depths.
 name -> (timm architecture, build options, input size)
 """
 
@@ -10,36 +11,16 @@ from __future__ import annotations
 import torch
 from timm.layers import SwiGLUPacked
 
-_VIT = dict(embed_dim=32, depth=2, num_heads=2)
+from promptvit.backbones import create_backbone, registered_adapters
 
 FAMILY_BUILDS: dict[str, tuple[str, dict, int]] = {
-    # timm VisionTransformer options
-    "vit_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=16, patch_size=4, **_VIT), 16),
-    "vit_map": ("vit_base_patch16_siglip_224", dict(img_size=16, patch_size=4, **_VIT), 16),
-    "vit_no_embed_class": (
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=4, no_embed_class=True, qk_norm=True, global_pool="avgmax", **_VIT),
-        16,
-    ),
-    # timm VisionTransformerDistilled (class and distillation tokens, two heads)
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=16, patch_size=4, **_VIT), 16),
-    # timm Eva: EVA-02 (abs + rotary positions, SwiGLU), RoPE ViT, DINOv3 (rotary, 4 registers, LayerScale)
-    "eva02": ("eva02_tiny_patch14_224", dict(img_size=16, patch_size=4, ref_feat_shape=(4, 4), **_VIT), 16),
-    "vit_rope": ("vit_small_patch16_rope_224", dict(img_size=16, patch_size=4, **_VIT), 16),
-    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=16, patch_size=4, global_pool="token", **_VIT), 16),
-    # timm Beit (relative position bias)
-    "beit": ("beit_base_patch16_224", dict(img_size=16, patch_size=4, **_VIT), 16),
-    # timm SwinTransformer (window attention, patch merging)
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
-        32,
-    ),
-    # timm ConvNeXt
-    "convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 32),
+    name: build
+    for adapter in dict.fromkeys(registered_adapters().values())
+    for name, build in adapter.tiny_builds.items()
 }
 
-# Tiny widths and depths with the architecture options of the medical backbones people wrap.
+_VIT = dict(embed_dim=32, depth=2, num_heads=2)
+
 MEDICAL_BUILDS: dict[str, tuple[str, dict, int]] = {
     # RETFound: ViT-L/16, global average pooling (fc_norm), no class-token readout
     "retfound": ("vit_large_patch16_224", dict(img_size=16, patch_size=4, global_pool="avg", **_VIT), 16),
@@ -66,7 +47,17 @@ MEDICAL_BUILDS: dict[str, tuple[str, dict, int]] = {
     ),
     # DINOv2 with registers: LayerScale, 4 register tokens, patch 14
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, **_VIT), 28),
-    # DINOv3: timm Eva with rotary positions, 4 registers, LayerScale, dynamic image size
+    # DINOv3: timm Eva with rotary positions, 4 registers, LayerScale, dynamic image size, average pooling
     "dinov3": ("vit_small_patch16_dinov3", dict(img_size=16, patch_size=4, **_VIT), 16),
 }
 
+
+def build(table: dict[str, tuple[str, dict, int]], name: str, num_classes: int = 3, seed: int = 0):
+    """A tiny random-init backbone from ``table``; the same seed gives the same weights."""
+    arch, options, _ = table[name]
+    return create_backbone(arch, num_classes=num_classes, init_seed=seed, **options).eval()
+
+
+def family_input(table: dict[str, tuple[str, dict, int]], name: str, batch: int = 2, seed: int = 1):
+    size = table[name][2]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

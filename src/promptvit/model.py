@@ -265,7 +265,8 @@ class PromptModel(nn.Module):
         names = {id(m): n for n, m in self.named_modules()}
         for module in [self.method, *self._modules_in_train_mode()]:
             prefix = names[id(module)]
-            state.update({f"{prefix}.{n}": b.detach() for n, b in module.named_buffers()})
+            persistent = module.state_dict(keep_vars=True)  # not index tables rebuilt at init (Swin)
+            state.update({f"{prefix}.{n}": b.detach() for n, b in module.named_buffers() if n in persistent})
         return state
 
     def parameter_summary(self) -> dict[str, int]:

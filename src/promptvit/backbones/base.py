@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,9 @@ class BackboneAdapter:
     kind: ClassVar[str]
     #: short family name used in messages and the family table
     family: ClassVar[str]
+    #: small random-init builds with the family's architecture options, ``name -> (timm model, build
+    #: options, input size)``: the method matrix and ``promptvit backbones`` run every method on them
+    tiny_builds: ClassVar[dict[str, tuple[str, dict[str, Any], int]]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -33,7 +33,9 @@ def pad_bias(bias: torch.Tensor, position: int, count: int) -> torch.Tensor:
     if count <= 0:
         return bias
     *lead, n, _ = bias.shape
-    bias = torch.cat([bias[..., :position, :], bias.new_zeros(*lead, count, n), bias[..., position:, :]], dim=-2)
+    bias = torch.cat(
+        [bias[..., :position, :], bias.new_zeros(*lead, count, n), bias[..., position:, :]], dim=-2
+    )
     return torch.cat(
         [bias[..., :position], bias.new_zeros(*lead, n + count, count), bias[..., position:]], dim=-1
     )
@@ -69,6 +71,13 @@ class ZeroBiasForInsertedTokens:
 class BeitAdapter(BackboneAdapter):
     kind = "vit"
     family = "Beit"
+    tiny_builds = {
+        "beit": (
+            "beit_base_patch16_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        )
+    }
 
     model: Beit
 

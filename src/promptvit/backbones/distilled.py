@@ -16,6 +16,13 @@ from promptvit.backbones.vit import ViTAdapter
 @register_adapter(VisionTransformerDistilled)
 class DistilledViTAdapter(ViTAdapter):
     family = "VisionTransformerDistilled"
+    tiny_builds = {
+        "deit_distilled": (
+            "deit_tiny_distilled_patch16_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+    }
 
     model: VisionTransformerDistilled
 

@@ -58,6 +58,26 @@ class _RestorePrefixCount:
 class EvaAdapter(BackboneAdapter):
     kind = "vit"
     family = "Eva"
+    tiny_builds = {
+        # EVA-02: absolute + rotary positions, SwiGLU, q/v biases
+        "eva02": (
+            "eva02_tiny_patch14_224",
+            dict(img_size=16, patch_size=4, ref_feat_shape=(4, 4), embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # RoPE ViT (timm ``AttentionRope``), class-token readout
+        "vit_rope": (
+            "vit_small_patch16_rope_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # DINOv3: rotary positions, 4 registers, LayerScale, dynamic image size
+        "dinov3": (
+            "vit_small_patch16_dinov3",
+            dict(img_size=16, patch_size=4, global_pool="token", embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+    }
 
     model: Eva
 

@@ -21,6 +21,7 @@ class ConvNeXtAdapter(CNNAdapter):
     """ConvNeXt: ``stem``, ``stages[i]``, ``norm_pre``; the head's norm belongs with the last stage."""
 
     family = "ConvNeXt"
+    tiny_builds = {"convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 32)}
 
     def input_module(self) -> nn.Module:
         return self.model.stem
@@ -39,6 +40,13 @@ class SwinAdapter(CNNAdapter):
     """Swin: ``patch_embed``, stages ``layers[i]`` (patch merging, then window-attention blocks), ``norm``."""
 
     family = "SwinTransformer"
+    tiny_builds = {
+        "swin": (
+            "swin_tiny_patch4_window7_224",
+            dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+            32,
+        ),
+    }
 
     def geometry(self) -> Geometry:
         model = self.model

@@ -59,6 +59,52 @@ def _optional(module: nn.Module, name: str) -> nn.Module:
 class ViTAdapter(BackboneAdapter):
     kind = "vit"
     family = "VisionTransformer"
+    tiny_builds = {
+        "vit_token": (
+            "vit_tiny_patch16_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        "vit_avg_no_cls": (
+            "vit_tiny_patch16_224",
+            dict(
+                img_size=16,
+                patch_size=4,
+                embed_dim=24,
+                depth=3,
+                num_heads=3,
+                class_token=False,
+                global_pool="avg",
+            ),
+            16,
+        ),
+        # DINOv2 with registers: 4 register tokens, LayerScale
+        "vit_reg": (
+            "vit_small_patch14_reg4_dinov2",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # SigLIP: attention-pool (map) readout, no class token
+        "vit_map": (
+            "vit_base_patch16_siglip_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        "vit_no_embed_class_qk_norm_avgmax": (
+            "vit_tiny_patch16_224",
+            dict(
+                img_size=16,
+                patch_size=4,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                no_embed_class=True,
+                qk_norm=True,
+                global_pool="avgmax",
+            ),
+            16,
+        ),
+    }
 
     model: VisionTransformer
 

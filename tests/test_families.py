@@ -1,0 +1,274 @@
+"""Every registered method on a tiny build of every registered backbone family, and the family-specific maths.
+
+The builds come from the adapters' ``tiny_builds`` (tests/families.py), so a new family joins the matrix with
+its adapter module. Each case either wraps and passes the checks below, or is refused with a ConfigError
+whose reason is pinned in ``REFUSED``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import timm.layers.attention
+import timm.models.beit
+import timm.models.eva
+import torch
+import torch.nn.functional as F
+
+import promptvit
+from promptvit.artifact import ArtifactError
+from promptvit.backbones import adapter_for
+from promptvit.methods.base import ConfigError
+from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input
+
+METHODS = promptvit.available_methods()
+
+# (method, build) -> words of the reason it is refused. Everything else must wrap and train.
+_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept", "lora", "adapter")
+REFUSED: dict[tuple[str, str], str] = {
+    **{
+        (m, b): "supports vit backbones"
+        for m in _TOKEN_METHODS
+        for b in ("resnet", "tinynet", "convnext", "swin")
+    },
+    **{("ept", b): "rotates queries and keys" for b in ("eva02", "vit_rope", "dinov3")},
+    ("ept", "beit"): "relative position bias",
+    **{(m, b): "F.linear on attn.qkv.weight" for m in ("lora", "da_vpt") for b in ("eva02", "beit")},
+}
+
+# Closed forms that count the parameters of timm's plain pre-norm block (LayerNorm, fused qkv, two-layer MLP);
+# other blocks (LayerScale, SwiGLU, qk-norm, q/v biases, relative bias tables, attention pooling) are checked
+# by the tuned-set test alone.
+BLOCK_FORMULAS = {"full", "partial", "bias", "norm"}
+PLAIN_BLOCKS = {"vit_token", "vit_avg_no_cls", "deit_distilled"}
+
+
+@functools.cache
+def _base(table_name: str, name: str, seed: int = 0) -> torch.nn.Module:
+    table = FAMILY_BUILDS if table_name == "family" else MEDICAL_BUILDS
+    return build(table, name, num_classes=3, seed=seed)
+
+
+def _fresh(name: str, seed: int = 0, table: str = "family") -> torch.nn.Module:
+    """A copy of the cached build (timm's random init is the slow part)."""
+    return copy.deepcopy(_base(table, name, seed))
+
+
+def _wrap(method: str, name: str, table: str = "family") -> promptvit.PromptModel:
+    cls = promptvit.get_method(method)
+    return promptvit.wrap(_fresh(name, table=table), method, num_classes=4, **cls.test_options)
+
+
+def _head_ids(model: promptvit.PromptModel) -> set[int]:
+    return {id(p) for m in [model.get_classifier(), *model.extra_heads()] for p in m.parameters()}
+
+
+def _step(model: promptvit.PromptModel, x: torch.Tensor) -> None:
+    model.train()
+    optimizer = torch.optim.SGD([p for _, p in model.tuned_named_parameters()], lr=0.5)
+    targets = torch.arange(x.shape[0]) % 4
+    F.cross_entropy(model(x), targets).backward()
+    optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_method_on_family(method: str, name: str, tmp_path) -> None:
+    cls = promptvit.get_method(method)
+    if (method, name) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[method, name]):
+            _wrap(method, name)
+        return
+    base = _fresh(name)
+    base.reset_classifier(4)
+    reference = copy.deepcopy(base)
+    original = {id(p) for p in base.parameters()}
+    model = promptvit.wrap(base, method, **cls.test_options).eval()
+    x = family_input(FAMILY_BUILDS, name, batch=4)
+
+    # tuned set: the head(s), the backbone parameters the method names, the parameters it created
+    named = {id(p) for p in model.method.backbone_parameters_to_tune(model.backbone)}
+    heads = _head_ids(model)
+    for parameter_name, p in model.named_parameters():
+        is_new = id(p) not in original and id(p) not in heads
+        assert p.requires_grad == (id(p) in heads or id(p) in named or is_new), parameter_name
+    expected = cls.expected_num_parameters(model.config, model.geometry)
+    if expected is not None and (method not in BLOCK_FORMULAS or name in PLAIN_BLOCKS):
+        assert model.parameter_summary()["method"] == expected
+
+    # identity at init where the method claims it: timm's own forward, bit for bit
+    if cls.identity_at_init:
+        with torch.no_grad(), model.all_token_outputs():
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+    # one step changes only tuned tensors (and buffers of modules trained in train mode)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    tuned = {n for n, _ in model.tuned_named_parameters()}
+    model.train()
+    training_buffers = {
+        f"{module_name}.{b}" if module_name else b
+        for module_name, module in model.named_modules()
+        if module.training
+        for b, _ in module.named_buffers(recurse=False)
+    }
+    _step(model, x)
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
+    assert changed - tuned <= training_buffers, changed - tuned - training_buffers
+    head_prefix = f"backbone.{model.head_name}."
+    assert any(n.startswith(head_prefix) for n in changed)
+    if model.parameter_summary()["method"] > 0:
+        assert any(not n.startswith(head_prefix) for n in changed & tuned), "method parameters did not move"
+
+    # exact artifact round trip onto a fresh build; another backbone's weights are refused
+    with torch.no_grad():
+        logits = model(x)
+    model.save_pretrained(tmp_path / "artifact")
+    loaded = promptvit.load(tmp_path / "artifact", base_model=_fresh(name)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), logits)
+    with pytest.raises(ArtifactError, match="other backbone weights"):
+        promptvit.load(tmp_path / "artifact", base_model=_fresh(name, seed=1))
+
+
+def test_every_registered_family_has_tiny_builds_of_its_own() -> None:
+    adapters = set(promptvit.backbones.registered_adapters().values())
+    assert all(adapter.tiny_builds for adapter in adapters)
+    for adapter in adapters:
+        for name in adapter.tiny_builds:
+            assert type(adapter_for(_base("family", name))) is adapter, name
+
+
+def test_distilled_vit_tunes_both_heads_and_averages_them() -> None:
+    model = _wrap("linear", "deit_distilled").eval()
+    backbone = model.backbone
+    assert backbone.head.weight.requires_grad and backbone.head_dist.weight.requires_grad
+    assert model.parameter_summary()["head"] == 2 * (32 * 4 + 4)
+    x = family_input(FAMILY_BUILDS, "deit_distilled")
+    with torch.no_grad():
+        tokens = backbone.forward_features(x)
+        expected = (backbone.head(tokens[:, 0]) + backbone.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(model(x), expected)
+
+
+# ---------------------------------------------------------------------- rotary positions (Eva)
+
+
+def _record_rotations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (rotated tokens, rotary table) timm's Eva and RoPE attentions compute."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = timm.models.eva.apply_rot_embed_cat
+
+    def recording(x, emb, *args, **kwargs):
+        out = original(x, emb, *args, **kwargs)
+        calls.append((out, emb))
+        return out
+
+    monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", recording)
+    monkeypatch.setattr(timm.layers.attention, "apply_rot_embed_cat", recording)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["eva02", "vit_rope", "dinov3"])
+def test_prompts_get_no_rotary_position_and_patches_keep_theirs(name: str, monkeypatch) -> None:
+    plain = _fresh(name)
+    prompted = promptvit.wrap(_fresh(name), "vpt", num_classes=3, prompt_length=3, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, name)
+    calls = _record_rotations(monkeypatch)
+    with torch.no_grad():
+        plain(x)
+        without = list(calls)
+        calls.clear()
+        with prompted.all_token_outputs():
+            prompted(x)
+    num_patches = plain.patch_embed.num_patches
+    assert len(calls) == len(without) == 2 * len(plain.blocks)  # q and k in every block
+    for (out, table), (_, table_plain) in zip(calls, without, strict=True):
+        assert out.shape[-2] == num_patches  # exactly the patch tokens are rotated, prompts are not
+        assert torch.equal(table, table_plain)  # by the same positions as without prompts
+    # block 0 sees the same patch tokens with or without prompts: identical rotated queries and keys
+    for (out, _), (out_plain, _) in zip(calls[:2], without[:2], strict=True):
+        assert torch.equal(out, out_plain)
+
+
+def test_rotary_prefix_hooks_are_undone() -> None:
+    backbone = _fresh("vit_rope")
+    adapter = adapter_for(backbone)
+    handles = adapter.prepare_inserted_tokens()
+    attn = backbone.blocks[0].attn
+    tokens = adapter.embed(family_input(FAMILY_BUILDS, "vit_rope"))
+    prompts = torch.zeros(tokens.shape[0], 2, tokens.shape[-1])
+    with torch.no_grad():
+        adapter.forward_blocks(torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], 1), backbone.blocks[:1])
+    assert attn.num_prefix_tokens == 1 + 2
+    for handle in handles:
+        handle.remove()
+    assert attn.num_prefix_tokens == 1 and not attn._forward_pre_hooks
+
+
+# ---------------------------------------------------------------------- relative position bias (Beit)
+
+
+def _record_attention_masks(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    masks: list[torch.Tensor] = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(timm.models.beit.F, "scaled_dot_product_attention", recording)
+    return masks
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_block_bias", "shared_bias"])
+def test_prompts_get_zero_relative_bias_and_patches_keep_theirs(shared: bool, monkeypatch) -> None:
+    arch, options, _ = FAMILY_BUILDS["beit"]
+    options = dict(options, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared)
+    plain = promptvit.create_backbone(arch, num_classes=3, **options).eval()
+    with torch.no_grad():  # a bias table away from its zero init, so that a shifted bias shows
+        for name, p in plain.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()
+    prompted = promptvit.wrap(copy.deepcopy(plain), "vpt", prompt_length=3, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, "beit")
+    masks = _record_attention_masks(monkeypatch)
+    with torch.no_grad():
+        plain(x)
+        without = list(masks)
+        masks.clear()
+        with prompted.all_token_outputs():
+            prompted(x)
+    assert len(masks) == len(without) == len(plain.blocks)
+    n = plain.patch_embed.num_patches + 1
+    kept = torch.tensor([0, *range(4, n + 3)])  # class token, then the patches after 3 prompts
+    for bias, bias_plain in zip(masks, without, strict=True):
+        assert bias.shape[-1] == n + 3
+        assert torch.equal(bias[..., kept[:, None], kept], bias_plain)
+        assert not bias[..., 1:4, :].any() and not bias[..., :, 1:4].any()
+        assert bias_plain.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- medical-backbone shapes
+
+
+VIT_METHODS = [m for m in METHODS if "vit" in promptvit.get_method(m).supported_kinds]
+
+
+@pytest.mark.parametrize("name", sorted(MEDICAL_BUILDS))
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_medical_backbone_shapes_wrap_and_train(method: str, name: str) -> None:
+    if (method, name) in REFUSED:  # DINOv3 is an Eva: the family's refusals hold
+        with pytest.raises(ConfigError, match=REFUSED[method, name]):
+            _wrap(method, name, table="medical")
+        return
+    model = _wrap(method, name, table="medical")
+    x = family_input(MEDICAL_BUILDS, name, batch=4)
+    before = {n: p.detach().clone() for n, p in model.tuned_named_parameters()}
+    _step(model, x)
+    moved = {n for n, p in model.tuned_named_parameters() if not torch.equal(before[n], p)}
+    assert moved, f"{method} on {name}: the step moved no tuned tensor"
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
