@@ -132,6 +132,18 @@ def test_method_on_family(method: str, name: str, tmp_path) -> None:
     with pytest.raises(ArtifactError, match="other backbone weights"):
         promptvit.load(tmp_path / "artifact", base_model=_fresh(name, seed=1))
 
+    # disable gives the pre-wrap backbone bit for bit; unload gives it back with its own weights
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(x), reference(x))
+        assert torch.equal(model(x), logits)
+    before = reference.state_dict()
+    unloaded = model.unload()
+    after = unloaded.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(unloaded(x), reference(x))
+
 
 def test_every_registered_family_has_tiny_builds_of_its_own() -> None:
     adapters = set(promptvit.backbones.registered_adapters().values())
@@ -193,19 +205,21 @@ def test_prompts_get_no_rotary_position_and_patches_keep_theirs(name: str, monke
         assert torch.equal(out, out_plain)
 
 
-def test_rotary_prefix_hooks_are_undone() -> None:
-    backbone = _fresh("vit_rope")
-    adapter = adapter_for(backbone)
-    handles = adapter.prepare_inserted_tokens()
-    attn = backbone.blocks[0].attn
-    tokens = adapter.embed(family_input(FAMILY_BUILDS, "vit_rope"))
-    prompts = torch.zeros(tokens.shape[0], 2, tokens.shape[-1])
+@pytest.mark.parametrize("name", ["vit_rope", "beit"])
+def test_position_hooks_for_prompts_are_undone_by_unload(name: str) -> None:
+    model = promptvit.wrap(_fresh(name), "vpt", prompt_length=2, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, name)
     with torch.no_grad():
-        adapter.forward_blocks(torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], 1), backbone.blocks[:1])
-    assert attn.num_prefix_tokens == 1 + 2
-    for handle in handles:
-        handle.remove()
-    assert attn.num_prefix_tokens == 1 and not attn._forward_pre_hooks
+        model(x)
+    backbone = model.unload()
+    n = backbone.patch_embed.num_patches + 1
+    for block in backbone.blocks:
+        attn = block.attn
+        assert not attn._forward_pre_hooks and not attn._forward_hooks
+        if name == "vit_rope":
+            assert attn.num_prefix_tokens == 1
+        else:
+            assert attn._get_rel_pos_bias().shape[-1] == n
 
 
 # ---------------------------------------------------------------------- relative position bias (Beit)

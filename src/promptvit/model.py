@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from promptvit.backbones import (
@@ -18,15 +18,23 @@ from promptvit.backbones import (
     backbone_source,
     body_parameters,
     classifier_name,
-    geometry_of,
     weights_fingerprint,
 )
-from promptvit.layers.selected_tokens import (
-    class_token_row,
-    forward_selected_tokens,
-    supports_selected_tokens,
-)
+from promptvit.layers.base import Injections
+from promptvit.layers.selected_tokens import class_token_row
 from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
+
+
+@dataclasses.dataclass
+class _Original:
+    """What ``wrap`` changed in the backbone outside the method's ledger, to give it back unchanged."""
+
+    head: nn.Module  # the classifier module before wrap
+    num_classes: int
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    #: backbone parameters tuned in place (bias, norm, partial, full; the head when it is kept) and buffers
+    #: (BatchNorm statistics move in train mode), with their values at wrap time on the CPU
+    weights: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 class PromptModel(nn.Module):
@@ -46,11 +54,21 @@ class PromptModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, method: Method, source: dict[str, Any], base_fingerprint: str
+        self,
+        backbone: nn.Module,
+        method: Method,
+        source: dict[str, Any],
+        base_fingerprint: str,
+        original: _Original | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.method = method
+        self.adapter = adapter_for(backbone)
+        #: what ``wrap`` changed outside the method's ledger (head, tuned weights, requires_grad), to undo it
+        self._original = original
+        #: the class-token readout's forward override of the last block (the forward plan's one change)
+        self._plan_injections = Injections()
         #: how to rebuild the backbone (timm name, pretrained or local weights file, build options)
         self.source = source
         #: hash of the backbone weights before tuning; an artifact only fits a backbone with the same hash
@@ -134,17 +152,13 @@ class PromptModel(nn.Module):
         the input of the classifier. ``forward_from_block(forward_prefix(x, l), l) == forward(x)``.
         """
         self._check_cut(block)
-        backbone = self.backbone
         if block == self.geometry.depth:
             with self._logits_pass():
-                return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+                return self.adapter.pre_logits(images)
         if self.geometry.kind != "vit":
             return images
-        x = backbone.patch_embed(images)
-        x = backbone._pos_embed(x)
-        x = backbone.patch_drop(x)
-        x = backbone.norm_pre(x)
-        for blk in backbone.blocks[:block]:
+        x = self.adapter.embed(images)
+        for blk in self.adapter.blocks[:block]:
             x = blk(x)
         return x
 
@@ -162,34 +176,27 @@ class PromptModel(nn.Module):
             return backbone.get_classifier()(x)
         if self.geometry.kind != "vit":
             return backbone(x)
-        blocks = list(backbone.blocks[block:])
         with self._logits_pass():
-            if blocks and getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled():
-                from timm.models._manipulate import checkpoint_seq
-
-                x = checkpoint_seq(blocks, x)
-            else:
-                for blk in blocks:
-                    x = blk(x)
-            x = backbone.norm(x)
-            return backbone.forward_head(x)
+            x = self.adapter.forward_blocks(x, self.adapter.blocks[block:])
+            return backbone.forward_head(self.adapter.final_norm(x))
 
     # ------------------------------------------------------------------ class-token readout
 
     def _install_class_token_readout(self) -> None:
         """Route the last block through :meth:`_last_block_forward` when timm's own head reads its output."""
-        backbone = self.backbone
+        adapter = self.adapter
         if not (
-            self.geometry.kind == "vit"
-            and isinstance(backbone, VisionTransformer)
-            and type(backbone).forward_head is VisionTransformer.forward_head
-            and type(backbone).pool is VisionTransformer.pool
-            and supports_selected_tokens(backbone.blocks[-1])
+            adapter.kind == "vit"
+            and adapter.reads_class_token_only()
+            and adapter.supports_selected_rows(len(adapter.blocks) - 1)
         ):
             return
-        last = backbone.blocks[-1]
-        # An instance attribute wrapping whatever forward the block had (token prompts may have set one).
-        last.forward = functools.partial(self._last_block_forward, last, last.forward)
+        last = adapter.blocks[-1]
+        # Wraps whatever forward the block had (token prompts may have overridden it).
+        block_forward = last.forward
+        self._plan_injections.override_forward(
+            last, functools.partial(self._last_block_forward, last, block_forward)
+        )
 
     @contextlib.contextmanager
     def all_token_outputs(self) -> Iterator[None]:
@@ -218,10 +225,9 @@ class PromptModel(nn.Module):
         return (
             self._computing_logits
             and self.readout_rows_only
-            and backbone.global_pool == "token"
-            and backbone.attn_pool is None
+            and self.adapter.reads_class_token_only()
             # a checkpointed block is recomputed in backward, outside this pass, so it must not depend on it
-            and not (backbone.grad_checkpointing and torch.is_grad_enabled())
+            and not (getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled())
             # hooks inside the block, or on its output, may read rows other than the class token
             and not block._forward_hooks
             and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block)
@@ -232,7 +238,7 @@ class PromptModel(nn.Module):
     ) -> torch.Tensor:
         if args or kwargs or not self._reads_class_token_only(block):
             return block_forward(x, *args, **kwargs)
-        return forward_selected_tokens(block, x, class_token_row)
+        return self.adapter.forward_block_rows(len(self.adapter.blocks) - 1, x, class_token_row)
 
     def _modules_in_train_mode(self) -> list[nn.Module]:
         if self.method.trains_backbone:
@@ -287,6 +293,79 @@ class PromptModel(nn.Module):
         print(line)
         return line
 
+    # ------------------------------------------------------------------ disable and unload
+
+    def _merged(self) -> bool:
+        return bool(getattr(self.method, "merged", False))
+
+    @torch.no_grad()
+    def _swap_original(self) -> Callable[[], None]:
+        """Put the pre-wrap head and weights in; returns the function that puts the tuned ones back."""
+        original, adapter, backbone = self._original, self.adapter, self.backbone
+        tuned_head, tuned_classes = adapter.get_classifier(), backbone.num_classes
+        tuned = [(p, p.detach().clone()) for p, _ in original.weights]
+        for parameter, saved in original.weights:
+            parameter.copy_(saved)
+        if tuned_head is not original.head:
+            adapter.set_classifier(original.head)
+        backbone.num_classes = original.num_classes
+
+        @torch.no_grad()
+        def restore() -> None:
+            for parameter, value in tuned:
+                parameter.copy_(value)
+            if tuned_head is not original.head:
+                adapter.set_classifier(tuned_head)
+            backbone.num_classes = tuned_classes
+
+        return restore
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the backbone computes exactly what it computed before ``wrap``.
+
+        Every hook, injected layer and forward override of the method (and of the class-token readout) is
+        taken out, weights the method tunes in place and the classifier are swapped for their pre-wrap
+        values, a merged method is unmerged; all of it comes back on exit.
+        """
+        if self._original is None:
+            raise RuntimeError("this model was not made by wrap(); nothing to disable")
+        merged = self._merged()
+        if merged:
+            self.unmerge()
+        self._plan_injections.deactivate()
+        self.method.injections.deactivate()
+        restore = self._swap_original()
+        try:
+            yield
+        finally:
+            restore()
+            self.method.injections.activate()
+            self._plan_injections.activate()
+            if merged:
+                self.merge()
+
+    def unload(self) -> nn.Module:
+        """Take the method out and return the backbone as it was before ``wrap`` (weights, head, flags).
+
+        The tuned tensors stay with this ``PromptModel``, which cannot run afterwards.
+        """
+        if self._original is None:
+            raise RuntimeError("this model was not made by wrap(); nothing to unload")
+        if self._merged():
+            self.unmerge()
+        self._plan_injections.deactivate()
+        self.method.injections.deactivate()
+        self._swap_original()
+        backbone = self.backbone
+        for parameter, flag in self._original.requires_grad:
+            parameter.requires_grad_(flag)
+        del backbone.promptvit_wrapped
+        self._original = None
+        self.backbone = nn.Identity()
+        self.adapter = None
+        return backbone
+
     def merge(self) -> None:
         self.method.merge()
 
@@ -321,19 +400,30 @@ def wrap(
     """
     if isinstance(model, PromptModel):
         raise ConfigError("this model is already wrapped; wrap the plain timm backbone instead")
+    if getattr(model, "promptvit_wrapped", False):
+        raise ConfigError(
+            "this backbone is already wrapped by another PromptModel (wrapping changes it in place); wrap a "
+            "fresh backbone or copy.deepcopy(backbone), or call unload() on the first model"
+        )
     method_cls, config = make_config(method, **options)
-    if num_classes is not None:
-        if num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        model.reset_classifier(num_classes)
-    if model.num_classes < 1:
-        raise ConfigError("the model has no classifier (num_classes=0); pass num_classes to wrap()")
-    geometry = geometry_of(model)
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    geometry = adapter_for(model).geometry()
     if geometry.kind not in method_cls.supported_kinds:
         raise ConfigError(
             f"method '{method_cls.name}' supports {', '.join(method_cls.supported_kinds)} backbones, "
             f"not {geometry.architecture} ({geometry.kind})"
         )
+    original = _Original(
+        head=model.get_submodule(classifier_name(model)),
+        num_classes=model.num_classes,
+        requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+    )
+    original_buffers = {id(b) for b in model.buffers()}
+    if num_classes is not None:
+        model.reset_classifier(num_classes)
+    if model.num_classes < 1:
+        raise ConfigError("the model has no classifier (num_classes=0); pass num_classes to wrap()")
     source = backbone_source(model)
     if base_model_name is not None:
         source["name"] = base_model_name
@@ -344,9 +434,14 @@ def wrap(
     tuner.attach(model)
     for parameter in tuner.backbone_parameters_to_tune(model):
         parameter.requires_grad_(True)
-    wrapped = PromptModel(model, tuner, source, fingerprint)
+    wrapped = PromptModel(model, tuner, source, fingerprint, original)
     wrapped.get_classifier().requires_grad_(True)
     for extra in wrapped.extra_heads():
         extra.requires_grad_(True)
+    before = {id(p) for p, _ in original.requires_grad}
+    changeable = [p for p in model.parameters() if p.requires_grad and id(p) in before]
+    changeable += [b for b in model.buffers() if id(b) in original_buffers]
+    original.weights = [(t, t.detach() if t.is_meta else t.detach().to("cpu", copy=True)) for t in changeable]
+    model.promptvit_wrapped = True
     wrapped.train(model.training)
     return wrapped

@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 import promptvit
+from promptvit.backbones.vit import timm_attention_parts
 from promptvit.layers import prompted_attention
 from promptvit.layers.prompted_attention import (
     WAYS,
@@ -17,7 +18,6 @@ from promptvit.layers.prompted_attention import (
     prompted_sdpa,
     reference_prompted_attention,
 )
-from promptvit.layers.selected_tokens import attention_heads
 from promptvit.methods.ept import EPTConfig
 from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input, without_readout
 
@@ -292,7 +292,7 @@ def test_attention_weights_reproduce_the_layer_output(way: str) -> None:
             model.backbone._pos_embed(model.backbone.patch_embed(tiny_input("vit_token")))
         )
         x = model.backbone.blocks[0].norm1(x)
-        q, k, v = attention_heads(layer.base_layer, x)
+        q, k, v = timm_attention_parts(layer.base_layer).heads(x)
         weights = layer.attention_weights(x)
         expected = reference_prompted_attention(q, k, v, way=way, **layer._learned())
         torch.testing.assert_close(weights @ v, expected, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import promptvit
 from promptvit.artifact import ArtifactError
-from promptvit.layers.selected_tokens import supports_selected_tokens
+from promptvit.backbones.vit import supports_selected_rows as supports_selected_tokens
 from tests.conftest import TINY_BACKBONES, build_tiny, logits_and_grads, tiny_input
 
 CASES = [(m, k) for m in promptvit.available_methods() for k in sorted(TINY_BACKBONES)]
@@ -208,3 +208,59 @@ def test_deepcopy_is_independent(method: str, kind: str) -> None:
         for _, p in model.tuned_named_parameters():
             p.add_(torch.randn_like(p))
         assert not torch.equal(model(x), clone(x))
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_disable_adapter_gives_timms_output_and_comes_back(method: str, kind: str) -> None:
+    """Inside ``disable_adapter()`` the model is timm's own pre-wrap backbone, bit for bit; outside, the method."""
+    cls = promptvit.get_method(method)
+    base = build_tiny(kind)
+    if promptvit.geometry_of(base).kind not in cls.supported_kinds:
+        pytest.skip(f"{method} does not support {kind}")
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, method, num_classes=4, **cls.test_options)
+    _train_a_little(model, kind)
+    x = tiny_input(kind)
+    with torch.no_grad():
+        tuned = model(x)
+        with model.disable_adapter():
+            assert torch.equal(model.backbone(x), reference(x))
+            assert torch.equal(model(x), reference(x))
+        assert torch.equal(model(x), tuned)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_unload_gives_back_the_original_backbone(method: str, kind: str) -> None:
+    cls = promptvit.get_method(method)
+    base = build_tiny(kind)
+    if promptvit.geometry_of(base).kind not in cls.supported_kinds:
+        pytest.skip(f"{method} does not support {kind}")
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, method, num_classes=4, **cls.test_options)
+    _train_a_little(model, kind)
+    if method == "lora":
+        model.merge()  # unload must also undo a merge exactly
+    unloaded = model.unload()
+    assert unloaded is base
+    after = unloaded.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert {name: p.requires_grad for name, p in unloaded.named_parameters()} == flags
+    x = tiny_input(kind)
+    with torch.no_grad():
+        assert torch.equal(unloaded(x), reference(x))
+    promptvit.wrap(unloaded, method, num_classes=4, **cls.test_options)  # free to be wrapped again
+
+
+def test_wrapping_the_same_backbone_twice_is_refused() -> None:
+    base = build_tiny("vit_token")
+    first = promptvit.wrap(base, "vpt", num_classes=4, prompt_length=2).eval()
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        expected = first(x)
+    with pytest.raises(promptvit.ConfigError, match="already wrapped"):
+        promptvit.wrap(base, "lora", num_classes=4)
+    with torch.no_grad():
+        assert torch.equal(first(x), expected)

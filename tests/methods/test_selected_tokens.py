@@ -8,11 +8,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import promptvit
-from promptvit.layers.selected_tokens import (
-    drop_token_range,
-    forward_selected_tokens,
-    supports_selected_tokens,
-)
+from promptvit.backbones.vit import forward_block_rows as forward_selected_tokens
+from promptvit.backbones.vit import supports_selected_rows as supports_selected_tokens
+from promptvit.layers.selected_tokens import drop_token_range
 from promptvit.layers.token_prompts import TokenPromptHooks
 from tests.conftest import build_tiny, logits_and_grads, tiny_input
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,6 @@ class BackboneError(ValueError):
 
 
 Select = Callable[[torch.Tensor], torch.Tensor]
-
-
-class Removable(Protocol):
-    """A hook handle or anything else that undoes itself (``torch.utils.hooks.RemovableHandle``)."""
-
-    def remove(self) -> None: ...
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, float], torch.Tensor]
 
@@ -274,14 +268,13 @@ class BackboneAdapter:
         """
         raise self._unsupported("fused qkv projection")
 
-    def prepare_inserted_tokens(self) -> list[Removable]:
-        """Hooks that let blocks take tokens inserted at :attr:`prompt_position`.
+    def prepare_inserted_tokens(self, injections: Any) -> None:
+        """Record in ``injections`` (a method's ledger) the changes that let blocks take inserted tokens.
 
         Needed where attention indexes tokens by position (rotary embeddings, relative position bias):
-        inserted tokens then get no position, patch tokens keep theirs. The caller owns the handles and
-        removes them with its other hooks. Most families need none.
+        inserted tokens (at :attr:`prompt_position`) then get no position and patch tokens keep theirs.
+        The ledger owns them, so disabling or unloading the method undoes them. Most families need none.
         """
-        return []
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:
         """Modules after the blocks that belong with the last ones (final norms) for partial tuning."""

@@ -2,9 +2,9 @@
 
 Inserted tokens (prompts) go after the class token and get a **zero** relative-position bias, towards and
 from every token; the bias among the class and patch tokens stays exactly timm's. Beit's attention builds
-its own bias with ``_get_rel_pos_bias()`` (timm private) inside its forward, so while prompts are attached
-that call is redirected to one that pads the bias with zero rows and columns; the shared bias (a keyword
-argument) is padded by a pre-hook. Both are undone by ``remove()``.
+its own bias with ``_get_rel_pos_bias()`` (timm private) inside its forward, so while a token-prompt method
+is attached that attribute is replaced by one that pads the bias with zero rows and columns; the shared
+bias (a keyword argument) is padded by a pre-hook. Both are entries of the method's ledger.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
-    Removable,
     register_adapter,
     unwrap_base_layers,
 )
@@ -45,26 +44,19 @@ class ZeroBiasForInsertedTokens:
     """Pads one Beit attention's relative position bias for the tokens inserted at ``position``."""
 
     def __init__(self, attn: nn.Module, position: int, tokens_without_prompts: int) -> None:
-        self.attn, self.position, self.tokens = attn, position, tokens_without_prompts
+        self.position, self.tokens = position, tokens_without_prompts
         self.inserted = 0
         self.own_bias = attn._get_rel_pos_bias
-        self.hook = attn.register_forward_pre_hook(self._count_and_pad_shared, with_kwargs=True)
-        if attn.relative_position_bias_table is not None:
-            attn._get_rel_pos_bias = self._padded_own_bias
 
-    def _count_and_pad_shared(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    def count_and_pad_shared(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
         self.inserted = args[0].shape[1] - self.tokens
         shared = kwargs.get("shared_rel_pos_bias")
         if shared is not None:
             kwargs = {**kwargs, "shared_rel_pos_bias": pad_bias(shared, self.position, self.inserted)}
         return args, kwargs
 
-    def _padded_own_bias(self) -> torch.Tensor:
+    def padded_own_bias(self) -> torch.Tensor:
         return pad_bias(self.own_bias(), self.position, self.inserted)
-
-    def remove(self) -> None:
-        self.hook.remove()
-        self.attn.__dict__.pop("_get_rel_pos_bias", None)
 
 
 @register_adapter(Beit)
@@ -165,9 +157,11 @@ class BeitAdapter(BackboneAdapter):
         model = self.model
         return [model.patch_embed, model.rel_pos_bias, *model.blocks[:cut]]
 
-    def prepare_inserted_tokens(self) -> list[Removable]:
+    def prepare_inserted_tokens(self, injections: Any) -> None:
         tokens = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
-        return [
-            ZeroBiasForInsertedTokens(unwrap_base_layers(block.attn), self.prompt_position, tokens)
-            for block in self.model.blocks
-        ]
+        for block in self.model.blocks:
+            attn = unwrap_base_layers(block.attn)
+            padding = ZeroBiasForInsertedTokens(attn, self.prompt_position, tokens)
+            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True)
+            if attn.relative_position_bias_table is not None:
+                injections.replace(attn, "_get_rel_pos_bias", padding.padded_own_bias)

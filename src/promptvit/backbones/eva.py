@@ -1,14 +1,16 @@
 """Adapter for timm ``Eva``: EVA-02, DINOv3 and the RoPE ViTs (rotary position embeddings).
 
 Inserted tokens (prompts) go after the prefix tokens and get **no** rotary position: EVA's attention
-rotates every token after its first ``num_prefix_tokens``, so a pre-hook on each attention sets that count
-to "all tokens but the last ``len(rope)``" (the patch tokens), which leaves each patch token exactly the
-rotation it has without prompts. ``_pos_embed`` (timm private; it returns the tokens and the rotary table)
+rotates every token after its first ``num_prefix_tokens``, so while a token-prompt method is attached a
+pre-hook on each attention sets that count to "all tokens but the last ``len(rope)``" (the patch tokens),
+which leaves each patch token exactly the rotation it has without prompts, and a hook puts the count back
+after the call. ``_pos_embed`` (timm private; it returns the tokens and the rotary table)
 is read here only.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +22,6 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
-    Removable,
     register_adapter,
     unwrap_base_layers,
 )
@@ -43,15 +44,8 @@ def _rotary_positions_for_patches(attn: nn.Module, args: tuple, kwargs: dict[str
         attn.num_prefix_tokens = args[0].shape[1] - rope.shape[-2]
 
 
-class _RestorePrefixCount:
-    """Removes the pre-hook and puts back the attention's own prefix-token count."""
-
-    def __init__(self, attn: nn.Module, handle: Removable) -> None:
-        self.attn, self.handle, self.count = attn, handle, attn.num_prefix_tokens
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.attn.num_prefix_tokens = self.count
+def _restore_prefix_count(count: int, attn: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    attn.num_prefix_tokens = count
 
 
 @register_adapter(Eva)
@@ -199,11 +193,9 @@ class EvaAdapter(BackboneAdapter):
         model = self.model
         return [model.patch_embed, model.norm_pre, model.patch_drop, model.rope, *model.blocks[:cut]]
 
-    def prepare_inserted_tokens(self) -> list[Removable]:
-        handles: list[Removable] = []
+    def prepare_inserted_tokens(self, injections: Any) -> None:
         for block in self.model.blocks:
             attn = unwrap_base_layers(block.attn)
             if hasattr(attn, "num_prefix_tokens"):
-                hook = attn.register_forward_pre_hook(_rotary_positions_for_patches, with_kwargs=True)
-                handles.append(_RestorePrefixCount(attn, hook))
-        return handles
+                injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True)
+                injections.hook(attn, functools.partial(_restore_prefix_count, attn.num_prefix_tokens))

@@ -33,7 +33,10 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
     if missing:
         raise BackboneError(f"{type(attn).__name__} is not a timm fused-qkv attention: it lacks {missing}")
     num_heads = int(attn.num_heads)
-    head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * num_heads)))
+    if hasattr(attn, "head_dim"):
+        head_dim = int(attn.head_dim)
+    else:
+        head_dim = unwrap_base_layers(attn.qkv).out_features // (3 * num_heads)
     return AttentionParts(
         module=attn,
         qkv=attn.qkv,
@@ -175,12 +178,7 @@ class ViTAdapter(BackboneAdapter):
         return unwrap_base_layers(self.model.blocks[block].attn), "qkv"
 
     def supports_selected_rows(self, block: int) -> bool:
-        """timm's plain pre-norm ``Block`` whose attention is timm's or computes selected rows itself."""
-        module = self.model.blocks[block]
-        if type(module) is not Block:
-            return False
-        attn = module.attn
-        return type(attn) is Attention or callable(getattr(attn, "forward_selected", None))
+        return supports_selected_rows(self.model.blocks[block])
 
     def forward_block_rows(self, block: int, x: torch.Tensor, select: Select) -> torch.Tensor:
         return forward_block_rows(self.model.blocks[block], x, select)
@@ -204,6 +202,14 @@ class ViTAdapter(BackboneAdapter):
     def prefix_modules(self, cut: int) -> list[nn.Module]:
         model = self.model
         return [model.patch_embed, model.norm_pre, getattr(model, "patch_drop", None), *model.blocks[:cut]]
+
+
+def supports_selected_rows(block: nn.Module) -> bool:
+    """timm's plain pre-norm ``Block`` whose attention is timm's or computes selected rows itself."""
+    if type(block) is not Block:
+        return False
+    attn = block.attn
+    return type(attn) is Attention or callable(getattr(attn, "forward_selected", None))
 
 
 def forward_block_rows(block: nn.Module, x: torch.Tensor, select: Select) -> torch.Tensor:

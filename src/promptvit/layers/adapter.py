@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from promptvit.methods.base import TunerLayer
+from promptvit.layers.base import TunerLayer
 
 
 class Bottleneck(nn.Module):

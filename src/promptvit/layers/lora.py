@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.methods.base import TunerLayer
+from promptvit.layers.base import TunerLayer
 
 
 class FusedLoRALinear(TunerLayer):
@@ -31,7 +31,7 @@ class FusedLoRALinear(TunerLayer):
     (len(parts), part_size, rank); row ``i`` of both belongs to part ``parts[i]`` (``parts`` is sorted).
 
     ``merge()`` adds the update into ``base_layer.weight`` and the forward then skips the low-rank path;
-    ``unmerge()`` subtracts it again. Both are idempotent (merging a merged layer does nothing). A/B are
+    ``unmerge()`` puts the frozen weight back. Both are idempotent (merging a merged layer does nothing). A/B are
     never changed by merging, so saving them while merged stores the same (unmerged) factors.
     """
 
@@ -113,23 +113,29 @@ class FusedLoRALinear(TunerLayer):
         return update.reshape(y.shape)
 
     @torch.no_grad()
-    def _apply_delta(self, sign: float) -> None:
+    def _add_delta(self) -> None:
         weight = self.base_layer.weight
         rows = weight.view(self.num_parts, self.part_size, -1)
         delta = self.delta_weight().to(weight.dtype)
         for i, p in enumerate(self.parts):
-            rows[p].add_(delta[i], alpha=sign)
+            rows[p].add_(delta[i])
 
     def merge(self) -> None:
-        """Fold the update into the frozen weight; a no-op when already merged."""
+        """Fold the update into the frozen weight; a no-op when already merged.
+
+        The frozen weight is kept aside while merged, so ``unmerge`` gives it back bit for bit.
+        """
         if not self.merged:
-            self._apply_delta(1.0)
+            self._unmerged_weight = self.base_layer.weight.detach().clone()
+            self._add_delta()
             self.merged = True
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update from the frozen weight again; a no-op when not merged."""
+        """Put the frozen weight back as it was before ``merge``; a no-op when not merged."""
         if self.merged:
-            self._apply_delta(-1.0)
+            self.base_layer.weight.copy_(self._unmerged_weight)
+            del self._unmerged_weight
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
-from promptvit.layers.selected_tokens import attention_heads
-from promptvit.methods.base import TunerLayer
+from promptvit.backbones import AttentionParts, BackboneError, all_rows, attend
+from promptvit.backbones.vit import timm_attention_parts
+from promptvit.layers.base import TunerLayer
 
 Way = Literal["pure_cat", "multi_cat", "add", "multiply"]
 WAYS: tuple[str, ...] = ("pure_cat", "multi_cat", "add", "multiply")
@@ -118,9 +119,6 @@ def prompted_sdpa(
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-_REQUIRED = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
-
-
 class PromptedAttention(TunerLayer):
     """Replaces a timm ``Attention``; the frozen original is kept as ``base_layer``.
 
@@ -145,12 +143,10 @@ class PromptedAttention(TunerLayer):
         img_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        missing = [name for name in _REQUIRED if not hasattr(base_layer, name)]
-        if missing:
-            raise TypeError(
-                f"PromptedAttention needs a timm fused-qkv Attention module; {type(base_layer).__name__} "
-                f"lacks {missing}"
-            )
+        try:
+            timm_attention_parts(base_layer)
+        except BackboneError as error:
+            raise TypeError(f"PromptedAttention needs a timm fused-qkv Attention module: {error}") from error
         if way not in WAYS:
             raise ValueError(f"unknown EPT way {way!r}; expected one of {WAYS}")
         self.base_layer = base_layer
@@ -168,6 +164,10 @@ class PromptedAttention(TunerLayer):
         else:
             self.temperature = nn.Parameter(torch.zeros(num_tokens, 1, **factory))
 
+    @property
+    def parts(self) -> AttentionParts:
+        return timm_attention_parts(self.base_layer)
+
     def extra_repr(self) -> str:
         length = f", prompt_length={self.prompt_length}" if self.way.endswith("_cat") else ""
         return f"way={self.way}, num_tokens={self.num_tokens}{length}"
@@ -181,7 +181,7 @@ class PromptedAttention(TunerLayer):
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention over the real keys, (B, H, N, N), for analysis; rows sum to the EPT gate, not to 1."""
-        q, k, _ = attention_heads(self.base_layer, x)
+        q, k, _ = self.parts.heads(x)
         n = k.shape[-2]
         # The reference computes attn @ v; with v = identity it returns the attention matrix itself.
         identity = torch.eye(n, dtype=q.dtype, device=q.device).expand(*q.shape[:2], n, n)
@@ -198,7 +198,7 @@ class PromptedAttention(TunerLayer):
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("EPT prompted attention does not support attention masks or is_causal")
-        return self.forward_selected(x, _all_rows)
+        return self.forward_selected(x, all_rows)
 
     def forward_selected(
         self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]
@@ -207,7 +207,6 @@ class PromptedAttention(TunerLayer):
 
         ``select`` acts on the token axis (-2); every token still serves as key and value.
         """
-        base = self.base_layer
         n = x.shape[1]
         if n != self.num_tokens:
             built = f" for {self.img_size[0]}x{self.img_size[1]} images" if self.img_size else ""
@@ -216,31 +215,10 @@ class PromptedAttention(TunerLayer):
                 f"row per token and the model was built{built} (geometry.img_size={self.img_size}). Feed "
                 "inputs of that size, or wrap a backbone built for the new size (its prompts get new rows)."
             )
-        gate = base.gate(select(x)).sigmoid() if getattr(base, "gate", None) is not None else None
-        q, k, v = attention_heads(self.base_layer, x)
-        # timm's Attention.scale is head_dim ** -0.5, SDPA's default; pass it only if a module differs.
-        scale = getattr(base, "scale", None)
-        if scale is not None and scale == q.shape[-1] ** -0.5:
-            scale = None
         # Every learned tensor has one row per query token (axis -2), so it is selected with the queries.
         learned = {name: select(tensor) for name, tensor in self._learned().items()}
-        x = prompted_sdpa(
-            select(q),
-            k,
-            v,
-            way=self.way,
-            scale=scale,
-            dropout_p=base.attn_drop.p if self.training else 0.0,
-            **learned,
-        )
-        x = x.transpose(1, 2).flatten(2)
-        norm = getattr(base, "norm", None)
-        if norm is not None:
-            x = norm(x)
-        if gate is not None:
-            x = x * gate
-        return base.proj_drop(base.proj(x))
 
+        def core(q, k, v, scale, dropout_p):
+            return prompted_sdpa(q, k, v, way=self.way, scale=scale, dropout_p=dropout_p, **learned)
 
-def _all_rows(tokens: torch.Tensor) -> torch.Tensor:
-    return tokens
+        return attend(self.parts, x, select=select, core=core)

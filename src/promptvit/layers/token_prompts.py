@@ -32,11 +32,8 @@ import torch
 from torch import nn
 
 from promptvit.backbones import adapter_for
-from promptvit.layers.selected_tokens import (
-    drop_token_range,
-    forward_selected_tokens,
-    supports_selected_tokens,
-)
+from promptvit.layers.base import BatchedChange
+from promptvit.layers.selected_tokens import drop_token_range
 
 
 def vpt_init_bound(patch_size: int | tuple[int, int], embed_dim: int) -> float:
@@ -152,7 +149,8 @@ class TokenPromptHooks:
         blocks = sorted(lengths)
         if not blocks:
             raise ValueError("no block to prompt")
-        depth = len(backbone.blocks)
+        adapter = adapter_for(backbone)
+        depth = len(adapter.blocks)
         if blocks[0] < 0 or blocks[-1] >= depth:
             raise ValueError(f"prompted blocks {blocks} out of range for a ViT with {depth} blocks")
         #: block -> (prompt tokens in the stream before it, tokens it puts in)
@@ -164,15 +162,15 @@ class TokenPromptHooks:
             if block in lengths:
                 self.prompt_schedule[block] = (in_stream, int(lengths[block]))
                 in_stream = int(lengths[block])
-                backbone.blocks[block].register_forward_pre_hook(
-                    functools.partial(self._insert_token_prompts, block)
+                self.injections.pre_hook(
+                    adapter.blocks[block], functools.partial(self._insert_token_prompts, block)
                 )
             self.prompts_in_block[block] = in_stream
-        #: hooks of the backbone family that give inserted tokens no position (rotary, relative bias)
-        self.inserted_token_handles = adapter_for(backbone).prepare_inserted_tokens()
+        # the family's hooks that give inserted tokens no position (rotary, relative bias)
+        adapter.prepare_inserted_tokens(self.injections)
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
-        backbone.norm.register_forward_pre_hook(self._strip_token_prompts)
+        self.injections.pre_hook(adapter.final_norm, self._strip_token_prompts)
         #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
         self.prompt_output_skipping_blocks = frozenset(
             block
@@ -180,12 +178,31 @@ class TokenPromptHooks:
             if count
             and (block == depth - 1 or block + 1 in lengths)
             and block not in keep_prompt_outputs
-            and supports_selected_tokens(backbone.blocks[block])
+            and adapter.supports_selected_rows(block)
         )
+        self._adapter = [adapter]  # a list: not a submodule
         for block in self.prompt_output_skipping_blocks:
-            module = backbone.blocks[block]
+            module = adapter.blocks[block]
             # An instance attribute, so the module (its name, weights and hooks) stays timm's own.
-            module.forward = functools.partial(self._forward_skipping_prompt_outputs, block, module)
+            self.injections.override_forward(
+                module, functools.partial(self._forward_skipping_prompt_outputs, block, module)
+            )
+
+    @torch.no_grad()
+    def token_prompt_change(self) -> BatchedChange:
+        """The inserted prompts of every block (eval mode: no dropout) for batched multi-task serving."""
+        probe = torch.zeros(1, self.geometry.num_tokens, self.geometry.embed_dim)
+        tensors = {}
+        for block, (_, length) in self.prompt_schedule.items():
+            if length:
+                device = next(self.parameters(), probe).device
+                tensors[str(block)] = self.block_prompts(block, probe.to(device))[0].detach().clone()
+        return BatchedChange(
+            "token_prompts",
+            tensors=tensors,
+            schedule=dict(self.prompt_schedule),
+            prompts_at_norm=self.prompts_at_norm,
+        )
 
     def _skipping(self, block: int) -> bool:
         """Whether ``block`` currently outputs no prompt tokens."""
@@ -201,7 +218,9 @@ class TokenPromptHooks:
         if args or kwargs or not self._skipping(block):
             return type(module).forward(module, x, *args, **kwargs)
         start, count = self.num_prefix_tokens, self.prompts_in_block[block]
-        return forward_selected_tokens(module, x, lambda tokens: drop_token_range(tokens, start, count))
+        return self._adapter[0].forward_block_rows(
+            block, x, lambda tokens: drop_token_range(tokens, start, count)
+        )
 
     def _insert_token_prompts(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
         if not self.token_prompts_enabled:

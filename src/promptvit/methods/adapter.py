@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.adapter import ParallelAdapterMlp
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import check_block_list, resolve_blocks
@@ -59,9 +59,11 @@ class Adapter(Method):
         if width < 1:
             raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
-            block = backbone.blocks[index]
-            layer = ParallelAdapterMlp(block.mlp, d, width, scale=config.scale, dropout=config.dropout)
-            block.mlp = layer
+            parent, name = adapter_for(backbone).mlp_slot(index)
+            layer = ParallelAdapterMlp(
+                getattr(parent, name), d, width, scale=config.scale, dropout=config.dropout
+            )
+            self.injections.replace(parent, name, layer)
             self._adapter_layers.append(layer)
 
     def tuned_from_block(self) -> int:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, cnn_stages
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.token_prompts import (
     TokenPromptHooks,
     expand_prompts,
@@ -57,10 +57,6 @@ class APConfig(MethodConfig):
         _check_input_size("ap", self.cnn_input_size)
 
 
-class _ProbeDone(Exception):
-    """Stops the shape-probing forward once the prompted stage's input is known."""
-
-
 @register_method
 class AP(TokenPromptHooks, Method):
     """Activation prompt: ``delta`` (add, product) or ``prompts`` (concat) at the input of one block/stage."""
@@ -88,9 +84,8 @@ class AP(TokenPromptHooks, Method):
         self.num_prefix_tokens = geometry.num_prefix_tokens
 
     def _target(self, backbone: nn.Module) -> nn.Module:
-        if self.geometry.kind == "vit":
-            return backbone.blocks[self.config.layer]
-        return cnn_stages(backbone)[self.config.layer]
+        adapter = adapter_for(backbone)
+        return (adapter.blocks if adapter.kind == "vit" else adapter.stages)[self.config.layer]
 
     def attach(self, backbone: nn.Module) -> None:
         device, dtype = reference_device_dtype(backbone)
@@ -108,33 +103,16 @@ class AP(TokenPromptHooks, Method):
         else:
             shape = self._probe_stage_input(backbone, device, dtype)
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        self._target(backbone).register_forward_pre_hook(self._prompt_activation)
+        self.injections.pre_hook(self._target(backbone), self._prompt_activation)
 
     def _probe_stage_input(
         self, backbone: nn.Module, device: torch.device, dtype: torch.dtype
     ) -> tuple[int, ...]:
         """(C, H, W) of the prompted stage's input for one zero image of the configured size."""
-        height, width = image_size(self.geometry, self.config.cnn_input_size)
-        modes = {module: module.training for module in backbone.modules()}
-        handle = self._target(backbone).register_forward_pre_hook(self._record_shape)
-        try:
-            backbone.eval()
-            with torch.no_grad():
-                backbone(torch.zeros(1, 3, height, width, device=device, dtype=dtype))
-        except _ProbeDone:
-            pass
-        finally:
-            handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
-        shape = self.__dict__.pop("_probed_shape", None)
-        if shape is None:
-            raise ConfigError(f"ap: stage {self.config.layer} of {self.geometry.architecture} never ran")
-        return shape
-
-    def _record_shape(self, module: nn.Module, args: tuple) -> None:
-        self._probed_shape = tuple(args[0].shape[1:])
-        raise _ProbeDone
+        shapes = adapter_for(backbone).stage_input_shapes(
+            image_size(self.geometry, self.config.cnn_input_size)
+        )
+        return shapes[self.config.layer]
 
     def _prompt_activation(self, module: nn.Module, args: tuple) -> tuple:
         z = args[0]

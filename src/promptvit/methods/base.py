@@ -2,8 +2,10 @@
 
 A tuning method is one module: a config dataclass plus a ``Method`` subclass, registered with
 ``@register_method``. ``PromptModel`` (in ``promptvit.model``) is the only caller of the hooks below, and
-the training engine sees methods only through ``PromptModel`` and these hooks, so adding a method never
-touches the others.
+the training engine sees methods only through ``PromptModel`` and these hooks. Every change a method makes to
+the backbone goes through its ``injections`` ledger (:mod:`promptvit.layers.base`), so it can be disabled
+and removed; what generic code needs to know (data init, auxiliary loss, per-epoch logs, how it batches
+across tasks, its frozen prefix) is declared here, never looked up by method name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
+from promptvit.layers.base import BatchedChange, Injections, TunerLayer
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,8 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         self.geometry = geometry
+        #: every hook, replaced module and forward override this method put into the backbone
+        self.injections = Injections()
 
     def attach(self, backbone: nn.Module) -> None:
         """Inject layers or register hooks on the (frozen) backbone."""
@@ -157,16 +162,20 @@ class Method(nn.Module):
         """Called by the engine after each epoch (numbered from 1); returns numbers worth logging."""
         return {}
 
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        """The method's changes in a form the multi-task server applies per sample; ``None``: not batchable.
+
+        ``[]`` means nothing but the head changes. The server gathers each kind of change per sample, so a
+        new method that expresses itself in these kinds is served batched without touching the server.
+        """
+        return None
+
     def merge(self) -> None:
         """Fold the method into the backbone weights where possible (LoRA)."""
         raise NotImplementedError(f"method '{self.name}' cannot be merged into the backbone")
 
     def unmerge(self) -> None:
         raise NotImplementedError(f"method '{self.name}' cannot be merged into the backbone")
-
-
-class TunerLayer(nn.Module):
-    """Marker base for layers a method injects into a backbone (LoRA linear, adapter, prompted attention)."""
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -289,6 +289,7 @@ class DAVPT(TokenPromptHooks, Method):
         self.register_buffer("class_to_prompt", self._default_mapping(device))
         self.register_buffer("centroids", torch.zeros(self.num_proxies, feature_dim, device=device))
 
+        adapter = adapter_for(backbone)
         lengths = {i: self.block_length(i) for i in range(self.geometry.depth)}
         first = min(i for i, length in lengths.items() if length > 0)
         # The paper anchor reads the proxy prompts' attention output in the guided blocks: keep it computed.
@@ -297,29 +298,31 @@ class DAVPT(TokenPromptHooks, Method):
             backbone, {i: n for i, n in lengths.items() if i >= first}, keep_prompt_outputs=keep
         )
 
-        if config.bias_set != "none" or self.has_cls:
-            for index in range(self.geometry.depth):
-                try:
-                    adapter_for(backbone).qkv_slot(index)
-                except BackboneError as error:
-                    raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
+        def qkv(index: int) -> nn.Module:
+            try:
+                return getattr(*adapter.qkv_slot(index))
+            except BackboneError as error:
+                raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
+
         if config.bias_set != "none":
-            qkv = backbone.blocks[0].attn.qkv
-            self._qkv_part = qkv.out_features // 3
+            self._qkv_part = qkv(0).out_features // 3
             self.kv_bias_delta = nn.Parameter(
                 torch.zeros(self.geometry.depth, 2 * self._qkv_part, device=device, dtype=dtype)
             )
-            for index, block in enumerate(backbone.blocks):
-                block.attn.qkv.register_forward_hook(functools.partial(self._add_kv_bias, index))
+            for index in range(len(adapter.blocks)):
+                self.injections.hook(qkv(index), functools.partial(self._add_kv_bias, index))
         # Capture hooks run after the prompt hooks, so they see the prompted sequence.
         for g, index in enumerate(self.guided):
-            block = backbone.blocks[index]
-            block.register_forward_pre_hook(functools.partial(self._capture_block_input, g))
+            self.injections.pre_hook(adapter.blocks[index], functools.partial(self._capture_block_input, g))
             if self.has_cls:
-                block.attn.qkv.register_forward_hook(functools.partial(self._capture_cls_query, g))
+                self.injections.hook(qkv(index), functools.partial(self._capture_cls_query, g))
             if config.anchor == "prompt_attn_out":
-                block.attn.proj.register_forward_pre_hook(functools.partial(self._capture_attn_out, g))
-        head.register_forward_pre_hook(self._capture_features)
+                try:
+                    proj = adapter.attention(index).proj
+                except BackboneError as error:
+                    raise ConfigError(f"da_vpt: anchor='prompt_attn_out' reads attention parts; {error}") from None
+                self.injections.pre_hook(proj, functools.partial(self._capture_attn_out, g))
+        self.injections.pre_hook(head, self._capture_features)
 
     def _default_mapping(self, device: torch.device | None = None) -> torch.Tensor:
         """Identity when #classes <= M, else class c -> c mod M until the data init replaces it."""

@@ -122,10 +122,10 @@ class EPT(Method):
                 adapter.attention(index)
             except BackboneError as error:
                 raise ConfigError(f"ept: prompted attention re-computes plain softmax attention; {error}") from None
-            block = backbone.blocks[index]
+            parent, name = adapter.attention_slot(index)
             try:
-                block.attn = PromptedAttention(
-                    block.attn,
+                layer = PromptedAttention(
+                    getattr(parent, name),
                     num_tokens=self.geometry.num_tokens,
                     way=self.config.way,
                     prompt_length=self.prompt_length,
@@ -134,6 +134,7 @@ class EPT(Method):
                 )
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error
+            self.injections.replace(parent, name, layer)
 
     def tuned_from_block(self) -> int:
         """Blocks before the first prompted one are frozen."""

@@ -83,16 +83,17 @@ class LoRA(Method):
     def attach(self, backbone: nn.Module) -> None:
         config: LoRAConfig = self.config
         parts = sorted(QKV.index(t) for t in config.targets)
+        adapter = adapter_for(backbone)
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
             try:
-                attn, _ = adapter_for(backbone).qkv_slot(index)
+                attn, _ = adapter.qkv_slot(index)
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = getattr(attn, "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
             layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
-            attn.qkv = layer
+            self.injections.replace(attn, "qkv", layer)
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for, classifier_name, set_classifier
+from promptvit.backbones import Geometry, adapter_for, classifier_name
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
@@ -36,7 +36,9 @@ class MLP(Method):
         hidden = [
             layer for _ in range(self.config.num_layers - 1) for layer in (nn.Linear(width, width), act())
         ]
-        set_classifier(backbone, nn.Sequential(*hidden, adapter_for(backbone).get_classifier()))
+        parent_name, _, child = classifier_name(backbone).rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        self.injections.replace(parent, child, nn.Sequential(*hidden, adapter_for(backbone).get_classifier()))
 
     def head_name(self, backbone: nn.Module) -> str:
         mlp_head = classifier_name(backbone)

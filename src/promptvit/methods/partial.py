@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from promptvit.backbones import Geometry, cnn_stages, is_vit
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
@@ -33,9 +33,10 @@ class Partial(Method):
         k = self.config.num_blocks
         if k > self.geometry.depth:
             raise ConfigError(f"partial: num_blocks={k} exceeds the backbone's {self.geometry.depth} blocks")
-        if is_vit(backbone):
-            return [*backbone.blocks[-k:], backbone.norm, backbone.fc_norm]
-        return [*cnn_stages(backbone)[-k:], *_cnn_head_norms(backbone)]
+        adapter = adapter_for(backbone)
+        if adapter.kind == "vit":
+            return [*adapter.blocks[-k:], *adapter.tuned_with_last_blocks()]
+        return [*adapter.stages[-k:], *adapter.after_stages()]
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         return itertools.chain.from_iterable(m.parameters() for m in self._tuned_modules(backbone))
@@ -54,8 +55,3 @@ class Partial(Method):
         if geometry.kind != "vit":
             return None
         return config.num_blocks * geometry.vit_block_parameters() + 2 * geometry.embed_dim
-
-
-def _cnn_head_norms(backbone: nn.Module) -> list[nn.Module]:
-    """Layers after the last stage that belong with it (EfficientNet's conv_head and bn2)."""
-    return [getattr(backbone, name) for name in ("conv_head", "bn2") if hasattr(backbone, name)]

@@ -65,11 +65,6 @@ def image_size(geometry: Geometry, cnn_input_size: list[int] | None) -> tuple[in
     return int(geometry.img_size[0]), int(geometry.img_size[1])
 
 
-def image_input_module(backbone: nn.Module) -> nn.Module:
-    """The first module applied to the images: a ViT's patch embedding or a CNN's stem."""
-    return adapter_for(backbone).input_module()
-
-
 @register_method
 class VP(Method):
     """Visual prompting by addition: ``prompt`` (token mode) or ``pad_up/pad_down/pad_left/pad_right`` (pad)."""
@@ -112,7 +107,7 @@ class VP(Method):
             self.prompt = self._new(
                 self.geometry.num_tokens, self.geometry.embed_dim, device=device, dtype=dtype
             )
-            backbone.blocks[0].register_forward_pre_hook(self._add_token_prompt)
+            self.injections.pre_hook(adapter_for(backbone).blocks[0], self._add_token_prompt)
             return
         height, width = image_size(self.geometry, self.config.cnn_input_size)
         pad = self.config.pad_size
@@ -120,7 +115,7 @@ class VP(Method):
         self.pad_down = self._new(3, pad, width, device=device, dtype=dtype)
         self.pad_left = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
         self.pad_right = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
-        image_input_module(backbone).register_forward_pre_hook(self._add_pad_prompt)
+        self.injections.pre_hook(adapter_for(backbone).input_module(), self._add_pad_prompt)
 
     def frame(self) -> torch.Tensor:
         """The (3, H, W) pixel prompt: the learned border around a zero centre."""
