@@ -133,7 +133,7 @@ class BeitAdapter(BackboneAdapter):
 
     def attention(self, block: int) -> AttentionParts:
         raise BackboneError(
-            f"{type(self.model).__name__} ({self.family}) adds a relative position bias inside its attention; "
+            f"{type(self.model).__name__} adds a relative position bias inside its attention; "
             "it has no plain attention parts"
         )
 
@@ -141,7 +141,7 @@ class BeitAdapter(BackboneAdapter):
         attn = unwrap_base_layers(self.model.blocks[block].attn)
         if attn.q_bias is not None and not attn.qkv_bias_separate:
             raise BackboneError(
-                f"{type(self.model).__name__} ({self.family}) adds its q/v biases inside F.linear on "
+                f"{type(self.model).__name__} adds its q/v biases inside F.linear on "
                 "attn.qkv.weight, so a wrapped or hooked qkv module would be bypassed"
             )
         return attn, "qkv"

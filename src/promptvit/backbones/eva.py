@@ -159,7 +159,7 @@ class EvaAdapter(BackboneAdapter):
         attn = unwrap_base_layers(self.model.blocks[block].attn)
         if self.model.rope is not None:
             raise BackboneError(
-                f"{type(self.model).__name__} ({self.family}) rotates queries and keys by position inside its "
+                f"{type(self.model).__name__} rotates queries and keys by position inside its "
                 "attention; it has no plain attention parts"
             )
         self._check_fused_qkv(attn)
@@ -173,12 +173,12 @@ class EvaAdapter(BackboneAdapter):
     def _check_fused_qkv(self, attn: nn.Module) -> None:
         if getattr(attn, "qkv", None) is None:
             raise BackboneError(
-                f"{type(self.model).__name__} ({self.family}) computes q, k and v with three projections, "
+                f"{type(self.model).__name__} computes q, k and v with three projections, "
                 "not one fused qkv"
             )
         if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False):
             raise BackboneError(
-                f"{type(self.model).__name__} ({self.family}) adds its q/v biases inside F.linear on "
+                f"{type(self.model).__name__} adds its q/v biases inside F.linear on "
                 "attn.qkv.weight, so a wrapped or hooked qkv module would be bypassed"
             )
 

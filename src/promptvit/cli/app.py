@@ -401,6 +401,10 @@ from promptvit.cli.protocol_commands import register_protocol_commands  # noqa: 
 
 register_protocol_commands(app)
 
+from promptvit.cli.backbone_commands import register_backbone_commands  # noqa: E402
+
+register_backbone_commands(app)
+
 
 def main() -> None:
     try:
