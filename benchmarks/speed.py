@@ -175,7 +175,7 @@ TRAIN_CONFIGS = [
 TRAIN_LABELS = {
     "plain": "frozen backbone, backward to the input (reference)",
     "plain_readout": "the same as a `PromptModel` (linear): class-token readout, backward to the input",
-    "lora_all_tokens": "LoRA (ours) as above, readout off (`readout_rows_only=False`)",
+    "lora_all_tokens": "LoRA (ours) as above, readout off (`plan.class_token_readout=False`)",
     "ept": "EPT, every block, d_p=100 (pure_cat): shipped path (c), SDPA + 1 padded key, LSE(P) in a float mask",
     "ept_manual": "EPT variant (a): materialised logits, gate sigmoid(LSE(u) - LSE(P)) (bench only)",
     "ept_augq": "EPT variant: LSE(P) as an extra q/k channel, no mask, SDPA flash (bench only)",
@@ -212,7 +212,7 @@ def build_training(name: str, model: str, device: str, checkpointing: bool = Fal
             "lora": {"rank": 8, "targets": ["q", "v"]},
         }[method]
         module = promptvit.wrap(backbone, method, **options)
-        module.readout_rows_only = name != "lora_all_tokens"
+        module.plan.class_token_readout = name != "lora_all_tokens"
         module.train()
         input_grad = False
     elif name.startswith("peft"):
@@ -289,7 +289,7 @@ INFER_LABELS = {
     "timm": "untouched timm model (reference)",
     "linear": "linear probe: `PromptModel`, no method (class-token readout only)",
     "ept": "EPT, every block, d_p=100",
-    "ept_all_tokens": "EPT, readout off (`readout_rows_only=False`; not a shipped default)",
+    "ept_all_tokens": "EPT, readout off (`plan.class_token_readout=False`; not a shipped default)",
     "ap": "AP (add) at block 0",
     "bias": "BitFit (bias)",
     "norm": "norm tuning",
@@ -314,7 +314,7 @@ def inference_fn(name: str, model: str, device: str, batch: int):
                 p.add_(0.01)
         if name == "lora_merged":
             module.merge()
-        module.readout_rows_only = name != "ept_all_tokens"
+        module.plan.class_token_readout = name != "ept_all_tokens"
     module.eval().to(device)
     size = MODELS[model][2]
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)

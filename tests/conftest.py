@@ -57,7 +57,7 @@ def without_readout(model):
     The readout (the last block computes the class-token row only) agrees up to float rounding; it is pinned
     for every method in tests/methods/test_matrix.py.
     """
-    model.readout_rows_only = False
+    model.plan.class_token_readout = False
     return model
 
 

@@ -62,7 +62,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from promptvit.backbones import classifier_name
+from promptvit.backbones import adapter_for, classifier_name
 from promptvit.methods.base import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def prefix_tensors(model: nn.Module, cut: int) -> dict[str, torch.Tensor]:
     if cut == depth:
         head = classifier_name(backbone).split(".")[0]
         return {n: t for n, t in named.items() if n.split(".")[0] != head}
-    stem = ("patch_embed.", "norm_pre.", "cls_token", "reg_token", "pos_embed")
-    blocks = tuple(f"blocks.{i}." for i in range(cut))
+    stem, blocks = adapter_for(backbone).prefix_state_names(cut)
     return {n: t for n, t in named.items() if n.startswith(stem) or n.startswith(blocks)}
 
 
@@ -172,9 +171,7 @@ def _prefix_modules_repr(model: nn.Module, cut: int) -> str:
     if cut == model.geometry.depth:
         head = classifier_name(backbone).split(".")[0]
         return "\n".join(f"{n}: {m!r}" for n, m in backbone.named_children() if n != head)
-    parts = [repr(backbone.patch_embed), repr(backbone.norm_pre), repr(getattr(backbone, "patch_drop", None))]
-    parts += [repr(b) for b in backbone.blocks[:cut]]
-    return "\n".join(parts)
+    return "\n".join(repr(m) for m in adapter_for(backbone).prefix_modules(cut))
 
 
 class _FingerprintMemo:

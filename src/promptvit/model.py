@@ -20,7 +20,7 @@ from promptvit.backbones import (
     classifier_name,
     weights_fingerprint,
 )
-from promptvit.layers.base import Injections
+from promptvit.layers.base import ForwardPlan, Injections
 from promptvit.layers.selected_tokens import class_token_row
 from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
 
@@ -49,7 +49,7 @@ class PromptModel(nn.Module):
     serves as key and value (:mod:`promptvit.layers.selected_tokens`). Same logits up to float rounding (about
     1e-7 in float32), a sixth of the last block's cost; the final norm then sees that row only. It stands aside
     while anything hooks into the last block and under gradient checkpointing; ``all_token_outputs()`` (the
-    analysis recorders enter it) or ``readout_rows_only = False`` turn it off. ``forward_features`` always
+    analysis recorders enter it) or ``plan.using(class_token_readout=False)`` turn it off. ``forward_features`` always
     returns every token.
     """
 
@@ -74,9 +74,6 @@ class PromptModel(nn.Module):
         #: hash of the backbone weights before tuning; an artifact only fits a backbone with the same hash
         self.base_fingerprint = base_fingerprint
         self.head_name = method.head_name(backbone)
-        #: compute only the row the head reads in the last block (see the class docstring)
-        self.readout_rows_only = True
-        self._computing_logits = False
         self._install_class_token_readout()
 
     @property
@@ -198,33 +195,24 @@ class PromptModel(nn.Module):
             last, functools.partial(self._last_block_forward, last, block_forward)
         )
 
-    @contextlib.contextmanager
-    def all_token_outputs(self) -> Iterator[None]:
+    @property
+    def plan(self) -> ForwardPlan:
+        """How forwards run (class-token readout, prompt-output skipping), shared with the method."""
+        return self.method.plan
+
+    def all_token_outputs(self) -> contextlib.AbstractContextManager[ForwardPlan]:
         """Within the block every block computes every token's output: no class-token readout, and token-prompt
         methods keep their prompt outputs. Same logits, more work; for tools that read hidden tokens."""
-        previous = self.readout_rows_only
-        self.readout_rows_only = False
-        keeping = getattr(self.method, "keeping_prompt_outputs", None)
-        try:
-            with keeping() if callable(keeping) else contextlib.nullcontext():
-                yield
-        finally:
-            self.readout_rows_only = previous
+        return self.plan.using(class_token_readout=False, skip_prompt_outputs=False)
 
-    @contextlib.contextmanager
-    def _logits_pass(self) -> Iterator[None]:
-        previous = self._computing_logits
-        self._computing_logits = True
-        try:
-            yield
-        finally:
-            self._computing_logits = previous
+    def _logits_pass(self) -> contextlib.AbstractContextManager[ForwardPlan]:
+        return self.plan.using(logits=True)
 
     def _reads_class_token_only(self, block: nn.Module) -> bool:
         backbone = self.backbone
         return (
-            self._computing_logits
-            and self.readout_rows_only
+            self.plan.logits
+            and self.plan.class_token_readout
             and self.adapter.reads_class_token_only()
             # a checkpointed block is recomputed in backward, outside this pass, so it must not depend on it
             and not (getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled())

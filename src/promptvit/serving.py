@@ -2,35 +2,32 @@
 
 ``MultiTaskModel(base_backbone, [artifact dirs or PromptModels])`` keeps ONE frozen copy of the backbone
 and, per task, only what the task tunes. A batch of images with task ids (or every task for every image)
-runs through the shared backbone once; where the tasks' methods differ, each sample uses its own task's
-tensors, gathered per sample:
+runs through the shared backbone once; each sample uses its own task's tensors, gathered per sample.
 
-* ``linear`` / ``mlp``: nothing changes in the backbone ("plain" tasks); all plain tasks of an image share
-  one backbone pass, then each task's head runs on the shared pre-logit features;
-* ``vp``: the token prompt (added at the input of block 0) or the pixel frame (added to the image), per sample;
-* ``ap`` add/product: the activation prompt at the input of block ``layer``, per sample;
-* ``ept`` (``pure_cat``, ``add``, ``multiply``): the prompted attention of each prompted block with the
-  sample's prompt logits (one padded key holding ``LSE_k P_ik``; ``-inf`` for samples whose task has no
-  prompt there), logit bias or query temperature;
-* ``lora`` (unmerged): per block, every task's factors padded to a common rank on all three q/k/v parts
-  (zeros where a task has none) with ``alpha / r`` folded into B, gathered per sample; samples of tasks
-  without LoRA add exact zeros;
-* token prompts (``vpt``, ``spt``, ``ap`` concat): samples are grouped by insertion schedule (blocks and
-  lengths); within a group every sample gets its task's prompts.
+The server never looks at method names: each method declares its changes as
+:class:`~promptvit.methods.base.BatchedChange` objects (``Method.batched_changes``), of a few generic kinds:
 
-Every other case falls back to a per-task forward of the task's own ``PromptModel`` on its samples: methods
-that change backbone weights (``bias``, ``norm``, ``partial``, ``full``), ``adapter``, EPT ``multi_cat``,
-``da_vpt``, and any method on a CNN backbone other than ``linear``/``mlp``. ``batched_tasks`` and
-``fallback_tasks`` list the split.
+* none at all (``[]``): only the head differs; all such tasks of an image share one backbone pass;
+* ``add_tokens`` / ``scale_tokens`` / ``add_pixels``: a tensor added to (or scaling) a block's input tokens,
+  or added to the images;
+* ``attention_logits``: one padded key holding ``LSE_k P_ik`` (``-inf`` for samples whose task has none
+  there), a logit bias or a query temperature in one block's attention;
+* ``qkv_low_rank``: low-rank q/k/v deltas per block, every task's factors padded to a common rank;
+* ``token_prompts``: inserted tokens; samples are grouped by insertion schedule (blocks and lengths).
+
+A method whose ``batched_changes`` is ``None``, or any method but head-only ones on a CNN, falls back to a
+per-task forward of the task's own ``PromptModel`` on its samples. ``batched_tasks`` and ``fallback_tasks``
+list the split.
 
 Results equal per-task inference up to float rounding (the batched attention of a block where some sample
-has EPT runs the masked SDPA path for every sample of the batch, and LoRA deltas are computed with the
-scaling folded into B); the tests hold them to 1e-5 in float32.
+has extra logits runs the masked SDPA path for every sample of the batch, and low-rank deltas are computed
+with the scaling folded into B); the tests hold them to 1e-5 in float32.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,21 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptvit.backbones import (
-    body_parameters,
-    geometry_of,
-    set_classifier,
-    weights_fingerprint,
-)
-from promptvit.layers.lora import FusedLoRALinear
-from promptvit.layers.prompted_attention import PromptedAttention
+from promptvit.backbones import adapter_for, attend, body_parameters, sdpa_core, weights_fingerprint
 from promptvit.layers.token_prompts import replace_prompts, strip_prompts
-from promptvit.methods.base import ConfigError
+from promptvit.methods.base import BatchedChange, ConfigError
 from promptvit.model import PromptModel
-
-PLAIN_METHODS = ("linear", "mlp")
-TOKEN_PROMPT_METHODS = ("vpt", "spt")
-_REQUIRED_ATTN = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
 
 
 def _body_fingerprint(backbone: nn.Module) -> str:
@@ -75,8 +61,8 @@ class _Task:
 @dataclass
 class _Context:
     rows: torch.Tensor  # (B,) table row per sample
-    ept_blocks: set[int] = field(default_factory=set)
-    lora_blocks: set[int] = field(default_factory=set)
+    logit_blocks: set[int] = field(default_factory=set)
+    low_rank_blocks: set[int] = field(default_factory=set)
     add_blocks: set[int] = field(default_factory=set)
     mul_blocks: set[int] = field(default_factory=set)
     frame: bool = False
@@ -90,15 +76,10 @@ class _Tables(nn.Module):
 
 
 class _MultiTaskAttention(nn.Module):
-    """A frozen timm ``Attention`` plus per-sample EPT logits and LoRA deltas from the owner's tables."""
+    """A frozen attention plus per-sample extra logits and low-rank q/k/v deltas from the owner's tables."""
 
     def __init__(self, base: nn.Module, block: int, owner: MultiTaskModel) -> None:
         super().__init__()
-        missing = [n for n in _REQUIRED_ATTN if not hasattr(base, n)]
-        if missing:
-            raise ConfigError(
-                f"serving: block {block}'s attention lacks {missing}; only timm fused-qkv attention"
-            )
         self.base_layer = base
         self.block = block
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
@@ -106,50 +87,31 @@ class _MultiTaskAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         owner = self._owner[0]
         ctx = owner._context
-        ept = ctx is not None and self.block in ctx.ept_blocks
-        lora = ctx is not None and self.block in ctx.lora_blocks
-        if not (ept or lora):
+        logits = ctx is not None and self.block in ctx.logit_blocks
+        low_rank = ctx is not None and self.block in ctx.low_rank_blocks
+        if not (logits or low_rank):
             return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise NotImplementedError("multi-task attention does not support attention masks")
-        base = self.base_layer
-        tables = owner.tables
-        rows = ctx.rows
-        batch, n, _ = x.shape
-        gate = base.gate(x).sigmoid() if getattr(base, "gate", None) is not None else None
-        qkv = base.qkv(x)
-        if lora:
+        tables, rows = owner.tables, ctx.rows
+        delta = None
+        if low_rank:
             a = getattr(tables, f"lora_a_{self.block}")[rows]  # (B, 3, R, D)
             b = getattr(tables, f"lora_b_{self.block}")[rows]  # (B, 3, P, R), scaling folded in
-            h = torch.einsum("bnd,bprd->bnpr", x, a)
-            qkv = qkv + torch.einsum("bnpr,bpor->bnpo", h, b).flatten(-2)
-        qkv = qkv.reshape(batch, n, 3, base.num_heads, base.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = base.q_norm(q), base.k_norm(k)
-        scale = getattr(base, "scale", None)
-        if scale is not None and scale == q.shape[-1] ** -0.5:
-            scale = None
-        if ept:
-            out = self._ept(q, k, v, rows, n, scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        out = out.transpose(1, 2).reshape(batch, n, getattr(base, "attn_dim", base.num_heads * base.head_dim))
-        norm = getattr(base, "norm", None)
-        if norm is not None:
-            out = norm(out)
-        if gate is not None:
-            out = out * gate
-        return base.proj_drop(base.proj(out))
+            delta = torch.einsum("bnpr,bpor->bnpo", torch.einsum("bnd,bprd->bnpr", x, a), b).flatten(-2)
+        parts = owner.adapter.attention(self.block)
+        core = functools.partial(self._extra_logits, rows, x.shape[1]) if logits else sdpa_core
+        return attend(parts, x, core=core, qkv_delta=delta)
 
-    def _ept(self, q, k, v, rows, n, scale):
+    def _extra_logits(self, rows, n, q, k, v, scale, dropout_p):
         tables = self._owner[0].tables
         temperature = getattr(tables, f"ept_temperature_{self.block}", None)
         if temperature is not None:
             q = q * (1 + temperature[rows]).unsqueeze(1).to(q.dtype)  # (B, 1, N, 1)
-        lse = getattr(tables, f"ept_lse_{self.block}")[rows]  # (B, N), -inf: no prompt
+        lse = getattr(tables, f"ept_lse_{self.block}")[rows]  # (B, N), -inf: no extra column
         bias = getattr(tables, f"ept_bias_{self.block}", None)
         if lse.shape[-1] != n:
-            raise ValueError(f"EPT prompts have {lse.shape[-1]} rows but block {self.block} got {n} tokens")
+            raise ValueError(f"extra logits have {lse.shape[-1]} rows but block {self.block} got {n} tokens")
         column = lse.unsqueeze(-1).to(q.dtype)  # (B, N, 1)
         if bias is not None:
             mask = torch.cat([bias[rows].to(q.dtype), column], dim=-1)
@@ -188,11 +150,12 @@ class MultiTaskModel(nn.Module):
             raise ValueError("no tasks to serve")
         if names is not None and len(names) != len(tasks):
             raise ValueError(f"{len(names)} names for {len(tasks)} tasks")
-        self.geometry = geometry_of(base_backbone)
+        self.geometry = adapter_for(base_backbone).geometry()
         fingerprint = _body_fingerprint(base_backbone)
         backbone = copy.deepcopy(base_backbone).eval().requires_grad_(False)
-        set_classifier(backbone, nn.Identity())
         self.backbone = backbone
+        self.adapter = adapter_for(backbone)
+        self.adapter.set_classifier(nn.Identity())
         self.tables = _Tables()
         self.heads = nn.ModuleDict()
         self.fallback = nn.ModuleDict()
@@ -237,152 +200,110 @@ class MultiTaskModel(nn.Module):
     def fallback_tasks(self) -> list[str]:
         return [t.name for t in self.tasks if t.model is not None]
 
-    def _batchable(self, model: PromptModel) -> bool:
-        method = model.method
-        if method.name in PLAIN_METHODS:
-            return True
-        if self.geometry.kind != "vit":
-            return False
-        if method.name in ("vp", "lora") or method.name in TOKEN_PROMPT_METHODS:
-            return True
-        if method.name == "ap":
-            return True
-        if method.name == "ept":
-            return method.config.way != "multi_cat"
-        return False
+    def _changes(self, model: PromptModel) -> list[BatchedChange] | None:
+        """The task's batched changes; None for a per-task fallback (CNNs batch head-only tasks only)."""
+        changes = model.method.batched_changes(model.backbone)
+        if changes and self.geometry.kind != "vit":
+            return None
+        return changes
 
     def _build(self, models: list[PromptModel]) -> None:
-        depth = self.geometry.depth if self.geometry.kind == "vit" else 0
         rows = 1  # row 0: identity
         batched = []
         for task, model in zip(self.tasks, models, strict=True):
             task.head = copy.deepcopy(model.backbone.get_classifier())
             self.heads[task.name] = task.head
-            if not self._batchable(model):
+            changes = self._changes(model)
+            if changes is None:
                 task.model = model
                 self.fallback[task.name] = model
                 continue
-            if model.method.name not in PLAIN_METHODS:
+            if changes:
                 task.row = rows
                 rows += 1
-            batched.append((task, model))
+            batched.append((task, changes))
         self.num_rows = rows
-        adds: dict[int, torch.Tensor] = {}
-        muls: dict[int, torch.Tensor] = {}
-        frames: torch.Tensor | None = None
-        ept: dict[int, dict[str, Any]] = {}
-        ept_rows: dict[int, set[int]] = {}
-        lora: dict[int, list[tuple[int, FusedLoRALinear]]] = {}
-        self.schedules: dict[tuple, dict[str, Any]] = {}
         reference = next(self.backbone.parameters())
         factory = {"device": reference.device, "dtype": reference.dtype}
-        n, d = self.geometry.num_tokens, self.geometry.embed_dim
+        #: table name -> stacked per-row tensor; table name -> rows that change something there
+        tables: dict[str, torch.Tensor] = {}
+        self._rows_of: dict[str, set[int]] = {}
+        self.schedules: dict[tuple, dict[str, Any]] = {}
 
-        add_rows: dict[int, set[int]] = {}
-        mul_rows: dict[int, set[int]] = {}
-        frame_rows: set[int] = set()
+        def put(name: str, row: int, value: torch.Tensor, fill: float = 0.0) -> None:
+            if name not in tables:
+                tables[name] = torch.full((rows, *value.shape), fill, **factory)
+            tables[name][row] = value
+            self._rows_of.setdefault(name, set()).add(row)
 
-        def table(store: dict, key: int, shape: tuple, fill: float = 0.0) -> torch.Tensor:
-            if key not in store:
-                store[key] = torch.full((rows, *shape), fill, **factory)
-            return store[key]
-
-        for task, model in batched:
-            method, name = model.method, model.method.name
-            if name in PLAIN_METHODS:
-                continue
-            with torch.no_grad():
-                if name == "vp" and method.config.mode == "token":
-                    table(adds, 0, (n, d))[task.row] = method.prompt
-                    add_rows.setdefault(0, set()).add(task.row)
-                elif name == "vp":
-                    frame = method.frame()
-                    if frames is None:
-                        frames = torch.zeros((rows, *frame.shape), **factory)
-                    frames[task.row] = frame
-                    frame_rows.add(task.row)
-                elif name == "ap" and method.config.variant == "add":
-                    table(adds, method.config.layer, (n, d))[task.row] = method.delta
-                    add_rows.setdefault(method.config.layer, set()).add(task.row)
-                elif name == "ap" and method.config.variant == "product":
-                    table(muls, method.config.layer, (n, d))[task.row] = method.delta
-                    mul_rows.setdefault(method.config.layer, set()).add(task.row)
-                elif name == "ept":
-                    for block in range(depth):
-                        layer = model.backbone.blocks[block].attn
-                        if not isinstance(layer, PromptedAttention):
-                            continue
-                        entry = ept.setdefault(block, {})
-                        ept_rows.setdefault(block, set()).add(task.row)
-                        if layer.way == "pure_cat":
-                            table(entry, "lse", (n,), float("-inf"))[task.row] = torch.logsumexp(
-                                layer.prompt, -1
-                            )
-                        elif layer.way == "add":
-                            table(entry, "lse", (n,), float("-inf"))
-                            table(entry, "bias", (n, n))[task.row] = layer.logit_bias
-                        else:
-                            table(entry, "lse", (n,), float("-inf"))
-                            table(entry, "temperature", (n, 1))[task.row] = layer.temperature
-                elif name == "lora":
-                    for block in range(depth):
-                        layer = model.backbone.blocks[block].attn.qkv
-                        if isinstance(layer, FusedLoRALinear):
-                            lora.setdefault(block, []).append((task.row, layer))
-                else:  # token prompts: vpt, spt, ap concat
-                    self._add_schedule(task, method)
-        for block, tensor in adds.items():
-            self.tables.register_buffer(f"add_{block}", tensor)
-        for block, tensor in muls.items():
-            self.tables.register_buffer(f"mul_{block}", tensor)
-        if frames is not None:
-            self.tables.register_buffer("frame", frames)
-        for block, entry in ept.items():
-            for key, tensor in entry.items():
-                self.tables.register_buffer(f"ept_{key}_{block}", tensor)
-        for block, layers in lora.items():
-            rank = max(layer.rank for _, layer in layers)
-            part = layers[0][1].part_size
-            a = torch.zeros(rows, 3, rank, d, **factory)
-            b = torch.zeros(rows, 3, part, rank, **factory)
-            with torch.no_grad():
-                for row, layer in layers:
-                    for i, p in enumerate(layer.parts):
-                        a[row, p, : layer.rank] = layer.lora_A[i]
-                        b[row, p, :, : layer.rank] = layer.lora_B[i] * layer.scaling
-            self.tables.register_buffer(f"lora_a_{block}", a)
-            self.tables.register_buffer(f"lora_b_{block}", b)
-        #: block -> table rows (tasks) that change that block's attention
-        self._ept_rows = ept_rows
-        self._add_rows, self._mul_rows, self._frame_rows = add_rows, mul_rows, frame_rows
-        self._lora_rows = {block: {row for row, _ in layers} for block, layers in lora.items()}
-
-    def _add_schedule(self, task: _Task, method: nn.Module) -> None:
-        schedule = dict(method.prompt_schedule)
-        signature = (tuple(sorted(schedule.items())), method.prompts_at_norm, method.num_prefix_tokens)
-        group = self.schedules.setdefault(
-            signature,
-            {"schedule": schedule, "prompts_at_norm": method.prompts_at_norm, "prompts": {}},
-        )
-        probe = torch.zeros(1, self.geometry.num_tokens, self.geometry.embed_dim)
+        low_rank: dict[int, list[tuple[int, BatchedChange]]] = {}
         with torch.no_grad():
-            for block, (_, length) in schedule.items():
-                if length:
-                    prompts = method.block_prompts(block, probe.to(next(method.parameters()).device))
-                    group["prompts"].setdefault(block, {})[task.row] = prompts[0].detach().clone()
+            for task, changes in batched:
+                for change in changes:
+                    kind, block, tensors = change.kind, change.block, change.tensors
+                    if kind == "add_tokens":
+                        put(f"add_{block}", task.row, tensors["delta"])
+                    elif kind == "scale_tokens":
+                        put(f"mul_{block}", task.row, tensors["delta"])
+                    elif kind == "add_pixels":
+                        put("frame", task.row, tensors["frame"])
+                    elif kind == "attention_logits":
+                        put(f"ept_lse_{block}", task.row, tensors["lse"], float("-inf"))
+                        for name in ("bias", "temperature"):
+                            if name in tensors:
+                                put(f"ept_{name}_{block}", task.row, tensors[name])
+                    elif kind == "qkv_low_rank":
+                        low_rank.setdefault(block, []).append((task.row, change))
+                    else:
+                        self._add_schedule(task, change)
+            for block, entries in low_rank.items():
+                rank = max(change.tensors["a"].shape[1] for _, change in entries)
+                parts, dim = entries[0][1].tensors["a"].shape[::2]
+                part_size = entries[0][1].tensors["b"].shape[1]
+                a = torch.zeros(rows, parts, rank, dim, **factory)
+                b = torch.zeros(rows, parts, part_size, rank, **factory)
+                for row, change in entries:
+                    r = change.tensors["a"].shape[1]
+                    a[row, :, :r] = change.tensors["a"]
+                    b[row, :, :, :r] = change.tensors["b"]
+                tables[f"lora_a_{block}"], tables[f"lora_b_{block}"] = a, b
+                self._rows_of[f"lora_a_{block}"] = {row for row, _ in entries}
+        for name, tensor in tables.items():
+            self.tables.register_buffer(name, tensor)
+
+    def _blocks_with(self, prefix: str, present: set[int] | None = None) -> set[int]:
+        """Blocks with a table ``<prefix><block>`` (changed by a row in ``present``, when given)."""
+        return {
+            int(name[len(prefix) :])
+            for name, rows in self._rows_of.items()
+            if name.startswith(prefix)
+            and name[len(prefix) :].isdigit()
+            and (present is None or rows & present)
+        }
+
+    def _add_schedule(self, task: _Task, change: BatchedChange) -> None:
+        schedule = dict(change.schedule)
+        signature = (tuple(sorted(schedule.items())), change.prompts_at_norm, self.geometry.num_prefix_tokens)
+        group = self.schedules.setdefault(
+            signature, {"schedule": schedule, "prompts_at_norm": change.prompts_at_norm, "prompts": {}}
+        )
+        for block, prompts in change.tensors.items():
+            group["prompts"].setdefault(int(block), {})[task.row] = prompts
         task.schedule = signature
 
     def _install_hooks(self) -> None:
-        backbone = self.backbone
+        adapter = self.adapter
         if self.geometry.kind != "vit":
             return
-        for index, block in enumerate(backbone.blocks):
-            if index in self._ept_rows or index in self._lora_rows:
-                block.attn = _MultiTaskAttention(block.attn, index, self)
+        attention_blocks = self._blocks_with("ept_lse_") | self._blocks_with("lora_a_")
+        for index, block in enumerate(adapter.blocks):
+            if index in attention_blocks:
+                parent, name = adapter.attention_slot(index)
+                setattr(parent, name, _MultiTaskAttention(getattr(parent, name), index, self))
             block.register_forward_pre_hook(self._block_pre_hook(index))
-        backbone.norm.register_forward_pre_hook(self._norm_pre_hook)
+        adapter.final_norm.register_forward_pre_hook(self._norm_pre_hook)
         if hasattr(self.tables, "frame"):
-            backbone.patch_embed.register_forward_pre_hook(self._pixel_pre_hook)
+            adapter.input_module().register_forward_pre_hook(self._pixel_pre_hook)
 
     def _block_pre_hook(self, index: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -426,11 +347,11 @@ class MultiTaskModel(nn.Module):
         """Pre-logit features of ``images`` with per-sample table rows, one batched backbone forward."""
         ctx = _Context(rows=rows.to(images.device))
         present = set(rows.tolist())
-        ctx.ept_blocks = {b for b, r in self._ept_rows.items() if r & present}
-        ctx.lora_blocks = {b for b, r in self._lora_rows.items() if r & present}
-        ctx.add_blocks = {b for b, r in self._add_rows.items() if r & present}
-        ctx.mul_blocks = {b for b, r in self._mul_rows.items() if r & present}
-        ctx.frame = bool(self._frame_rows & present)
+        ctx.logit_blocks = self._blocks_with("ept_lse_", present)
+        ctx.low_rank_blocks = self._blocks_with("lora_a_", present)
+        ctx.add_blocks = self._blocks_with("add_", present)
+        ctx.mul_blocks = self._blocks_with("mul_", present)
+        ctx.frame = bool(self._rows_of.get("frame", set()) & present)
         if signature is not None:
             group = self.schedules[signature]
             ctx.schedule = group["schedule"]

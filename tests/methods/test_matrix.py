@@ -264,3 +264,25 @@ def test_wrapping_the_same_backbone_twice_is_refused() -> None:
         promptvit.wrap(base, "lora", num_classes=4)
     with torch.no_grad():
         assert torch.equal(first(x), expected)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_serving_equals_per_task_inference(method: str, kind: str) -> None:
+    """Every method is served (batched through its declared changes, or per task) with its own logits."""
+    from promptvit.serving import MultiTaskModel
+
+    model = _wrapped(method, kind).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # tuned tensors away from their initial values, so that each one shapes the logits
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    plain = promptvit.wrap(build_tiny(kind), "linear", num_classes=3).eval()
+    served = MultiTaskModel(build_tiny(kind), [model, plain], names=["task", "plain"])
+    changes = model.method.batched_changes(model.backbone)
+    batched = changes == [] or (changes is not None and promptvit.geometry_of(build_tiny(kind)).kind == "vit")
+    assert ("task" in served.batched_tasks) == batched
+    x = tiny_input(kind, batch=3)
+    out = served(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out["task"], model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["plain"], plain(x), rtol=1e-5, atol=1e-5)

@@ -225,7 +225,7 @@ def test_before_the_data_init_prompts_hold_the_vpt_init() -> None:
 def test_data_init_keeps_the_training_mode_and_the_model_prompted() -> None:
     model = promptvit.wrap(build_tiny("vit_token", num_classes=4), "spt", prompt_length=2).train()
     model.method.initialize_from_data(model, [tiny_input("vit_token")])
-    assert model.training and model.method.token_prompts_enabled
+    assert model.training and model.method.plan.token_prompts
     assert not any(m.training for m in model.backbone.blocks.modules())
 
 

@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention as TimmAttention
 from torch import nn
 
 from promptvit.analysis.extract import (
@@ -56,6 +55,7 @@ from promptvit.analysis.extract import (
     iterate_batches,
     model_device,
 )
+from promptvit.backbones.vit import timm_attention_parts
 
 _RECOMPUTE_API = ("qkv", "num_heads", "scale")
 
@@ -67,19 +67,14 @@ def _recomputable(module: nn.Module) -> bool:
 
 
 def find_attention_module(module: nn.Module) -> nn.Module | None:
-    """The module to recompute attention from: ``module`` itself if it is a fused-qkv attention, else a
-    timm ``Attention`` held by it (direct attributes first, then any descendant)."""
-    if isinstance(module, TimmAttention) or _recomputable(module):
+    """The module to recompute attention from: ``module`` itself if it is a fused-qkv attention, else one
+    held by it (direct children first, then any descendant)."""
+    if _recomputable(module):
         return module
-    for child in module.children():
-        if isinstance(child, TimmAttention):
-            return child
-    for sub in module.modules():
-        if isinstance(sub, TimmAttention):
-            return sub
-    for sub in module.modules():
-        if _recomputable(sub):
-            return sub
+    for candidates in (module.children(), module.modules()):
+        for sub in candidates:
+            if _recomputable(sub):
+                return sub
     return None
 
 
@@ -87,27 +82,10 @@ def recompute_attention(
     attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
 ) -> torch.Tensor:
     """Softmax attention probabilities (B, H, N, N), float32, of a timm fused-qkv attention for input x."""
-    batch, n, _ = x.shape
-    heads = int(attn.num_heads)
-    qkv = attn.qkv(x)
-    head_dim = int(getattr(attn, "head_dim", qkv.shape[-1] // (3 * heads)))
-    q, k, _ = qkv.reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q_norm = getattr(attn, "q_norm", None)
-    k_norm = getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    logits = logits.float()
     if is_causal:
-        logits = logits + logits.new_full((n, n), float("-inf")).triu_(1)
-    elif attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        else:
-            logits = logits + attn_mask.float()
-    return logits.softmax(dim=-1)
+        n = x.shape[1]
+        attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
+    return timm_attention_parts(attn).probabilities(x, attn_mask)
 
 
 @dataclasses.dataclass

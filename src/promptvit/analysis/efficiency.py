@@ -285,12 +285,15 @@ def efficiency_portrait(
     if steps < 1 or repeats < 1 or batch_size < 1:
         raise ValueError("steps, repeats and batch_size must be >= 1")
     device = torch.device(device)
+    from promptvit.methods import baseline_method
+
     specs_in = list(methods)
-    if not any(name == "linear" for name, _ in specs_in):
-        specs_in = [("linear", {}), *specs_in]
+    baseline = baseline_method()
+    if not any(name == baseline for name, _ in specs_in):
+        specs_in = [(baseline, {}), *specs_in]
     labels = _labels(specs_in)
     specs = [
-        {"label": label, "method": name, "options": dict(options), "reference": name == "linear"}
+        {"label": label, "method": name, "options": dict(options), "reference": name == baseline}
         for label, (name, options) in zip(labels, specs_in, strict=True)
     ]
     reference = next(s for s in specs if s["reference"])

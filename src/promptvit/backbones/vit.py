@@ -189,7 +189,8 @@ class ViTAdapter(BackboneAdapter):
             model.global_pool == "token"
             and getattr(model, "attn_pool", None) is None
             and type(model).forward_head is VisionTransformer.forward_head
-            and type(model).pool is VisionTransformer.pool
+            # ``pool`` exists from timm 1.0.1x on; before it, forward_head pooled inline
+            and getattr(type(model), "pool", None) is getattr(VisionTransformer, "pool", None)
         )
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:

@@ -9,8 +9,9 @@ them back in the original order. ``PromptModel.disable_adapter()`` and ``unload(
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +36,40 @@ class _Injection:
     with_kwargs: bool = False  # a pre-hook that also receives and may change the keyword arguments
 
 
+@dataclasses.dataclass
+class ForwardPlan:
+    """How a wrapped model's forward runs: one object shared by ``PromptModel`` and its method.
+
+    Fields change only for the length of a ``with plan.using(...)`` block, so no mode outlives the code that
+    asked for it. The plan decides which output rows blocks compute; it never changes the logits (beyond
+    float rounding).
+    """
+
+    #: the current forward computes logits (``forward``, ``forward_from_block``), not hidden tokens
+    logits: bool = False
+    #: in a logits pass, the last block computes only the rows the head reads (the class token)
+    class_token_readout: bool = True
+    #: blocks whose prompt outputs are discarded next (replaced, or stripped at the final norm) skip them
+    skip_prompt_outputs: bool = True
+    #: token prompts are inserted (off for a prompt-free forward, e.g. a data-dependent prompt init)
+    token_prompts: bool = True
+
+    @contextlib.contextmanager
+    def using(self, **fields: bool) -> Iterator[ForwardPlan]:
+        """Set ``fields`` within the block; the previous values come back on exit."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"ForwardPlan has no field(s) {sorted(unknown)}")
+        previous = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in previous.items():
+                setattr(self, name, value)
+
+
 class Injections:
     """The ledger of one method's changes to one backbone (see the module docstring)."""
 
@@ -44,6 +79,10 @@ class Injections:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def entries(self, kind: str) -> list[_Injection]:
+        """The recorded changes of one kind (``pre_hook``, ``hook``, ``replace``, ``forward``), in order."""
+        return [entry for entry in self._entries if entry.kind == kind]
 
     def pre_hook(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
         self._add(_Injection("pre_hook", module, hook, with_kwargs=with_kwargs))

@@ -1,6 +1,6 @@
 """Data-dependent prompt initialisation: prompts from the tokens each prompted layer receives (SPT).
 
-SPT (spec §3.2) runs the frozen backbone **without prompts** over training images and initialises the
+SPT (docs/methods.md, SPT) runs the frozen backbone **without prompts** over training images and initialises the
 prompts of layer ``i`` from the tokens that layer receives:
 
 * layer 0: the ``patch_embed`` output, i.e. patch tokens **before** the position embedding, no CLS;
@@ -38,6 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from promptvit.backbones import adapter_for
+
 Sampler = Literal["random", "mean_pool", "max_pool", "kmeans"]
 SAMPLERS: tuple[str, ...] = ("random", "mean_pool", "max_pool", "kmeans")
 
@@ -53,7 +55,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def window_bounds(num_tokens: int, k: int) -> list[tuple[int, int]]:
-    """The ``k`` (start, end) token windows of SPT's mean/max pooling (spec §3.2)."""
+    """The ``k`` (start, end) token windows of SPT's mean/max pooling (docs/methods.md, SPT)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k == 1:
@@ -130,13 +132,14 @@ class LayerTokenCatcher:
     """
 
     def __init__(self, backbone: nn.Module, layers: Sequence[int], stop_early: bool = False) -> None:
-        depth = len(backbone.blocks)
+        self.adapter = adapter_for(backbone)
+        depth = len(self.adapter.blocks)
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"layers {bad} out of range for a ViT with {depth} blocks")
         self.backbone = backbone
         self.layers = sorted(set(layers))
-        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        self.num_prefix_tokens = self.adapter.num_prefix_tokens
         self.stop_early = stop_early
         self.tokens: dict[int, torch.Tensor] = {}
 
@@ -146,10 +149,10 @@ class LayerTokenCatcher:
         try:
             for layer in self.layers:
                 if layer == 0:
-                    handles.append(self.backbone.patch_embed.register_forward_hook(self._record_patch_embed))
+                    handles.append(self.adapter.patch_embed.register_forward_hook(self._record_patch_embed))
                 else:
                     handles.append(
-                        self.backbone.blocks[layer].register_forward_pre_hook(
+                        self.adapter.blocks[layer].register_forward_pre_hook(
                             functools.partial(self._record_block_input, layer)
                         )
                     )

@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
 
 from promptvit.backbones import adapter_for
-from promptvit.layers.base import BatchedChange
+from promptvit.layers.base import BatchedChange, ForwardPlan
 from promptvit.layers.selected_tokens import drop_token_range
 
 
@@ -112,28 +112,15 @@ class TokenPromptHooks:
     """
 
     num_prefix_tokens: int
-    token_prompts_enabled: bool = True
-    skip_discarded_prompt_outputs: bool = True
+    plan: ForwardPlan
 
-    @contextlib.contextmanager
-    def without_token_prompts(self) -> Iterator[None]:
+    def without_token_prompts(self) -> contextlib.AbstractContextManager[ForwardPlan]:
         """Within the block the backbone runs as if no prompts were attached."""
-        previous = self.token_prompts_enabled
-        self.token_prompts_enabled = False
-        try:
-            yield
-        finally:
-            self.token_prompts_enabled = previous
+        return self.plan.using(token_prompts=False)
 
-    @contextlib.contextmanager
-    def keeping_prompt_outputs(self) -> Iterator[None]:
+    def keeping_prompt_outputs(self) -> contextlib.AbstractContextManager[ForwardPlan]:
         """Within the block every block outputs its prompt tokens too (same logits, more work)."""
-        previous = self.skip_discarded_prompt_outputs
-        self.skip_discarded_prompt_outputs = False
-        try:
-            yield
-        finally:
-            self.skip_discarded_prompt_outputs = previous
+        return self.plan.using(skip_prompt_outputs=False)
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -207,8 +194,8 @@ class TokenPromptHooks:
     def _skipping(self, block: int) -> bool:
         """Whether ``block`` currently outputs no prompt tokens."""
         return (
-            self.token_prompts_enabled
-            and self.skip_discarded_prompt_outputs
+            self.plan.token_prompts
+            and self.plan.skip_prompt_outputs
             and block in self.prompt_output_skipping_blocks
         )
 
@@ -223,7 +210,7 @@ class TokenPromptHooks:
         )
 
     def _insert_token_prompts(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.token_prompts_enabled:
+        if not self.plan.token_prompts:
             return None
         x = args[0]
         num_old = 0 if self._skipping(block - 1) else self.prompt_schedule[block][0]
@@ -233,7 +220,7 @@ class TokenPromptHooks:
         last_block = max(self.prompts_in_block)
         # No more rows than prefix tokens: only the class token reached the norm (PromptModel's readout).
         if (
-            not self.token_prompts_enabled
+            not self.plan.token_prompts
             or self._skipping(last_block)
             or args[0].shape[-2] <= self.num_prefix_tokens
         ):

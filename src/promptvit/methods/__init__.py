@@ -22,7 +22,9 @@ from promptvit.methods.base import (
     MethodConfig,
     TunerLayer,
     available_methods,
+    baseline_method,
     get_method,
+    methods_in_table_order,
     register_method,
 )
 
@@ -32,6 +34,8 @@ __all__ = [
     "MethodConfig",
     "TunerLayer",
     "available_methods",
+    "baseline_method",
     "get_method",
+    "methods_in_table_order",
     "register_method",
 ]

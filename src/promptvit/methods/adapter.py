@@ -43,6 +43,7 @@ class AdapterConfig(MethodConfig):
 @register_method
 class Adapter(Method):
     name = "adapter"
+    table_rank = 7
     config_class = AdapterConfig
     paper = "AdaptFormer (Chen et al., NeurIPS 2022)"
     identity_at_init = True

@@ -1,6 +1,6 @@
 """AP: an input-independent prompt on the activation map at the input of one block (ViT) or stage (CNN).
 
-No official code exists (spec §4, ambiguity 10); this is our reading of the paper, which defines
+No official code exists (docs/methods.md, AP); this is our reading of the paper, which defines
 ``g(z, delta) = z + delta`` at layer l, with VP as the case l = 0:
 
 * ``add`` (the paper's AP): ``z_l + delta``, delta of the full activation shape, shared across samples and
@@ -34,7 +34,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.vp import _check_input_size, image_size
 
 
@@ -62,6 +62,7 @@ class AP(TokenPromptHooks, Method):
     """Activation prompt: ``delta`` (add, product) or ``prompts`` (concat) at the input of one block/stage."""
 
     name = "ap"
+    table_rank = 11
     config_class = APConfig
     paper = "AP: Activation Prompts (Zhang et al., AISTATS 2026)"
     supported_kinds = ("vit", "cnn")
@@ -133,6 +134,12 @@ class AP(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts, x.shape[0])
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        if self.config.variant == "concat":
+            return [self.token_prompt_change()]
+        kind = "add_tokens" if self.config.variant == "add" else "scale_tokens"
+        return [BatchedChange(kind, block=self.config.layer, tensors={"delta": self.delta.detach()})]
 
     def tuned_from_block(self) -> int:
         """The prompt is applied by a pre-hook on block ``layer`` (ViT); CNN stages are not cached (0)."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
-from promptvit.layers.base import BatchedChange, Injections, TunerLayer
+from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,10 @@ class Method(nn.Module):
     identity_at_init: ClassVar[bool] = False
     #: options the shared test matrix uses to keep the method small (e.g. a short prompt)
     test_options: ClassVar[dict[str, Any]] = {}
+    #: row position in result tables (the built-ins follow EPT's Table 1, then the methods it lacks)
+    table_rank: ClassVar[int] = 1000
+    #: the reference other methods are compared with in reports (linear probing)
+    is_baseline: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, geometry: Geometry) -> None:
         super().__init__()
@@ -105,6 +109,8 @@ class Method(nn.Module):
         self.geometry = geometry
         #: every hook, replaced module and forward override this method put into the backbone
         self.injections = Injections()
+        #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
+        self.plan = ForwardPlan()
 
     def attach(self, backbone: nn.Module) -> None:
         """Inject layers or register hooks on the (frozen) backbone."""
@@ -128,6 +134,17 @@ class Method(nn.Module):
         ``None`` where no closed form is defined for this geometry; the test matrix checks it otherwise.
         """
         return None
+
+    @classmethod
+    def prompted_depth(cls, config: MethodConfig, depth: int) -> int | None:
+        """How many blocks carry the method's prompts or modules (reports plot scores against it).
+
+        Default: the length of a ``layers`` option (every block when it is None); None without one.
+        """
+        if not any(f.name == "layers" for f in dataclasses.fields(config)):
+            return None
+        layers = config.layers
+        return len(layers) if layers is not None else depth
 
     def tuned_from_block(self) -> int:
         """Index of the first ViT block whose computation depends on tuned parameters.
@@ -201,6 +218,16 @@ def get_method(name: str) -> type[Method]:
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+def methods_in_table_order() -> list[str]:
+    """Names of all registered methods in the row order of result tables (``table_rank``, then name)."""
+    return sorted(_REGISTRY, key=lambda name: (_REGISTRY[name].table_rank, name))
+
+
+def baseline_method() -> str | None:
+    """The registered method reports compare against (``is_baseline``), if any."""
+    return next((name for name, cls in sorted(_REGISTRY.items()) if cls.is_baseline), None)
 
 
 def make_config(method: str | MethodConfig, **options: Any) -> tuple[type[Method], MethodConfig]:

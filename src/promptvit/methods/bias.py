@@ -19,6 +19,7 @@ class BiasConfig(MethodConfig):
 @register_method
 class Bias(Method):
     name = "bias"
+    table_rank = 5
     config_class = BiasConfig
     paper = "BitFit (Ben Zaken et al. 2022; baseline in VPT and EPT)"
     supported_kinds = ("vit", "cnn")

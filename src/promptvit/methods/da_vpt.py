@@ -1,4 +1,4 @@
-"""DA-VPT (and DA-VPT+): deep prompts guided by a class -> prompt metric loss (spec §5, ambiguities 8-9).
+"""DA-VPT (and DA-VPT+): deep prompts guided by a class -> prompt metric loss (docs/methods.md, DA-VPT).
 
 Architecture (as the released code): deep prompts at **every** block, each replacing the previous block's
 prompt outputs (``[CLS, prompts_l, patches]``). Guided blocks (``guided_layers``, default the last one)
@@ -17,7 +17,7 @@ pre-logit features (accumulated during the training steps), **warm-started** fro
 classes not seen in the epoch keep their prompt, and the update is skipped if all classes collapse into one
 prompt.
 
-Loss (Proxy-Anchor form of the released code, spec §5.2): with ``s_bm = r * cos(a_b, p_m)``::
+Loss (Proxy-Anchor form of the released code, docs/methods.md, DA-VPT): with ``s_bm = r * cos(a_b, p_m)``::
 
     L = 1/M sum_m log(1 + sum_{b in P_m} exp(-alpha (s_bm - margin_pos)))
       + 1/M sum_m log(1 + sum_{b not in P_m} exp(alpha (s_bm - margin_neg)))
@@ -34,7 +34,7 @@ guided layer's prompts (L2-normalised, scaled by ``r = proxy_scale``), and ``P_m
 
 ``auxiliary_loss = 1/|G| sum_l (beta L_patch + lam L_cls)``.
 
-Multi-label targets (float multi-hot, our rule, ambiguity 9): multi-positive Proxy-Anchor -- the mapped prompt
+Multi-label targets (float multi-hot, our rule; docs/methods.md, DA-VPT): multi-positive Proxy-Anchor -- the mapped prompt
 of every positive label is a positive for the sample (for ``prompt_attn_out`` the anchor is the mean of the
 attention outputs at those prompts); all-negative images are left out of the metric loss.
 
@@ -73,7 +73,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import check_block_list, resolve_blocks
 
 
@@ -170,7 +170,7 @@ def proxy_anchor_loss(
     margin_neg: float = -0.1,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """DA-VPT's Proxy-Anchor loss (spec §5.2), normalised by the number of proxies M.
+    """DA-VPT's Proxy-Anchor loss (docs/methods.md, DA-VPT), normalised by the number of proxies M.
 
     ``anchors`` (B, D), ``proxies`` (M, D), ``positives`` (B, M) bool. ``s = scale * cos(anchor, proxy)``;
     each proxy adds ``log(1 + sum_pos exp(-alpha (s - margin_pos)))`` and
@@ -240,6 +240,7 @@ class DAVPT(TokenPromptHooks, Method):
     """DA-VPT; ``proxy_prompts`` (|G|, M, d) at the guided blocks, ``other_prompts`` (depth - |G|, L, d)."""
 
     name = "da_vpt"
+    table_rank = 13
     config_class = DAVPTConfig
     paper = "DA-VPT: Semantic-Guided Visual Prompt Tuning (Ren et al., CVPR 2025)"
     supported_kinds = ("vit",)
@@ -354,9 +355,10 @@ class DAVPT(TokenPromptHooks, Method):
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         if self.config.bias_set != "full_released":
             return
-        for block in backbone.blocks:
+        adapter = adapter_for(backbone)
+        for index, block in enumerate(adapter.blocks):
             for module, names in (
-                (block.attn.proj, ("bias",)),
+                (adapter.attention(index).proj, ("bias",)),
                 (block.mlp.fc2, ("bias",)),
                 (block.norm2, ("bias",)),
                 (block.norm1, ("weight", "bias")),
@@ -367,6 +369,10 @@ class DAVPT(TokenPromptHooks, Method):
                         yield parameter
         if getattr(backbone, "cls_token", None) is not None:
             yield backbone.cls_token
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        """Prompts only: the key/value bias deltas of DA-VPT+ are served per task."""
+        return [self.token_prompt_change()] if self.config.bias_set == "none" else None
 
     @classmethod
     def expected_num_parameters(cls, config: DAVPTConfig, geometry: Geometry) -> int | None:
@@ -387,7 +393,7 @@ class DAVPT(TokenPromptHooks, Method):
         return output + delta.to(output.dtype)
 
     def _capturing(self) -> bool:
-        return self.training and self.token_prompts_enabled
+        return self.training and self.plan.token_prompts
 
     def _capture_block_input(self, g: int, module: nn.Module, args: tuple) -> None:
         if self._capturing() and self.config.anchor == "patch_mean" and self.config.beta > 0:

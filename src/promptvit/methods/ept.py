@@ -40,11 +40,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import torch
 from torch import nn
 
 from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.prompted_attention import WAYS, PromptedAttention
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -105,6 +106,7 @@ def _layer_indices(config: EPTConfig, geometry: Geometry) -> list[int]:
 @register_method
 class EPT(Method):
     name = "ept"
+    table_rank = 10
     config_class = EPTConfig
     paper = "EPT: Embedded Prompt Tuning (Zu et al., MedIA 2024)"
     test_options = {"prompt_length": 3}
@@ -134,7 +136,28 @@ class EPT(Method):
                 )
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error
+            layer.block = index
             self.injections.replace(parent, name, layer)
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        """One extra softmax column per query (its log-sum-exp), a logit bias or a query temperature per block;
+        ``multi_cat`` depends on each sample's logits and is not batchable."""
+        if self.config.way == "multi_cat":
+            return None
+        changes = []
+        for layer in self.injected_layers():
+            n = layer.num_tokens
+            learned = next(iter(layer._learned().values())).detach()
+            if layer.way == "pure_cat":
+                tensors = {"lse": torch.logsumexp(learned, -1)}
+            else:
+                tensors = {"lse": learned.new_full((n,), float("-inf"))}
+                tensors["bias" if layer.way == "add" else "temperature"] = learned
+            changes.append(BatchedChange("attention_logits", block=layer.block, tensors=tensors))
+        return changes
+
+    def injected_layers(self) -> list[PromptedAttention]:
+        return [entry.target for entry in self.injections.entries("replace")]
 
     def tuned_from_block(self) -> int:
         """Blocks before the first prompted one are frozen."""

@@ -19,6 +19,7 @@ class FullConfig(MethodConfig):
 @register_method
 class Full(Method):
     name = "full"
+    table_rank = 1
     config_class = FullConfig
     paper = "full fine-tuning (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from promptvit.backbones import Geometry
-from promptvit.methods.base import Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -16,6 +18,8 @@ class LinearConfig(MethodConfig):
 @register_method
 class Linear(Method):
     name = "linear"
+    table_rank = 0
+    is_baseline = True
     config_class = LinearConfig
     paper = "linear probing (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
@@ -24,6 +28,9 @@ class Linear(Method):
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return []
 
     @classmethod
     def expected_num_parameters(cls, config: LinearConfig, geometry: Geometry) -> int:

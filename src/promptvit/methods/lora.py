@@ -15,7 +15,7 @@ from torch import nn
 
 from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 QKV = ("q", "k", "v")
 
@@ -70,6 +70,7 @@ class LoRAConfig(MethodConfig):
 @register_method
 class LoRA(Method):
     name = "lora"
+    table_rank = 4
     config_class = LoRAConfig
     paper = "LoRA (Hu et al., ICLR 2022)"
     identity_at_init = True
@@ -79,6 +80,7 @@ class LoRA(Method):
         super().__init__(config, geometry)
         # The injected layers live in the backbone; this plain list (not submodules) lets merge() find them.
         self._lora_layers: list[FusedLoRALinear] = []
+        self._blocks: list[int] = []  # block index of each injected layer
 
     def attach(self, backbone: nn.Module) -> None:
         config: LoRAConfig = self.config
@@ -94,11 +96,24 @@ class LoRA(Method):
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
             layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
             self.injections.replace(attn, "qkv", layer)
+            self._blocks.append(index)
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
         """Blocks before the first adapted one are frozen (0 with the default ``layers=None``)."""
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        """Per block, A and B of all three q/k/v parts (zeros where not adapted), the scaling folded into B."""
+        changes = []
+        for index, layer in zip(self._blocks, self._lora_layers, strict=True):
+            a = layer.lora_A.new_zeros(layer.num_parts, layer.rank, layer.lora_A.shape[-1])
+            b = layer.lora_B.new_zeros(layer.num_parts, layer.part_size, layer.rank)
+            for i, part in enumerate(layer.parts):
+                a[part] = layer.lora_A[i].detach()
+                b[part] = layer.lora_B[i].detach() * layer.scaling
+            changes.append(BatchedChange("qkv_low_rank", block=index, tensors={"a": a, "b": b}))
+        return changes
 
     @property
     def merged(self) -> bool:

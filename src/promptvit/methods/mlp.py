@@ -8,7 +8,7 @@ from typing import Literal
 from torch import nn
 
 from promptvit.backbones import Geometry, adapter_for, classifier_name
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -26,6 +26,7 @@ class MLPConfig(MethodConfig):
 @register_method
 class MLP(Method):
     name = "mlp"
+    table_rank = 3
     config_class = MLPConfig
     paper = "MLP-k head (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
@@ -50,6 +51,9 @@ class MLP(Method):
     def tuned_from_block(self) -> int:
         """Only the MLP head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return []
 
     @classmethod
     def expected_num_parameters(cls, config: MLPConfig, geometry: Geometry) -> int:

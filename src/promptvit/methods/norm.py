@@ -22,6 +22,7 @@ class NormConfig(MethodConfig):
 @register_method
 class Norm(Method):
     name = "norm"
+    table_rank = 6
     config_class = NormConfig
     paper = "LayerNorm/BatchNorm affine tuning (Basu et al. 2023; related to AP, Zhang et al.)"
     supported_kinds = ("vit", "cnn")

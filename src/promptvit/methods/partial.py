@@ -24,6 +24,7 @@ class PartialConfig(MethodConfig):
 @register_method
 class Partial(Method):
     name = "partial"
+    table_rank = 2
     config_class = PartialConfig
     paper = "Partial-k (Yosinski et al. 2014; baseline in VPT and EPT)"
     supported_kinds = ("vit", "cnn")

@@ -1,4 +1,4 @@
-"""SPT: VPT whose prompts start as tokens of the training images (spec §3, ambiguity 7).
+"""SPT: VPT whose prompts start as tokens of the training images (docs/methods.md, SPT).
 
 The architecture is VPT's (``[CLS, prompts, patches]``, deep prompts replace the previous prompt outputs,
 prompts removed before the final norm); SPT uses **no prompt dropout**. Before training the engine calls
@@ -59,6 +59,7 @@ class SPT(VPT):
     """Self-Prompt Tuning; ``prompts`` has shape (depth if deep else 1, K, d)."""
 
     name = "spt"
+    table_rank = 12
     config_class = SPTConfig
     paper = "SPT: Self-Prompt Tuning (Wang et al., ICML 2024)"
     supported_kinds = ("vit",)

@@ -28,7 +28,7 @@ from torch import nn
 
 from promptvit.backbones import Geometry, adapter_for
 from promptvit.layers.token_prompts import reference_device_dtype
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -70,6 +70,7 @@ class VP(Method):
     """Visual prompting by addition: ``prompt`` (token mode) or ``pad_up/pad_down/pad_left/pad_right`` (pad)."""
 
     name = "vp"
+    table_rank = 8
     config_class = VPConfig
     paper = "VP (Bahng et al. 2022), as the EPT paper's baseline"
     # Token mode needs a ViT (ConfigError on a CNN); pad mode works on both.
@@ -145,6 +146,11 @@ class VP(Method):
                 f"{tuple(x.shape[1:])}; resize the images or set cnn_input_size (CNNs)"
             )
         return (x + frame, *args[1:])
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        if self.config.mode == "token":
+            return [BatchedChange("add_tokens", block=0, tensors={"delta": self.prompt.detach()})]
+        return [BatchedChange("add_pixels", tensors={"frame": self.frame().detach()})]
 
     def tuned_from_block(self) -> int:
         """No frozen prefix worth caching: the prompt is added at the input (pixels or block-0 tokens)."""

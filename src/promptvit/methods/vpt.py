@@ -1,6 +1,6 @@
 """VPT: learnable prompt tokens after the prefix tokens, in the first block (shallow) or in every block (deep).
 
-As in the official code (spec §2): the prompts go in after the patch and position embedding (so they get no
+As in the official code (docs/methods.md, VPT): the prompts go in after the patch and position embedding (so they get no
 position embedding), as ``[CLS/registers, prompts, patches]``; deep prompts replace the previous block's
 prompt outputs before each block i >= 1; prompts are initialised ``U(-v, v)`` with
 ``v = sqrt(6 / (3 p^2 + d))``; prompt dropout (0.1 in the paper runs) is applied at every insertion and is
@@ -23,7 +23,7 @@ from promptvit.layers.token_prompts import (
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class VPT(TokenPromptHooks, Method):
     """Visual Prompt Tuning; ``prompts`` has shape (depth if deep else 1, L, d)."""
 
     name = "vpt"
+    table_rank = 9
     config_class = VPTConfig
     paper = "VPT: Visual Prompt Tuning (Jia et al., ECCV 2022)"
     supported_kinds = ("vit",)
@@ -88,6 +89,13 @@ class VPT(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts[block], x.shape[0], self.prompt_dropout)
+
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
+        return [self.token_prompt_change()]
+
+    @classmethod
+    def prompted_depth(cls, config: VPTConfig, depth: int) -> int | None:
+        return depth if config.deep else 1
 
     @classmethod
     def expected_num_parameters(cls, config: VPTConfig, geometry: Geometry) -> int | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from promptvit.io import atomic_write, atomic_write_text
+from promptvit.methods import baseline_method, methods_in_table_order
 from promptvit.protocols.store import LoadedRecords, load_records
 
 METRIC_NAMES = {
@@ -43,24 +44,6 @@ METRIC_NAMES = {
     "auc": "AUC",
 }
 SECONDARY_METRICS = ("auc", "balanced_accuracy", "map_present")
-BASELINE = "linear"
-#: row order when records carry no sweep order: EPT Table 1's, then the methods it does not have
-METHOD_ORDER = (
-    "linear",
-    "full",
-    "partial",
-    "mlp",
-    "lora",
-    "bias",
-    "norm",
-    "adapter",
-    "vp",
-    "vpt",
-    "ept",
-    "ap",
-    "spt",
-    "da_vpt",
-)
 
 
 def metric_name(metric: str) -> str:
@@ -219,13 +202,14 @@ class Group:
 
     @property
     def methods(self) -> list[str]:
-        """Rows: linear first, then the sweep's method order (notes), else METHOD_ORDER, then by name."""
+        """Rows: the baseline first, then the sweep's method order (notes), else the registry's table order."""
         rank: dict[str, tuple] = {}
+        order, baseline = methods_in_table_order(), baseline_method()
         for r in self.records:
             label = row_label(r)
             base = re.split(r"[.\- \[]", r["method"], maxsplit=1)[0]
-            known = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-            key = (label != BASELINE, (r.get("notes") or {}).get("method_rank", 10**6), known, label)
+            known = order.index(base) if base in order else len(order)
+            key = (label != baseline, (r.get("notes") or {}).get("method_rank", 10**6), known, label)
             rank[label] = min(rank.get(label, key), key)
         return sorted(rank, key=rank.__getitem__)
 
@@ -312,7 +296,8 @@ def main_table(group: Group) -> Table:
     else:
         header += [f"average ({len(columns)} columns)"]
     header += ["vs linear (relative %)"]
-    baseline_avg = _average(group, BASELINE, columns) if BASELINE in group.methods else None
+    baseline = baseline_method()
+    baseline_avg = _average(group, baseline, columns) if baseline in group.methods else None
     rows = []
     for method in group.methods:
         row = [method, *_params(group, method)]

@@ -22,6 +22,7 @@ import yaml
 from promptvit.data import ImageDataset, build_transforms
 from promptvit.experiment import build_model, data_config_for, environment
 from promptvit.io import atomic_write_text
+from promptvit.methods.base import make_config
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
 from promptvit.protocols.store import RECORD_FORMAT, ResultStore
@@ -29,12 +30,9 @@ from promptvit.train import ResumeError, TrainingError, evaluate, fit
 
 
 def prompted_depth(method: str, options: dict[str, Any], depth: int) -> int | None:
-    """Blocks that carry the method's prompts/modules: ``layers`` if given, VPT's deep flag, else None."""
-    if "layers" in options:
-        return len(options["layers"]) if options["layers"] is not None else depth
-    if method == "vpt":
-        return depth if options.get("deep", True) else 1
-    return None
+    """Blocks that carry the method's prompts/modules, as the method declares it (None: not meaningful)."""
+    method_cls, config = make_config(method, **options)
+    return method_cls.prompted_depth(config, depth)
 
 
 def _now() -> str:

@@ -1,0 +1,160 @@
+"""Every registered backbone family adapter, pinned against timm's own forward and modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import promptvit
+from promptvit.backbones import (
+    BackboneError,
+    adapter_for,
+    attend,
+    create_backbone,
+    register_adapter,
+    registered_adapters,
+)
+from promptvit.backbones.base import BackboneAdapter
+from promptvit.layers.selected_tokens import class_token_row, drop_token_range
+
+# One tiny random-init build per registered family: (timm name, build options, input size).
+TINY_FAMILIES = {
+    "VisionTransformer": (
+        "vit_tiny_patch16_224",
+        dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2, qk_norm=True),
+        16,
+    ),
+    "ResNet": ("resnet10t", dict(), 32),
+    "EfficientNet": ("tinynet_e", dict(), 32),
+}
+FAMILIES = sorted({adapter.family for adapter in registered_adapters().values()})
+
+
+def _build(family: str) -> tuple[nn.Module, torch.Tensor]:
+    name, options, size = TINY_FAMILIES[family]
+    model = create_backbone(name, num_classes=3, **options).eval()
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_every_registered_family_has_a_tiny_build() -> None:
+    """A new family adapter must come with a tiny build here, so that every test below covers it."""
+    assert set(FAMILIES) == set(TINY_FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_geometry_classifier_and_kind(family: str) -> None:
+    model, x = _build(family)
+    adapter = adapter_for(model)
+    assert adapter.family == family
+    geometry = adapter.geometry()
+    assert geometry.kind == adapter.kind and geometry.architecture == type(model).__name__
+    assert adapter.get_classifier() is model.get_classifier()
+    assert model.get_submodule(adapter.classifier_name()) is model.get_classifier()
+    with torch.no_grad():
+        features = adapter.pre_logits(x)
+        assert torch.equal(model.get_classifier()(features), model(x))
+    assert features.shape[-1] == geometry.embed_dim
+    replacement = nn.Linear(geometry.embed_dim, 5)
+    adapter.set_classifier(replacement)
+    assert model.get_classifier() is replacement
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "VisionTransformer"])
+def test_cnn_stages_and_activation_shapes(family: str) -> None:
+    model, x = _build(family)
+    adapter = adapter_for(model)
+    assert adapter.kind == "cnn" and len(adapter.stages) == adapter.geometry().depth
+    seen = []
+    handles = [
+        s.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[1:]))) for s in adapter.stages
+    ]
+    with torch.no_grad():
+        model(x[:1])
+    for handle in handles:
+        handle.remove()
+    assert adapter.stage_input_shapes(tuple(x.shape[-2:])) == seen
+    with torch.no_grad():  # a pixel prompt goes in at the input module: it must be what sees the images
+        captured = []
+        handle = adapter.input_module().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        model(x)
+        handle.remove()
+    assert torch.equal(captured[0], x)
+    with pytest.raises(BackboneError, match="no transformer blocks"):
+        adapter.blocks  # noqa: B018
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor]:
+    return _build("VisionTransformer")
+
+
+def test_vit_embed_blocks_norm_head_is_timms_forward() -> None:
+    model, x = _vit()
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        tokens = adapter.embed(x)
+        geometry = adapter.geometry()
+        assert tokens.shape[1] == geometry.num_tokens == adapter.num_prefix_tokens + geometry.num_patches
+        assert adapter.num_prefix_tokens == 3 and adapter.prompt_position == 3  # class token + 2 registers
+        out = model.forward_head(adapter.final_norm(adapter.forward_blocks(tokens, adapter.blocks)))
+        assert torch.equal(out, model(x))
+        # the patch embedding's output is the patch tokens before any position embedding
+        assert adapter.patch_embed(x).shape[1] == geometry.num_patches
+
+
+def test_vit_attention_parts_reproduce_timms_attention() -> None:
+    model, x = _vit()
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        h = model.blocks[0].norm1(adapter.embed(x))
+        parts = adapter.attention(0)
+        assert parts.num_heads == 2 and parts.head_dim == 16 and parts.module is model.blocks[0].attn
+        torch.testing.assert_close(attend(parts, h), model.blocks[0].attn(h), rtol=1e-5, atol=1e-6)
+        # probabilities by hand: softmax(q k^T * scale) with the q/k norms applied
+        q, k, v = parts.heads(h)
+        expected = ((q @ k.transpose(-2, -1)) * parts.head_dim**-0.5).softmax(-1)
+        torch.testing.assert_close(parts.probabilities(h), expected, rtol=1e-5, atol=1e-6)
+        assert adapter.attention_slot(1) == (model.blocks[1], "attn")
+        assert adapter.mlp_slot(1) == (model.blocks[1], "mlp")
+
+
+@pytest.mark.parametrize("select", [class_token_row, lambda t: drop_token_range(t, 1, 2)])
+def test_vit_selected_rows_equal_the_rows_of_the_full_block(select) -> None:
+    model, x = _vit()
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        tokens = adapter.embed(x)
+        assert adapter.supports_selected_rows(1)
+        torch.testing.assert_close(
+            adapter.forward_block_rows(1, tokens, select),
+            select(model.blocks[1](tokens)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert adapter.reads_class_token_only()
+    model.reset_classifier(3, global_pool="avg")
+    assert not adapter.reads_class_token_only()
+
+
+def test_unregistered_models_are_refused_and_subclasses_can_register() -> None:
+    with pytest.raises(BackboneError, match="unsupported backbone Sequential"):
+        adapter_for(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(BackboneError, match="unsupported backbone"):
+        promptvit.wrap(nn.Sequential(nn.Linear(2, 2)), "linear")
+
+    class TinyNet(nn.Sequential):
+        pass
+
+    @register_adapter(TinyNet)
+    class TinyAdapter(BackboneAdapter):
+        kind = "cnn"
+        family = "TinyNet"
+
+    try:
+        assert isinstance(adapter_for(TinyNet(nn.Linear(2, 2))), TinyAdapter)
+        with pytest.raises(ValueError, match="already has the adapter"):
+            register_adapter(TinyNet)(TinyAdapter)
+    finally:
+        from promptvit.backbones import base
+
+        del base._ADAPTERS[TinyNet]
