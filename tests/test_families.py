@@ -286,3 +286,31 @@ def test_medical_backbone_shapes_wrap_and_train(method: str, name: str) -> None:
     assert moved, f"{method} on {name}: the step moved no tuned tensor"
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+# ---------------------------------------------------------------------- multi-task serving
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
+def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
+    """Every method the family runs, served together: batched where the family allows, per task otherwise."""
+    from promptvit.serving import MultiTaskModel
+
+    base = _base("family", name)
+    generator = torch.Generator().manual_seed(0)
+    models, names = [], []
+    for method in METHODS:
+        if (method, name) in REFUSED:
+            continue
+        model = _wrap(method, name)
+        with torch.no_grad():  # tuned tensors away from their (often zero) initial values
+            for _, p in model.tuned_named_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        models.append(model.eval())
+        names.append(method)
+    served = MultiTaskModel(base, models, names=names)
+    x = family_input(FAMILY_BUILDS, name, batch=3)
+    with torch.no_grad():
+        out = served(x)
+        for method, model in zip(names, models, strict=True):
+            torch.testing.assert_close(out[method], model(x), rtol=1e-5, atol=1e-5, msg=method)
