@@ -48,7 +48,15 @@ PLAIN_BLOCKS = {"vit_token", "vit_avg_no_cls", "deit_distilled"}
 @functools.cache
 def _base(table_name: str, name: str, seed: int = 0) -> torch.nn.Module:
     table = FAMILY_BUILDS if table_name == "family" else MEDICAL_BUILDS
-    return build(table, name, num_classes=3, seed=seed)
+    model = build(table, name, num_classes=3, seed=seed)
+    # LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT): it would hide almost everything the
+    # attention and MLP do, so give it O(1) values and every check sees the blocks' maths.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            if parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
 
 
 def _fresh(name: str, seed: int = 0, table: str = "family") -> torch.nn.Module:
@@ -314,3 +322,25 @@ def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
         out = served(x)
         for method, model in zip(names, models, strict=True):
             torch.testing.assert_close(out[method], model(x), rtol=1e-5, atol=1e-5, msg=method)
+
+
+# ---------------------------------------------------------------------- frozen-prefix cut
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in FAMILY_BUILDS if adapter_for(_base("family", n)).kind == "vit")
+)
+@pytest.mark.parametrize("method,options", [("ap", {"layer": 1}), ("vpt", {"prompt_length": 2})])
+def test_forward_from_a_cached_block_input_equals_the_forward(method: str, options: dict, name: str) -> None:
+    """The cache's cut (embedding + frozen blocks, then the rest) runs each family's position scheme."""
+    model = promptvit.wrap(_fresh(name), method, num_classes=4, **options).eval()
+    with torch.no_grad():
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cut = model.cache_cut()
+    assert cut == (1 if method == "ap" else 0)
+    x = family_input(FAMILY_BUILDS, name)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_from_block(model.forward_prefix(x, 1), 1), model(x), rtol=0, atol=1e-6
+        )

@@ -155,9 +155,7 @@ class PromptModel(nn.Module):
         if self.geometry.kind != "vit":
             return images
         x = self.adapter.embed(images)
-        for blk in self.adapter.blocks[:block]:
-            x = blk(x)
-        return x
+        return self.adapter.forward_blocks(x, self.adapter.blocks[:block])  # with the family's positions
 
     def forward_from_block(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the output of :meth:`forward_prefix` at the same ``block``.

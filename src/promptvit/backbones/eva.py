@@ -128,16 +128,15 @@ class EvaAdapter(BackboneAdapter):
         return self._tokens_and_rope(images)[0]
 
     def _rope(self) -> torch.Tensor | None:
-        """The rotary table of the model's own input size (the blocks need it besides the tokens)."""
+        """The rotary table of the model's own input size (the blocks need it besides the tokens).
+
+        With ``dynamic_img_size`` cached block inputs must come from images of that size (a token count that
+        does not match the table fails in timm's rotation, it is never silently misplaced).
+        """
         model = self.model
         if model.rope is None:
             return None
-        if model.dynamic_img_size:
-            raise BackboneError(
-                "an Eva with dynamic_img_size takes its rotary table from each input's size; "
-                "it cannot run from cached block inputs"
-            )
-        if hasattr(model.rope, "feat_shape"):
+        if hasattr(model.rope, "feat_shape") and not model.dynamic_img_size:
             return model.rope.get_embed()
         return model.rope.get_embed(shape=model.patch_embed.grid_size)
 
