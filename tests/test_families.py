@@ -35,8 +35,10 @@ REFUSED: dict[tuple[str, str], str] = {
     },
     **{("ept", b): "rotates queries and keys" for b in ("eva02", "vit_rope", "dinov3")},
     ("ept", "beit"): "relative position bias",
-    **{(m, b): "F.linear on attn.qkv.weight" for m in ("lora", "da_vpt") for b in ("eva02", "beit")},
 }
+# EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
+# which rounds once more than timm's fused call: identity at init holds up to that rounding there.
+ROUNDING_AT_INIT = {("lora", "eva02"), ("lora", "beit")}
 
 # Closed forms that count the parameters of timm's plain pre-norm block (LayerNorm, fused qkv, two-layer MLP);
 # other blocks (LayerScale, SwiGLU, qk-norm, q/v biases, relative bias tables, attention pooling) are checked
@@ -109,8 +111,9 @@ def test_method_on_family(method: str, name: str, tmp_path) -> None:
 
     # identity at init where the method claims it: timm's own forward, bit for bit
     if cls.identity_at_init:
+        atol = 1e-5 if (method, name) in ROUNDING_AT_INIT else 0
         with torch.no_grad(), model.all_token_outputs():
-            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=atol)
 
     # one step changes only tuned tensors (and buffers of modules trained in train mode)
     before = {n: t.clone() for n, t in model.state_dict().items()}

@@ -9,16 +9,17 @@ from promptvit.family_support import SUPPORTED, family_support, markdown_table
 
 
 def test_family_support_reports_a_tick_or_the_refusal_reason() -> None:
-    rows = {row.family: row for row in family_support(["vpt", "lora"])}
+    rows = {row.family: row for row in family_support(["vpt", "lora", "ept"])}
     assert {"VisionTransformer", "Eva", "Beit", "SwinTransformer", "ConvNeXt", "ResNet"} <= set(rows)
     assert rows["Eva"].methods["vpt"] == rows["Beit"].methods["vpt"] == SUPPORTED
+    assert rows["Eva"].methods["lora"] == rows["Beit"].methods["lora"] == SUPPORTED
     assert "needs a vit backbone" in rows["ConvNeXt"].methods["vpt"]
-    # lora runs on the RoPE ViT and DINOv3 builds of the Eva family but not on EVA-02 (q/v bias inside F.linear)
-    assert rows["Eva"].methods["lora"].startswith(f"{SUPPORTED} except eva02")
-    assert "F.linear" in rows["Beit"].methods["lora"]
+    assert "rotates queries and keys" in rows["Eva"].methods["ept"]
+    assert rows["VisionTransformer"].methods["ept"] == SUPPORTED
     table = markdown_table(list(rows.values()))
-    assert table.splitlines()[0] == "| family | vpt | lora |"
-    assert "(1)" in table and table.count(f"| {SUPPORTED} |") >= 2
+    assert table.splitlines()[0] == "| family | vpt | lora | ept |"
+    assert "| VisionTransformer | ✓ | ✓ | ✓ |" in table
+    assert any(line.startswith("(1) ") for line in table.splitlines())
 
 
 def test_backbones_verb_prints_the_table() -> None:

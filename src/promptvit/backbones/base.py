@@ -260,11 +260,12 @@ class BackboneAdapter:
         """Whether the head reads row 0 of the final norm's output and nothing else."""
         return False
 
-    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         """``(attention module, attribute)`` of the fused ``[q | k | v]`` projection of ``blocks[block]``.
 
         Only where the attention calls it as a module, so a wrapped projection (LoRA) or a hook on it is
-        not bypassed; otherwise a BackboneError says why.
+        not bypassed. A family that can switch its attention to such a call records the switch in
+        ``injections`` (a method's ledger, so disable/unload undo it); otherwise a BackboneError says why.
         """
         raise self._unsupported("fused qkv projection")
 

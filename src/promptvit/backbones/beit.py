@@ -23,7 +23,7 @@ from promptvit.backbones.base import (
     register_adapter,
     unwrap_base_layers,
 )
-from promptvit.backbones.eva import mlp_hidden_width
+from promptvit.backbones.eva import mlp_hidden_width, switch_to_module_call
 from promptvit.backbones.geometry import Geometry
 
 
@@ -137,13 +137,9 @@ class BeitAdapter(BackboneAdapter):
             "it has no plain attention parts"
         )
 
-    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         attn = unwrap_base_layers(self.model.blocks[block].attn)
-        if attn.q_bias is not None and not attn.qkv_bias_separate:
-            raise BackboneError(
-                f"{type(self.model).__name__} adds its q/v biases inside F.linear on "
-                "attn.qkv.weight, so a wrapped or hooked qkv module would be bypassed"
-            )
+        switch_to_module_call(attn, injections, type(self.model).__name__)
         return attn, "qkv"
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:

@@ -48,6 +48,23 @@ def _restore_prefix_count(count: int, attn: nn.Module, args: tuple, output: torc
     attn.num_prefix_tokens = count
 
 
+def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> None:
+    """Make an EVA/BEiT attention call ``attn.qkv`` as a module: its q/v biases then go in as a separate sum.
+
+    With biases, timm computes ``F.linear(x, attn.qkv.weight, [q_bias | 0 | v_bias])``, which bypasses any
+    module put in place of ``qkv``. ``qkv_bias_separate`` (timm's own switch) gives ``qkv(x) + bias``: the
+    same sum, rounded once more. Recorded in the method's ledger, so the disabled model is timm's again.
+    """
+    if getattr(attn, "q_bias", None) is None or attn.qkv_bias_separate:
+        return
+    if injections is None:
+        raise BackboneError(
+            f"{model_name} adds its q/v biases inside F.linear on attn.qkv.weight, so a wrapped or hooked qkv "
+            "module would be bypassed"
+        )
+    injections.replace(attn, "qkv_bias_separate", True)
+
+
 @register_adapter(Eva)
 class EvaAdapter(BackboneAdapter):
     kind = "vit"
@@ -164,21 +181,22 @@ class EvaAdapter(BackboneAdapter):
         self._check_fused_qkv(attn)
         return timm_attention_parts(attn)
 
-    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         attn = unwrap_base_layers(self.model.blocks[block].attn)
-        self._check_fused_qkv(attn)
+        if getattr(attn, "qkv", None) is None:
+            raise BackboneError(
+                f"{type(self.model).__name__} computes q, k and v with three projections, not one fused qkv"
+            )
+        switch_to_module_call(attn, injections, type(self.model).__name__)
         return attn, "qkv"
 
     def _check_fused_qkv(self, attn: nn.Module) -> None:
-        if getattr(attn, "qkv", None) is None:
+        if getattr(attn, "qkv", None) is None or (
+            getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False)
+        ):
             raise BackboneError(
-                f"{type(self.model).__name__} computes q, k and v with three projections, "
-                "not one fused qkv"
-            )
-        if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False):
-            raise BackboneError(
-                f"{type(self.model).__name__} adds its q/v biases inside F.linear on "
-                "attn.qkv.weight, so a wrapped or hooked qkv module would be bypassed"
+                f"{type(self.model).__name__} computes q, k, v with separate projections or biases outside "
+                "its qkv module; it has no plain attention parts"
             )
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:

@@ -8,6 +8,7 @@ the layout of timm's pre-norm ``Block`` (for computing selected output rows) and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.models import checkpoint_seq
@@ -174,7 +175,7 @@ class ViTAdapter(BackboneAdapter):
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
 
-    def qkv_slot(self, block: int) -> tuple[nn.Module, str]:
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         return unwrap_base_layers(self.model.blocks[block].attn), "qkv"
 
     def supports_selected_rows(self, block: int) -> bool:

@@ -301,7 +301,7 @@ class DAVPT(TokenPromptHooks, Method):
 
         def qkv(index: int) -> nn.Module:
             try:
-                return getattr(*adapter.qkv_slot(index))
+                return getattr(*adapter.qkv_slot(index, self.injections))
             except BackboneError as error:
                 raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
 

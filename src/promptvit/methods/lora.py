@@ -88,7 +88,7 @@ class LoRA(Method):
         adapter = adapter_for(backbone)
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
             try:
-                attn, _ = adapter.qkv_slot(index)
+                attn, _ = adapter.qkv_slot(index, self.injections)
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = getattr(attn, "qkv", None)
