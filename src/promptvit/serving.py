@@ -97,10 +97,12 @@ class _MultiTaskAttention(nn.Module):
         ctx = owner._context
         logits = ctx is not None and self.block in ctx.logit_blocks
         low_rank = ctx is not None and self.block in ctx.low_rank_blocks
-        if not (logits or low_rank):
-            return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
+            if not (logits or low_rank):
+                return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal)
             raise NotImplementedError("multi-task attention does not support attention masks")
+        if not (logits or low_rank):
+            return self.base_layer(x)  # timm < 1.0.1x attention takes no mask arguments
         tables, rows = owner.tables, ctx.rows
         delta = None
         if low_rank:
