@@ -8,6 +8,7 @@ name -> (timm architecture, build options, input size)
 
 from __future__ import annotations
 
+import timm
 import torch
 from timm.layers import SwiGLUPacked
 
@@ -17,11 +18,12 @@ FAMILY_BUILDS: dict[str, tuple[str, dict, int]] = {
     name: build
     for adapter in dict.fromkeys(registered_adapters().values())
     for name, build in adapter.tiny_builds.items()
+    if timm.is_model(build[0])  # older timm releases lack some (DINOv3, RoPE ViTs)
 }
 
 _VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
-MEDICAL_BUILDS: dict[str, tuple[str, dict, int]] = {
+_MEDICAL: dict[str, tuple[str, dict, int]] = {
     # RETFound: ViT-L/16, global average pooling (fc_norm), no class-token readout
     "retfound": ("vit_large_patch16_224", dict(img_size=16, patch_size=4, global_pool="avg", **_VIT), 16),
     # UNI: ViT-L/16, LayerScale, dynamic image size
@@ -50,6 +52,13 @@ MEDICAL_BUILDS: dict[str, tuple[str, dict, int]] = {
     # DINOv3: timm Eva with rotary positions, 4 registers, LayerScale, dynamic image size, average pooling
     "dinov3": ("vit_small_patch16_dinov3", dict(img_size=16, patch_size=4, **_VIT), 16),
 }
+
+MEDICAL_BUILDS = {name: spec for name, spec in _MEDICAL.items() if timm.is_model(spec[0])}
+
+
+def present(*names: str) -> list[str]:
+    """The names among ``names`` whose tiny build this timm version can make."""
+    return [name for name in names if name in FAMILY_BUILDS]
 
 
 def build(table: dict[str, tuple[str, dict, int]], name: str, num_classes: int = 3, seed: int = 0):

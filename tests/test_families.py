@@ -21,7 +21,7 @@ import promptvit
 from promptvit.artifact import ArtifactError
 from promptvit.backbones import adapter_for
 from promptvit.methods.base import ConfigError
-from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input
+from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
 
 METHODS = promptvit.available_methods()
 
@@ -160,7 +160,7 @@ def test_every_registered_family_has_tiny_builds_of_its_own() -> None:
     adapters = set(promptvit.backbones.registered_adapters().values())
     assert all(adapter.tiny_builds for adapter in adapters)
     for adapter in adapters:
-        for name in adapter.tiny_builds:
+        for name in present(*adapter.tiny_builds):
             assert type(adapter_for(_base("family", name))) is adapter, name
 
 
@@ -194,7 +194,7 @@ def _record_rotations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tenso
     return calls
 
 
-@pytest.mark.parametrize("name", ["eva02", "vit_rope", "dinov3"])
+@pytest.mark.parametrize("name", present("eva02", "vit_rope", "dinov3"))
 def test_prompts_get_no_rotary_position_and_patches_keep_theirs(name: str, monkeypatch) -> None:
     plain = _fresh(name)
     prompted = promptvit.wrap(_fresh(name), "vpt", num_classes=3, prompt_length=3, deep=True).eval()
@@ -216,7 +216,7 @@ def test_prompts_get_no_rotary_position_and_patches_keep_theirs(name: str, monke
         assert torch.equal(out, out_plain)
 
 
-@pytest.mark.parametrize("name", ["vit_rope", "beit"])
+@pytest.mark.parametrize("name", present("vit_rope", "beit"))
 def test_position_hooks_for_prompts_are_undone_by_unload(name: str) -> None:
     model = promptvit.wrap(_fresh(name), "vpt", prompt_length=2, deep=True).eval()
     x = family_input(FAMILY_BUILDS, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import timm
 import torch
 
 from promptvit.backbones import BackboneAdapter, create_backbone, geometry_of, registered_adapters
@@ -65,9 +66,12 @@ def family_support(methods: list[str] | None = None) -> list[FamilySupport]:
         bases = {
             name: (create_backbone(arch, num_classes=2, **options).eval(), size)
             for name, (arch, options, size) in adapter.tiny_builds.items()
+            if timm.is_model(arch)  # older timm releases lack some (DINOv3, RoPE ViTs)
         }
+        if not bases:
+            continue
         cells = {m: _summary({n: _try(m, base, size) for n, (base, size) in bases.items()}) for m in methods}
-        builds = tuple(arch for arch, _, _ in adapter.tiny_builds.values())
+        builds = tuple(adapter.tiny_builds[name][0] for name in bases)
         rows.append(FamilySupport(adapter.family, tuple(sorted(classes)), builds, cells))
     return rows
 

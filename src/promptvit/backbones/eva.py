@@ -55,9 +55,9 @@ def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> 
     module put in place of ``qkv``. ``qkv_bias_separate`` (timm's own switch) gives ``qkv(x) + bias``: the
     same sum, rounded once more. Recorded in the method's ledger, so the disabled model is timm's again.
     """
-    if getattr(attn, "q_bias", None) is None or attn.qkv_bias_separate:
+    if getattr(attn, "q_bias", None) is None or getattr(attn, "qkv_bias_separate", False):
         return
-    if injections is None:
+    if injections is None or not hasattr(attn, "qkv_bias_separate"):  # the switch came with timm 1.0.x
         raise BackboneError(
             f"{model_name} adds its q/v biases inside F.linear on attn.qkv.weight, so a wrapped or hooked qkv "
             "module would be bypassed"
@@ -161,7 +161,7 @@ class EvaAdapter(BackboneAdapter):
         rope = self._rope()
         index = {id(block): i for i, block in enumerate(self.model.blocks)}
         for block in blocks:
-            block_rope = rope[index[id(block)]] if rope is not None and self.model.rope_mixed else rope
+            block_rope = rope[index[id(block)]] if rope is not None and getattr(self.model, "rope_mixed", False) else rope
             tokens = block(tokens, rope=block_rope)
         return tokens
 
