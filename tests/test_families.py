@@ -330,20 +330,26 @@ def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
 # ---------------------------------------------------------------------- frozen-prefix cut
 
 
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
 @pytest.mark.parametrize(
-    "name", sorted(n for n in FAMILY_BUILDS if adapter_for(_base("family", n)).kind == "vit")
+    "method,options", [("ap", {"layer": 1}), ("vpt", {"prompt_length": 2}), ("linear", {})]
 )
-@pytest.mark.parametrize("method,options", [("ap", {"layer": 1}), ("vpt", {"prompt_length": 2})])
-def test_forward_from_a_cached_block_input_equals_the_forward(method: str, options: dict, name: str) -> None:
-    """The cache's cut (embedding + frozen blocks, then the rest) runs each family's position scheme."""
+def test_forward_from_a_cached_cut_equals_the_forward(method: str, options: dict, name: str) -> None:
+    """The cache's cuts (embedding + frozen blocks, or the pre-logit features) keep each family's maths."""
+    if adapter_for(_base("family", name)).kind != "vit" and method == "vpt":
+        pytest.skip("token prompts need a token family")
+    if method == "ap" and adapter_for(_base("family", name)).kind == "cnn":
+        size = FAMILY_BUILDS[name][2]
+        options = {**options, "cnn_input_size": [size, size]}  # a CNN's prompt is sized for the input
     model = promptvit.wrap(_fresh(name), method, num_classes=4, **options).eval()
     with torch.no_grad():
         for _, p in model.tuned_named_parameters():
             p.add_(0.1 * torch.randn_like(p))
-    cut = model.cache_cut()
-    assert cut == (1 if method == "ap" else 0)
+    depth = model.geometry.depth
+    vit = model.geometry.kind == "vit"
+    assert model.cache_cut() == {"ap": 1 if vit else 0, "vpt": 0, "linear": depth}[method]
     x = family_input(FAMILY_BUILDS, name)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.forward_from_block(model.forward_prefix(x, 1), 1), model(x), rtol=0, atol=1e-6
-        )
+        for block in sorted({1 if vit else 0, depth}):
+            got = model.forward_from_block(model.forward_prefix(x, block), block)
+            torch.testing.assert_close(got, model(x), rtol=0, atol=1e-6)

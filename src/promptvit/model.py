@@ -168,7 +168,7 @@ class PromptModel(nn.Module):
         self._check_cut(block)
         backbone = self.backbone
         if block == self.geometry.depth:
-            return backbone.get_classifier()(x)
+            return self.adapter.classify(x)
         if self.geometry.kind != "vit":
             return backbone(x)
         with self._logits_pass():

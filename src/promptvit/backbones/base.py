@@ -193,6 +193,10 @@ class BackboneAdapter:
         """What the classifier receives: ``forward_head(forward_features(x), pre_logits=True)``."""
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`pre_logits`' output: ``classify(pre_logits(x)) == model(x)``."""
+        return self.get_classifier()(features)
+
     def input_module(self) -> nn.Module:
         """The first module that sees the images (a pixel prompt is added at its input)."""
         raise self._unsupported("input module")

@@ -6,6 +6,7 @@ logits are the mean of ``head`` (class token) and ``head_dist`` (distillation to
 
 from __future__ import annotations
 
+import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
@@ -31,6 +32,13 @@ class DistilledViTAdapter(ViTAdapter):
 
     def classifier_modules(self) -> list[nn.Module]:
         return [self.model.head, self.model.head_dist]
+
+    def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The class and distillation tokens after the final norm, (B, 2, D): each has its own head."""
+        return self.model.forward_features(images)[:, :2]
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return (self.model.head(features[:, 0]) + self.model.head_dist(features[:, 1])) / 2
 
     def reads_class_token_only(self) -> bool:
         return False  # the distillation token's head is read too
