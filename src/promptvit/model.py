@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -35,6 +36,15 @@ class _Original:
     #: backbone parameters tuned in place (bias, norm, partial, full; the head when it is kept) and buffers
     #: (BatchNorm statistics move in train mode), with their values at wrap time on the CPU
     weights: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Original:
+        # The saved values are never written to, so copies of a model (best-epoch snapshots) share them.
+        return _Original(
+            head=copy.deepcopy(self.head, memo),
+            num_classes=self.num_classes,
+            requires_grad=[(copy.deepcopy(p, memo), flag) for p, flag in self.requires_grad],
+            weights=[(copy.deepcopy(t, memo), saved) for t, saved in self.weights],
+        )
 
 
 class PromptModel(nn.Module):

@@ -286,3 +286,20 @@ def test_serving_equals_per_task_inference(method: str, kind: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(out["task"], model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["plain"], plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_disables_and_unloads_its_own_backbone() -> None:
+    base = build_tiny("vit_token")
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, "bias", num_classes=4)
+    _train_a_little(model, "vit_token")
+    clone = copy.deepcopy(model)
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        tuned = model(x)
+        with clone.disable_adapter():
+            assert torch.equal(clone(x), reference(x))
+            assert torch.equal(model(x), tuned)  # the original keeps its method and weights
+        unloaded = clone.unload()
+        assert unloaded is not base and torch.equal(unloaded(x), reference(x))
+        assert torch.equal(model(x), tuned)
