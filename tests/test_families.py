@@ -11,7 +11,6 @@ import copy
 import functools
 
 import pytest
-import timm.layers.attention
 import timm.models.beit
 import timm.models.eva
 import torch
@@ -190,7 +189,11 @@ def _record_rotations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tenso
         return out
 
     monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", recording)
-    monkeypatch.setattr(timm.layers.attention, "apply_rot_embed_cat", recording)
+    try:  # timm's AttentionRope (RoPE ViTs, newer timm only)
+        import timm.layers.attention as rope_attention
+    except ImportError:
+        return calls
+    monkeypatch.setattr(rope_attention, "apply_rot_embed_cat", recording)
     return calls
 
 

@@ -139,7 +139,8 @@ class EvaAdapter(BackboneAdapter):
     def _tokens_and_rope(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         model = self.model
         x, rope = model._pos_embed(model.patch_embed(images))
-        return model.norm_pre(x), rope
+        norm_pre = getattr(model, "norm_pre", None)  # timm < 1.0.10 has none
+        return (norm_pre(x) if norm_pre is not None else x), rope
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self._tokens_and_rope(images)[0]
@@ -208,7 +209,8 @@ class EvaAdapter(BackboneAdapter):
 
     def prefix_modules(self, cut: int) -> list[nn.Module]:
         model = self.model
-        return [model.patch_embed, model.norm_pre, model.patch_drop, model.rope, *model.blocks[:cut]]
+        stem = [getattr(model, name, None) for name in ("patch_embed", "norm_pre", "patch_drop", "rope")]
+        return [*stem, *model.blocks[:cut]]
 
     def prepare_inserted_tokens(self, injections: Any) -> None:
         for block in self.model.blocks:
