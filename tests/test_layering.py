@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("command line", ["cli"]),
     ("entry points", ["protocols", "demo"]),
     ("run pipeline", ["experiment"]),
-    ("uses of a model", ["train", "serving", "analysis", "export"]),
+    ("uses of a model", ["train", "serving", "analysis", "export", "family_support"]),
     ("model and artifacts", ["model", "artifact", "cache"]),
     ("methods", ["methods"]),
     ("layers", ["layers"]),

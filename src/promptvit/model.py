@@ -17,6 +17,7 @@ from promptvit.backbones import (
     Geometry,
     adapter_for,
     backbone_source,
+    body_parameters,
     classifier_name,
     weights_fingerprint,
 )
@@ -164,9 +165,7 @@ class PromptModel(nn.Module):
         if self.geometry.kind != "vit":
             return images
         x = self.adapter.embed(images)
-        for blk in self.adapter.blocks[:block]:
-            x = blk(x)
-        return x
+        return self.adapter.forward_blocks(x, self.adapter.blocks[:block])  # with the family's positions
 
     def forward_from_block(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the output of :meth:`forward_prefix` at the same ``block``.
@@ -179,7 +178,7 @@ class PromptModel(nn.Module):
         self._check_cut(block)
         backbone = self.backbone
         if block == self.geometry.depth:
-            return backbone.get_classifier()(x)
+            return self.adapter.classify(x)
         if self.geometry.kind != "vit":
             return backbone(x)
         with self._logits_pass():
@@ -251,6 +250,11 @@ class PromptModel(nn.Module):
         self.method.train(mode)
         return self
 
+    def extra_heads(self) -> list[nn.Module]:
+        """Classifier modules besides the main one (a distilled ViT's distillation head), tuned with it."""
+        main = self.backbone.get_submodule(classifier_name(self.backbone))
+        return [m for m in adapter_for(self.backbone).classifier_modules() if m is not main]
+
     def tuned_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
@@ -263,12 +267,14 @@ class PromptModel(nn.Module):
         names = {id(m): n for n, m in self.named_modules()}
         for module in [self.method, *self._modules_in_train_mode()]:
             prefix = names[id(module)]
-            state.update({f"{prefix}.{n}": b.detach() for n, b in module.named_buffers()})
+            persistent = module.state_dict(keep_vars=True)  # not index tables rebuilt at init (Swin)
+            state.update({f"{prefix}.{n}": b.detach() for n, b in module.named_buffers() if n in persistent})
         return state
 
     def parameter_summary(self) -> dict[str, int]:
         """Tuned parameter counts by group (head, method), plus tuned and total."""
-        head = sum(p.numel() for p in self.get_classifier().parameters() if p.requires_grad)
+        heads = [self.get_classifier(), *self.extra_heads()]
+        head = sum(p.numel() for m in heads for p in m.parameters() if p.requires_grad)
         tuned = sum(p.numel() for _, p in self.tuned_named_parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"method": tuned - head, "head": head, "tuned": tuned, "total": total}
@@ -423,11 +429,8 @@ def wrap(
     source = backbone_source(model)
     if base_model_name is not None:
         source["name"] = base_model_name
-    head = classifier_name(model)
     # The head is new or replaced per task, so only the body identifies the backbone.
-    fingerprint = weights_fingerprint(
-        {n: p for n, p in model.named_parameters() if not n.startswith(head + ".")}
-    )
+    fingerprint = weights_fingerprint(body_parameters(model))
     model.requires_grad_(False)
     tuner = method_cls(config, geometry)
     tuner.attach(model)
@@ -435,6 +438,8 @@ def wrap(
         parameter.requires_grad_(True)
     wrapped = PromptModel(model, tuner, source, fingerprint, original)
     wrapped.get_classifier().requires_grad_(True)
+    for extra in wrapped.extra_heads():
+        extra.requires_grad_(True)
     before = {id(p) for p, _ in original.requires_grad}
     changeable = [p for p in model.parameters() if p.requires_grad and id(p) in before]
     changeable += [b for b in model.buffers() if id(b) in original_buffers]

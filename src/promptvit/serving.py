@@ -37,15 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptvit.backbones import adapter_for, attend, classifier_name, sdpa_core, weights_fingerprint
+from promptvit.backbones import (
+    BackboneError,
+    adapter_for,
+    attend,
+    body_parameters,
+    sdpa_core,
+    weights_fingerprint,
+)
+from promptvit.layers.base import Injections
 from promptvit.layers.token_prompts import replace_prompts, strip_prompts
 from promptvit.methods.base import BatchedChange, ConfigError
 from promptvit.model import PromptModel
 
 
 def _body_fingerprint(backbone: nn.Module) -> str:
-    head = classifier_name(backbone)
-    return weights_fingerprint({n: p for n, p in backbone.named_parameters() if not n.startswith(head + ".")})
+    return weights_fingerprint(body_parameters(backbone))
 
 
 @dataclass
@@ -204,17 +211,29 @@ class MultiTaskModel(nn.Module):
         return [t.name for t in self.tasks if t.model is not None]
 
     def _changes(self, model: PromptModel) -> list[BatchedChange] | None:
-        """The task's batched changes; None for a per-task fallback (CNNs batch head-only tasks only)."""
+        """The task's batched changes; None for a per-task fallback.
+
+        CNNs batch head-only tasks only; a family with several classifiers (distilled ViT) batches nothing;
+        attention-level changes need the block's plain attention parts (not rotary or relative-bias attention).
+        """
         changes = model.method.batched_changes(model.backbone)
+        if len(self.adapter.classifier_modules()) > 1:
+            return None
         if changes and self.geometry.kind != "vit":
             return None
+        for change in changes or ():
+            if change.kind in ("attention_logits", "qkv_low_rank"):
+                try:
+                    self.adapter.attention(change.block)
+                except BackboneError:
+                    return None
         return changes
 
     def _build(self, models: list[PromptModel]) -> None:
         rows = 1  # row 0: identity
         batched = []
         for task, model in zip(self.tasks, models, strict=True):
-            task.head = copy.deepcopy(model.backbone.get_classifier())
+            task.head = copy.deepcopy(adapter_for(model.backbone).get_classifier())
             self.heads[task.name] = task.head
             changes = self._changes(model)
             if changes is None:
@@ -305,6 +324,9 @@ class MultiTaskModel(nn.Module):
                 setattr(parent, name, _MultiTaskAttention(getattr(parent, name), index, self))
             block.register_forward_pre_hook(self._block_pre_hook(index))
         adapter.final_norm.register_forward_pre_hook(self._norm_pre_hook)
+        if self.schedules:  # inserted prompt tokens: the family's position hooks (rotary, relative bias)
+            self._position_hooks = Injections()
+            adapter.prepare_inserted_tokens(self._position_hooks)
         if hasattr(self.tables, "frame"):
             adapter.input_module().register_forward_pre_hook(self._pixel_pre_hook)
 

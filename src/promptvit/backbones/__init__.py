@@ -5,7 +5,7 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import cnn, vit  # noqa: F401  (registration)
+from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
@@ -45,6 +45,12 @@ def cnn_stages(model: nn.Module) -> list[nn.Module]:
     return adapter_for(model).stages
 
 
+def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters outside every classifier module: what identifies a backbone's weights."""
+    heads = {id(p) for module in adapter_for(model).classifier_modules() for p in module.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in heads}
+
+
 def set_classifier(model: nn.Module, module: nn.Module) -> None:
     """Replace the classifier module in place."""
     adapter_for(model).set_classifier(module)
@@ -60,6 +66,7 @@ __all__ = [
     "all_rows",
     "attend",
     "backbone_source",
+    "body_parameters",
     "classifier_name",
     "cnn_stages",
     "create_backbone",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,8 @@ def classifier_name(model: nn.Module) -> str:
     """Dotted name of the classifier module of any timm model (``get_classifier`` located by identity)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
+    if isinstance(name, (tuple, list)):  # two heads (distilled ViT): the first is the class head
+        name = name[0] if name else None
     modules = dict(model.named_modules())
     if name in modules:
         return name
@@ -151,6 +153,9 @@ class BackboneAdapter:
     kind: ClassVar[str]
     #: short family name used in messages and the family table
     family: ClassVar[str]
+    #: small random-init builds with the family's architecture options, ``name -> (timm model, build
+    #: options, input size)``: the method matrix and ``promptvit backbones`` run every method on them
+    tiny_builds: ClassVar[dict[str, tuple[str, dict[str, Any], int]]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -170,6 +175,10 @@ class BackboneAdapter:
     def get_classifier(self) -> nn.Module:
         return self.model.get_submodule(self.classifier_name())
 
+    def classifier_modules(self) -> list[nn.Module]:
+        """Every module that maps features to logits (two for a distilled ViT); all are tuned as the head."""
+        return [self.get_classifier()]
+
     def set_classifier(self, module: nn.Module) -> None:
         """Replace the classifier module in place."""
         parent_name, _, child = self.classifier_name().rpartition(".")
@@ -179,6 +188,10 @@ class BackboneAdapter:
     def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
         """What the classifier receives: ``forward_head(forward_features(x), pre_logits=True)``."""
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`pre_logits`' output: ``classify(pre_logits(x)) == model(x)``."""
+        return self.get_classifier()(features)
 
     def input_module(self) -> nn.Module:
         """The first module that sees the images (a pixel prompt is added at its input)."""
@@ -246,6 +259,23 @@ class BackboneAdapter:
     def reads_class_token_only(self) -> bool:
         """Whether the head reads row 0 of the final norm's output and nothing else."""
         return False
+
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
+        """``(attention module, attribute)`` of the fused ``[q | k | v]`` projection of ``blocks[block]``.
+
+        Only where the attention calls it as a module, so a wrapped projection (LoRA) or a hook on it is
+        not bypassed. A family that can switch its attention to such a call records the switch in
+        ``injections`` (a method's ledger, so disable/unload undo it); otherwise a BackboneError says why.
+        """
+        raise self._unsupported("fused qkv projection")
+
+    def prepare_inserted_tokens(self, injections: Any) -> None:
+        """Record in ``injections`` (a method's ledger) the changes that let blocks take inserted tokens.
+
+        Needed where attention indexes tokens by position (rotary embeddings, relative position bias):
+        inserted tokens (at :attr:`prompt_position`) then get no position and patch tokens keep theirs.
+        The ledger owns them, so disabling or unloading the method undoes them. Most families need none.
+        """
 
     def tuned_with_last_blocks(self) -> list[nn.Module]:
         """Modules after the blocks that belong with the last ones (final norms) for partial tuning."""

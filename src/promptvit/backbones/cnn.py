@@ -38,6 +38,7 @@ class ResNetAdapter(CNNAdapter):
     """ResNet-style: stem (``conv1``/``bn1``), stages ``layer1..layer4``."""
 
     family = "ResNet"
+    tiny_builds = {"resnet": ("resnet10t", {}, 32)}
 
     def input_module(self) -> nn.Module:
         return self.model.conv1
@@ -52,6 +53,9 @@ class EfficientNetAdapter(CNNAdapter):
     """EfficientNet-style: stem (``conv_stem``/``bn1``), stages ``blocks[i]``, then ``conv_head``/``bn2``."""
 
     family = "EfficientNet"
+    tiny_builds = {
+        "tinynet": ("tinynet_e", {}, 32),
+    }
 
     def input_module(self) -> nn.Module:
         return self.model.conv_stem

@@ -8,6 +8,7 @@ the layout of timm's pre-norm ``Block`` (for computing selected output rows) and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.models import checkpoint_seq
@@ -62,6 +63,52 @@ def _optional(module: nn.Module, name: str) -> nn.Module:
 class ViTAdapter(BackboneAdapter):
     kind = "vit"
     family = "VisionTransformer"
+    tiny_builds = {
+        "vit_token": (
+            "vit_tiny_patch16_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        "vit_avg_no_cls": (
+            "vit_tiny_patch16_224",
+            dict(
+                img_size=16,
+                patch_size=4,
+                embed_dim=24,
+                depth=3,
+                num_heads=3,
+                class_token=False,
+                global_pool="avg",
+            ),
+            16,
+        ),
+        # DINOv2 with registers: 4 register tokens, LayerScale
+        "vit_reg": (
+            "vit_small_patch14_reg4_dinov2",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # SigLIP: attention-pool (map) readout, no class token
+        "vit_map": (
+            "vit_base_patch16_siglip_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        "vit_no_embed_class_qk_norm_avgmax": (
+            "vit_tiny_patch16_224",
+            dict(
+                img_size=16,
+                patch_size=4,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                no_embed_class=True,
+                qk_norm=True,
+                global_pool="avgmax",
+            ),
+            16,
+        ),
+    }
 
     model: VisionTransformer
 
@@ -127,6 +174,9 @@ class ViTAdapter(BackboneAdapter):
 
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
+
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
+        return unwrap_base_layers(self.model.blocks[block].attn), "qkv"
 
     def supports_selected_rows(self, block: int) -> bool:
         return supports_selected_rows(self.model.blocks[block])

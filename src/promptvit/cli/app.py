@@ -15,6 +15,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from promptvit.cli.backbone_commands import register_backbone_commands
+from promptvit.cli.data_commands import register_data_commands
+from promptvit.cli.export_commands import register_export_commands
 from promptvit.cli.output import USER_ERRORS, console, fail, state
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 from promptvit.cli.protocol_commands import register_protocol_commands
@@ -426,14 +429,14 @@ def demo(
     console.print(f"artifacts and metrics: {out}/<method>/ (artifact/, metrics.json, log.csv)")
 
 
-register_protocol_commands(app)
-
-from promptvit.cli.data_commands import register_data_commands  # noqa: E402
-
-register_data_commands(app)
-from promptvit.cli.export_commands import register_export_commands  # noqa: E402
-
-register_export_commands(app)
+# Verbs that live in their own modules (each imports its heavy dependencies when it runs).
+for register in (
+    register_protocol_commands,
+    register_data_commands,
+    register_export_commands,
+    register_backbone_commands,
+):
+    register(app)
 
 
 def main() -> None:

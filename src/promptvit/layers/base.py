@@ -33,6 +33,7 @@ class _Injection:
     name: str = ""  # attribute of a replaced child
     original: Any = None  # the replaced child
     hook_id: int | None = None  # key of a registered hook in the module's hook dict (survives deepcopy)
+    with_kwargs: bool = False  # a pre-hook that also receives and may change the keyword arguments
 
 
 @dataclasses.dataclass
@@ -83,8 +84,8 @@ class Injections:
         """The recorded changes of one kind (``pre_hook``, ``hook``, ``replace``, ``forward``), in order."""
         return [entry for entry in self._entries if entry.kind == kind]
 
-    def pre_hook(self, module: nn.Module, hook: Callable[..., Any]) -> None:
-        self._add(_Injection("pre_hook", module, hook))
+    def pre_hook(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+        self._add(_Injection("pre_hook", module, hook, with_kwargs=with_kwargs))
 
     def hook(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         self._add(_Injection("hook", module, hook))
@@ -110,7 +111,8 @@ class Injections:
     @staticmethod
     def _apply(entry: _Injection) -> None:
         if entry.kind == "pre_hook":
-            entry.hook_id = entry.module.register_forward_pre_hook(entry.target).id
+            handle = entry.module.register_forward_pre_hook(entry.target, with_kwargs=entry.with_kwargs)
+            entry.hook_id = handle.id
         elif entry.kind == "hook":
             entry.hook_id = entry.module.register_forward_hook(entry.target).id
         elif entry.kind == "replace":
@@ -128,6 +130,7 @@ class Injections:
                 entry.module._forward_pre_hooks if entry.kind == "pre_hook" else entry.module._forward_hooks
             )
             del hooks[entry.hook_id]
+            entry.module._forward_pre_hooks_with_kwargs.pop(entry.hook_id, None)
             entry.hook_id = None
         elif entry.kind == "replace":
             setattr(entry.module, entry.name, entry.original)

@@ -153,6 +153,8 @@ class TokenPromptHooks:
                     adapter.blocks[block], functools.partial(self._insert_token_prompts, block)
                 )
             self.prompts_in_block[block] = in_stream
+        # the family's hooks that give inserted tokens no position (rotary, relative bias)
+        adapter.prepare_inserted_tokens(self.injections)
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
         self.injections.pre_hook(adapter.final_norm, self._strip_token_prompts)

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.backbones import Geometry, adapter_for, classifier_name
+from promptvit.backbones import BackboneError, Geometry, adapter_for, classifier_name
 from promptvit.layers.prompt_init import (
     SAMPLERS,
     LayerTokenCatcher,
@@ -299,23 +299,30 @@ class DAVPT(TokenPromptHooks, Method):
             backbone, {i: n for i, n in lengths.items() if i >= first}, keep_prompt_outputs=keep
         )
 
+        def qkv(index: int) -> nn.Module:
+            try:
+                return getattr(*adapter.qkv_slot(index, self.injections))
+            except BackboneError as error:
+                raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
+
         if config.bias_set != "none":
-            self._qkv_part = adapter.attention(0).attn_dim
+            self._qkv_part = qkv(0).out_features // 3
             self.kv_bias_delta = nn.Parameter(
                 torch.zeros(self.geometry.depth, 2 * self._qkv_part, device=device, dtype=dtype)
             )
             for index in range(len(adapter.blocks)):
-                self.injections.hook(
-                    adapter.attention(index).qkv, functools.partial(self._add_kv_bias, index)
-                )
+                self.injections.hook(qkv(index), functools.partial(self._add_kv_bias, index))
         # Capture hooks run after the prompt hooks, so they see the prompted sequence.
         for g, index in enumerate(self.guided):
-            attention = adapter.attention(index)
             self.injections.pre_hook(adapter.blocks[index], functools.partial(self._capture_block_input, g))
             if self.has_cls:
-                self.injections.hook(attention.qkv, functools.partial(self._capture_cls_query, g))
+                self.injections.hook(qkv(index), functools.partial(self._capture_cls_query, g))
             if config.anchor == "prompt_attn_out":
-                self.injections.pre_hook(attention.proj, functools.partial(self._capture_attn_out, g))
+                try:
+                    proj = adapter.attention(index).proj
+                except BackboneError as error:
+                    raise ConfigError(f"da_vpt: anchor='prompt_attn_out' reads attention parts; {error}") from None
+                self.injections.pre_hook(proj, functools.partial(self._capture_attn_out, g))
         self.injections.pre_hook(head, self._capture_features)
 
     def _default_mapping(self, device: torch.device | None = None) -> torch.Tensor:

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.prompted_attention import WAYS, PromptedAttention
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
@@ -120,6 +120,10 @@ class EPT(Method):
     def attach(self, backbone: nn.Module) -> None:
         adapter = adapter_for(backbone)
         for index in self.layer_indices:
+            try:
+                adapter.attention(index)
+            except BackboneError as error:
+                raise ConfigError(f"ept: prompted attention re-computes plain softmax attention; {error}") from None
             parent, name = adapter.attention_slot(index)
             try:
                 layer = PromptedAttention(

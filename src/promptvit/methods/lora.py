@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
@@ -87,8 +87,10 @@ class LoRA(Method):
         parts = sorted(QKV.index(t) for t in config.targets)
         adapter = adapter_for(backbone)
         for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
-            parent, name = adapter.attention_slot(index)
-            attn = getattr(parent, name)
+            try:
+                attn, _ = adapter.qkv_slot(index, self.injections)
+            except BackboneError as error:
+                raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = getattr(attn, "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")

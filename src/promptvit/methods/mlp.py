@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, classifier_name
+from promptvit.backbones import Geometry, adapter_for, classifier_name
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
@@ -39,7 +39,7 @@ class MLP(Method):
         ]
         parent_name, _, child = classifier_name(backbone).rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        self.injections.replace(parent, child, nn.Sequential(*hidden, backbone.get_classifier()))
+        self.injections.replace(parent, child, nn.Sequential(*hidden, adapter_for(backbone).get_classifier()))
 
     def head_name(self, backbone: nn.Module) -> str:
         mlp_head = classifier_name(backbone)

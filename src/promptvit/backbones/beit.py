@@ -1,0 +1,163 @@
+"""Adapter for timm ``Beit`` (BEiT, BEiT v2: relative position bias per block or shared).
+
+Inserted tokens (prompts) go after the class token and get a **zero** relative-position bias, towards and
+from every token; the bias among the class and patch tokens stays exactly timm's. Beit's attention builds
+its own bias with ``_get_rel_pos_bias()`` (timm private) inside its forward, so while a token-prompt method
+is attached that attribute is replaced by one that pads the bias with zero rows and columns; the shared
+bias (a keyword argument) is padded by a pre-hook. Both are entries of the method's ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.models.beit import Beit
+from torch import nn
+
+from promptvit.backbones.base import (
+    AttentionParts,
+    BackboneAdapter,
+    BackboneError,
+    register_adapter,
+    unwrap_base_layers,
+)
+from promptvit.backbones.eva import mlp_hidden_width, switch_to_module_call
+from promptvit.backbones.geometry import Geometry
+
+
+def pad_bias(bias: torch.Tensor, position: int, count: int) -> torch.Tensor:
+    """``(..., N, N)`` bias -> ``(..., N + count, N + count)`` with zero rows and columns at ``position``."""
+    if count <= 0:
+        return bias
+    *lead, n, _ = bias.shape
+    bias = torch.cat(
+        [bias[..., :position, :], bias.new_zeros(*lead, count, n), bias[..., position:, :]], dim=-2
+    )
+    return torch.cat(
+        [bias[..., :position], bias.new_zeros(*lead, n + count, count), bias[..., position:]], dim=-1
+    )
+
+
+class ZeroBiasForInsertedTokens:
+    """Pads one Beit attention's relative position bias for the tokens inserted at ``position``."""
+
+    def __init__(self, attn: nn.Module, position: int, tokens_without_prompts: int) -> None:
+        self.position, self.tokens = position, tokens_without_prompts
+        self.inserted = 0
+        self.own_bias = attn._get_rel_pos_bias
+
+    def count_and_pad_shared(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        self.inserted = args[0].shape[1] - self.tokens
+        shared = kwargs.get("shared_rel_pos_bias")
+        if shared is not None:
+            kwargs = {**kwargs, "shared_rel_pos_bias": pad_bias(shared, self.position, self.inserted)}
+        return args, kwargs
+
+    def padded_own_bias(self) -> torch.Tensor:
+        return pad_bias(self.own_bias(), self.position, self.inserted)
+
+
+@register_adapter(Beit)
+class BeitAdapter(BackboneAdapter):
+    kind = "vit"
+    family = "Beit"
+    tiny_builds = {
+        "beit": (
+            "beit_base_patch16_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        )
+    }
+
+    model: Beit
+
+    def geometry(self) -> Geometry:
+        model = self.model
+        attn = unwrap_base_layers(model.blocks[0].attn)
+        return Geometry(
+            kind="vit",
+            architecture=type(model).__name__,
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            num_heads=int(attn.num_heads),
+            num_prefix_tokens=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=tuple(model.patch_embed.patch_size),
+            mlp_hidden=mlp_hidden_width(model.blocks[0].mlp),
+            qkv_bias=attn.q_bias is not None,
+            global_pool=model.global_pool,
+            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+        )
+
+    def input_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.patch_embed(images)
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if model.pos_embed is not None:
+            x = x + model.pos_embed
+        return model.pos_drop(x)
+
+    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        shared = self.model.rel_pos_bias() if self.model.rel_pos_bias is not None else None
+        for block in blocks:
+            tokens = block(tokens, shared_rel_pos_bias=shared)
+        return tokens
+
+    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "attn"
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "mlp"
+
+    def attention(self, block: int) -> AttentionParts:
+        raise BackboneError(
+            f"{type(self.model).__name__} adds a relative position bias inside its attention; "
+            "it has no plain attention parts"
+        )
+
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
+        attn = unwrap_base_layers(self.model.blocks[block].attn)
+        switch_to_module_call(attn, injections, type(self.model).__name__)
+        return attn, "qkv"
+
+    def tuned_with_last_blocks(self) -> list[nn.Module]:
+        return [self.model.norm, self.model.fc_norm]
+
+    def prefix_state_names(self, cut: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        stem = ("patch_embed.", "cls_token", "pos_embed", "rel_pos_bias.")
+        return stem, tuple(f"blocks.{i}." for i in range(cut))
+
+    def prefix_modules(self, cut: int) -> list[nn.Module]:
+        model = self.model
+        return [model.patch_embed, model.rel_pos_bias, *model.blocks[:cut]]
+
+    def prepare_inserted_tokens(self, injections: Any) -> None:
+        tokens = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
+        for block in self.model.blocks:
+            attn = unwrap_base_layers(block.attn)
+            padding = ZeroBiasForInsertedTokens(attn, self.prompt_position, tokens)
+            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True)
+            if attn.relative_position_bias_table is not None:
+                injections.replace(attn, "_get_rel_pos_bias", padding.padded_own_bias)

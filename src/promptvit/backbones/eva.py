@@ -1,0 +1,220 @@
+"""Adapter for timm ``Eva``: EVA-02, DINOv3 and the RoPE ViTs (rotary position embeddings).
+
+Inserted tokens (prompts) go after the prefix tokens and get **no** rotary position: EVA's attention
+rotates every token after its first ``num_prefix_tokens``, so while a token-prompt method is attached a
+pre-hook on each attention sets that count to "all tokens but the last ``len(rope)``" (the patch tokens),
+which leaves each patch token exactly the rotation it has without prompts, and a hook puts the count back
+after the call. ``_pos_embed`` (timm private; it returns the tokens and the rotary table)
+is read here only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.models.eva import Eva
+from torch import nn
+
+from promptvit.backbones.base import (
+    AttentionParts,
+    BackboneAdapter,
+    BackboneError,
+    register_adapter,
+    unwrap_base_layers,
+)
+from promptvit.backbones.geometry import Geometry
+from promptvit.backbones.vit import timm_attention_parts
+
+
+def mlp_hidden_width(mlp: nn.Module) -> int:
+    """Hidden width of a timm MLP: ``Mlp``, ``GluMlp``/``SwiGLUPacked`` (fc1 packs two halves) or ``SwiGLU``."""
+    mlp = unwrap_base_layers(mlp)
+    if hasattr(mlp, "fc1_x"):
+        return int(mlp.fc1_x.out_features)
+    width = int(mlp.fc1.out_features)
+    return width // 2 if getattr(mlp, "chunk_dim", None) is not None else width
+
+
+def _rotary_positions_for_patches(attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    rope = kwargs.get("rope")
+    if rope is not None:
+        attn.num_prefix_tokens = args[0].shape[1] - rope.shape[-2]
+
+
+def _restore_prefix_count(count: int, attn: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    attn.num_prefix_tokens = count
+
+
+def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> None:
+    """Make an EVA/BEiT attention call ``attn.qkv`` as a module: its q/v biases then go in as a separate sum.
+
+    With biases, timm computes ``F.linear(x, attn.qkv.weight, [q_bias | 0 | v_bias])``, which bypasses any
+    module put in place of ``qkv``. ``qkv_bias_separate`` (timm's own switch) gives ``qkv(x) + bias``: the
+    same sum, rounded once more. Recorded in the method's ledger, so the disabled model is timm's again.
+    """
+    if getattr(attn, "q_bias", None) is None or getattr(attn, "qkv_bias_separate", False):
+        return
+    if injections is None or not hasattr(attn, "qkv_bias_separate"):  # the switch came with timm 1.0.x
+        raise BackboneError(
+            f"{model_name} adds its q/v biases inside F.linear on attn.qkv.weight, so a wrapped or hooked qkv "
+            "module would be bypassed"
+        )
+    injections.replace(attn, "qkv_bias_separate", True)
+
+
+@register_adapter(Eva)
+class EvaAdapter(BackboneAdapter):
+    kind = "vit"
+    family = "Eva"
+    tiny_builds = {
+        # EVA-02: absolute + rotary positions, SwiGLU, q/v biases
+        "eva02": (
+            "eva02_tiny_patch14_224",
+            dict(img_size=16, patch_size=4, ref_feat_shape=(4, 4), embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # RoPE ViT (timm ``AttentionRope``), class-token readout
+        "vit_rope": (
+            "vit_small_patch16_rope_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+        # DINOv3: rotary positions, 4 registers, LayerScale, dynamic image size
+        "dinov3": (
+            "vit_small_patch16_dinov3",
+            dict(img_size=16, patch_size=4, global_pool="token", embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
+    }
+
+    model: Eva
+
+    def geometry(self) -> Geometry:
+        model = self.model
+        attn = unwrap_base_layers(model.blocks[0].attn)
+        qkv = getattr(attn, "qkv", None)
+        has_bias = getattr(attn, "q_bias", None) is not None or (
+            qkv is not None and unwrap_base_layers(qkv).bias is not None
+        )
+        return Geometry(
+            kind="vit",
+            architecture=type(model).__name__,
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            num_heads=int(attn.num_heads),
+            num_prefix_tokens=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=tuple(model.patch_embed.patch_size),
+            mlp_hidden=mlp_hidden_width(model.blocks[0].mlp),
+            qkv_bias=has_bias,
+            global_pool=model.global_pool,
+            dynamic_img_size=bool(model.dynamic_img_size),
+            class_token=model.cls_token is not None,
+            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+        )
+
+    def input_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    def _tokens_and_rope(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model = self.model
+        x, rope = model._pos_embed(model.patch_embed(images))
+        norm_pre = getattr(model, "norm_pre", None)  # timm < 1.0.10 has none
+        return (norm_pre(x) if norm_pre is not None else x), rope
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._tokens_and_rope(images)[0]
+
+    def _rope(self) -> torch.Tensor | None:
+        """The rotary table of the model's own input size (the blocks need it besides the tokens).
+
+        With ``dynamic_img_size`` cached block inputs must come from images of that size (a token count that
+        does not match the table fails in timm's rotation, it is never silently misplaced).
+        """
+        model = self.model
+        if model.rope is None:
+            return None
+        if hasattr(model.rope, "feat_shape") and not model.dynamic_img_size:
+            return model.rope.get_embed()
+        return model.rope.get_embed(shape=model.patch_embed.grid_size)
+
+    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        rope = self._rope()
+        index = {id(block): i for i, block in enumerate(self.model.blocks)}
+        for block in blocks:
+            block_rope = rope[index[id(block)]] if rope is not None and getattr(self.model, "rope_mixed", False) else rope
+            tokens = block(tokens, rope=block_rope)
+        return tokens
+
+    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "attn"
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "mlp"
+
+    def attention(self, block: int) -> AttentionParts:
+        attn = unwrap_base_layers(self.model.blocks[block].attn)
+        if self.model.rope is not None:
+            raise BackboneError(
+                f"{type(self.model).__name__} rotates queries and keys by position inside its "
+                "attention; it has no plain attention parts"
+            )
+        self._check_fused_qkv(attn)
+        return timm_attention_parts(attn)
+
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
+        attn = unwrap_base_layers(self.model.blocks[block].attn)
+        if getattr(attn, "qkv", None) is None:
+            raise BackboneError(
+                f"{type(self.model).__name__} computes q, k and v with three projections, not one fused qkv"
+            )
+        switch_to_module_call(attn, injections, type(self.model).__name__)
+        return attn, "qkv"
+
+    def _check_fused_qkv(self, attn: nn.Module) -> None:
+        if getattr(attn, "qkv", None) is None or (
+            getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False)
+        ):
+            raise BackboneError(
+                f"{type(self.model).__name__} computes q, k, v with separate projections or biases outside "
+                "its qkv module; it has no plain attention parts"
+            )
+
+    def tuned_with_last_blocks(self) -> list[nn.Module]:
+        return [self.model.norm, self.model.fc_norm]
+
+    def prefix_state_names(self, cut: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        stem = ("patch_embed.", "norm_pre.", "cls_token", "reg_token", "pos_embed", "rope.")
+        return stem, tuple(f"blocks.{i}." for i in range(cut))
+
+    def prefix_modules(self, cut: int) -> list[nn.Module]:
+        model = self.model
+        stem = [getattr(model, name, None) for name in ("patch_embed", "norm_pre", "patch_drop", "rope")]
+        return [*stem, *model.blocks[:cut]]
+
+    def prepare_inserted_tokens(self, injections: Any) -> None:
+        for block in self.model.blocks:
+            attn = unwrap_base_layers(block.attn)
+            if hasattr(attn, "num_prefix_tokens"):
+                injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True)
+                injections.hook(attn, functools.partial(_restore_prefix_count, attn.num_prefix_tokens))

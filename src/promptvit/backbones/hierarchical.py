@@ -1,0 +1,71 @@
+"""Adapters for timm models seen as stages of feature maps: ``ConvNeXt`` and ``SwinTransformer``.
+
+Swin's stages hold window-attention blocks on (B, H, W, C) maps; promptvit treats Swin like a CNN (its
+stages, the norm after them, the pixel input) because its windows partition the map: a token prompt has no
+window to live in without the VPT paper's per-window variant, which promptvit does not implement.
+"""
+
+from __future__ import annotations
+
+from timm.models.convnext import ConvNeXt
+from timm.models.swin_transformer import SwinTransformer
+from torch import nn
+
+from promptvit.backbones.base import register_adapter
+from promptvit.backbones.cnn import CNNAdapter
+from promptvit.backbones.geometry import Geometry
+
+
+@register_adapter(ConvNeXt)
+class ConvNeXtAdapter(CNNAdapter):
+    """ConvNeXt: ``stem``, ``stages[i]``, ``norm_pre``; the head's norm belongs with the last stage."""
+
+    family = "ConvNeXt"
+    tiny_builds = {"convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 32)}
+
+    def input_module(self) -> nn.Module:
+        return self.model.stem
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.model.stages)
+
+    def after_stages(self) -> list[nn.Module]:
+        head_norm = getattr(self.model.head, "norm", None)
+        return [m for m in (self.model.norm_pre, head_norm) if isinstance(m, nn.Module)]
+
+
+@register_adapter(SwinTransformer)
+class SwinAdapter(CNNAdapter):
+    """Swin: ``patch_embed``, stages ``layers[i]`` (patch merging, then window-attention blocks), ``norm``."""
+
+    family = "SwinTransformer"
+    tiny_builds = {
+        "swin": (
+            "swin_tiny_patch4_window7_224",
+            dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+            32,
+        ),
+    }
+
+    def geometry(self) -> Geometry:
+        model = self.model
+        return Geometry(
+            kind="cnn",
+            architecture=type(model).__name__,
+            embed_dim=model.num_features,
+            depth=len(self.stages),
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=(1, 1),
+            global_pool=str(model.global_pool),
+        )
+
+    def input_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def after_stages(self) -> list[nn.Module]:
+        return [self.model.norm]

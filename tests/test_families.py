@@ -1,0 +1,358 @@
+"""Every registered method on a tiny build of every registered backbone family, and the family-specific maths.
+
+The builds come from the adapters' ``tiny_builds`` (tests/families.py), so a new family joins the matrix with
+its adapter module. Each case either wraps and passes the checks below, or is refused with a ConfigError
+whose reason is pinned in ``REFUSED``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import timm.models.beit
+import timm.models.eva
+import torch
+import torch.nn.functional as F
+
+import promptvit
+from promptvit.artifact import ArtifactError
+from promptvit.backbones import adapter_for
+from promptvit.methods.base import ConfigError
+from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
+
+METHODS = promptvit.available_methods()
+
+# (method, build) -> words of the reason it is refused. Everything else must wrap and train.
+_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept", "lora", "adapter")
+REFUSED: dict[tuple[str, str], str] = {
+    **{
+        (m, b): "supports vit backbones"
+        for m in _TOKEN_METHODS
+        for b in ("resnet", "tinynet", "convnext", "swin")
+    },
+    **{("ept", b): "rotates queries and keys" for b in ("eva02", "vit_rope", "dinov3")},
+    ("ept", "beit"): "relative position bias",
+}
+# EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
+# which rounds once more than timm's fused call: identity at init holds up to that rounding there.
+ROUNDING_AT_INIT = {("lora", "eva02"), ("lora", "beit")}
+
+# Closed forms that count the parameters of timm's plain pre-norm block (LayerNorm, fused qkv, two-layer MLP);
+# other blocks (LayerScale, SwiGLU, qk-norm, q/v biases, relative bias tables, attention pooling) are checked
+# by the tuned-set test alone.
+BLOCK_FORMULAS = {"full", "partial", "bias", "norm"}
+PLAIN_BLOCKS = {"vit_token", "vit_avg_no_cls", "deit_distilled"}
+
+
+@functools.cache
+def _base(table_name: str, name: str, seed: int = 0) -> torch.nn.Module:
+    table = FAMILY_BUILDS if table_name == "family" else MEDICAL_BUILDS
+    model = build(table, name, num_classes=3, seed=seed)
+    # LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT): it would hide almost everything the
+    # attention and MLP do, so give it O(1) values and every check sees the blocks' maths.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            if parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _fresh(name: str, seed: int = 0, table: str = "family") -> torch.nn.Module:
+    """A copy of the cached build (timm's random init is the slow part)."""
+    return copy.deepcopy(_base(table, name, seed))
+
+
+def _wrap(method: str, name: str, table: str = "family") -> promptvit.PromptModel:
+    cls = promptvit.get_method(method)
+    return promptvit.wrap(_fresh(name, table=table), method, num_classes=4, **cls.test_options)
+
+
+def _head_ids(model: promptvit.PromptModel) -> set[int]:
+    return {id(p) for m in [model.get_classifier(), *model.extra_heads()] for p in m.parameters()}
+
+
+def _step(model: promptvit.PromptModel, x: torch.Tensor) -> None:
+    model.train()
+    optimizer = torch.optim.SGD([p for _, p in model.tuned_named_parameters()], lr=0.5)
+    targets = torch.arange(x.shape[0]) % 4
+    F.cross_entropy(model(x), targets).backward()
+    optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_method_on_family(method: str, name: str, tmp_path) -> None:
+    cls = promptvit.get_method(method)
+    if (method, name) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[method, name]):
+            _wrap(method, name)
+        return
+    base = _fresh(name)
+    base.reset_classifier(4)
+    reference = copy.deepcopy(base)
+    original = {id(p) for p in base.parameters()}
+    model = promptvit.wrap(base, method, **cls.test_options).eval()
+    x = family_input(FAMILY_BUILDS, name, batch=4)
+
+    # tuned set: the head(s), the backbone parameters the method names, the parameters it created
+    named = {id(p) for p in model.method.backbone_parameters_to_tune(model.backbone)}
+    heads = _head_ids(model)
+    for parameter_name, p in model.named_parameters():
+        is_new = id(p) not in original and id(p) not in heads
+        assert p.requires_grad == (id(p) in heads or id(p) in named or is_new), parameter_name
+    expected = cls.expected_num_parameters(model.config, model.geometry)
+    if expected is not None and (method not in BLOCK_FORMULAS or name in PLAIN_BLOCKS):
+        assert model.parameter_summary()["method"] == expected
+
+    # identity at init where the method claims it: timm's own forward, bit for bit
+    if cls.identity_at_init:
+        atol = 1e-5 if (method, name) in ROUNDING_AT_INIT else 0
+        with torch.no_grad(), model.all_token_outputs():
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=atol)
+
+    # one step changes only tuned tensors (and buffers of modules trained in train mode)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    tuned = {n for n, _ in model.tuned_named_parameters()}
+    model.train()
+    training_buffers = {
+        f"{module_name}.{b}" if module_name else b
+        for module_name, module in model.named_modules()
+        if module.training
+        for b, _ in module.named_buffers(recurse=False)
+    }
+    _step(model, x)
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
+    assert changed - tuned <= training_buffers, changed - tuned - training_buffers
+    head_prefix = f"backbone.{model.head_name}."
+    assert any(n.startswith(head_prefix) for n in changed)
+    if model.parameter_summary()["method"] > 0:
+        assert any(not n.startswith(head_prefix) for n in changed & tuned), "method parameters did not move"
+
+    # exact artifact round trip onto a fresh build; another backbone's weights are refused
+    with torch.no_grad():
+        logits = model(x)
+    model.save_pretrained(tmp_path / "artifact")
+    loaded = promptvit.load(tmp_path / "artifact", base_model=_fresh(name)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), logits)
+    with pytest.raises(ArtifactError, match="other backbone weights"):
+        promptvit.load(tmp_path / "artifact", base_model=_fresh(name, seed=1))
+
+    # disable gives the pre-wrap backbone bit for bit; unload gives it back with its own weights
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(x), reference(x))
+        assert torch.equal(model(x), logits)
+    before = reference.state_dict()
+    unloaded = model.unload()
+    after = unloaded.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(unloaded(x), reference(x))
+
+
+def test_every_registered_family_has_tiny_builds_of_its_own() -> None:
+    adapters = set(promptvit.backbones.registered_adapters().values())
+    assert all(adapter.tiny_builds for adapter in adapters)
+    for adapter in adapters:
+        for name in present(*adapter.tiny_builds):
+            assert type(adapter_for(_base("family", name))) is adapter, name
+
+
+def test_distilled_vit_tunes_both_heads_and_averages_them() -> None:
+    model = _wrap("linear", "deit_distilled").eval()
+    backbone = model.backbone
+    assert backbone.head.weight.requires_grad and backbone.head_dist.weight.requires_grad
+    assert model.parameter_summary()["head"] == 2 * (32 * 4 + 4)
+    x = family_input(FAMILY_BUILDS, "deit_distilled")
+    with torch.no_grad():
+        tokens = backbone.forward_features(x)
+        expected = (backbone.head(tokens[:, 0]) + backbone.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(model(x), expected)
+
+
+# ---------------------------------------------------------------------- rotary positions (Eva)
+
+
+def _record_rotations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (rotated tokens, rotary table) timm's Eva and RoPE attentions compute."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = timm.models.eva.apply_rot_embed_cat
+
+    def recording(x, emb, *args, **kwargs):
+        out = original(x, emb, *args, **kwargs)
+        calls.append((out, emb))
+        return out
+
+    monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", recording)
+    try:  # timm's AttentionRope (RoPE ViTs, newer timm only)
+        import timm.layers.attention as rope_attention
+    except ImportError:
+        return calls
+    monkeypatch.setattr(rope_attention, "apply_rot_embed_cat", recording)
+    return calls
+
+
+@pytest.mark.parametrize("name", present("eva02", "vit_rope", "dinov3"))
+def test_prompts_get_no_rotary_position_and_patches_keep_theirs(name: str, monkeypatch) -> None:
+    plain = _fresh(name)
+    prompted = promptvit.wrap(_fresh(name), "vpt", num_classes=3, prompt_length=3, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, name)
+    calls = _record_rotations(monkeypatch)
+    with torch.no_grad():
+        plain(x)
+        without = list(calls)
+        calls.clear()
+        with prompted.all_token_outputs():
+            prompted(x)
+    num_patches = plain.patch_embed.num_patches
+    assert len(calls) == len(without) == 2 * len(plain.blocks)  # q and k in every block
+    for (out, table), (_, table_plain) in zip(calls, without, strict=True):
+        assert out.shape[-2] == num_patches  # exactly the patch tokens are rotated, prompts are not
+        assert torch.equal(table, table_plain)  # by the same positions as without prompts
+    # block 0 sees the same patch tokens with or without prompts: identical rotated queries and keys
+    for (out, _), (out_plain, _) in zip(calls[:2], without[:2], strict=True):
+        assert torch.equal(out, out_plain)
+
+
+@pytest.mark.parametrize("name", present("vit_rope", "beit"))
+def test_position_hooks_for_prompts_are_undone_by_unload(name: str) -> None:
+    model = promptvit.wrap(_fresh(name), "vpt", prompt_length=2, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, name)
+    with torch.no_grad():
+        model(x)
+    backbone = model.unload()
+    n = backbone.patch_embed.num_patches + 1
+    for block in backbone.blocks:
+        attn = block.attn
+        assert not attn._forward_pre_hooks and not attn._forward_hooks
+        if name == "vit_rope":
+            assert attn.num_prefix_tokens == 1
+        else:
+            assert attn._get_rel_pos_bias().shape[-1] == n
+
+
+# ---------------------------------------------------------------------- relative position bias (Beit)
+
+
+def _record_attention_masks(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    masks: list[torch.Tensor] = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(timm.models.beit.F, "scaled_dot_product_attention", recording)
+    return masks
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_block_bias", "shared_bias"])
+def test_prompts_get_zero_relative_bias_and_patches_keep_theirs(shared: bool, monkeypatch) -> None:
+    arch, options, _ = FAMILY_BUILDS["beit"]
+    options = dict(options, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared)
+    plain = promptvit.create_backbone(arch, num_classes=3, **options).eval()
+    with torch.no_grad():  # a bias table away from its zero init, so that a shifted bias shows
+        for name, p in plain.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()
+    prompted = promptvit.wrap(copy.deepcopy(plain), "vpt", prompt_length=3, deep=True).eval()
+    x = family_input(FAMILY_BUILDS, "beit")
+    masks = _record_attention_masks(monkeypatch)
+    with torch.no_grad():
+        plain(x)
+        without = list(masks)
+        masks.clear()
+        with prompted.all_token_outputs():
+            prompted(x)
+    assert len(masks) == len(without) == len(plain.blocks)
+    n = plain.patch_embed.num_patches + 1
+    kept = torch.tensor([0, *range(4, n + 3)])  # class token, then the patches after 3 prompts
+    for bias, bias_plain in zip(masks, without, strict=True):
+        assert bias.shape[-1] == n + 3
+        assert torch.equal(bias[..., kept[:, None], kept], bias_plain)
+        assert not bias[..., 1:4, :].any() and not bias[..., :, 1:4].any()
+        assert bias_plain.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- medical-backbone shapes
+
+
+VIT_METHODS = [m for m in METHODS if "vit" in promptvit.get_method(m).supported_kinds]
+
+
+@pytest.mark.parametrize("name", sorted(MEDICAL_BUILDS))
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_medical_backbone_shapes_wrap_and_train(method: str, name: str) -> None:
+    if (method, name) in REFUSED:  # DINOv3 is an Eva: the family's refusals hold
+        with pytest.raises(ConfigError, match=REFUSED[method, name]):
+            _wrap(method, name, table="medical")
+        return
+    model = _wrap(method, name, table="medical")
+    x = family_input(MEDICAL_BUILDS, name, batch=4)
+    before = {n: p.detach().clone() for n, p in model.tuned_named_parameters()}
+    _step(model, x)
+    moved = {n for n, p in model.tuned_named_parameters() if not torch.equal(before[n], p)}
+    assert moved, f"{method} on {name}: the step moved no tuned tensor"
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+# ---------------------------------------------------------------------- multi-task serving
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
+def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
+    """Every method the family runs, served together: batched where the family allows, per task otherwise."""
+    from promptvit.serving import MultiTaskModel
+
+    base = _base("family", name)
+    generator = torch.Generator().manual_seed(0)
+    models, names = [], []
+    for method in METHODS:
+        if (method, name) in REFUSED:
+            continue
+        model = _wrap(method, name)
+        with torch.no_grad():  # tuned tensors away from their (often zero) initial values
+            for _, p in model.tuned_named_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        models.append(model.eval())
+        names.append(method)
+    served = MultiTaskModel(base, models, names=names)
+    x = family_input(FAMILY_BUILDS, name, batch=3)
+    with torch.no_grad():
+        out = served(x)
+        for method, model in zip(names, models, strict=True):
+            torch.testing.assert_close(out[method], model(x), rtol=1e-5, atol=1e-5, msg=method)
+
+
+# ---------------------------------------------------------------------- frozen-prefix cut
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDS))
+@pytest.mark.parametrize(
+    "method,options", [("ap", {"layer": 1}), ("vpt", {"prompt_length": 2}), ("linear", {})]
+)
+def test_forward_from_a_cached_cut_equals_the_forward(method: str, options: dict, name: str) -> None:
+    """The cache's cuts (embedding + frozen blocks, or the pre-logit features) keep each family's maths."""
+    if adapter_for(_base("family", name)).kind != "vit" and method == "vpt":
+        pytest.skip("token prompts need a token family")
+    if method == "ap" and adapter_for(_base("family", name)).kind == "cnn":
+        size = FAMILY_BUILDS[name][2]
+        options = {**options, "cnn_input_size": [size, size]}  # a CNN's prompt is sized for the input
+    model = promptvit.wrap(_fresh(name), method, num_classes=4, **options).eval()
+    with torch.no_grad():
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    depth = model.geometry.depth
+    vit = model.geometry.kind == "vit"
+    assert model.cache_cut() == {"ap": 1 if vit else 0, "vpt": 0, "linear": depth}[method]
+    x = family_input(FAMILY_BUILDS, name)
+    with torch.no_grad():
+        for block in sorted({1 if vit else 0, depth}):
+            got = model.forward_from_block(model.forward_prefix(x, block), block)
+            torch.testing.assert_close(got, model(x), rtol=0, atol=1e-6)
