@@ -142,7 +142,8 @@ def test_pooling_samplers_give_the_window_vectors(mode: str, k: int) -> None:
         t = tokens[layer][0]
         windows = [t[s:e] for s, e in window_bounds(16, k)]
         pooled = torch.stack([w.mean(0) if mode == "mean" else w.amax(0) for w in windows])
-        torch.testing.assert_close(pool_windows(t[None], k, mode)[0], pooled, rtol=0, atol=0)
+        # the same reductions on a batched, strided view: the vectorised sum order may differ
+        torch.testing.assert_close(pool_windows(t[None], k, mode)[0], pooled, rtol=1e-6, atol=1e-7)
         assert_same_rows(model.method.prompts[layer].detach(), pooled, all_used=True)
     assert window_bounds(16, 4)[-1] == (15, 16) and window_bounds(16, 5)[-1] == (0, 16)
 
