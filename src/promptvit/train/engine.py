@@ -70,6 +70,7 @@ from promptvit.model import PromptModel
 from promptvit.train.config import OMITTED_AT_DEFAULT, OPERATIONAL_FIELDS, TrainConfig
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
+from promptvit.train.head_init import init_head
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
 
 logger = logging.getLogger(__name__)
@@ -843,6 +844,9 @@ def fit(
     epochs = num_epochs(config, steps_per_epoch)
     last_step = total_steps(config, steps_per_epoch)
     seed_everything(config.seed)
+    model.update_batchnorm_stats = config.batchnorm_stats == "update"
+    if saved is None:
+        init_head(model.get_classifier(), config.head_init)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
 
