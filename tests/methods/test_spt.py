@@ -277,3 +277,19 @@ def test_vit_b16_counts_match_the_paper() -> None:
 def test_bad_options_are_refused(options: dict, message: str) -> None:
     with pytest.raises(promptvit.ConfigError, match=message):
         promptvit.wrap(build_tiny("vit_token"), "spt", **options)
+
+
+@pytest.mark.parametrize("layer0_tokens", ["patch_embed", "pos_embed"])
+def test_layer0_tokens_before_or_after_the_position_embedding(layer0_tokens: str) -> None:
+    """Official code: patch_embed output; the paper's eq. 1 (E_0 = PatchEmbed(x) + E_pos): after it."""
+    base = build_tiny("vit_avg")
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, "spt", prompt_length=3, layer0_tokens=layer0_tokens)
+    x = tiny_input("vit_avg", batch=1)
+    model.method.initialize_from_data(model, [x])
+    with torch.no_grad():
+        patches = reference.patch_embed(x)[0]
+        after = reference._pos_embed(reference.patch_embed(x))[0, reference.num_prefix_tokens :]
+    assert not torch.allclose(patches, after)
+    expected = patches if layer0_tokens == "patch_embed" else after
+    assert_same_rows(model.method.prompts[0].detach(), expected, all_used=False)

@@ -155,7 +155,7 @@ def test_presets_and_grids() -> None:
     assert [p["method.prompt_length"] for p in grid_points(ept, {})] == [5, 10, 20, 50, 100, 200, 400, 600]
     assert PRESETS["vpt.np"].grid["prompt_length"] == [1, 5, 10, 50, 100, 150]
     assert PRESETS["lora.rank"].grid["rank"] == [1, 4, 8, 32, 64]
-    assert PRESETS["adapter.rank"].grid["bottleneck"] == [1, 4, 8, 32, 64]
+    assert PRESETS["adapter.rank"].grid == {"reduction": [1, 4, 8, 32, 64]}  # rates: widths 768 .. 12 at d=768
     points = grid_points(resolve_preset("lora.rank"), {"lr": [0.1, 0.01], "weight_decay": [0.0, 1e-4]})
     assert len(points) == 5 * 2 * 2 and points[0] == {
         "method.rank": 1,
