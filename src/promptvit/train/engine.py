@@ -68,9 +68,9 @@ from promptvit.io import atomic_write, atomic_write_text
 from promptvit.methods.base import ConfigError
 from promptvit.model import PromptModel
 from promptvit.train.config import OMITTED_AT_DEFAULT, OPERATIONAL_FIELDS, TrainConfig
+from promptvit.train.head_init import init_head
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
-from promptvit.train.head_init import init_head
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
 
 logger = logging.getLogger(__name__)
