@@ -75,6 +75,16 @@ def test_only_tuned_parameters_are_optimised() -> None:
     assert groups == {"decay": {"backbone.head.weight"}, "no_decay": {"backbone.head.bias"}}
 
 
+def test_per_epoch_schedule_holds_the_lr_for_a_whole_epoch() -> None:
+    """mmcv/VPT per-epoch schedules: epoch e of E runs at warm-up e / W, then cosine with progress (e - W) / (E - W)."""
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=0.1, schedule_unit="epoch")
+    lrs = _lrs(cfg, steps_per_epoch=5, steps=49)
+    for epoch in range(10):
+        rows = lrs[5 * epoch : 5 * epoch + 5]
+        expected = 0.1 * epoch / 2 if epoch < 2 else 0.1 * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / 8))
+        assert rows == pytest.approx([expected] * 5), epoch
+
+
 def _lrs(cfg: TrainConfig, steps_per_epoch: int, steps: int) -> list[float]:
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.peak_lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)

@@ -78,6 +78,13 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(
         0, ge=0, description="Linear warm-up length in epochs (fractions allowed); the lr starts at 0."
     )
+    schedule_unit: Literal["step", "epoch"] = Field(
+        "step",
+        description=(
+            "Update the warm-up + cosine lr every optimiser step, or once per epoch (the lr of a whole epoch "
+            "is the one at its first step, as mmcv's and VPT's per-epoch schedulers)."
+        ),
+    )
     min_lr: float = Field(0, ge=0, description="Learning rate reached at the end of the cosine decay.")
     scale_lr: bool = Field(False, description="Use lr x batch_size / 256 as the peak lr (VPT convention).")
     grad_clip: float | None = Field(
@@ -216,6 +223,7 @@ OMITTED_AT_DEFAULT = {
     "cache_views": 0,
     "precision": "fp32",
     "weight_decay_rule": "standard",
+    "schedule_unit": "step",
     "head_weight_decay": None,
     "head_init": "default",
     "batchnorm_stats": "frozen",

@@ -116,15 +116,19 @@ class WarmupCosine:
 
     ``factor(s) = s / W`` for ``s < W``; then ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2`` with
     ``p = (s - W) / (T - W)`` clamped to 1, so the factor is 1 at ``s = W`` and ``min_ratio`` at ``s = T``
-    (after the last of the T updates). A plain callable object, so ``LambdaLR.state_dict`` saves its fields.
+    (after the last of the T updates). With ``period`` P > 1 (steps per epoch, for a per-epoch schedule) the
+    factor only changes every P updates: ``s`` is rounded down to a multiple of P. A plain callable object, so
+    ``LambdaLR.state_dict`` saves its fields.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, period: int = 1) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio
+        self.period = period
 
     def __call__(self, step: int) -> float:
+        step = step - step % self.period
         if step < self.warmup_steps:
             return step / self.warmup_steps
         span = self.total_steps - self.warmup_steps
@@ -156,4 +160,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         raise ConfigError(f"min_lr ({cfg.min_lr}) exceeds the peak lr ({peak} after scale_lr)")
     total = total_steps(cfg, steps_per_epoch)
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    return LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr / peak))
+    period = steps_per_epoch if cfg.schedule_unit == "epoch" else 1
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr / peak, period))
