@@ -807,6 +807,8 @@ def fit(
     reserved = {"class_names", "multilabel", "selection"} & set(extra_artifact_info or {})
     if reserved:
         raise ConfigError(f"extra_artifact_info must not set {sorted(reserved)}; fit records them itself")
+    if config.recipe is not None:  # the artifact names the recipe its training values came from
+        extra_artifact_info = {"recipe": config.recipe, **(extra_artifact_info or {})}
 
     # Speed options first, so that a refused cache (random augmentation) fails before the run folder changes.
     cache, cut, views = _prefix_plan(model, config, train_set, val_set, prefix_cache)
