@@ -45,11 +45,14 @@ class Recipe:
     def label(self) -> str:
         return f"{self.name}@v{self.version}"
 
+    def options_for(self, method: str | None) -> dict[str, Any]:
+        """The method options this recipe sets for ``method`` (none for other methods)."""
+        return {k: copy.deepcopy(s.value) for k, s in self.method_options.get(method or "", {}).items()}
+
     def run_settings(self, method: str | None) -> dict[str, Any]:
         """Dotted run-config keys -> values for a run of ``method`` (its method options included)."""
         values = {key: copy.deepcopy(s.value) for key, s in self.settings.items()}
-        for option, s in self.method_options.get(method or "", {}).items():
-            values[f"method.options.{option}"] = copy.deepcopy(s.value)
+        values.update({f"method.options.{k}": v for k, v in self.options_for(method).items()})
         values["train.recipe"] = self.label
         return values
 
