@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from promptvit.backbones import Geometry
-from promptvit.methods.base import Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
 class LinearConfig(MethodConfig):
-    """No options: the frozen backbone's features feed a new linear head."""
+    """The frozen backbone's features feed a new linear head.
+
+    ``solver="optimizer"`` trains it with the run's optimiser and epochs; ``"lbfgs"`` fits it to convergence
+    on cached features with the L2 strength chosen on val from ``l2_grid`` (default 1e-6 .. 1e2, two per
+    decade), as the CLIP and DINOv2 linear evaluations do (:mod:`promptvit.train.probe`).
+    """
+
+    solver: Literal["optimizer", "lbfgs"] = "optimizer"
+    l2_grid: list[float] | None = None
+
+    def validate(self) -> None:
+        if self.solver not in ("optimizer", "lbfgs"):
+            raise ConfigError(f"linear: solver must be 'optimizer' or 'lbfgs', got {self.solver!r}")
+        if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) <= 0):
+            raise ConfigError(
+                f"linear: l2_grid must be a non-empty list of positive strengths, got {self.l2_grid}"
+            )
 
 
 @register_method

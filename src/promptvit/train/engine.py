@@ -72,6 +72,7 @@ from promptvit.train.head_init import init_head
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
+from promptvit.train.probe import fit_lbfgs_probe
 
 logger = logging.getLogger(__name__)
 
@@ -883,6 +884,28 @@ def fit(
         logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
     elif model.method.needs_data_init:
         data_init = _data_init(model, train_set, config, device)
+
+    if saved is None and getattr(model.method.config, "solver", None) == "lbfgs":
+        # A head fitted to convergence on cached features replaces the epochs (promptvit.train.probe).
+        started = time.perf_counter()
+        probe = fit_lbfgs_probe(
+            model,
+            train_set,
+            val_set,
+            multilabel=multilabel,
+            select=select,
+            class_names=class_names,
+            device=device,
+            batch_size=config.eval_batch_size,
+            l2_grid=model.method.config.l2_grid,
+        )
+        row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
+        history = [_jsonable({**row, "seconds": time.perf_counter() - started})]
+        _write_log(run_dir / LOG_FILE, history)
+        if probe.val_metrics is not None:
+            best_epoch, best_metric, best_val_metrics = 1, probe.val_metric, _jsonable(probe.val_metrics)
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
+        start_epoch = epochs  # no epochs to run
 
     writer = None
     if config.log_tensorboard:
