@@ -59,3 +59,21 @@ def test_linear_solver_lbfgs_trains_the_head_to_convergence_in_fit(tmp_path: Pat
     torch.testing.assert_close(head.weight.double(), weight, rtol=0, atol=1e-4)
     torch.testing.assert_close(head.bias.double(), bias, rtol=0, atol=1e-4)
     assert (tmp_path / "artifact").is_dir() and len(result.history) == 1
+
+
+def test_mlp_head_is_fitted_by_lbfgs_on_the_cached_features(tmp_path: Path) -> None:
+    model = promptvit.wrap(
+        build_tiny("vit_token", num_classes=3), "mlp", num_layers=2, solver="lbfgs", l2_grid=[1e-4]
+    )
+    images = torch.randn(18, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(18) % 3
+    train = TensorDataset(images, labels)  # random images: only a fitted MLP separates them
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = TrainConfig(epochs=3, device="cpu", progress=False)
+    fit(model, train, None, config=config, run_dir=tmp_path, class_names=["a", "b", "c"], multilabel=False)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+    features, targets = extract_features(model, train, batch_size=64, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert (logits.argmax(1) == labels).all()  # fitted to convergence on 18 points in 32 dimensions
+    assert features.shape == (18, 32)

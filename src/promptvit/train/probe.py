@@ -1,4 +1,4 @@
-"""A linear probe fitted to convergence: full-batch L-BFGS on cached features, L2 strength chosen on val.
+"""A probe head fitted to convergence: full-batch L-BFGS on cached features, L2 strength chosen on val.
 
 As the CLIP and DINOv2 linear evaluations do: the frozen backbone's pre-logit features are computed once,
 then for each L2 strength ``lam`` of a log grid the head minimises::
@@ -9,12 +9,14 @@ then for each L2 strength ``lam`` of a log grid the head minimises::
 search) in float64 until the gradient vanishes. This is scikit-learn's ``LogisticRegression`` with
 ``C = 1 / (lam * n)``. The strength with the best validation metric is kept (ties: the stronger L2); without
 a validation set the middle of the grid is used. Strengths are visited from strong to weak, each warm-started
-from the previous solution. Features come from the datasets as given: with random training augmentation they
+from the previous solution. An MLP head (``mlp``) is fitted the same way from its initial weights (not convex:
+a local optimum). Features come from the datasets as given: with random training augmentation they
 are one random view per image.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from promptvit.backbones import classifier_name
 from promptvit.methods.base import ConfigError
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
@@ -57,24 +60,27 @@ def extract_features(
     return torch.cat(features), torch.cat(targets)
 
 
-def fit_logistic(
+def fit_head(
+    head: nn.Module,
     features: torch.Tensor,
     targets: torch.Tensor,
-    num_classes: int,
     l2: float,
     *,
     multilabel: bool = False,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 2000,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) minimising the mean loss + l2 / 2 ||W||^2 on float64 ``features`` by full-batch L-BFGS."""
-    dim = features.shape[1]
-    weight = torch.zeros(num_classes, dim, dtype=torch.float64) if init is None else init[0].clone()
-    bias = torch.zeros(num_classes, dtype=torch.float64) if init is None else init[1].clone()
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
+) -> None:
+    """Fit every parameter of ``head`` (float64, in place) by full-batch L-BFGS from where it stands.
+
+    Minimises the mean loss of ``head(features)`` + l2 / 2 * the squared norm of its weights (tensors of 2+
+    dimensions; biases are not penalised). Convex for a single Linear layer; an MLP head reaches a local
+    optimum from its current weights.
+    """
+    parameters = list(head.parameters())
+    penalised = [p for p in parameters if p.ndim >= 2]
+    for p in parameters:
+        p.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        parameters,
         lr=1.0,
         max_iter=max_iter,
         tolerance_grad=1e-10,
@@ -85,13 +91,29 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = features @ weight.T + bias
-        loss = classification_loss(logits, targets, multilabel) + 0.5 * l2 * weight.pow(2).sum()
+        penalty = sum(p.pow(2).sum() for p in penalised)
+        loss = classification_loss(head(features), targets, multilabel) + 0.5 * l2 * penalty
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach()
+
+
+def fit_logistic(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    *,
+    multilabel: bool = False,
+    max_iter: int = 2000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of the L2-regularised logistic regression on float64 ``features``, from zeros (convex)."""
+    linear = nn.Linear(features.shape[1], num_classes, dtype=torch.float64)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    fit_head(linear, features, targets, l2, multilabel=multilabel, max_iter=max_iter)
+    return linear.weight.detach(), linear.bias.detach()
 
 
 def fit_lbfgs_probe(
@@ -106,12 +128,8 @@ def fit_lbfgs_probe(
     batch_size: int = 64,
     l2_grid: tuple[float, ...] | list[float] | None = None,
 ) -> ProbeResult:
-    """Fit the ``nn.Linear`` head of ``model`` (a linear probe) in place; see the module docstring."""
-    head = model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(
-            f"solver 'lbfgs' fits a single nn.Linear head; this model's head is {type(head).__name__}"
-        )
+    """Fit the classifier head of ``model`` (linear, or an MLP head) in place; see the module docstring."""
+    head = model.backbone.get_submodule(classifier_name(model.backbone))
     grid = sorted(l2_grid or DEFAULT_L2_GRID, reverse=True)
     if not grid or min(grid) <= 0:
         raise ConfigError(f"l2_grid must hold positive strengths, got {l2_grid}")
@@ -121,17 +139,18 @@ def fit_lbfgs_probe(
         if val_set is not None
         else None
     )
+    work = copy.deepcopy(head).to("cpu", torch.float64)
     solutions, path = [], []
-    init = None
-    for l2 in grid:
-        init = fit_logistic(train_x, train_y, head.out_features, l2, multilabel=multilabel, init=init)
+    for l2 in grid:  # strong to weak, each from the previous solution
+        fit_head(work, train_x, train_y, l2, multilabel=multilabel)
         metrics = None
         if val is not None:
-            logits = val[0] @ init[0].T + init[1]
+            with torch.no_grad():
+                logits = work(val[0])
             scores = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
             metrics = compute_metrics(scores, val[1], multilabel, class_names)
             metrics["loss"] = float(classification_loss(logits, val[1], multilabel))
-        solutions.append((l2, init, metrics))
+        solutions.append((l2, copy.deepcopy(work.state_dict()), metrics))
         path.append((l2, None if metrics is None else metrics.get(select)))
     if val is None:
         chosen = solutions[len(solutions) // 2]
@@ -143,10 +162,10 @@ def fit_lbfgs_probe(
         if not scored:
             raise ConfigError(f"val {select} could not be computed for any L2 strength")
         chosen = solutions[-max(scored)[1]]
-    l2, (weight, bias), metrics = chosen
+    l2, state, metrics = chosen
     with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight))
-        head.bias.copy_(bias.to(head.bias))
+        for name, tensor in head.state_dict().items():
+            tensor.copy_(state[name].to(tensor))
     return ProbeResult(
         l2=l2, val_metric=None if metrics is None else metrics.get(select), val_metrics=metrics, path=path
     )
