@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import promptvit
 from promptvit.train import TrainConfig, fit
-from promptvit.train.probe import extract_features, fit_logistic
+from promptvit.train.probe import extract_features, fit_lbfgs_probe, fit_logistic
 from tests.conftest import build_tiny
 
 
@@ -77,3 +77,24 @@ def test_mlp_head_is_fitted_by_lbfgs_on_the_cached_features(tmp_path: Path) -> N
         logits = model.eval()(images)
     assert (logits.argmax(1) == labels).all()  # fitted to convergence on 18 points in 32 dimensions
     assert features.shape == (18, 32)
+
+
+def test_l2_ties_on_the_metric_go_to_the_lower_val_loss() -> None:
+    """All strengths classify the separable val set perfectly; the weakest L2 has the lowest val loss."""
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear", solver="lbfgs")
+    images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 2
+    images += 3 * labels[:, None, None, None].float()  # far apart: every strength gets 100 % val accuracy
+    train, val = TensorDataset(images[:12], labels[:12]), TensorDataset(images[12:], labels[12:])
+    result = fit_lbfgs_probe(
+        model,
+        train,
+        val,
+        multilabel=False,
+        select="accuracy",
+        class_names=["a", "b"],
+        device=torch.device("cpu"),
+        l2_grid=[10.0, 1e-3],
+    )
+    assert [metric for _, metric in result.path] == [100.0, 100.0]
+    assert result.l2 == 1e-3

@@ -7,7 +7,8 @@ then for each L2 strength ``lam`` of a log grid the head minimises::
 
 (softmax cross-entropy, or per-class sigmoid BCE for multi-label) with full-batch L-BFGS (strong Wolfe line
 search) in float64 until the gradient vanishes. This is scikit-learn's ``LogisticRegression`` with
-``C = 1 / (lam * n)``. The strength with the best validation metric is kept (ties: the stronger L2); without
+``C = 1 / (lam * n)``. The strength with the best validation metric is kept (ties: the lower validation loss,
+then the stronger L2); without
 a validation set the middle of the grid is used. Strengths are visited from strong to weak, each warm-started
 from the previous solution. An MLP head (``mlp``) is fitted the same way from its initial weights (not convex:
 a local optimum). Features come from the datasets as given: with random training augmentation they
@@ -155,13 +156,16 @@ def fit_lbfgs_probe(
     if val is None:
         chosen = solutions[len(solutions) // 2]
     else:
+        # best metric; ties (a small val set gives many) go to the lower val loss, then to the stronger L2
         sign = -1.0 if select == "loss" else 1.0
         scored = [
-            (sign * m[select], -i) for i, (_, _, m) in enumerate(solutions) if m.get(select) is not None
+            (sign * m[select], -m["loss"], -i)
+            for i, (_, _, m) in enumerate(solutions)
+            if m.get(select) is not None
         ]
         if not scored:
             raise ConfigError(f"val {select} could not be computed for any L2 strength")
-        chosen = solutions[-max(scored)[1]]
+        chosen = solutions[-max(scored)[2]]
     l2, state, metrics = chosen
     with torch.no_grad():
         for name, tensor in head.state_dict().items():
