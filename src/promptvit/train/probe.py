@@ -8,11 +8,10 @@ then for each L2 strength ``lam`` of a log grid the head minimises::
 (softmax cross-entropy, or per-class sigmoid BCE for multi-label) with full-batch L-BFGS (strong Wolfe line
 search) in float64 until the gradient vanishes. This is scikit-learn's ``LogisticRegression`` with
 ``C = 1 / (lam * n)``. The strength with the best validation metric is kept (ties: the lower validation loss,
-then the stronger L2); without
-a validation set the middle of the grid is used. Strengths are visited from strong to weak, each warm-started
-from the previous solution. An MLP head (``mlp``) is fitted the same way from its initial weights (not convex:
-a local optimum). Features come from the datasets as given: with random training augmentation they
-are one random view per image.
+then the stronger L2); without a validation set the middle of the grid is used. Strengths are visited from
+strong to weak, each warm-started from the previous solution. An MLP head (``mlp``) is fitted the same way
+from its initial weights (not convex: a local optimum). Features come from the datasets as given: with
+random training augmentation they are one random view per image (CLIP and DINOv2 use unaugmented images).
 """
 
 from __future__ import annotations
