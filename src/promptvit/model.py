@@ -241,12 +241,24 @@ class PromptModel(nn.Module):
             return [self.backbone]
         return [*self.method.modules_in_train_mode(self.backbone), self.get_classifier()]
 
+    #: re-estimate BatchNorm running statistics in tuned modules; off by default (few-shot batches of a
+    #: handful of images give useless estimates), set by ``TrainConfig.batchnorm_stats``
+    update_batchnorm_stats: bool = False
+
     def train(self, mode: bool = True) -> PromptModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them."""
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them.
+
+        BatchNorm layers stay in eval mode (their pretrained running statistics in use and unchanged) even
+        in tuned modules, unless ``update_batchnorm_stats``; their affine weights still train.
+        """
         self.training = mode
         self.backbone.eval()
         for module in self._modules_in_train_mode():
             module.train(mode)
+            if mode and not self.update_batchnorm_stats:
+                for norm in module.modules():
+                    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                        norm.eval()
         self.method.train(mode)
         return self
 

@@ -178,3 +178,14 @@ def test_wrong_input_size_names_the_expected_size() -> None:
 def test_bad_options_are_refused(options: dict, message: str) -> None:
     with pytest.raises(promptvit.ConfigError, match=message):
         promptvit.wrap(build_tiny("vit_token"), "ap", **options)
+
+
+def test_default_layer_is_the_papers() -> None:
+    """Third ViT block; for a ResNet-50/101 the input of layer4 = the input of its third-to-last residual block."""
+    with torch.device("meta"):
+        vit_l = timm.create_model("vit_large_patch16_224", num_classes=10)
+        resnet101 = timm.create_model("resnet101", num_classes=10)
+    assert promptvit.wrap(vit_l, "ap").method.config.layer == 2
+    assert len(resnet101.layer4) == 3  # so layer4's input is the third-to-last block's input
+    assert promptvit.wrap(resnet101, "ap", cnn_input_size=[64, 64]).method.config.layer == 3
+    assert promptvit.wrap(build_tiny("vit_token"), "ap").method.config.layer == 1  # only 2 blocks: the last

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from timm.models.vision_transformer import Attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import promptvit
 from promptvit.backbones.vit import timm_attention_parts
@@ -253,12 +254,12 @@ def test_sdpa_is_used_with_one_padded_key(monkeypatch: pytest.MonkeyPatch, way: 
         model(tiny_input("vit_avg"))
     assert len(calls) == 3  # one per prompted block
     n = 16
-    for _q_shape, k_shape, mask_shape, dropout_p in calls:
+    for q_shape, k_shape, mask_shape, dropout_p in calls:
         assert dropout_p == 0.0
-        if way in CAT_WAYS:  # one extra key whatever d_p is, and the mask covers it
-            assert k_shape[-2] == n + 1 and mask_shape[-2:] == (n, n + 1)
+        if way in CAT_WAYS:  # one extra key whatever d_p is, two extra head channels, no mask
+            assert k_shape[-2:] == (n + 1, 8 + 2) and q_shape[-1] == 8 + 2 and mask_shape is None
         else:
-            assert k_shape[-2] == n
+            assert k_shape[-2] == n and (mask_shape is None) == (way == "multiply")
     calls.clear()
     model.train()
     model(tiny_input("vit_avg")).sum().backward()
@@ -303,3 +304,74 @@ def test_attention_weights_reproduce_the_layer_output(way: str) -> None:
             torch.testing.assert_close(scale, gate, rtol=1e-5, atol=1e-6)
         elif way in ("add", "multiply"):
             torch.testing.assert_close(scale, torch.ones_like(scale))
+
+
+def _reference_sdpa(q, k, v, *, dropout_p: float = 0.0, **learned):
+    assert dropout_p == 0.0
+    return reference_prompted_attention(q, k, v, **learned)
+
+
+@pytest.mark.parametrize("way", ["pure_cat", "multi_cat", "multiply"])
+def test_training_and_inference_run_under_a_flash_only_backend(monkeypatch: pytest.MonkeyPatch, way: str) -> None:
+    """No float mask that requires grad: CPU flash attention accepts EPT; outputs and grads = the reference."""
+    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", way=way, prompt_length=5)
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            param = next(iter(block.attn.parameters(recurse=False)))
+            param.normal_(0, 0.3 if way == "multiply" else 1.5, generator=torch.Generator().manual_seed(3))
+    x = tiny_input("vit_avg")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        model.train()
+        leaf = x.clone().requires_grad_(True)
+        out = model(leaf)
+        tuned = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), [leaf, *tuned])
+        with torch.no_grad():
+            inference = model.eval()(x)
+        return out, list(grads), inference
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = run()
+    monkeypatch.setattr(prompted_attention, "prompted_sdpa", _reference_sdpa)
+    reference = run()
+    torch.testing.assert_close(flash[0], reference[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flash[2], reference[2], rtol=1e-4, atol=1e-5)
+    for a, b in zip(flash[1], reference[1], strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_lse_keeps_its_per_token_values_in_bf16() -> None:
+    """d_p = 100, N(0, 0.02) prompts: rounded to bf16 the 197 LSEs collapse to 2 values; hi + lo keeps them."""
+    prompt = torch.randn(197, 100, generator=torch.Generator().manual_seed(0)) * 0.02
+    lse = torch.logsumexp(prompt, dim=-1)
+    assert lse.bfloat16().unique().numel() <= 2
+    channels = prompted_attention.lse_channels(lse, 0.125, torch.bfloat16)
+    assert channels.dtype == torch.bfloat16
+    recovered = 0.125 * channels.float().sum(-1)
+    torch.testing.assert_close(recovered, lse, rtol=0, atol=5e-5)
+    assert recovered.unique().numel() > 50
+    assert (prompted_attention.lse_channels(lse, 0.125, torch.float32)[..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("way", CAT_WAYS)
+def test_bf16_autocast_keeps_the_prompt_dependent_part(way: str) -> None:
+    """Under bf16 autocast (flash kernel, as on a GPU) the gate sigmoid(LSE u - LSE P) per token = float64.
+
+    With v = 1 the output IS the gate. Output rounding (half a bf16 step, ~2e-3 here) differs from sample to
+    sample and head to head; the prompt's part is the same for every sample and head, so the per-token mean
+    error over 16 (sample, head) pairs isolates it. Casting LSE(P) to bf16 shifts it by ~0.01, which moves
+    that mean by ~3e-3; kept in float32 it stays under 1e-3.
+    """
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(4, 4, 197, 64, generator=g).bfloat16() for _ in range(2))
+    v = torch.ones(4, 4, 197, 64, dtype=torch.bfloat16)
+    prompt = torch.randn(197, 100, generator=g) * 0.02
+    reference = reference_prompted_attention(q.double(), k.double(), v.double(), way=way, prompt=prompt.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = prompted_sdpa(q, k, v, way=way, prompt=prompt)
+    assert out.dtype == torch.bfloat16
+    error = out.double()[..., 0] - reference[..., 0]
+    assert error.abs().max() < 4e-3  # one bf16 step at the gate's magnitude
+    assert error.mean(dim=(0, 1)).abs().max() < 1e-3

@@ -53,7 +53,9 @@ def test_matches_step_by_step_reference(kind: str, deep: bool) -> None:
     assert prompts.shape == (len(base.blocks) if deep else 1, 3, base.embed_dim)
     x = tiny_input(kind)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference_forward(reference, prompts, x, deep), rtol=0, atol=0)
+        # the hooked model skips rows the reference computes (the replaced prompt outputs), so the
+        # matmuls run over other shapes and may sum in another order: equal up to float rounding
+        torch.testing.assert_close(model(x), reference_forward(reference, prompts, x, deep), rtol=1e-5, atol=1e-6)
 
 
 def _record_blocks(model: promptvit.PromptModel) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:

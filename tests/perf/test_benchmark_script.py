@@ -26,7 +26,7 @@ def test_ept_variants_of_the_benchmark_match_the_reference(speed) -> None:
     q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
     prompt = torch.randn(7, 5, generator=g, dtype=torch.float64) * 1.5
     results = []
-    for fn in (speed._ept_manual, speed._ept_augq, reference_prompted_attention):
+    for fn in (speed._ept_manual, speed._ept_mask, reference_prompted_attention):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, prompt)]
         out = fn(*leaves[:3], way="pure_cat", prompt=leaves[3])
         results.append((out, torch.autograd.grad((out * out.detach().sin()).sum(), leaves)))

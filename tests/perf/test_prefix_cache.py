@@ -50,7 +50,7 @@ def test_tuned_from_block_of_every_method() -> None:
         "linear": depth,
         "mlp": depth,
         "partial": depth - 1,
-        "ap": 0,
+        "ap": 2,  # the paper's default: the third block
         "ept": 0,
         "lora": 0,
         "adapter": 0,

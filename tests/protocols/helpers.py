@@ -12,7 +12,14 @@ from PIL import Image
 
 TINY_VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "options": TINY_VIT}
-TINY_TRAIN = {"epochs": 2, "batch_size": 4, "optimizer": "adamw", "lr": 0.01, "eval_batch_size": 32}
+TINY_TRAIN = {
+    "epochs": 2,
+    "batch_size": 4,
+    "optimizer": "adamw",
+    "lr": 0.01,
+    "eval_batch_size": 32,
+    "warmup_epochs": 0,  # set, so that a protocol's recipe (VPT: 10 warm-up epochs) does not apply
+}
 
 
 def tiny_base(**train: Any) -> dict[str, Any]:

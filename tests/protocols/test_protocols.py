@@ -55,6 +55,25 @@ def test_medfmc_specs_cover_datasets_shots_exps_and_seeds(medfmc_root: Path) -> 
     assert len(search) == 3 * 3 * 5 and all(s.evaluate_on == "val" and s.seed == 0 for s in search)
 
 
+def test_medfmc_follows_the_ept_medfmc_recipe_unless_told_otherwise(medfmc_root: Path) -> None:
+    protocol = MedFMCProtocol(root=str(medfmc_root), datasets=["colon", "endo"], shots=[1], exps=[1])
+    specs = protocol.run_specs(tiny_base(), method="ept")
+    assert sorted(s.seed for s in specs if s.task == "endo") == [0, 1, 2, 3]  # EPT: four runs per sampling
+    endo = next(s for s in specs if s.task == "endo")
+    colon = next(s for s in specs if s.task == "colon")
+    assert endo.metric == "map" and endo.config.train.select_metric == "auc"  # reported mAP, selected on AUC
+    assert colon.config.train.select_metric == "accuracy"
+    assert endo.eval_resize == "direct" and endo.config.backbone.mean == [0.485, 0.456, 0.406]
+    train = endo.config.train
+    assert train.recipe == "ept-medfmc@v1" and train.weight_decay_rule == "all" and train.head_init == "normal_0.01"
+    assert train.lr == 0.01 and train.optimizer == "adamw"  # what the base config sets wins
+    assert endo.config.method.options["prompt_length"] == 100
+    plain = MedFMCProtocol(root=str(medfmc_root), datasets=["endo"], shots=[1], exps=[1], recipe=None)
+    (spec,) = plain.run_specs(tiny_base(), method="ept")
+    assert spec.seed == 0 and spec.eval_resize == "model" and spec.config.train.select_metric is None
+    assert spec.config.train.recipe is None and spec.config.backbone.mean is None
+
+
 def test_medfmc_selection_never_uses_official_val_files(medfmc_root: Path) -> None:
     protocol = MedFMCProtocol(root=str(medfmc_root), datasets=["chest", "colon", "endo"], shots=[1], exps=[2])
     for spec in protocol.run_specs(tiny_base()):
@@ -155,7 +174,7 @@ def test_presets_and_grids() -> None:
     assert [p["method.prompt_length"] for p in grid_points(ept, {})] == [5, 10, 20, 50, 100, 200, 400, 600]
     assert PRESETS["vpt.np"].grid["prompt_length"] == [1, 5, 10, 50, 100, 150]
     assert PRESETS["lora.rank"].grid["rank"] == [1, 4, 8, 32, 64]
-    assert PRESETS["adapter.rank"].grid["bottleneck"] == [1, 4, 8, 32, 64]
+    assert PRESETS["adapter.rank"].grid == {"reduction": [1, 4, 8, 32, 64]}  # rates: widths 768 .. 12 at d=768
     points = grid_points(resolve_preset("lora.rank"), {"lr": [0.1, 0.01], "weight_decay": [0.0, 1e-4]})
     assert len(points) == 5 * 2 * 2 and points[0] == {
         "method.rank": 1,

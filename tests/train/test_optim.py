@@ -18,12 +18,14 @@ def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return {g["group"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
 
 
-def test_no_decay_on_biases_norms_tokens_and_prompts() -> None:
+def test_no_decay_on_biases_norms_and_tokens_but_prompts_decay_like_any_weight() -> None:
     model = tiny_model("full")
-    model.method.prompt_embeddings = nn.Parameter(torch.zeros(1, 2, 32))  # 3-D, exempt only by its name
+    model.method.prompt_embeddings = nn.Parameter(torch.zeros(1, 2, 32))  # 3-D: decayed whatever its name
+    model.method.bias_delta = nn.Parameter(torch.zeros(32))  # 1-D: not decayed
     optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05))
     groups = _group_names(model, optimizer)
     decay = {
+        "method.prompt_embeddings",
         "backbone.patch_embed.proj.weight",
         "backbone.head.weight",
         *(
@@ -35,7 +37,7 @@ def test_no_decay_on_biases_norms_tokens_and_prompts() -> None:
     assert groups["decay"] == decay
     tuned = {n for n, _ in model.tuned_named_parameters()}
     assert groups["no_decay"] == tuned - decay
-    assert {"method.prompt_embeddings", "backbone.cls_token", "backbone.pos_embed"} <= groups["no_decay"]
+    assert {"method.bias_delta", "backbone.cls_token", "backbone.pos_embed"} <= groups["no_decay"]
     assert "backbone.blocks.0.norm1.weight" in groups["no_decay"]
     wd = {g["group"]: g["weight_decay"] for g in optimizer.param_groups}
     assert wd == {"decay": 0.05, "no_decay": 0.0}
@@ -51,10 +53,36 @@ def test_decay_all_puts_every_tuned_parameter_in_one_decayed_group() -> None:
     assert _group_names(model, optimizer)["decay"] == {n for n, _ in model.tuned_named_parameters()}
 
 
+def test_all_but_head_bias_and_a_head_weight_decay_of_its_own() -> None:
+    model = tiny_model("bias")
+    tuned = {n for n, _ in model.tuned_named_parameters()}
+    vpt = _group_names(model, build_optimizer(model, TrainConfig(weight_decay_rule="all_but_head_bias")))
+    assert vpt == {"decay": tuned - {"backbone.head.bias"}, "no_decay": {"backbone.head.bias"}}
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.01, head_weight_decay=3.0))
+    groups = _group_names(model, optimizer)
+    assert groups["head"] == {"backbone.head.weight"} and "decay" not in groups  # bias: biases only
+    assert {g["group"]: g["weight_decay"] for g in optimizer.param_groups} == {"no_decay": 0.0, "head": 3.0}
+
+
+def test_decay_all_and_another_rule_are_refused() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        TrainConfig(decay_all=True, weight_decay_rule="all_but_head_bias")
+
+
 def test_only_tuned_parameters_are_optimised() -> None:
     model = tiny_model("linear")
     groups = _group_names(model, build_optimizer(model, TrainConfig()))
     assert groups == {"decay": {"backbone.head.weight"}, "no_decay": {"backbone.head.bias"}}
+
+
+def test_per_epoch_schedule_holds_the_lr_for_a_whole_epoch() -> None:
+    """mmcv/VPT per-epoch schedules: epoch e of E runs at warm-up e / W, then cosine with progress (e - W) / (E - W)."""
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=0.1, schedule_unit="epoch")
+    lrs = _lrs(cfg, steps_per_epoch=5, steps=49)
+    for epoch in range(10):
+        rows = lrs[5 * epoch : 5 * epoch + 5]
+        expected = 0.1 * epoch / 2 if epoch < 2 else 0.1 * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / 8))
+        assert rows == pytest.approx([expected] * 5), epoch
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int, steps: int) -> list[float]:

@@ -60,8 +60,11 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
     console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
-def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]) -> Any:
+def _run_config(
+    config: Path | None, shortcuts: dict[str, Any], extra: list[str], recipe: str | None = None
+) -> Any:
     from promptvit.experiment import RunConfig
+    from promptvit.recipes import apply_recipe
 
     raw = read_yaml(config) if config else {}
     dropped = switch_method(raw, shortcuts.get("method.name"))
@@ -74,6 +77,8 @@ def _run_config(config: Path | None, shortcuts: dict[str, Any], extra: list[str]
         )
     raw = apply_overrides(raw, shortcuts)
     raw = apply_overrides(raw, parse_extra_args(extra))
+    if recipe:  # beneath the config file and the command line: only what they leave unset
+        raw = apply_recipe(raw, recipe)
     return RunConfig.model_validate(raw)
 
 
@@ -96,6 +101,9 @@ def train(
     out: Annotated[str | None, typer.Option(help="output folder for runs")] = None,
     name: Annotated[str | None, typer.Option(help="run folder name")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = True,
+    recipe: Annotated[
+        str | None, typer.Option(help="a paper's recipe for what you leave unset (see `promptvit recipes`)")
+    ] = None,
 ) -> None:
     """Train one method on one few-shot split. Any option can be overridden as --section.option VALUE,
     e.g. --method.prompt-length 100 --train.lr 0.01."""
@@ -117,7 +125,7 @@ def train(
     }
     run_config = None
     try:
-        run_config = _run_config(config, shortcuts, ctx.args)
+        run_config = _run_config(config, shortcuts, ctx.args, recipe)
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
@@ -381,6 +389,35 @@ def bench_methods(
         fail(error)
     console.print(table)
     console.print(f"wrote {out}/efficiency.md, efficiency.json and efficiency.png")
+
+
+@app.command()
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="show one recipe's values and their sources")] = None,
+) -> None:
+    """List the papers' recipes (`--recipe NAME` on train), or one recipe's values with their sources."""
+    from promptvit.recipes import RECIPES, describe, get_recipe
+
+    if name is None:
+        table = Table(title="promptvit recipes")
+        for column in ("recipe", "paper", "summary"):
+            table.add_column(column, overflow="fold")
+        for recipe in RECIPES.values():
+            table.add_row(recipe.label, recipe.paper, recipe.description)
+        console.print(table)
+        return
+    try:
+        recipe = get_recipe(name)
+    except USER_ERRORS as error:
+        fail(error)
+    table = Table(title=f"{recipe.label}: {recipe.paper}")
+    for column in ("key", "value", "source"):
+        table.add_column(column, overflow="fold")
+    for row in describe(recipe):
+        table.add_row(*row)
+    console.print(table)
+    for note in recipe.notes:
+        console.print(f"note: {note}")
 
 
 @app.command()

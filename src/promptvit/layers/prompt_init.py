@@ -3,7 +3,10 @@
 SPT (docs/methods.md, SPT) runs the frozen backbone **without prompts** over training images and initialises the
 prompts of layer ``i`` from the tokens that layer receives:
 
-* layer 0: the ``patch_embed`` output, i.e. patch tokens **before** the position embedding, no CLS;
+* layer 0: the ``patch_embed`` output, i.e. patch tokens **before** the position embedding, no CLS (the
+  official code; ``layer0="patch_embed"``). SPT's eq. 1 defines E_0 = PatchEmbed(x) + E_pos, which reads as
+  the tokens **after** it; ``layer0="pos_embed"`` takes that reading (the input of ``blocks[0]`` without the
+  prefix tokens, as for every deeper layer);
 * layer ``i >= 1``: the input of ``blocks[i]`` (= output of block ``i - 1``) with the prefix tokens
   (CLS, registers) removed.
 
@@ -131,7 +134,16 @@ class LayerTokenCatcher:
     ``run`` method catches) after the deepest needed layer, which saves the rest of the network.
     """
 
-    def __init__(self, backbone: nn.Module, layers: Sequence[int], stop_early: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: Sequence[int],
+        stop_early: bool = False,
+        layer0: Literal["patch_embed", "pos_embed"] = "patch_embed",
+    ) -> None:
+        if layer0 not in ("patch_embed", "pos_embed"):
+            raise ValueError(f"layer0 must be 'patch_embed' or 'pos_embed', got {layer0!r}")
+        self.layer0 = layer0
         self.adapter = adapter_for(backbone)
         depth = len(self.adapter.blocks)
         bad = [i for i in layers if not 0 <= i < depth]
@@ -148,7 +160,7 @@ class LayerTokenCatcher:
         handles = []
         try:
             for layer in self.layers:
-                if layer == 0:
+                if layer == 0 and self.layer0 == "patch_embed":
                     handles.append(self.adapter.patch_embed.register_forward_hook(self._record_patch_embed))
                 else:
                     handles.append(
@@ -305,6 +317,7 @@ def sample_prompt_tokens(
     max_images: int = 1024,
     max_kmeans_tokens: int = 20000,
     seed: int = 0,
+    layer0: Literal["patch_embed", "pos_embed"] = "patch_embed",
 ) -> PromptTokenSample:
     """SPT's data-driven prompts for ``layers`` of a timm ViT (or a ``PromptModel`` around one).
 
@@ -323,7 +336,7 @@ def sample_prompt_tokens(
     stream = PromptTokenSampler(
         layers, k, sampler, max_images=max_images, max_kmeans_tokens=max_kmeans_tokens, seed=seed
     )
-    catcher = LayerTokenCatcher(backbone, layers, stop_early=True)
+    catcher = LayerTokenCatcher(backbone, layers, stop_early=True, layer0=layer0)
     was_training = model.training
     model.eval()
     try:

@@ -10,11 +10,17 @@ by V. For query i of head h this is the attention output times a gate in (0, 1):
     out_i = sum_j exp(u_ij) v_j / (sum_j exp(u_ij) + sum_k exp(P_ik))
           = sigmoid(LSE_j u_ij - LSE_k P_ik) * softmax(u_i) V
 
-Only ``LSE_k P_ik`` enters, so the fast path (:func:`prompted_sdpa`) pads K and V with ONE zero row and puts
-``LSE_k P_ik`` in that extra column of a float additive mask: the extra key has logit ``q . 0 + LSE_k P_ik``
-and value 0, which adds exactly ``sum_k exp(P_ik)`` to the denominator. The cost does not depend on d_p and
-the call stays ``scaled_dot_product_attention``. :func:`reference_prompted_attention` materialises the
-concatenation and is the oracle the tests hold the fast path against.
+Only ``LSE_k P_ik`` enters, so the fast path (:func:`prompted_sdpa`) adds ONE key with value 0 whose logit
+for query i is ``LSE_k P_ik``: that adds exactly ``sum_k exp(P_ik)`` to the denominator. The logit is carried
+by extra head channels instead of an additive mask (q_i gains ``LSE_i / scale``, the extra key gains 1, every
+real key 0), so the call is a plain mask-free ``scaled_dot_product_attention`` that the fused (flash) kernels
+accept in training and inference, and its cost does not depend on d_p. Under bf16/fp16 autocast the
+per-token LSE would round to the query dtype (near log 100 ~ 4.6 bf16 keeps steps of 1/32, far coarser than
+the per-token spread of small prompts), so it is kept in float32 and split over two channels, ``hi`` (its
+rounding to the query dtype) and ``lo`` (the remainder, rounded): the kernel sums the products in float32,
+so ``hi + lo`` restores the value to about 16 bits. :func:`reference_prompted_attention` materialises the
+concatenation and is the oracle the tests hold the fast path against. ``add`` (a full learned N x N bias)
+still needs a float mask, so it cannot run under a flash-only backend.
 """
 
 from __future__ import annotations
@@ -101,22 +107,64 @@ def prompted_sdpa(
         return scaled_dot_product_attention(
             q, k, v, attn_mask=logit_bias.to(q.dtype), dropout_p=dropout_p, scale=scale
         )
-    if way == "pure_cat":
-        prompt_lse = torch.logsumexp(prompt, dim=-1)  # (N,): the same for every sample and head
-    elif way == "multi_cat":
-        # alpha needs the range of each query's logits, so they are materialised once (no softmax, no grad
-        # through a (B, H, N, d_p) tensor beyond the logsumexp).
-        s = q.shape[-1] ** -0.5 if scale is None else scale
-        alpha = multi_cat_alpha((q @ k.transpose(-2, -1)) * s)  # (B, H, N, 1)
-        prompt_lse = torch.logsumexp(alpha * prompt, dim=-1)  # (B, H, N)
-    else:
-        raise ValueError(f"unknown EPT way {way!r}; expected one of {WAYS}")
-    n = k.shape[-2]
-    # (..., N, N + 1): zeros over the real keys, LSE_k P_ik over the one padded key.
-    mask = F.pad(prompt_lse.unsqueeze(-1).to(q.dtype), (n, 0))
-    k = F.pad(k, (0, 0, 0, 1))
-    v = F.pad(v, (0, 0, 0, 1))
-    return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    # The prompt's LSE is computed in float32 (or wider) with autocast off: rounded to bf16 the per-token
+    # values would collapse onto a few steps of 1/32 near log d_p.
+    with torch.autocast(q.device.type, enabled=False):
+        if way == "pure_cat":
+            prompt_lse = torch.logsumexp(_at_least_float32(prompt), dim=-1)  # (N,): same for every sample, head
+        elif way == "multi_cat":
+            # alpha needs the range of each query's logits, so they are materialised once (no softmax, no grad
+            # through a (B, H, N, d_p) tensor beyond the logsumexp).
+            s = q.shape[-1] ** -0.5 if scale is None else scale
+            logits = (_at_least_float32(q) @ _at_least_float32(k).transpose(-2, -1)) * s
+            prompt_lse = torch.logsumexp(multi_cat_alpha(logits) * _at_least_float32(prompt), dim=-1)  # (B, H, N)
+        else:
+            raise ValueError(f"unknown EPT way {way!r}; expected one of {WAYS}")
+    return _sdpa_with_lse_key(q, k, v, prompt_lse, scale=scale, dropout_p=dropout_p)
+
+
+def lse_channels(prompt_lse: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """(..., N) logits -> (..., N, 2) channels ``hi, lo`` in ``dtype`` with ``scale * (hi + lo) ~= lse``.
+
+    ``hi`` is ``lse / scale`` rounded to ``dtype`` and ``lo`` the rounded remainder, so a kernel that sums
+    products in float32 recovers the logit to about twice the precision of ``dtype`` (``lo`` is 0 when
+    ``dtype`` is as wide as the logits).
+    """
+    target = _at_least_float32(prompt_lse) / scale
+    hi = target.to(dtype)
+    lo = (target - hi.to(target.dtype)).to(dtype)
+    return torch.stack([hi, lo], dim=-1)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is if wider (float64 tests keep their precision); autocast does not apply."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _sdpa_with_lse_key(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_lse: torch.Tensor,
+    *,
+    scale: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """SDPA over the real keys plus one zero-value key whose logit for query i is ``prompt_lse[..., i]``.
+
+    No mask: the logit rides on two extra head channels (see the module docstring). V gets the same width
+    (fused kernels need equal head dims) and the extra output channels, always 0, are dropped.
+    """
+    batch, heads, rows, dim = q.shape
+    s = dim**-0.5 if scale is None else scale
+    channels = lse_channels(prompt_lse, s, q.dtype).expand(batch, heads, rows, 2)
+    q = torch.cat([q, channels], dim=-1)
+    k = F.pad(k, (0, 2))  # real keys: 0 in the extra channels
+    extra_key = torch.zeros(1, 1, 1, dim + 2, dtype=k.dtype, device=k.device)
+    extra_key[..., dim:] = 1.0
+    k = torch.cat([k, extra_key.expand(batch, heads, 1, dim + 2)], dim=-2)
+    v = F.pad(v, (0, 2, 0, 1))  # the extra key's value and the extra channels are 0
+    return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=s)[..., :dim]
 
 
 class PromptedAttention(TunerLayer):

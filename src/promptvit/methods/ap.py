@@ -11,7 +11,11 @@ No official code exists (docs/methods.md, AP); this is our reading of the paper,
   tokens at block ``layer`` only, VPT's uniform init, removed before the final norm. Not identity at init.
 
 ``layer`` is the ViT block index, or the CNN stage index in ``promptvit.backbones.cnn_stages`` (ResNet
-``layer1..4`` -> 0..3, EfficientNet ``blocks[0..6]``).
+``layer1..4`` -> 0..3, EfficientNet ``blocks[0..6]``). By default (``layer=None``) it is where the paper's
+experiments put AP (Sec. 5 and App. A): the third block of a ViT (index 2; the last block of a ViT with
+fewer), and for a CNN the input of its last stage, which for ResNet-50/101/152 (three residual blocks in
+``layer4``) is exactly the paper's "input of the third-to-last ResNet block". Our stage granularity cannot
+name a block inside a stage, so other CNNs get the last stage as the nearest reading.
 
 CNN activation shapes depend on the input size. The prompt is sized, with one probing forward of a zero
 image (stopped at the stage), for ``cnn_input_size`` if given, else the backbone's ``pretrained_cfg``
@@ -40,7 +44,7 @@ from promptvit.methods.vp import _check_input_size, image_size
 
 @dataclasses.dataclass
 class APConfig(MethodConfig):
-    layer: int = 0  # ViT block / CNN stage whose input is prompted
+    layer: int | None = None  # ViT block / CNN stage whose input is prompted; None: the paper's default
     variant: Literal["add", "product", "concat"] = "add"
     prompt_length: int = 10  # tokens of the concat variant
     # (H, W) of the images a CNN receives, which the activation prompt is sized for; default the model's
@@ -48,13 +52,20 @@ class APConfig(MethodConfig):
     cnn_input_size: list[int] | None = None
 
     def validate(self) -> None:
-        if self.layer < 0:
+        if self.layer is not None and self.layer < 0:
             raise ConfigError(f"ap: layer must be >= 0, got {self.layer}")
         if self.variant not in ("add", "product", "concat"):
             raise ConfigError(f"ap: variant must be 'add', 'product' or 'concat', got {self.variant!r}")
         if self.prompt_length < 1:
             raise ConfigError(f"ap: prompt_length must be >= 1, got {self.prompt_length}")
         _check_input_size("ap", self.cnn_input_size)
+
+
+def paper_default_layer(geometry: Geometry) -> int:
+    """The AP paper's location: ViT block 2 (the third), or a CNN's last stage (see the module docstring)."""
+    if geometry.kind == "vit":
+        return min(2, geometry.depth - 1)
+    return geometry.depth - 1
 
 
 @register_method
@@ -72,6 +83,8 @@ class AP(TokenPromptHooks, Method):
     config: APConfig
 
     def __init__(self, config: APConfig, geometry: Geometry) -> None:
+        if config.layer is None:
+            config = dataclasses.replace(config, layer=paper_default_layer(geometry))
         super().__init__(config, geometry)
         unit = "blocks" if geometry.kind == "vit" else "stages"
         if config.layer >= geometry.depth:

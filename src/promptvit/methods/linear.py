@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from torch import nn
 
 from promptvit.backbones import Geometry
-from promptvit.methods.base import BatchedChange, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
-class LinearConfig(MethodConfig):
-    """No options: the frozen backbone's features feed a new linear head."""
+class HeadSolverConfig(MethodConfig):
+    """How a head on frozen features is fitted (``linear``, ``mlp``).
+
+    ``solver="optimizer"`` trains it with the run's optimiser and epochs; ``"lbfgs"`` fits it to convergence
+    on cached features with the L2 strength chosen on val from ``l2_grid`` (default 1e-6 .. 1e2, two per
+    decade), as the CLIP and DINOv2 linear evaluations do (:mod:`promptvit.train.probe`).
+    """
+
+    solver: Literal["optimizer", "lbfgs"] = "optimizer"
+    l2_grid: list[float] | None = None
+
+    method_label = "linear"  # not a field: names the method in errors
+
+    def validate(self) -> None:
+        if self.solver not in ("optimizer", "lbfgs"):
+            raise ConfigError(
+                f"{self.method_label}: solver must be 'optimizer' or 'lbfgs', got {self.solver!r}"
+            )
+        if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) <= 0):
+            raise ConfigError(
+                f"{self.method_label}: l2_grid must be a non-empty list of positive strengths, got {self.l2_grid}"
+            )
+
+
+@dataclasses.dataclass
+class LinearConfig(HeadSolverConfig):
+    """The frozen backbone's features feed a new linear head (see :class:`HeadSolverConfig` for the solver)."""
 
 
 @register_method

@@ -8,15 +8,19 @@ from typing import Literal
 from torch import nn
 
 from promptvit.backbones import Geometry, adapter_for, classifier_name
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, register_method
+from promptvit.methods.linear import HeadSolverConfig
 
 
 @dataclasses.dataclass
-class MLPConfig(MethodConfig):
+class MLPConfig(HeadSolverConfig):
     num_layers: int = 3  # k: k-1 hidden layers of the feature width, then the linear classifier
     activation: Literal["relu", "gelu"] = "relu"
 
+    method_label = "mlp"
+
     def validate(self) -> None:
+        super().validate()
         if self.num_layers < 2:
             raise ConfigError(
                 f"mlp: num_layers must be >= 2 (1 is the 'linear' method), got {self.num_layers}"

@@ -7,6 +7,10 @@ the prompts of layer ``i`` from the tokens layer ``i`` receives (layer 0: patch 
 position embedding; layer ``i >= 1``: block ``i``'s input without CLS), see
 :mod:`promptvit.layers.prompt_init`. Until then the prompts hold VPT's uniform init.
 
+Layer-0 tokens: the official code samples ``patch_embed``'s output, before the position embedding
+(``layer0_tokens="patch_embed"``, the default); the paper's eq. 1 calls the position-embedded tokens E_0,
+which reads as after it (``layer0_tokens="pos_embed"``). The two disagree; both are offered.
+
 Recipes of the paper: deep ``prompt_length=20`` (the default here), shallow ``prompt_length=100``.
 ``frozen_prompts=True`` is the paper's ablation where only the head is trained after the data init.
 """
@@ -35,6 +39,8 @@ class SPTConfig(MethodConfig):
     max_images: int = 1024  # at most this many training images are forwarded for the init
     max_kmeans_tokens: int = 20000  # per-layer token pool for k-means (max_kmeans_tokens * d * 4 bytes)
     seed: int = 0  # of the token sampling (and k-means)
+    # layer-0 tokens: before the position embedding (official code) or after it (the paper's eq. 1)
+    layer0_tokens: Literal["patch_embed", "pos_embed"] = "patch_embed"
     frozen_prompts: bool = (
         False  # the paper's ablation: prompts stay at their data init, only the head trains
     )
@@ -46,6 +52,8 @@ class SPTConfig(MethodConfig):
             raise ConfigError(f"spt: dropout must be in [0, 1), got {self.dropout}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"spt: sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.layer0_tokens not in ("patch_embed", "pos_embed"):
+            raise ConfigError(f"spt: layer0_tokens must be 'patch_embed' or 'pos_embed', got {self.layer0_tokens!r}")
         if self.max_images < 1:
             raise ConfigError(f"spt: max_images must be >= 1, got {self.max_images}")
         if self.max_kmeans_tokens < self.prompt_length:
@@ -83,6 +91,7 @@ class SPT(VPT):
             max_images=config.max_images,
             max_kmeans_tokens=config.max_kmeans_tokens,
             seed=config.seed,
+            layer0=config.layer0_tokens,
         )
         self.prompts.copy_(sample.stacked().to(self.prompts.device, self.prompts.dtype))
         info = sample.info("spt_")

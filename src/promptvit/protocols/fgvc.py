@@ -38,6 +38,7 @@ class FGVCProtocol(Protocol):
     kind: ClassVar[str] = "fgvc"
     task_order: ClassVar[tuple[str, ...]] = tuple(FGVC_DATASETS)
     name: Literal["fgvc"] = "fgvc"
+    recipe: str | None = "vpt-fgvc"
     root: str
     datasets: list[str] = Field(default_factory=lambda: list(FGVC_DATASETS))
     layout: Literal["auto", "json", "folder", "csv"] = "auto"

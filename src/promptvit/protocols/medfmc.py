@@ -11,7 +11,12 @@
   few-shot baseline ships them: ``images/``, ``fewshot-pool.txt`` or ``trainval.txt``, ``test.txt`` or
   ``test_WithLabel.txt``, lines ``name.png label``): the baseline publishes no K-shot lists in this format,
   so without ``{dataset}_{K}-shot_train_exp{E}.txt`` the K-shot set is drawn from the pool with the
-  baseline's rule (K babies per class for NeoJaundice, K images per class for Retino), seed = exp. Tables report mean and std over the exps and the repeated training ``seeds``.
+  baseline's rule (K babies per class for NeoJaundice, K images per class for Retino), seed = exp.
+* Tables report mean and std over the exps and the repeated training ``seeds``.
+* Recipe ``ept-medfmc`` by default (``recipe: null`` turns it off): EPT's optimiser and schedule, MedFM's
+  preprocessing (direct resize to the input size, ImageNet statistics), four training seeds per sampling
+  (EPT Sec. 4), and the epoch selected as the authors' configs do: mAP for chest, top-1 for colon, multi-label
+  AUC for endo (the reported metric stays mAP).
 """
 
 from __future__ import annotations
@@ -46,11 +51,18 @@ class MedFMCProtocol(Protocol):
     datasets: list[Dataset] = Field(default_factory=lambda: ["chest", "colon", "endo"])
     shots: list[int] = Field(default_factory=lambda: list(MEDFMC_SHOTS))
     exps: list[int] = Field(default_factory=lambda: list(MEDFMC_EXPS))
-    seeds: list[int] = Field(default_factory=lambda: [0], description="training seeds repeated per exp")
+    recipe: str | None = "ept-medfmc"
+    seeds: list[int] | None = Field(
+        None, description="training seeds repeated per exp (default: the recipe's, else [0])"
+    )
     search_exps: list[int] | None = Field(None, description="exps used for the search (default: all)")
     search_seeds: list[int] | None = Field(None, description="seeds used for the search (default: first)")
 
+    def _seeds(self) -> list[int]:
+        return self.seeds if self.seeds is not None else self.recipe_value("seeds", [0])
+
     def _unit(self, dataset: str, shots: int, exp: int, seed: int, stage: Stage) -> Unit:
+        select = self.recipe_value("select_metric", {}).get(dataset)
         return Unit(
             task=dataset,
             shots=shots,
@@ -66,12 +78,14 @@ class MedFMCProtocol(Protocol):
             evaluate_on="val" if stage == "search" else "test",
             epoch_selection="val",
             metric=MEDFMC_METRICS[dataset],
+            eval_resize=self.recipe_value("eval_resize", "model"),
+            config_overrides={"train": {"select_metric": select}} if select else {},
             tags={"exp": exp, "val": "trainval minus train_exp (official val files not used)"},
         )
 
     def units(self, stage: Stage) -> list[Unit]:
         exps = self.exps if stage == "final" else (self.search_exps or self.exps)
-        seeds = self.seeds if stage == "final" else (self.search_seeds or self.seeds[:1])
+        seeds = self._seeds() if stage == "final" else (self.search_seeds or self._seeds()[:1])
         return [
             self._unit(dataset, shots, exp, seed, stage)
             for dataset in self.datasets

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from promptvit.errors import ProtocolError
 from promptvit.experiment import RunConfig
+from promptvit.methods.base import ConfigError
+from promptvit.recipes import apply_recipe, get_recipe
 from promptvit.train.config import OPERATIONAL_FIELDS
 
 #: DataSpec keys that describe training-time preprocessing; kept from the base config for every protocol
@@ -241,6 +243,18 @@ class Protocol(Strict, ABC):
     kind: ClassVar[str] = ""
     #: how the report orders tasks (None: order of appearance)
     task_order: ClassVar[tuple[str, ...] | None] = None
+    #: the paper recipe (promptvit.recipes) whose values fill what the base config leaves unset; a protocol
+    #: sets its matching one as the default, ``recipe: null`` turns it off
+    recipe: str | None = None
+
+    def recipe_value(self, key: str, default: Any = None) -> Any:
+        """A protocol entry of the recipe (seeds, eval_resize, select_metric...), or ``default`` without one."""
+        if self.recipe is None:
+            return default
+        try:
+            return get_recipe(self.recipe).protocol_value(key, default)
+        except ConfigError as error:
+            raise ProtocolError(f"{self.kind}: {error}") from None
 
     @abstractmethod
     def units(self, stage: Stage) -> list[Unit]:
@@ -268,12 +282,22 @@ class Protocol(Strict, ABC):
         (``{'train.lr': 0.01, 'method.prompt_length': 10}``) applied on top; ``label`` names the table row;
         ``tags`` are added to every spec's tags.
         """
-        raw = base.model_dump(mode="json") if isinstance(base, RunConfig) else copy.deepcopy(base or {})
+        if isinstance(base, RunConfig):  # with a recipe, only what the config set explicitly beats it
+            raw = base.model_dump(mode="json", exclude_unset=self.recipe is not None)
+        else:
+            raw = copy.deepcopy(base or {})
         hparams = dict(hparams or {})
         base_method = raw.get("method") or {}
         name = method or base_method.get("name", "linear")
+        if self.recipe is not None:
+            try:
+                raw = apply_recipe(raw, self.recipe, method=name)
+            except ConfigError as error:
+                raise ProtocolError(f"{self.kind}: {error}") from None
         options = dict(base_method.get("options", {})) if method is None else {}
         options.update(method_options or {})
+        if self.recipe is not None:  # beneath the preset's and the base config's options
+            options = {**get_recipe(self.recipe).options_for(name), **options}
         train_hp: dict[str, Any] = {}
         for key, value in hparams.items():
             section, _, option = key.partition(".")
@@ -299,7 +323,7 @@ class Protocol(Strict, ABC):
                     **{k: base_data[k] for k in TRANSFORM_KEYS if k in base_data},
                 }
             run["method"] = {"name": name, "options": options}
-            run["train"] = {**raw.get("train", {}), **train_hp, "seed": unit.seed}
+            run["train"] = {**run.get("train", {}), **train_hp, "seed": unit.seed}
             run.setdefault("train", {}).setdefault("progress", False)
             try:
                 config = RunConfig.model_validate(run)

@@ -92,6 +92,8 @@ class MethodPreset(Strict):
 EPT_PROMPT_LENGTHS = [5, 10, 20, 50, 100, 200, 400, 600]
 VPT_PROMPT_LENGTHS = [1, 5, 10, 50, 100, 150]
 LOW_RANKS = [1, 4, 8, 32, 64]
+# EPT appendix A.1.1: adapter "reduction rate r in [1, 4, 8, 32, 64]", i.e. bottleneck width d / r
+ADAPTER_REDUCTIONS = [1, 4, 8, 32, 64]
 
 PRESETS: dict[str, MethodPreset] = {
     "ept.dp": MethodPreset(
@@ -128,8 +130,8 @@ PRESETS: dict[str, MethodPreset] = {
     ),
     "adapter.rank": MethodPreset(
         method="adapter",
-        grid={"bottleneck": LOW_RANKS},
-        description="bottleneck adapter, width chosen on val",
+        grid={"reduction": ADAPTER_REDUCTIONS},
+        description="bottleneck adapter, reduction rate r (width d / r) chosen on val (EPT App. A.1.1)",
     ),
     "vp.pad": MethodPreset(
         method="vp", options={"mode": "pad"}, description="VP pixel padding (CNN-capable)"

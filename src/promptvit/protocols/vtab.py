@@ -81,6 +81,7 @@ class VTABProtocol(Protocol):
     kind: ClassVar[str] = "vtab"
     task_order: ClassVar[tuple[str, ...]] = VTAB_TASKS
     name: Literal["vtab"] = "vtab"
+    recipe: str | None = "vpt-vtab"
     root: str
     tasks: list[str] = Field(default_factory=lambda: list(VTAB_TASKS))
     seeds: list[int] = Field(default_factory=lambda: list(VTAB_SEEDS))

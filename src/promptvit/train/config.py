@@ -1,10 +1,12 @@
 """``TrainConfig``: every option of one training run, validated, with unknown keys rejected.
 
-The defaults are the EPT/MedFM recipe (docs/protocols-and-recipes.md, "Training recipe"): SGD, lr 6e-4, momentum 0.9, weight decay 1e-4,
-cosine annealing to 0 without warm-up, 20 epochs, batch size 4. Two deliberate differences from that
-recipe are options: ``decay_all=False`` (the default here) exempts biases, norm parameters and prompts from
-weight decay, while the EPT code decays every parameter (set ``decay_all=True`` to match it); and the
-schedule is stepped per optimiser update rather than per epoch.
+The defaults are the EPT/MedFM optimiser (SGD, lr 6e-4, momentum 0.9, weight decay 1e-4, cosine annealing
+to 0 without warm-up, 20 epochs, batch size 4) with one rule of our own for weight decay when no recipe is
+given (``weight_decay_rule='standard'``: every tuned tensor of two or more dimensions is decayed, prompts,
+pads, activation deltas, LoRA factors and head weights alike; biases, other 1-D tensors, normalisation
+parameters and timm's ``no_weight_decay()`` names are not), PyTorch's default head init, frozen BatchNorm
+statistics and a schedule stepped per optimiser update. The papers' own settings are named recipes
+(:mod:`promptvit.recipes`, ``docs/recipes.md``).
 """
 
 from __future__ import annotations
@@ -37,15 +39,51 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay of the parameters that are decayed.")
     decay_all: bool = Field(
-        False,
+        False, description="Decay every tuned parameter: the same as weight_decay_rule='all'."
+    )
+    weight_decay_rule: Literal["standard", "all", "all_but_head_bias"] = Field(
+        "standard",
         description=(
-            "Decay every tuned parameter. When False, biases, normalisation parameters, 1-D parameters, "
-            "parameters whose name contains 'prompt' and those timm lists in `no_weight_decay()` "
-            "(pos_embed, cls_token) get no weight decay. EPT's released code decays everything."
+            "Which tuned tensors get `weight_decay`. 'standard': tensors of 2+ dimensions (prompts, pads, "
+            "activation deltas, LoRA/adapter weights, head weight); biases, 1-D tensors, normalisation "
+            "parameters and timm's no_weight_decay() names get none. 'all': every tuned tensor (EPT/mmcls). "
+            "'all_but_head_bias': every tuned tensor but the classifier bias (VPT's code)."
         ),
+    )
+    head_weight_decay: float | None = Field(
+        None,
+        ge=0,
+        description="Weight decay of the classifier weight (SPT/DA-VPT `wd_head`); None: `weight_decay`.",
+    )
+    head_init: Literal["default", "normal_0.01", "trunc_normal_0.02", "kaiming_fan_out_prior"] = Field(
+        "default",
+        description=(
+            "Classifier init at the start of a fresh run. 'default': as created (PyTorch's Linear init); "
+            "'normal_0.01': N(0, 0.01) weight, zero bias (mmcls, EPT); 'trunc_normal_0.02': truncated "
+            "N(0, 0.02) weight, zero bias (SPT, DA-VPT); 'kaiming_fan_out_prior': Kaiming-normal (fan out) "
+            "weight, bias -log(99) (VPT)."
+        ),
+    )
+    batchnorm_stats: Literal["frozen", "update"] = Field(
+        "frozen",
+        description=(
+            "BatchNorm running statistics in training: 'frozen' keeps the pretrained ones (BatchNorm layers "
+            "stay in eval mode even when their weights are tuned, as few-shot batches of a handful of "
+            "images give useless estimates); 'update' re-estimates them in tuned modules."
+        ),
+    )
+    recipe: str | None = Field(
+        None, description="The named recipe (name@version) these values came from, recorded with the run."
     )
     warmup_epochs: float = Field(
         0, ge=0, description="Linear warm-up length in epochs (fractions allowed); the lr starts at 0."
+    )
+    schedule_unit: Literal["step", "epoch"] = Field(
+        "step",
+        description=(
+            "Update the warm-up + cosine lr every optimiser step, or once per epoch (the lr of a whole epoch "
+            "is the one at its first step, as mmcv's and VPT's per-epoch schedulers)."
+        ),
     )
     min_lr: float = Field(0, ge=0, description="Learning rate reached at the end of the cosine decay.")
     scale_lr: bool = Field(False, description="Use lr x batch_size / 256 as the peak lr (VPT convention).")
@@ -139,6 +177,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is None and self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.decay_all and self.weight_decay_rule != "standard":
+            raise ValueError(
+                f"decay_all=True and weight_decay_rule='{self.weight_decay_rule}' disagree; set only "
+                "weight_decay_rule"
+            )
         if self.cache_views and not self.cache_prefix:
             raise ValueError(f"train.cache_views {self.cache_views} needs train.cache_prefix true")
         return self
@@ -169,9 +212,20 @@ OPERATIONAL_FIELDS = frozenset(
         "cache_dir",
         "grad_checkpointing",
         "channels_last",
+        # a label only: the values it stands for are fields of their own
+        "recipe",
     }
 )
 
 #: fields left out of a checkpoint's setup while they hold these defaults, so that checkpoints written before
 #: the fields existed still resume
-OMITTED_AT_DEFAULT = {"cache_views": 0, "precision": "fp32"}
+OMITTED_AT_DEFAULT = {
+    "cache_views": 0,
+    "precision": "fp32",
+    "weight_decay_rule": "standard",
+    "schedule_unit": "step",
+    "head_weight_decay": None,
+    "head_init": "default",
+    "batchnorm_stats": "frozen",
+    "recipe": None,
+}

@@ -84,9 +84,11 @@ from promptvit.train.checkpoint import (
     setup_of,
 )
 from promptvit.train.config import TrainConfig
+from promptvit.train.head_init import init_head
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
+from promptvit.train.probe import fit_lbfgs_probe
 
 logger = logging.getLogger(__name__)
 
@@ -746,6 +748,8 @@ def fit(
     run_dir = Path(run_dir)
     class_names = list(class_names)
     val_set = _check_fit_arguments(model, train_set, val_set, config, class_names, extra_artifact_info)
+    if config.recipe is not None:  # the artifact names the recipe its training values came from
+        extra_artifact_info = {"recipe": config.recipe, **(extra_artifact_info or {})}
     callbacks = list(callbacks)
     check_requested(config, callbacks)
     select = config.select_metric or ("map" if multilabel else "accuracy")
@@ -800,6 +804,9 @@ def fit(
     epochs = num_epochs(config, steps_per_epoch)
     last_step = total_steps(config, steps_per_epoch)
     seed_everything(config.seed)
+    model.update_batchnorm_stats = config.batchnorm_stats == "update"
+    if saved is None:
+        init_head(model.get_classifier(), config.head_init)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     if saved is not None:
@@ -807,6 +814,30 @@ def fit(
         logger.info("resuming from epoch %d (step %d) of %s", state.epoch, state.step, run_dir)
     elif model.method.needs_data_init:
         state.data_init = _data_init(model, train_set, config, device)
+
+    if saved is None and getattr(model.method.config, "solver", None) == "lbfgs":
+        # A head fitted to convergence on cached features replaces the epochs (promptvit.train.probe).
+        started = time.perf_counter()
+        probe = fit_lbfgs_probe(
+            model,
+            train_set,
+            val_set,
+            multilabel=multilabel,
+            select=select,
+            class_names=class_names,
+            device=device,
+            batch_size=config.eval_batch_size,
+            l2_grid=model.method.config.l2_grid,
+        )
+        row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
+        state.history = [jsonable({**row, "seconds": time.perf_counter() - started})]
+        if writes:
+            write_log(run_dir / LOG_FILE, state.history)
+        if probe.val_metrics is not None:
+            state.best_epoch, state.best_metric = 1, probe.val_metric
+            state.best_val_metrics = jsonable(probe.val_metrics)
+            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
+        state.epoch = epochs  # no epochs to run
 
     if config.log_tensorboard and writes:
         callbacks.append(TensorBoardLogger(run_dir))

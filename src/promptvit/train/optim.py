@@ -39,42 +39,68 @@ def _timm_no_weight_decay(model: nn.Module) -> set[str]:
 
 
 def is_decay_exempt(name: str, parameter: torch.Tensor, norm_ids: set[int], timm_exempt: set[str]) -> bool:
-    """The no-decay rule: biases, 1-D tensors, norm parameters, prompts and timm's exemptions."""
-    return (
-        parameter.ndim <= 1
-        or name.endswith("bias")
-        or "prompt" in name.lower()
-        or id(parameter) in norm_ids
-        or name in timm_exempt
-    )
+    """The standard no-decay rule: biases, 1-D tensors, norm parameters and timm's exemptions.
 
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Parameter groups of the tuned parameters: "decay" and "no_decay" (empty groups left out).
-
-    Each group carries a ``group`` entry with its name; torch keeps extra keys in param groups.
+    Whatever a tensor is called, its shape decides: prompts, VP pads, AP deltas, LoRA factors and head
+    weights (2+ dimensions) are decayed; DA-VPT's bias deltas (1-D) are not.
     """
+    return parameter.ndim <= 1 or name.endswith("bias") or id(parameter) in norm_ids or name in timm_exempt
+
+
+def _classifier_parameter_ids(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of the classifier's weights and biases (empty sets for a model without ``get_classifier``)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return set(), set()
+    weights = {id(p) for n, p in head.named_parameters() if not n.endswith("bias")}
+    return weights, {id(p) for n, p in head.named_parameters() if n.endswith("bias")}
+
+
+def decay_group_of(model: nn.Module, cfg: TrainConfig) -> dict[str, str]:
+    """Name -> group ("decay", "no_decay" or "head") of every tuned parameter under ``cfg``'s rule."""
     if hasattr(model, "tuned_named_parameters"):
         named = list(model.tuned_named_parameters())
     else:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no tuned parameters (nothing has requires_grad=True)")
-    if cfg.decay_all:
-        return [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay, "group": "decay"}]
+    rule = "all" if cfg.decay_all else cfg.weight_decay_rule
+    head_weights, head_biases = _classifier_parameter_ids(model)
     norm_ids = {
         id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)
     }
     timm_exempt = _timm_no_weight_decay(model)
-    decay, no_decay = [], []
+    groups = {}
     for name, parameter in named:
-        exempt = is_decay_exempt(name, parameter, norm_ids, timm_exempt)
-        (no_decay if exempt else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "group": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+        if rule == "all":
+            exempt = False
+        elif rule == "all_but_head_bias":
+            exempt = id(parameter) in head_biases
+        else:
+            exempt = is_decay_exempt(name, parameter, norm_ids, timm_exempt)
+        if exempt:
+            groups[name] = "no_decay"
+        elif cfg.head_weight_decay is not None and id(parameter) in head_weights:
+            groups[name] = "head"
+        else:
+            groups[name] = "decay"
+    return groups
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Parameter groups of the tuned parameters: "decay", "no_decay" and, with ``head_weight_decay``, "head".
+
+    Empty groups are left out. Each group carries a ``group`` entry with its name; torch keeps extra keys.
+    """
+    parameters = dict(model.named_parameters())
+    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "head": cfg.head_weight_decay}
+    members: dict[str, list[nn.Parameter]] = {g: [] for g in decay}
+    for name, group in decay_group_of(model, cfg).items():
+        members[group].append(parameters[name])
+    return [
+        {"params": members[g], "weight_decay": decay[g], "group": g} for g in decay if members[g]
     ]
-    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -90,15 +116,19 @@ class WarmupCosine:
 
     ``factor(s) = s / W`` for ``s < W``; then ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2`` with
     ``p = (s - W) / (T - W)`` clamped to 1, so the factor is 1 at ``s = W`` and ``min_ratio`` at ``s = T``
-    (after the last of the T updates). A plain callable object, so ``LambdaLR.state_dict`` saves its fields.
+    (after the last of the T updates). With ``period`` P > 1 (steps per epoch, for a per-epoch schedule) the
+    factor only changes every P updates: ``s`` is rounded down to a multiple of P. A plain callable object, so
+    ``LambdaLR.state_dict`` saves its fields.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, period: int = 1) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio
+        self.period = period
 
     def __call__(self, step: int) -> float:
+        step = step - step % self.period
         if step < self.warmup_steps:
             return step / self.warmup_steps
         span = self.total_steps - self.warmup_steps
@@ -130,4 +160,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         raise ConfigError(f"min_lr ({cfg.min_lr}) exceeds the peak lr ({peak} after scale_lr)")
     total = total_steps(cfg, steps_per_epoch)
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    return LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr / peak))
+    period = steps_per_epoch if cfg.schedule_unit == "epoch" else 1
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr / peak, period))
