@@ -3,6 +3,7 @@
     python benchmarks/realdata/run.py            # default suite (well under an hour on 2 CPU cores)
     python benchmarks/realdata/run.py --full     # full suite: more data, K, draws and an lr search (hours)
     python benchmarks/realdata/run.py --smoke    # every method once (K=5, one draw): a check and a timing sample
+    python benchmarks/realdata/run.py --clinical # 10 draws at K=10: PneumoniaMNIST (ViT), HAM10000 224 px (CNN)
 
 The configs are ``configs/*.yaml`` (default: vit_medmnist + cnn_derm; full: the ``*_full`` pair). Results go
 to ``results/<suite>/``: the results store (``store/``, resumable: re-run the same command after a kill), the
@@ -32,6 +33,7 @@ CONFIGS = {
     "default": ["vit_medmnist.yaml", "cnn_derm.yaml"],
     "full": ["vit_medmnist_full.yaml", "cnn_derm_full.yaml"],
     "smoke": ["vit_medmnist.yaml", "cnn_derm.yaml"],
+    "clinical": ["clinical_pneumonia.yaml", "clinical_ham224.yaml"],
 }
 CITATIONS = [
     "Data (read from ../shared/data, not redistributed): MedMNIST v2 PneumoniaMNIST, BreastMNIST, RetinaMNIST "
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="the full suite (hours)")
     mode.add_argument("--smoke", action="store_true", help="every method once (K=5, one draw)")
+    mode.add_argument(
+        "--clinical", action="store_true", help="10 draws for paired comparisons and calibration (issue 18)"
+    )
     parser.add_argument("--results", type=Path, help="results folder (default results/<suite>)")
     parser.add_argument(
         "--backend", choices=["inprocess", "process", "ray"], help="override the configs' runner"
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from promptvit.protocols import load_sweep_config, run_sweep, write_report
 
     torch.set_num_threads(1)
-    suite = "full" if args.full else "smoke" if args.smoke else "default"
+    suite = "full" if args.full else "smoke" if args.smoke else "clinical" if args.clinical else "default"
     out = args.results or HERE / "results" / suite
     store = out / "store"
     names = [n for n in CONFIGS[suite] if args.only is None or n == f"{args.only}.yaml"]

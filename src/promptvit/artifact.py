@@ -55,6 +55,15 @@ def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Pa
     return directory
 
 
+def update_artifact_config(directory: str | Path, **entries: Any) -> Path:
+    """Add or replace top-level entries of an artifact's ``adapter_config.json`` (atomically), e.g. the
+    calibration and thresholds fitted on validation after training."""
+    directory = Path(directory)
+    config = read_artifact_config(directory)
+    config.update(entries)
+    return atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, default=list) + "\n")
+
+
 def read_artifact_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / CONFIG_FILE

@@ -38,7 +38,8 @@ from promptvit.data import (
 from promptvit.io import atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
-from promptvit.train import TrainConfig, evaluate, fit
+from promptvit.train import TrainConfig, fit
+from promptvit.train.clinical import sample_groups, test_with_calibration
 
 
 class Strict(BaseModel):
@@ -266,7 +267,7 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
     # One cache serves training, validation and the test pass (and sweeps that share the cut).
     cache = PrefixCache(config.train.cache_dir) if config.train.cache_prefix else None
     versions = environment()  # asks git once; recorded in the artifact and in metrics.json
-    fit(
+    result = fit(
         model,
         datasets["train"],
         datasets["val"] if len(split.val) else None,
@@ -278,12 +279,18 @@ def _run_locked(config: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any
         resume=resume,
         prefix_cache=cache,
     )
-    test_metrics = evaluate(
+    groups, group_rule = sample_groups(split.test, config.data)
+    test_metrics = test_with_calibration(  # calibration and thresholds fitted on val, then one test pass
         model,
         datasets["test"],
+        datasets["val"] if len(split.val) else None,
         multilabel=split.train.multilabel,
         class_names=split.train.class_names,
+        main_metric=config.train.select_metric or ("map" if split.train.multilabel else "accuracy"),
         batch_size=config.train.eval_batch_size,
+        artifact_dir=result.artifact_dir,
+        groups=groups,
+        group_rule=group_rule,
         prefix_cache=cache,
         precision=config.train.precision,
     )

@@ -26,6 +26,7 @@ from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
 from promptvit.protocols.store import RECORD_FORMAT, ResultStore
 from promptvit.train import ResumeError, TrainingError, evaluate, fit
+from promptvit.train.clinical import sample_groups, test_with_calibration
 
 
 def prompted_depth(method: str, options: dict[str, Any], depth: int) -> int | None:
@@ -122,6 +123,20 @@ def execute(spec: RunSpec, run_dir: str | Path, *, threads: int | None = None) -
     fit_seconds = time.perf_counter() - started
     if spec.evaluate_on == "val" and use_val and result.val_metrics is not None:
         metrics = result.val_metrics  # the selected epoch's validation metrics, as fit computed them
+    elif spec.evaluate_on == "test":  # calibration and thresholds on val, then the one test pass
+        groups, group_rule = sample_groups(evaluated, config.data)
+        metrics = test_with_calibration(
+            model,
+            ImageDataset(evaluated, eval_tf, skip),
+            val_set,
+            multilabel=split.train.multilabel,
+            class_names=split.train.class_names,
+            main_metric=resolve_metric(spec, split.train.multilabel),
+            batch_size=config.train.eval_batch_size,
+            artifact_dir=result.artifact_dir,
+            groups=groups,
+            group_rule=group_rule,
+        )
     else:
         dataset = ImageDataset(evaluated, eval_tf, skip)
         metrics = evaluate(
