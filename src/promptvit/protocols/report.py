@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from promptvit.io import atomic_write, atomic_write_text
+from promptvit.protocols.clinical_report import clinical_tables, reliability_plots
 from promptvit.protocols.store import LoadedRecords, load_records
 
 METRIC_NAMES = {
@@ -488,6 +489,7 @@ def build_tables(records: Iterable[dict[str, Any]]) -> list[Table]:
         tables.append(main_table(group))
         tables += secondary_tables(group)
         tables.append(selection_table(group))
+        tables += clinical_tables(group)
     return tables
 
 
@@ -638,6 +640,7 @@ def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
         path = plot_vs_shots(group, out)
         if path:
             paths.append(path)
+        paths += reliability_plots(group, out)
     final = final_records(records)
     search = [r for r in records if r.get("stage") == "search" and r.get("status") == "ok"]
     for option in ("prompt_length", "prompted_depth"):
