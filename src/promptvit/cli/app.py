@@ -176,14 +176,19 @@ def eval_(
     ] = None,
     data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
+    uncalibrated: Annotated[
+        bool, typer.Option("--uncalibrated", help="score the raw probabilities, not the stored calibration")
+    ] = False,
 ) -> None:
     """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split."""
-    from promptvit.train import evaluate
+    from promptvit.train.clinical import evaluate_artifact
 
     try:
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        metrics = evaluate(model, dataset, multilabel=info["multilabel"], class_names=info["class_names"])
+        metrics = evaluate_artifact(
+            model, dataset, info, _artifact_dir(run_or_artifact), calibrated=not uncalibrated
+        )
     except (*_user_errors(), ValueError) as error:
         _fail(error)
     if out:
@@ -199,13 +204,18 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 32,
+    uncalibrated: Annotated[
+        bool, typer.Option("--uncalibrated", help="raw probabilities, not the stored calibration/thresholds")
+    ] = False,
 ) -> None:
-    """Write per-class probabilities (softmax, or sigmoid for multi-label) for each image to a CSV."""
+    """Write per-class probabilities for each image to a CSV: softmax (or sigmoid for multi-label) of the
+    logits calibrated as stored in the artifact, and the decision at its stored thresholds."""
     import torch
 
     from promptvit.data import IMAGE_EXTENSIONS, build_transforms, load_image
     from promptvit.data.sources import LabeledSamples, Sample
     from promptvit.io import atomic_write
+    from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
         model, info = _load_for_inference(artifact)
@@ -228,9 +238,14 @@ def predict(
             for start in range(0, len(files), batch_size):
                 chunk = samples.items[start : start + batch_size]
                 batch = torch.stack([transform(load_image(s, samples)) for s in chunk])
-                logits = model(batch)
-                scores = logits.sigmoid() if info["multilabel"] else logits.softmax(-1)
-                rows += [[s.path, *map(float, row)] for s, row in zip(chunk, scores.tolist(), strict=True)]
+                scores = artifact_probabilities(
+                    model(batch), info, _artifact_dir(artifact), calibrated=not uncalibrated
+                )
+                labels = predicted_labels(scores, info, calibrated=not uncalibrated)
+                rows += [
+                    [s.path, *map(float, row), label]
+                    for s, row, label in zip(chunk, scores.tolist(), labels, strict=True)
+                ]
     except (*_user_errors(), FileNotFoundError) as error:
         _fail(error)
 
@@ -239,13 +254,7 @@ def predict(
             writer = csv.writer(handle)
             writer.writerow(["file", *names, "prediction"])
             for row in rows:
-                probs = row[1:]
-                label = (
-                    ";".join(n for n, p in zip(names, probs, strict=True) if p >= 0.5)
-                    if info["multilabel"]
-                    else (names[max(range(len(probs)), key=probs.__getitem__)])
-                )
-                writer.writerow([row[0], *(f"{p:.6f}" for p in probs), label])
+                writer.writerow([row[0], *(f"{p:.6f}" for p in row[1:-1]), row[-1]])
 
     atomic_write(out, write)
     console.print(f"wrote {len(rows)} predictions to {out}")

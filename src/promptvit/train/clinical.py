@@ -202,3 +202,49 @@ def artifact_probabilities(
     if calibration is None:
         return _probabilities(logits, info["multilabel"])
     return calibration.probabilities(logits)
+
+
+def evaluate_artifact(
+    model: PromptModel,
+    dataset: Dataset,
+    info: dict[str, Any],
+    where: str | Path,
+    *,
+    calibrated: bool = True,
+    batch_size: int = 64,
+    bins: int = DEFAULT_BINS,
+) -> dict[str, Any]:
+    """``evaluate`` for a saved artifact: probabilities calibrated as stored (unless ``calibrated=False``),
+    the uncalibrated probability metrics beside them, and metrics at the stored decision thresholds."""
+    multilabel, names = info["multilabel"], info["class_names"]
+    logits, targets = predict_logits(model, dataset, batch_size=batch_size)
+    if targets is None:
+        raise ValueError("evaluation needs (image, target) items")
+    check_targets(targets, logits.shape[1], multilabel)
+    raw = _probabilities(logits, multilabel)
+    calibration = artifact_calibration(info, where) if calibrated else None
+    scores = calibration.probabilities(logits.double()) if calibration is not None else raw
+    metrics = compute_metrics(scores, targets, multilabel, names, bins=bins)
+    metrics["loss"] = float(classification_loss(logits, targets, multilabel))
+    metrics["calibrated"] = calibration is not None
+    if calibration is not None:
+        metrics["uncalibrated"] = probability_metrics(raw, targets, multilabel, bins=bins, class_names=names)
+        if info.get("thresholds"):  # chosen on calibrated probabilities, so only meaningful on them
+            metrics["thresholds"] = threshold_report(scores, targets, multilabel, info["thresholds"])
+    return metrics
+
+
+def predicted_labels(scores: torch.Tensor, info: dict[str, Any], *, calibrated: bool = True) -> list[str]:
+    """Each row's decision: the stored thresholds (binary: on the positive class; multi-label: per class)
+    when the probabilities are calibrated and the artifact has them; else argmax / >= 0.5."""
+    names = info["class_names"]
+    stored = (info.get("thresholds") or {}).get("classes") if calibrated else None
+    if info["multilabel"]:
+        cut = [float((stored or {}).get(n, {}).get("threshold", 0.5)) for n in names]
+        return [
+            ";".join(n for n, p, t in zip(names, row, cut, strict=True) if p >= t) for row in scores.tolist()
+        ]
+    if stored and len(names) == 2 and names[1] in stored:
+        threshold = float(stored[names[1]]["threshold"])
+        return [names[1] if row[1] >= threshold else names[0] for row in scores.tolist()]
+    return [names[int(i)] for i in scores.argmax(dim=1)]
