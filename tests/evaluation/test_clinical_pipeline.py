@@ -103,14 +103,10 @@ def test_predict_uses_calibrated_probabilities_and_thresholds(trained_run, tmp_p
 
 
 def test_serving_probabilities_apply_the_stored_calibration(trained_run) -> None:
-    from promptvit.artifact import load
     from promptvit.serving import MultiTaskModel
 
     run, _, _ = trained_run
-    model = load(run / "artifact")
-    served = MultiTaskModel(
-        model.backbone_copy() if hasattr(model, "backbone_copy") else _plain(run), [run / "artifact"]
-    )
+    served = MultiTaskModel(_plain(run), [run / "artifact"])
     images = torch.randn(3, 3, 16, 16)
     logits = served(images)["artifact"]
     t = read_artifact_config(run / "artifact")["calibration"]["temperature"]

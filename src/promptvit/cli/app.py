@@ -277,11 +277,17 @@ def analyze(
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.train.clinical import artifact_calibration
 
     try:
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        others = {path.name: _load_for_inference(path)[0] for path in compare or []}
+        loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
+        others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
+        calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
+        calibrations.update(
+            {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
+        )
         result = run_analysis(
             model,
             dataset,
@@ -291,6 +297,8 @@ def analyze(
             seed=seed,
             compare=others or None,
             name=run_or_artifact.name,
+            multilabel=info["multilabel"],
+            calibrations=calibrations,
         )
     except (*_user_errors(), ValueError) as error:
         _fail(error)
