@@ -482,14 +482,15 @@ def problem_table(loaded: LoadedRecords) -> Table | None:
     )
 
 
-def build_tables(records: Iterable[dict[str, Any]]) -> list[Table]:
-    """Main, secondary-metric and selection tables for every (protocol, backbone) in ``records``."""
+def build_tables(records: Iterable[dict[str, Any]], reference: str | None = None) -> list[Table]:
+    """Main, secondary-metric and selection tables for every (protocol, backbone) in ``records``, then the
+    clinical-evaluation tables (paired differences to the baseline and to ``reference``)."""
     tables = []
     for group in group_records(records):
         tables.append(main_table(group))
         tables += secondary_tables(group)
         tables.append(selection_table(group))
-        tables += clinical_tables(group)
+        tables += clinical_tables(group, reference)
     return tables
 
 
@@ -675,13 +676,15 @@ def write_report(
     title: str = "promptvit benchmark report",
     header: list[str] | None = None,
     plots: bool = True,
+    reference: str | None = None,
 ) -> Report:
     """Render ``results`` (store folders, .jsonl files or loaded records) into ``out_dir``:
-    ``report.md``, ``report.html``, ``summary.csv`` and ``plots/*.png``; every file written atomically."""
+    ``report.md``, ``report.html``, ``summary.csv`` and ``plots/*.png``; every file written atomically.
+    ``reference``: a method row label that paired differences are also shown against (besides linear)."""
     loaded = results if isinstance(results, LoadedRecords) else load_records(results)
     out = Path(out_dir)
     final_records(loaded.records, loaded.problems)  # reports superseded records
-    tables = build_tables(loaded.records)
+    tables = build_tables(loaded.records, reference)
     problems = problem_table(loaded)
     plot_paths = make_plots(loaded.records, out / "plots") if plots else []
     n_final = len(final_records(loaded.records))
