@@ -325,7 +325,6 @@ def analyze(
     tsne: bool = True,
     nmi_scale: float = 1.0,
     debiased_cka: bool = False,
-    multilabel: bool = False,
     calibrations: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every applicable view (module docstring), write PNGs and ``analysis.json`` to ``out_dir``.
@@ -340,7 +339,6 @@ def analyze(
         compare: more models, by name, analysed on the same images (calibration rows, attention, NMI) and
             compared layer by layer with ``model`` (CKA).
         name: the main model's name in figures (default: its method name).
-        multilabel: sigmoid (multi-hot targets) instead of softmax, for the reliability diagram.
         calibrations: model name -> a stored ``Calibration`` (or None): the reliability diagram then also
             draws the calibrated probabilities.
     Returns:
@@ -406,6 +404,7 @@ def analyze(
 
     # reliability of the predicted probabilities, as trained and with the stored calibration
     curves = {}
+    multilabel = torch.cat(states[main_name].targets).ndim == 2  # multi-hot targets: sigmoid probabilities
     for n, s in states.items():
         logits, targets = torch.cat(s.logits), torch.cat(s.targets)
         curves[n] = {"as trained": (logits.sigmoid() if multilabel else logits.softmax(1), targets)}

@@ -297,7 +297,6 @@ def analyze(
             seed=seed,
             compare=others or None,
             name=run_or_artifact.name,
-            multilabel=info["multilabel"],
             calibrations=calibrations,
         )
     except (*_user_errors(), ValueError) as error:
