@@ -128,3 +128,20 @@ def test_reference_absent_from_a_group_is_skipped(missing: str) -> None:
     few = [r for r in records() if r["method"] != "vpt"]
     titles = [t.title for t in build_tables(few, reference=missing)]
     assert not any(f"to {missing}" in t for t in titles)
+
+
+def test_report_cli_reference_option(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from promptvit.cli.protocol_commands import register_protocol_commands
+    from tests.protocols.test_report import records_to_file
+
+    app = typer.Typer()
+    register_protocol_commands(app)
+    path = records_to_file(tmp_path, records())
+    args = ["report", str(path), "--out", str(tmp_path / "out"), "--no-plots", "--reference", "vpt"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "paired difference of test accuracy to vpt" in text and "to linear" in text

@@ -108,13 +108,16 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for report.md/.html, plots")],
     title: Annotated[str, typer.Option(help="report title")] = "promptvit benchmark report",
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
+    reference: Annotated[
+        str | None, typer.Option(help="also show paired differences to this method (besides linear)")
+    ] = None,
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
     from promptvit.cli.app import _fail, console
     from promptvit.protocols import write_report
 
     try:
-        rendered = write_report(results, out, title=title, plots=plots)
+        rendered = write_report(results, out, title=title, plots=plots, reference=reference)
     except _errors() as error:
         _fail(error)
     for problem in rendered.loaded.problems:
