@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, help="process backend: parallel workers (default 2)")
     parser.add_argument("--only", help="run only this config (file name without .yaml)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: re-render the report from the store"
+    )
     args = parser.parse_args(argv)
 
     if not (SHARED / "data").is_dir() or not (SHARED / "backbones").is_dir():
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     failures: list[str] = []
-    for name in names:
+    for name in names if not args.report_only else []:
         config = load_sweep_config(HERE / "configs" / name, {"shared": str(SHARED)})
         if args.smoke:
             config = smoke_config(config)
