@@ -184,7 +184,7 @@ def _paired_table(
             "differences in percentage points, paired by (split, seed); CI: t interval over the paired "
             "differences; resolved = the CI excludes 0",
             "Wilcoxon signed-rank (scipy, two-sided) and an exact sign-flip permutation test of the mean "
-            "difference",
+            "difference; each p-value and CI is for one comparison, not corrected for the number of methods",
             "draws to resolve: the smallest number of draws at which a difference of this mean and spread "
             "would have a CI excluding 0 (— : mean difference 0 or more than 10,000 draws)",
         ],
