@@ -41,3 +41,21 @@ def test_medfmc_endo_and_colon_study_ids() -> None:
     colon = DataSpec(kind="medfmc", path="m", dataset="colon", shots=1)
     groups, _ = sample_groups(_samples(["/d/slide A_0001.png", "/d/slide A_0002.png"]), colon)
     assert groups == ["slide A", "slide A"]
+
+
+def test_fast_statistics_equal_compute_metrics_on_a_resample() -> None:
+    import numpy as np
+    import pytest
+    import torch
+
+    from promptvit.train.clinical import fast_statistic
+    from promptvit.train.metrics import compute_metrics
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(40, 3, generator=g).softmax(1)
+    targets = torch.randint(0, 3, (40,), generator=g)
+    idx = np.random.default_rng(1).integers(0, 40, size=40)
+    expected = compute_metrics(scores[idx], targets[idx], multilabel=False)
+    for metric in ("accuracy", "balanced_accuracy", "auc"):
+        got = fast_statistic(metric, scores, targets, multilabel=False)(idx)
+        assert got == pytest.approx(expected[metric], abs=1e-6), metric

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
     return None, "images (no group ids in this data)"
 
 
-def fast_statistic(metric: str, scores: torch.Tensor, targets: torch.Tensor, multilabel: bool):
+def fast_statistic(
+    metric: str, scores: torch.Tensor, targets: torch.Tensor, multilabel: bool
+) -> Callable[[np.ndarray], float | None]:
     """``indices -> metric`` in percent: vectorised for accuracy/balanced accuracy, else compute_metrics."""
     if not multilabel and metric in ("accuracy", "balanced_accuracy"):
         truth = targets.long().numpy()
