@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["methods"]),
     ("layers", ["layers"]),
     ("backbones", ["backbones"]),
-    ("data and files", ["data", "io", "artifact_format", "hub", "recipes", "_version"]),  # data knows no model
+    ("data and files", ["data", "evaluation", "io", "artifact_format", "hub", "recipes", "_version"]),  # data knows no model
     ("errors", ["errors"]),
 ]
 

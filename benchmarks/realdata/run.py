@@ -3,6 +3,7 @@
     python benchmarks/realdata/run.py            # default suite (well under an hour on 2 CPU cores)
     python benchmarks/realdata/run.py --full     # full suite: more data, K, draws and an lr search (hours)
     python benchmarks/realdata/run.py --smoke    # every method once (K=5, one draw): a check and a timing sample
+    python benchmarks/realdata/run.py --clinical # 10 draws at K=10: PneumoniaMNIST (ViT), HAM10000 224 px (CNN)
 
 The configs are ``configs/*.yaml`` (default: vit_medmnist + cnn_derm; full: the ``*_full`` pair). Results go
 to ``results/<suite>/``: the results store (``store/``, resumable: re-run the same command after a kill), the
@@ -32,6 +33,7 @@ CONFIGS = {
     "default": ["vit_medmnist.yaml", "cnn_derm.yaml"],
     "full": ["vit_medmnist_full.yaml", "cnn_derm_full.yaml"],
     "smoke": ["vit_medmnist.yaml", "cnn_derm.yaml"],
+    "clinical": ["clinical_pneumonia.yaml", "clinical_ham224.yaml"],
 }
 CITATIONS = [
     "Data (read from ../shared/data, not redistributed): MedMNIST v2 PneumoniaMNIST, BreastMNIST, RetinaMNIST "
@@ -79,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="the full suite (hours)")
     mode.add_argument("--smoke", action="store_true", help="every method once (K=5, one draw)")
+    mode.add_argument(
+        "--clinical", action="store_true", help="10 draws for paired comparisons and calibration (issue 18)"
+    )
     parser.add_argument("--results", type=Path, help="results folder (default results/<suite>)")
     parser.add_argument(
         "--backend", choices=["inprocess", "process", "ray"], help="override the configs' runner"
     )
     parser.add_argument("--workers", type=int, help="process backend: parallel workers (default 2)")
     parser.add_argument("--only", help="run only this config (file name without .yaml)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: re-render the report from the store"
+    )
     args = parser.parse_args(argv)
 
     if not (SHARED / "data").is_dir() or not (SHARED / "backbones").is_dir():
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from promptvit.protocols import load_sweep_config, run_sweep, write_report
 
     torch.set_num_threads(1)
-    suite = "full" if args.full else "smoke" if args.smoke else "default"
+    suite = "full" if args.full else "smoke" if args.smoke else "clinical" if args.clinical else "default"
     out = args.results or HERE / "results" / suite
     store = out / "store"
     names = [n for n in CONFIGS[suite] if args.only is None or n == f"{args.only}.yaml"]
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     failures: list[str] = []
-    for name in names:
+    for name in names if not args.report_only else []:
         config = load_sweep_config(HERE / "configs" / name, {"shared": str(SHARED)})
         if args.smoke:
             config = smoke_config(config)
@@ -169,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         f"times: {compute / 60:.1f} min over {len(loaded.records)} runs (parallel workers overlap).",
         *CITATIONS,
     ]
-    report = write_report(store, out, title=f"promptvit real-data suite ({suite})", header=header)
+    # the clinical suite also compares every method with VPT (EPT's claim is relative to it)
+    reference = "vpt" if suite == "clinical" else None
+    report = write_report(
+        store, out, title=f"promptvit real-data suite ({suite})", header=header, reference=reference
+    )
     print(f"\nreport: {report.markdown}\nwall time {wall / 60:.1f} min; {len(failures)} problems")
     for line in failures[:20]:
         print(f"  {line}")

@@ -18,6 +18,7 @@ from promptvit.artifact_format import (
     read_artifact_weights,
     resolve_artifact_dir,
     save_artifact,
+    update_artifact_config,
 )
 from promptvit.backbones import Geometry, create_backbone, geometry_of
 from promptvit.errors import ArtifactError, BackboneError
@@ -38,6 +39,7 @@ __all__ = [
     "read_artifact_weights",
     "resolve_artifact_dir",
     "save_artifact",
+    "update_artifact_config",
 ]
 
 

@@ -120,6 +120,15 @@ def read_artifact_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def update_artifact_config(directory: str | Path, **entries: Any) -> Path:
+    """Add or replace top-level entries of an artifact's ``adapter_config.json`` (atomically), e.g. the
+    calibration and thresholds fitted on validation after training. The weights' hash stays valid."""
+    directory = resolve_artifact_dir(directory)
+    config = read_artifact_config(directory)
+    config.update(entries)
+    return atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, default=list) + "\n")
+
+
 def read_artifact_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The weights file's path and its tensors; ``ArtifactError`` if it is missing or unreadable."""
     weights_path = Path(directory) / WEIGHTS_FILE

@@ -48,6 +48,7 @@ from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import Callback, FitResult, TrainConfig, distributed, evaluate, fit
+from promptvit.train.clinical import sample_groups, test_with_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -336,14 +337,17 @@ def run_pipeline(
     fingerprint: dict[str, Any] | None = None,
     resume: bool = True,
     versions: dict[str, str] | None = None,
+    main_metric: str | None = None,
 ) -> RunOutcome:
     """The one run: record config and data -> build -> fit (resumable) -> evaluate one split once.
 
     ``promptvit train``, the demo and every sweep run come through here, so they share the prefix cache,
     the precision, ``skipped_files.txt`` and the environment record. ``select_on_val`` picks the epoch on
     the validation set (else the last epoch is kept); ``evaluate_on="val"`` scores only the validation
-    set and never builds a dataset of the test images. ``augment`` defaults to ``config.data.augment``;
-    ``versions`` to ``environment()`` (read once per run).
+    set and never builds a dataset of the test images. A test pass first fits the calibration and the
+    decision thresholds on the validation set (``train.clinical``; stored in the artifact) and reports
+    ``main_metric`` (default: the selection metric) with its bootstrap interval. ``augment`` defaults to
+    ``config.data.augment``; ``versions`` to ``environment()`` (read once per run).
     """
     writes = distributed.is_writer()  # under torchrun only rank 0 writes run files
     guard_duplicates(split, config.data.allow_duplicates)
@@ -404,6 +408,25 @@ def run_pipeline(
     )
     if evaluate_on == "val" and select_on_val and result.val_metrics is not None:
         metrics = result.val_metrics  # the selected epoch's validation metrics, as fit computed them
+    elif evaluate_on == "test":  # calibration and thresholds fitted on val, then the one test pass
+        groups, group_rule = sample_groups(split.test, config.data)
+        val_set = datasets.get("val")
+        metrics = test_with_calibration(
+            model,
+            datasets["test"],
+            val_set if val_set is not None and len(val_set) else None,
+            multilabel=split.train.multilabel,
+            class_names=split.train.class_names,
+            main_metric=main_metric
+            or config.train.select_metric
+            or ("map" if split.train.multilabel else "accuracy"),
+            batch_size=config.train.eval_batch_size,
+            artifact_dir=result.artifact_dir if writes else None,
+            groups=groups,
+            group_rule=group_rule,
+            prefix_cache=cache,
+            precision=config.train.precision,
+        )
     else:
         metrics = evaluate(
             model,

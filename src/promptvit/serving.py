@@ -172,6 +172,7 @@ class MultiTaskModel(nn.Module):
         self._context: _Context | None = None
         self.tasks: list[_Task] = []
         models = []
+        calibrations: dict[str, Any] = {}
         for index, task in enumerate(tasks):
             name = names[index] if names is not None else None
             if isinstance(task, PromptModel):
@@ -187,6 +188,7 @@ class MultiTaskModel(nn.Module):
 
                 model = load(task, base_model=copy.deepcopy(base_backbone), check_weights=check_weights)
                 name = name or Path(task).name
+                calibrations[name] = _stored_calibration(task)  # (calibration or None, multilabel)
             if model.geometry != self.geometry:
                 raise ConfigError(f"task '{name}' was built for another backbone geometry")
             if name in {t.name for t in self.tasks}:
@@ -195,6 +197,7 @@ class MultiTaskModel(nn.Module):
             self.tasks.append(_Task(name=name, method=model.method.name, num_classes=model.num_classes))
         self._build(models)
         self._install_hooks()
+        self.calibrations = calibrations  # artifact task name -> (stored Calibration or None, multilabel)
 
     # ------------------------------------------------------------------ construction
 
@@ -453,6 +456,32 @@ class MultiTaskModel(nn.Module):
             cursor[name] += 1
         return result
 
+    def probabilities(
+        self,
+        images: torch.Tensor,
+        task_ids: torch.Tensor | Sequence[int | str] | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """``forward``'s logits as probabilities, calibrated with each artifact's stored calibration unless
+        ``calibrated=False``; sigmoid for multi-label artifacts. Tasks given as PromptModels: plain softmax."""
+        out = {}
+        for name, logits in self.forward(images, task_ids).items():
+            calibration, multilabel = self.calibrations.get(name, (None, False))
+            if calibrated and calibration is not None:
+                out[name] = calibration.probabilities(logits)
+            else:
+                out[name] = logits.sigmoid() if multilabel else logits.softmax(-1)
+        return out
+
     def named_tasks(self) -> Iterator[tuple[str, str]]:
         """(task name, method name) pairs, in task order."""
         return ((t.name, t.method) for t in self.tasks)
+
+
+def _stored_calibration(directory: str | Path) -> Any:
+    from promptvit.artifact import read_artifact_config
+    from promptvit.train.clinical import artifact_calibration
+
+    info = read_artifact_config(directory)
+    return artifact_calibration(info, directory), bool(info.get("multilabel"))

@@ -46,6 +46,7 @@ def test_analyze_writes_every_view(tmp_path) -> None:
 
     expected = {
         "calibration.png",
+        "reliability.png",
         "attention_distance.png",
         "attention_maps_linear.png",
         "attention_maps_vpt.png",
@@ -154,4 +155,4 @@ def test_attention_layer_without_attention_is_skipped(tmp_path) -> None:
         model, _dataset(), out_dir=tmp_path / "a", class_names=CLASSES, max_samples=4, tsne=False
     )
     assert "no timm Attention" in result["skipped"]["attention:linear"]
-    assert result["files"] == ["calibration.png", "analysis.json"]
+    assert result["files"] == ["calibration.png", "reliability.png", "analysis.json"]

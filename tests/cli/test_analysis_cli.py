@@ -20,8 +20,14 @@ def test_analyze_a_run_writes_every_figure_and_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     numbers = json.loads((out / "analysis.json").read_text())
     assert numbers["sample"]["n"] > 0
-    for figure in ("calibration.png", "attention_distance.png", "nmi.png"):
+    for figure in ("calibration.png", "attention_distance.png", "nmi.png", "reliability.png"):
         assert (out / figure).stat().st_size > 1000, figure
+    reliability = numbers["views"]["reliability"]
+    stored_t = json.loads((run / "artifact" / "adapter_config.json").read_text())["calibration"]["temperature"]
+    assert set(reliability) == {"vpt", "linear"} and set(reliability["vpt"]) == {"as trained", "calibrated"}
+    assert sum(reliability["vpt"]["as trained"]["bins"]["counts"]) == numbers["sample"]["n"]
+    if abs(stored_t - 1.0) > 1e-3:  # the stored temperature changes the probabilities, hence the NLL
+        assert reliability["vpt"]["calibrated"]["nll"] != reliability["vpt"]["as trained"]["nll"]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # run folder untouched
 
 

@@ -54,6 +54,7 @@ from promptvit.analysis.extract import (
     pool_tokens,
 )
 from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
+from promptvit.analysis.reliability import reliability_view
 from promptvit.io import atomic_write_text
 
 RUN_MARKERS = (
@@ -161,6 +162,8 @@ class _RunState:
         self.hw: tuple[int, int] = (0, 0)
         self.seen = 0
         self.features: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
         self.layer_reps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.prompt_reps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
@@ -254,6 +257,8 @@ def _collect(
             state.hw = (int(images.shape[-2]), int(images.shape[-1]))
             tokens = model.forward_features(images.to(device))
             state.features.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+            state.logits.append(model.forward_head(tokens).float().cpu())
+            state.targets.append(torch.as_tensor(targets).cpu())
             take = num_map_images - state.seen
             if take > 0:
                 state.map_images.append(images[:take].cpu())
@@ -320,6 +325,7 @@ def analyze(
     tsne: bool = True,
     nmi_scale: float = 1.0,
     debiased_cka: bool = False,
+    calibrations: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every applicable view (module docstring), write PNGs and ``analysis.json`` to ``out_dir``.
 
@@ -333,6 +339,8 @@ def analyze(
         compare: more models, by name, analysed on the same images (calibration rows, attention, NMI) and
             compared layer by layer with ``model`` (CKA).
         name: the main model's name in figures (default: its method name).
+        calibrations: model name -> a stored ``Calibration`` (or None): the reliability diagram then also
+            draws the calibrated probabilities.
     Returns:
         the content of ``analysis.json``.
     """
@@ -393,6 +401,18 @@ def analyze(
         feature_runs, class_names, out / "calibration.png", seed=seed, tsne=tsne
     )
     files.append("calibration.png")
+
+    # reliability of the predicted probabilities, as trained and with the stored calibration
+    curves = {}
+    multilabel = torch.cat(states[main_name].targets).ndim == 2  # multi-hot targets: sigmoid probabilities
+    for n, s in states.items():
+        logits, targets = torch.cat(s.logits), torch.cat(s.targets)
+        curves[n] = {"as trained": (logits.sigmoid() if multilabel else logits.softmax(1), targets)}
+        calibration = (calibrations or {}).get(n)
+        if calibration is not None:
+            curves[n]["calibrated"] = (calibration.probabilities(logits.double()), targets)
+    views["reliability"] = reliability_view(curves, multilabel, out / "reliability.png")
+    files.append("reliability.png")
 
     vit_runs = [n for n, m in runs.items() if geometry_for(m).kind == "vit"]
     attention_runs = [n for n in vit_runs if states[n].attention_error is None]

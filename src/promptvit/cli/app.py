@@ -221,18 +221,24 @@ def eval_(
     ] = None,
     data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
+    uncalibrated: Annotated[
+        bool, typer.Option("--uncalibrated", help="score the raw probabilities, not the stored calibration")
+    ] = False,
 ) -> None:
     """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
     (exactly the files the run recorded; changed or vanished files are reported)."""
+    from promptvit.artifact import resolve_artifact_dir
     from promptvit.io import atomic_write_text, check_output_path
-    from promptvit.train import evaluate
+    from promptvit.train.clinical import evaluate_artifact
 
     try:
         if out:
             check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        metrics = evaluate(model, dataset, multilabel=info["multilabel"], class_names=info["class_names"])
+        metrics = evaluate_artifact(
+            model, dataset, info, resolve_artifact_dir(run_or_artifact), calibrated=not uncalibrated
+        )
         if out:
             atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     except (*USER_ERRORS, ValueError) as error:
@@ -246,12 +252,18 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
+    uncalibrated: Annotated[
+        bool, typer.Option("--uncalibrated", help="raw probabilities, not the stored calibration/thresholds")
+    ] = False,
 ) -> None:
-    """Write per-class probabilities (softmax, or sigmoid for multi-label) for each image to a CSV."""
+    """Write per-class probabilities for each image to a CSV: softmax (or sigmoid for multi-label) of the
+    logits calibrated as stored in the artifact, and the decision at its stored thresholds."""
+    from promptvit.artifact import resolve_artifact_dir
     from promptvit.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
     from promptvit.data.sources import LabeledSamples, Sample
     from promptvit.io import atomic_write, check_output_path
-    from promptvit.train import predict_scores
+    from promptvit.train import predict_logits
+    from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
         check_output_path(out, protected=_inputs(artifact, *images))
@@ -270,8 +282,15 @@ def predict(
         dummy = tuple([0] * len(names)) if info["multilabel"] else 0
         samples = LabeledSamples([Sample(str(f), dummy) for f in files], names, info["multilabel"], "predict")
         dataset = ImageDataset(samples, build_transforms(info["data_config"], train=False))
-        scores = predict_scores(model, dataset, multilabel=info["multilabel"], batch_size=batch_size)
-        rows = [[s.path, *map(float, row)] for s, row in zip(samples.items, scores.tolist(), strict=True)]
+        logits, _ = predict_logits(model, dataset, batch_size=batch_size)
+        scores = artifact_probabilities(
+            logits, info, resolve_artifact_dir(artifact), calibrated=not uncalibrated
+        )
+        labels = predicted_labels(scores, info, calibrated=not uncalibrated)
+        rows = [
+            [s.path, *map(float, row), label]
+            for s, row, label in zip(samples.items, scores.tolist(), labels, strict=True)
+        ]
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
 
@@ -280,13 +299,7 @@ def predict(
             writer = csv.writer(handle)
             writer.writerow(["file", *names, "prediction"])
             for row in rows:
-                probs = row[1:]
-                label = (
-                    ";".join(n for n, p in zip(names, probs, strict=True) if p >= 0.5)
-                    if info["multilabel"]
-                    else (names[max(range(len(probs)), key=probs.__getitem__)])
-                )
-                writer.writerow([row[0], *(f"{p:.6f}" for p in probs), label])
+                writer.writerow([row[0], *(f"{p:.6f}" for p in row[1:-1]), row[-1]])
 
     try:
         atomic_write(out, write)
@@ -313,12 +326,18 @@ def analyze(
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
     from promptvit.io import check_output_path
+    from promptvit.train.clinical import artifact_calibration
 
     try:
         check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        others = {path.name: _load_for_inference(path)[0] for path in compare or []}
+        loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
+        others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
+        calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
+        calibrations.update(
+            {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
+        )
         result = run_analysis(
             model,
             dataset,
@@ -328,6 +347,7 @@ def analyze(
             seed=seed,
             compare=others or None,
             name=run_or_artifact.name,
+            calibrations=calibrations,
         )
     except (*USER_ERRORS, ValueError) as error:
         fail(error)

@@ -103,6 +103,9 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for report.md/.html, plots")],
     title: Annotated[str, typer.Option(help="report title")] = "promptvit benchmark report",
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
+    reference: Annotated[
+        str | None, typer.Option(help="also show paired differences to this method (besides linear)")
+    ] = None,
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
     from promptvit.protocols import ProtocolError, load_records, write_report
@@ -114,7 +117,7 @@ def report(
                 f"no run records in {', '.join(map(str, results))} ({len(loaded.failures)} failed attempts); "
                 "give a sweep's results folder or its .jsonl record files"
             )
-        rendered = write_report(loaded, out, title=title, plots=plots)
+        rendered = write_report(loaded, out, title=title, plots=plots, reference=reference)
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
     for problem in rendered.loaded.problems:

@@ -131,6 +131,15 @@ def _neojaundice_study(sample: Sample) -> str:
     return sample.file_name[:4]  # '0012-1.png': three photos per baby share the first four characters
 
 
+def study_of(sample: Sample, dataset: str | None) -> str | None:
+    """MedFMC's study (endo) or slide (colon) id of an image, read from its file name; None elsewhere."""
+    if dataset == "endo":
+        return _endo_study(sample)
+    if dataset == "colon":
+        return _colon_study(sample)
+    return None
+
+
 def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: str | None) -> LabeledSamples:
     """MedFMC N-way K-shot (docs/protocols-and-recipes.md, "MedFMC few-shot sampling"), drawn from ``samples`` (normally ``trainval.txt``).
 

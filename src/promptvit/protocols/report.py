@@ -28,60 +28,25 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptvit.io import atomic_write, atomic_write_text
+from promptvit.io import atomic_write_text
 from promptvit.methods import baseline_method, methods_in_table_order
+from promptvit.protocols.clinical_report import clinical_tables, reliability_plots
+from promptvit.protocols.report_parts import (
+    Table,
+    metric_name,
+    row_label,
+    save_png,
+    shots_label,
+    slug,
+    subplots,
+)
 from promptvit.protocols.store import LoadedRecords, load_records
 
-METRIC_NAMES = {
-    "accuracy": "accuracy",
-    "balanced_accuracy": "balanced accuracy",
-    "map": "mAP",
-    "map_present": "mAP (classes with positives)",
-    "auc": "AUC",
-}
 SECONDARY_METRICS = ("auc", "balanced_accuracy", "map_present")
-
-
-def metric_name(metric: str) -> str:
-    return METRIC_NAMES.get(metric, metric)
-
-
-@dataclass
-class Table:
-    """A rendered table: header, rows of strings, and notes printed under it."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-
-    def to_markdown(self) -> str:
-        def cell(text: str) -> str:
-            return str(text).replace("|", "\\|").replace("\n", " ")
-
-        lines = [f"**{self.title}**", ""]
-        lines.append("| " + " | ".join(cell(c) for c in self.columns) + " |")
-        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.columns))) + "|")
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
-        if self.notes:
-            lines.append("")
-            lines += [f"- {note}" for note in self.notes]
-        return "\n".join(lines) + "\n"
-
-    def to_html(self) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in self.rows
-        )
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
-        return (
-            f"<table><caption>{html.escape(self.title)}</caption><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table>" + (f"<ul class='notes'>{notes}</ul>" if notes else "")
-        )
 
 
 @dataclass
@@ -119,10 +84,6 @@ def _fmt_count(values: list[int]) -> str:
     return f"{low:,}" if low == high else f"{low:,}–{high:,}"
 
 
-def _shots_label(shots: int | None) -> str:
-    return "" if shots is None else f" {shots}-shot"
-
-
 def _order(items: Iterable[str], preferred: tuple[str, ...] | None) -> list[str]:
     seen = list(dict.fromkeys(items))
     if not preferred:
@@ -138,14 +99,6 @@ def _task_order(protocol: str) -> tuple[str, ...] | None:
 
     known = {"medfmc": MedFMCProtocol, "vtab": VTABProtocol, "fgvc": FGVCProtocol}.get(protocol)
     return known.task_order if known is not None else None
-
-
-def row_label(record: dict[str, Any]) -> str:
-    """Table row of a record: the method label, plus its arm (e.g. ``[prompt_length=10]``) if it has one."""
-    arm = (record.get("tags") or {}).get("arm")
-    if not arm:
-        return record["method"]
-    return f"{record['method']} [" + ", ".join(f"{k}={v}" for k, v in arm.items()) + "]"
 
 
 def _slot(record: dict[str, Any]) -> tuple:
@@ -282,7 +235,7 @@ def main_table(group: Group) -> Table:
     columns = group.columns
     vtab = group.protocol == "vtab"
     header = ["method", "params (method)", "tuned params (with head)"]
-    header += [f"{t}{_shots_label(s)} ({metric_name(group.metric_of(t))})" for t, s in columns]
+    header += [f"{t}{shots_label(s)} ({metric_name(group.metric_of(t))})" for t, s in columns]
     group_cols: list[tuple[str, list[tuple[str, int | None]]]] = []
     if vtab:
         from promptvit.protocols.vtab import VTAB_GROUPS
@@ -359,7 +312,7 @@ def secondary_tables(group: Group) -> list[Table]:
             continue
         header = [
             "method",
-            *[f"{t}{_shots_label(s)}" for t, s in present],
+            *[f"{t}{shots_label(s)}" for t, s in present],
             f"average ({len(present)} columns)",
         ]
         rows = []
@@ -417,7 +370,7 @@ def selection_table(group: Group) -> Table:
         rows.append(
             [
                 method,
-                f"{task}{_shots_label(shots)}",
+                f"{task}{shots_label(shots)}",
                 hp,
                 selection.get("hyperparameters_split", "?"),
                 selection.get("epoch_split", "?"),
@@ -481,13 +434,15 @@ def problem_table(loaded: LoadedRecords) -> Table | None:
     )
 
 
-def build_tables(records: Iterable[dict[str, Any]]) -> list[Table]:
-    """Main, secondary-metric and selection tables for every (protocol, backbone) in ``records``."""
+def build_tables(records: Iterable[dict[str, Any]], reference: str | None = None) -> list[Table]:
+    """Main, secondary-metric and selection tables for every (protocol, backbone) in ``records``, then the
+    clinical-evaluation tables (paired differences to the baseline and to ``reference``)."""
     tables = []
     for group in group_records(records):
         tables.append(main_table(group))
         tables += secondary_tables(group)
         tables.append(selection_table(group))
+        tables += clinical_tables(group, reference)
     return tables
 
 
@@ -518,30 +473,6 @@ def summary_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "plot"
-
-
-def _save(fig: Any, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    return path
-
-
-def _subplots(count: int) -> tuple[Any, list[Any]]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    cols = min(count, 3)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-    flat = [ax for line in axes for ax in line]
-    for ax in flat[count:]:
-        ax.set_visible(False)
-    return fig, flat[:count]
-
-
 def plot_vs_shots(group: Group, out: Path) -> Path | None:
     tasks = list(dict.fromkeys(t for t, _ in group.columns))
     shots_by_task = {t: [s for tt, s in group.columns if tt == t and s is not None] for t in tasks}
@@ -550,7 +481,7 @@ def plot_vs_shots(group: Group, out: Path) -> Path | None:
         return None
     import matplotlib.pyplot as plt
 
-    fig, axes = _subplots(len(tasks))
+    fig, axes = subplots(len(tasks))
     for ax, task in zip(axes, tasks, strict=True):
         shots = shots_by_task[task]
         for method in group.methods:
@@ -571,7 +502,7 @@ def plot_vs_shots(group: Group, out: Path) -> Path | None:
     axes[0].legend(fontsize="small", title="method")
     fig.suptitle(f"{group.protocol}, {group.backbone}: test score vs shots (mean ± std over runs)")
     fig.tight_layout()
-    path = _save(fig, out / f"{_slug(group.protocol + '-' + group.backbone)}-vs-shots.png")
+    path = save_png(fig, out / f"{slug(group.protocol + '-' + group.backbone)}-vs-shots.png")
     plt.close(fig)
     return path
 
@@ -605,7 +536,7 @@ def plot_vs_option(records: list[dict[str, Any]], option: str, out: Path, stem: 
 
     split = "test" if all(r.get("evaluated_on") == "test" for r in records) else "validation"
     keys = list(panels)
-    fig, axes = _subplots(len(keys))
+    fig, axes = subplots(len(keys))
     for ax, (task, shots, metric) in zip(axes, keys, strict=True):
         for method, points in panels[(task, shots, metric)]:
             xs = sorted(points)
@@ -620,12 +551,12 @@ def plot_vs_option(records: list[dict[str, Any]], option: str, out: Path, stem: 
         ax.set_xticklabels([f"{v:g}" for v in values])
         ax.set_xlabel(_OPTION_LABELS.get(option, option))
         ax.set_ylabel(f"{split} {metric_name(metric)} (%)")
-        ax.set_title(f"{task}{_shots_label(shots)}")
+        ax.set_title(f"{task}{shots_label(shots)}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", title="method")
     fig.suptitle(f"{split} score vs {_OPTION_LABELS.get(option, option)} (mean ± std over runs)")
     fig.tight_layout()
-    path = _save(fig, out / f"{stem}-vs-{option.replace('_', '-')}.png")
+    path = save_png(fig, out / f"{stem}-vs-{option.replace('_', '-')}.png")
     plt.close(fig)
     return path
 
@@ -638,6 +569,7 @@ def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
         path = plot_vs_shots(group, out)
         if path:
             paths.append(path)
+        paths += reliability_plots(group, out)
     final = final_records(records)
     search = [r for r in records if r.get("stage") == "search" and r.get("status") == "ok"]
     for option in ("prompt_length", "prompted_depth"):
@@ -672,13 +604,15 @@ def write_report(
     title: str = "promptvit benchmark report",
     header: list[str] | None = None,
     plots: bool = True,
+    reference: str | None = None,
 ) -> Report:
     """Render ``results`` (store folders, .jsonl files or loaded records) into ``out_dir``:
-    ``report.md``, ``report.html``, ``summary.csv`` and ``plots/*.png``; every file written atomically."""
+    ``report.md``, ``report.html``, ``summary.csv`` and ``plots/*.png``; every file written atomically.
+    ``reference``: a method row label that paired differences are also shown against (besides linear)."""
     loaded = results if isinstance(results, LoadedRecords) else load_records(results)
     out = Path(out_dir)
     final_records(loaded.records, loaded.problems)  # reports superseded records
-    tables = build_tables(loaded.records)
+    tables = build_tables(loaded.records, reference)
     problems = problem_table(loaded)
     plot_paths = make_plots(loaded.records, out / "plots") if plots else []
     n_final = len(final_records(loaded.records))

@@ -77,6 +77,7 @@ def execute(
         overrides["crop_pct"] = 1.0
     if spec.interpolation:
         overrides["interpolation"] = spec.interpolation
+    metric = resolve_metric(spec, split.train.multilabel)
     outcome = run_pipeline(
         spec.config,
         split,
@@ -91,9 +92,9 @@ def execute(
         fingerprint={"train_hash": train_hash(spec)},
         resume=True,
         versions=versions,
+        main_metric=metric,
     )
     model, result, metrics = outcome.model, outcome.fit, outcome.metrics
-    metric = resolve_metric(spec, split.train.multilabel)
     if metric not in metrics:
         raise ValueError(f"metric '{metric}' is not computed for this task; available: {sorted(metrics)}")
     options = model.config.to_dict()

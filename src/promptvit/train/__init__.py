@@ -7,7 +7,7 @@ datasets of ``(image, target)`` pairs; it never imports ``promptvit.data`` or th
 from promptvit.errors import ResumeError, TrainingError
 from promptvit.train.callbacks import Callback
 from promptvit.train.config import TrainConfig
-from promptvit.train.engine import FitResult, evaluate, fit, predict_scores
+from promptvit.train.engine import FitResult, evaluate, fit, predict_logits, predict_scores
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
 
@@ -21,5 +21,6 @@ __all__ = [
     "compute_metrics",
     "evaluate",
     "fit",
+    "predict_logits",
     "predict_scores",
 ]

@@ -285,6 +285,21 @@ def predict_scores(
     return _scores_from_logits(logits, multilabel)
 
 
+def predict_logits(
+    model: PromptModel,
+    data: Dataset | DataLoader,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    prefix_cache: PrefixCache | None = None,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration."""
+    return _forward_all(
+        model, data, batch_size=batch_size, device=device, prefix_cache=prefix_cache, precision=precision
+    )
+
+
 def evaluate(
     model: PromptModel,
     dataset: Dataset | DataLoader,

@@ -24,7 +24,9 @@ Multi-label (``scores`` = sigmoid probabilities, ``targets`` = multi-hot; an ent
   MedFMC's code repeats the previous class's value for such a class, a bug not copied here);
 * ``per_class_ap``, ``per_class_auc``: ``{class name: value or None}``.
 
-Both also report ``num_samples``. AUC and AP come from torchmetrics, which works in float32: they agree
+Both also report ``num_samples`` and the probability metrics of
+:mod:`promptvit.evaluation.probability` (``nll``, ``brier``, ``ece``, ``ece_mass``, ``mce``; multi-label
+also per-class ECE/Brier): NLL and Brier on their own scales, ECE/MCE in percent, all lower-is-better. AUC and AP come from torchmetrics, which works in float32: they agree
 with scikit-learn to about 1e-5 percentage points.
 """
 
@@ -34,6 +36,8 @@ import warnings
 from typing import Any
 
 import torch
+
+from promptvit.evaluation.probability import DEFAULT_BINS, probability_metrics
 
 #: metrics a run may be selected on (all higher-is-better percentages), plus ``loss`` (lower is better)
 SINGLE_LABEL_SELECTABLE = ("accuracy", "balanced_accuracy", "auc", "loss")
@@ -82,11 +86,17 @@ def _per_class_auc(
 
 
 def compute_metrics(
-    scores: torch.Tensor, targets: torch.Tensor, multilabel: bool, class_names: list[str] | None = None
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    multilabel: bool,
+    class_names: list[str] | None = None,
+    *,
+    bins: int | None = DEFAULT_BINS,
 ) -> dict[str, Any]:
     """Metrics of ``scores`` (N, C) probabilities against ``targets``; see the module docstring.
 
-    ``class_names`` names the keys of the per-class dicts (default ``"0"``, ``"1"``...).
+    ``class_names`` names the keys of the per-class dicts (default ``"0"``, ``"1"``...). ``bins``: the
+    ECE/MCE bins; None leaves the probability metrics out.
     """
     if scores.ndim != 2 or scores.shape[0] == 0:
         raise ValueError(f"scores must be a non-empty (N, C) matrix, got shape {tuple(scores.shape)}")
@@ -100,9 +110,14 @@ def compute_metrics(
     targets = targets.detach().cpu()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torchmetrics")
-        if multilabel:
-            return _multilabel_metrics(scores, targets, names)
-        return _single_label_metrics(scores, targets, names)
+        metrics = (
+            _multilabel_metrics(scores, targets, names)
+            if multilabel
+            else _single_label_metrics(scores, targets, names)
+        )
+    if bins is not None:
+        metrics.update(probability_metrics(scores, targets, multilabel, bins=bins, class_names=names))
+    return metrics
 
 
 def _single_label_metrics(scores: torch.Tensor, targets: torch.Tensor, names: list[str]) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Post-hoc calibration fitted on the validation split: temperature scaling, per-class Platt scaling.
+
+* single-label: one temperature T > 0, probabilities softmax(z / T) (Guo et al. 2017). The validation NLL
+  is convex in 1/T, so a bounded 1-D search over log T in [log 0.05, log 20] finds its minimum; argmax
+  predictions never change;
+* multi-label: per class c, sigmoid(a_c z_c + b_c) (Platt scaling) with a_c in [0.05, 20], fitted by
+  L-BFGS-B on that class's validation BCE; a class whose validation labels are all equal keeps a = 1,
+  b = 0 (nothing to fit). Since a_c > 0, each class's ranking (AUC, AP) is unchanged.
+
+A fit that would not lower the validation NLL keeps the identity. The fit sees validation logits only;
+test logits are merely transformed. ``Calibration.to_dict``/``from_dict`` is what the artifact stores
+(``adapter_config.json``, key ``calibration``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
+SCALE_BOUNDS = (0.05, 20.0)
+
+
+@dataclass
+class Calibration:
+    kind: str  # "temperature" | "platt"
+    temperature: float = 1.0
+    scale: list[float] = field(default_factory=list)
+    bias: list[float] = field(default_factory=list)
+    val_nll_before: float | None = None
+    val_nll_after: float | None = None
+    fitted_on: str = "val"
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits: z / T, or a * z + b per class."""
+        if self.kind == "temperature":
+            return logits / self.temperature
+        scale = torch.tensor(self.scale, dtype=logits.dtype, device=logits.device)
+        bias = torch.tensor(self.bias, dtype=logits.dtype, device=logits.device)
+        return logits * scale + bias
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        calibrated = self.apply(logits)
+        return calibrated.sigmoid() if self.kind == "platt" else calibrated.softmax(dim=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "fitted_on": self.fitted_on}
+        if self.kind == "temperature":
+            out["temperature"] = self.temperature
+        else:
+            out.update(scale=self.scale, bias=self.bias)
+        out.update(val_nll_before=self.val_nll_before, val_nll_after=self.val_nll_after)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], num_classes: int) -> Calibration:
+        """Validated: a damaged entry raises ValueError naming what is wrong."""
+        kind = data.get("kind")
+        if kind == "temperature":
+            t = data.get("temperature")
+            if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"calibration temperature must be a positive number, got {t!r}")
+            return cls(
+                "temperature",
+                temperature=float(t),
+                val_nll_before=data.get("val_nll_before"),
+                val_nll_after=data.get("val_nll_after"),
+            )
+        if kind == "platt":
+            scale, bias = data.get("scale"), data.get("bias")
+            for name, values in (("scale", scale), ("bias", bias)):
+                if (
+                    not isinstance(values, list)
+                    or len(values) != num_classes
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+                ):
+                    raise ValueError(
+                        f"calibration {name} must be {num_classes} finite numbers, got {values!r}"
+                    )
+            return cls(
+                "platt",
+                scale=[float(v) for v in scale],
+                bias=[float(v) for v in bias],
+                val_nll_before=data.get("val_nll_before"),
+                val_nll_after=data.get("val_nll_after"),
+            )
+        raise ValueError(f"calibration kind must be 'temperature' or 'platt', got {kind!r}")
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits, targets))
+
+
+def _bce(z: np.ndarray, y: np.ndarray) -> float:
+    # log(1 + e^-z) for positives, log(1 + e^z) for negatives, in a stable form
+    return float(np.mean(np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)))
+
+
+def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> Calibration:
+    """Fit on validation ``logits`` (N, C) and ``targets``; see the module docstring."""
+    logits = logits.detach().to("cpu", torch.float64)
+    targets = targets.detach().cpu()
+    if multilabel:
+        return _fit_platt(logits.numpy(), (targets >= 0.5).double().numpy())
+    return _fit_temperature(logits, targets.long())
+
+
+def _fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
+    from scipy.optimize import minimize_scalar
+
+    before = _nll(logits, targets)
+    found = minimize_scalar(
+        lambda log_t: _nll(logits / math.exp(log_t), targets),
+        bounds=LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    temperature, after = math.exp(found.x), float(found.fun)
+    if not after < before:
+        temperature, after = 1.0, before
+    return Calibration("temperature", temperature=temperature, val_nll_before=before, val_nll_after=after)
+
+
+def _fit_platt(z: np.ndarray, y: np.ndarray) -> Calibration:
+    from scipy.optimize import minimize
+
+    scale, bias = [], []
+    for c in range(z.shape[1]):
+        zc, yc = z[:, c], y[:, c]
+        a, b = 1.0, 0.0
+        if 0 < yc.sum() < len(yc):
+            found = minimize(
+                lambda ab, zc=zc, yc=yc: _bce(ab[0] * zc + ab[1], yc),
+                x0=np.array([1.0, 0.0]),
+                method="L-BFGS-B",
+                bounds=[SCALE_BOUNDS, (-50.0, 50.0)],
+            )
+            if found.fun < _bce(zc, yc):
+                a, b = float(found.x[0]), float(found.x[1])
+        scale.append(a)
+        bias.append(b)
+    after = float(np.mean([_bce(scale[c] * z[:, c] + bias[c], y[:, c]) for c in range(z.shape[1])]))
+    before = float(np.mean([_bce(z[:, c], y[:, c]) for c in range(z.shape[1])]))
+    return Calibration("platt", scale=scale, bias=bias, val_nll_before=before, val_nll_after=after)

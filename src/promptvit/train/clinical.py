@@ -1,0 +1,253 @@
+"""After training: calibrate on validation, choose decision thresholds on validation, then test once with
+probability metrics, threshold metrics and a bootstrap CI of the main metric (docs/clinical-evaluation.md).
+
+``test_with_calibration`` is the one hook both run pipelines call in place of ``evaluate`` on the test
+set. It returns ``evaluate``'s metrics of the model as trained (the main metric and its ranking metrics
+are those of the uncalibrated model; single-label temperature scaling cannot change accuracy), plus:
+
+* ``reliability``: the equal-width bins of the uncalibrated test probabilities;
+* ``calibration``: the calibration fitted on validation (also written to the artifact);
+* ``calibrated``: NLL, Brier, ECE, ECE (equal mass), MCE and reliability bins of the calibrated test
+  probabilities;
+* ``thresholds`` (binary and multi-label tasks): per class, the threshold chosen on calibrated validation
+  probabilities (also in the artifact) and test sensitivity, specificity, PPV, NPV and confusion counts;
+* ``ci``: the percentile bootstrap 95 % CI of the main metric, resampling images or, where the data has
+  groups (:func:`sample_groups`), whole groups.
+
+The test set is never used to fit anything: calibration and thresholds see validation logits only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from promptvit.artifact import ArtifactError, update_artifact_config
+from promptvit.cache import PrefixCache
+from promptvit.evaluation import (
+    Calibration,
+    bootstrap_ci,
+    choose_thresholds,
+    fit_calibration,
+    probability_metrics,
+    threshold_report,
+)
+from promptvit.evaluation.probability import DEFAULT_BINS, reliability_of
+from promptvit.evaluation.thresholds import applies
+from promptvit.model import PromptModel
+from promptvit.train.engine import predict_logits
+from promptvit.train.losses import check_targets, classification_loss
+from promptvit.train.metrics import compute_metrics
+
+#: CSV columns that name the patient/lesion/study an image belongs to, in order of preference
+GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
+
+
+@dataclass(frozen=True)
+class ClinicalOptions:
+    bins: int = DEFAULT_BINS
+    threshold_rule: str = "youden"
+    target_sensitivity: float = 0.9
+    resamples: int = 1000
+    level: float = 0.95
+    seed: int = 0
+
+
+def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
+    """Group ids of ``samples`` for the bootstrap, and the rule that found them.
+
+    MedFMC endo/colon: the study/slide id in the file name. A CSV source with a ``patient_id``,
+    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image
+    is its own unit.
+    """
+    from promptvit.data.fewshot import study_of
+
+    if getattr(data, "kind", None) == "medfmc" and data.dataset in ("endo", "colon"):
+        return [
+            study_of(s, data.dataset) for s in samples.items
+        ], f"MedFMC {data.dataset} study id (file name)"
+    if getattr(data, "kind", None) == "csv" and data.path and Path(data.path).is_file():
+        with open(data.path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            column = next((c for c in GROUP_COLUMNS if c in (reader.fieldnames or [])), None)
+            if column is not None:
+                by_file = {
+                    os.path.basename(row[data.file_column] + data.file_suffix): row[column] for row in reader
+                }
+                groups = [by_file.get(os.path.basename(s.path or "")) for s in samples.items]
+                if all(g for g in groups):
+                    return groups, f"CSV column {column}"
+    return None, "images (no group ids in this data)"
+
+
+def fast_statistic(
+    metric: str, scores: torch.Tensor, targets: torch.Tensor, multilabel: bool
+) -> Callable[[np.ndarray], float | None]:
+    """``indices -> metric`` in percent: vectorised for accuracy/balanced accuracy, else compute_metrics."""
+    if not multilabel and metric in ("accuracy", "balanced_accuracy"):
+        truth = targets.long().numpy()
+        correct = scores.argmax(dim=1).numpy() == truth
+        if metric == "accuracy":
+            return lambda idx: 100.0 * float(correct[idx].mean())
+
+        def balanced(idx: np.ndarray) -> float:
+            t, ok = truth[idx], correct[idx]
+            return 100.0 * float(np.mean([ok[t == c].mean() for c in np.unique(t)]))
+
+        return balanced
+
+    def generic(idx: np.ndarray) -> float | None:
+        index = torch.as_tensor(idx)
+        return compute_metrics(scores[index], targets[index], multilabel, bins=None).get(metric)
+
+    return generic
+
+
+def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    return logits.sigmoid() if multilabel else logits.softmax(dim=1)
+
+
+def test_with_calibration(
+    model: PromptModel,
+    test_set: Dataset,
+    val_set: Dataset | None,
+    *,
+    multilabel: bool,
+    class_names: list[str],
+    main_metric: str,
+    batch_size: int = 64,
+    artifact_dir: str | Path | None = None,
+    groups: list[str] | None = None,
+    group_rule: str = "images",
+    options: ClinicalOptions | None = None,
+    prefix_cache: PrefixCache | None = None,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Fit calibration and thresholds on ``val_set``, store them in ``artifact_dir``, test once."""
+    options = options or ClinicalOptions()
+    forward = {"batch_size": batch_size, "prefix_cache": prefix_cache, "precision": precision}
+    logits, targets = predict_logits(model, test_set, **forward)
+    if targets is None:
+        raise ValueError("testing needs (image, target) items")
+    check_targets(targets, logits.shape[1], multilabel)
+    scores = _probabilities(logits, multilabel)
+    metrics = compute_metrics(scores, targets, multilabel, class_names, bins=options.bins)
+    metrics["loss"] = float(classification_loss(logits, targets, multilabel))
+    metrics["reliability"] = reliability_of(scores, targets, multilabel, options.bins)
+    if val_set is not None and len(val_set):
+        val_logits, val_targets = predict_logits(model, val_set, **forward)
+        calibration = fit_calibration(val_logits, val_targets, multilabel)
+        calibrated = calibration.probabilities(logits.double())
+        metrics["calibration"] = calibration.to_dict()
+        metrics["calibrated"] = {
+            **probability_metrics(
+                calibrated, targets, multilabel, bins=options.bins, class_names=class_names
+            ),
+            "reliability": reliability_of(calibrated, targets, multilabel, options.bins),
+        }
+        stored: dict[str, Any] = {"calibration": calibration.to_dict()}
+        if applies(len(class_names), multilabel):
+            thresholds = choose_thresholds(
+                calibration.probabilities(val_logits.double()),
+                val_targets,
+                multilabel,
+                class_names,
+                rule=options.threshold_rule,
+                target_sensitivity=options.target_sensitivity,
+            )
+            stored["thresholds"] = thresholds
+            metrics["thresholds"] = {
+                "rule": thresholds["rule"],
+                "classes": threshold_report(calibrated, targets, multilabel, thresholds),
+            }
+        if artifact_dir is not None:
+            update_artifact_config(artifact_dir, **stored)
+    if main_metric in metrics and main_metric != "loss":
+        ci = bootstrap_ci(
+            fast_statistic(main_metric, scores, targets, multilabel),
+            len(targets),
+            groups=groups,
+            resamples=options.resamples,
+            level=options.level,
+            seed=options.seed,
+        )
+        metrics["ci"] = {"metric": main_metric, "group_rule": group_rule, **ci}
+    return metrics
+
+
+def artifact_calibration(info: dict[str, Any], where: str | Path) -> Calibration | None:
+    """The calibration stored in an artifact's config (None if it has none); a damaged entry -> ArtifactError."""
+    data = info.get("calibration")
+    if data is None:
+        return None
+    try:
+        return Calibration.from_dict(data, len(info["class_names"]))
+    except ValueError as error:
+        raise ArtifactError(
+            f"{where}: 'calibration' entry is damaged ({error}); retrain or remove it"
+        ) from error
+
+
+def artifact_probabilities(
+    logits: torch.Tensor, info: dict[str, Any], where: str | Path, *, calibrated: bool = True
+) -> torch.Tensor:
+    """Probabilities of an artifact's logits: calibrated with its stored calibration unless ``calibrated``
+    is False or it has none."""
+    calibration = artifact_calibration(info, where) if calibrated else None
+    if calibration is None:
+        return _probabilities(logits, info["multilabel"])
+    return calibration.probabilities(logits)
+
+
+def evaluate_artifact(
+    model: PromptModel,
+    dataset: Dataset,
+    info: dict[str, Any],
+    where: str | Path,
+    *,
+    calibrated: bool = True,
+    batch_size: int = 64,
+    bins: int = DEFAULT_BINS,
+) -> dict[str, Any]:
+    """``evaluate`` for a saved artifact: probabilities calibrated as stored (unless ``calibrated=False``),
+    the uncalibrated probability metrics beside them, and metrics at the stored decision thresholds."""
+    multilabel, names = info["multilabel"], info["class_names"]
+    logits, targets = predict_logits(model, dataset, batch_size=batch_size)
+    if targets is None:
+        raise ValueError("evaluation needs (image, target) items")
+    check_targets(targets, logits.shape[1], multilabel)
+    raw = _probabilities(logits, multilabel)
+    calibration = artifact_calibration(info, where) if calibrated else None
+    scores = calibration.probabilities(logits.double()) if calibration is not None else raw
+    metrics = compute_metrics(scores, targets, multilabel, names, bins=bins)
+    metrics["loss"] = float(classification_loss(logits, targets, multilabel))
+    metrics["calibrated"] = calibration is not None
+    if calibration is not None:
+        metrics["uncalibrated"] = probability_metrics(raw, targets, multilabel, bins=bins, class_names=names)
+        if info.get("thresholds"):  # chosen on calibrated probabilities, so only meaningful on them
+            metrics["thresholds"] = threshold_report(scores, targets, multilabel, info["thresholds"])
+    return metrics
+
+
+def predicted_labels(scores: torch.Tensor, info: dict[str, Any], *, calibrated: bool = True) -> list[str]:
+    """Each row's decision: the stored thresholds (binary: on the positive class; multi-label: per class)
+    when the probabilities are calibrated and the artifact has them; else argmax / >= 0.5."""
+    names = info["class_names"]
+    stored = (info.get("thresholds") or {}).get("classes") if calibrated else None
+    if info["multilabel"]:
+        cut = [float((stored or {}).get(n, {}).get("threshold", 0.5)) for n in names]
+        return [
+            ";".join(n for n, p, t in zip(names, row, cut, strict=True) if p >= t) for row in scores.tolist()
+        ]
+    if stored and len(names) == 2 and names[1] in stored:
+        threshold = float(stored[names[1]]["threshold"])
+        return [names[1] if row[1] >= threshold else names[0] for row in scores.tolist()]
+    return [names[int(i)] for i in scores.argmax(dim=1)]

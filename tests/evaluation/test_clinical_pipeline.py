@@ -1,0 +1,136 @@
+"""The run pipeline's clinical hook: calibration fitted on validation only, stored in the artifact and
+applied by eval/predict/serving; metrics.json and log.csv carry the probability metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from promptvit.artifact import ArtifactError, read_artifact_config, update_artifact_config
+from promptvit.evaluation.calibration import Calibration
+from tests.cli.test_cli import invoke, write_config, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("clinical")
+    data = write_image_folder(tmp / "data", classes=2, per_class=10)
+    import promptvit.train.clinical as clinical
+
+    seen_rows = []
+    original = clinical.fit_calibration
+
+    def recording(logits, targets, multilabel):
+        seen_rows.append(logits.shape[0])
+        return original(logits, targets, multilabel)
+
+    clinical.fit_calibration = recording
+    try:
+        result = invoke("train", "--config", str(write_config(tmp, data)), "--seed", "0")
+    finally:
+        clinical.fit_calibration = original
+    assert result.exit_code == 0, result.output
+    run = tmp / "runs" / "linear-3shot-seed0"
+    return run, data, {"rows": seen_rows}
+
+
+def test_metrics_json_and_log_carry_probability_metrics(trained_run) -> None:
+    run, _, seen = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["test"]
+    for key in ("nll", "brier", "ece", "ece_mass", "mce"):
+        assert isinstance(test[key], float) and isinstance(test["calibrated"][key], float)
+        assert isinstance(metrics["val"][key], float)
+    assert seen["rows"] == [metrics["num_val"]]  # fitted once, on the validation rows only
+    assert test["calibration"]["kind"] == "temperature"
+    assert test["calibration"]["val_nll_after"] <= test["calibration"]["val_nll_before"]
+    assert test["ci"]["low"] <= test["accuracy"] <= test["ci"]["high"]
+    assert set(test["thresholds"]["classes"]["class_1"]) >= {"sensitivity", "specificity", "ppv", "npv"}
+    with open(run / "log.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert {"val_ece", "val_nll", "val_brier", "val_ece_mass", "val_mce"} <= set(header)
+
+
+def test_artifact_stores_calibration_and_thresholds(trained_run) -> None:
+    run, _, _ = trained_run
+    info = read_artifact_config(run / "artifact")
+    calibration = Calibration.from_dict(info["calibration"], 2)
+    assert calibration.temperature > 0
+    assert info["thresholds"]["chosen_on"] == "val"
+
+
+def test_eval_applies_the_stored_calibration_or_not(trained_run, tmp_path: Path) -> None:
+    run, _, _ = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    assert invoke("eval", str(run), "--out", str(tmp_path / "cal.json")).exit_code == 0
+    assert invoke("eval", str(run), "--uncalibrated", "--out", str(tmp_path / "raw.json")).exit_code == 0
+    cal, raw = (
+        json.loads((tmp_path / "cal.json").read_text()),
+        json.loads((tmp_path / "raw.json").read_text()),
+    )
+    assert cal["calibrated"] is True and raw["calibrated"] is False
+    assert raw["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+    assert cal["nll"] == pytest.approx(metrics["calibrated"]["nll"], abs=1e-6)
+    assert cal["accuracy"] == pytest.approx(raw["accuracy"])  # temperature keeps the argmax
+    assert cal["uncalibrated"]["ece"] == pytest.approx(raw["ece"], abs=1e-6)
+
+
+def test_predict_uses_calibrated_probabilities_and_thresholds(trained_run, tmp_path: Path) -> None:
+    run, data, _ = trained_run
+    artifact = run / "artifact"
+    for flag, name in (([], "cal.csv"), (["--uncalibrated"], "raw.csv")):
+        result = invoke("predict", str(artifact), str(data / "class_1"), "--out", str(tmp_path / name), *flag)
+        assert result.exit_code == 0, result.output
+    read = {}
+    for name in ("cal.csv", "raw.csv"):
+        with open(tmp_path / name, newline="") as handle:
+            read[name] = list(csv.DictReader(handle))
+    info = read_artifact_config(artifact)
+    t = info["calibration"]["temperature"]
+    threshold = info["thresholds"]["classes"]["class_1"]["threshold"]
+    for cal, raw in zip(read["cal.csv"], read["raw.csv"], strict=True):
+        p0, p1 = float(raw["class_0"]), float(raw["class_1"])
+        logit_gap = torch.log(torch.tensor(p1 / p0, dtype=torch.float64))  # z1 - z0
+        expected = float(torch.sigmoid(logit_gap / t))
+        assert float(cal["class_1"]) == pytest.approx(expected, abs=1e-4)
+        if abs(float(cal["class_1"]) - threshold) > 1e-6:  # the CSV rounds to 6 decimals
+            assert cal["prediction"] == ("class_1" if float(cal["class_1"]) > threshold else "class_0")
+
+
+def test_serving_probabilities_apply_the_stored_calibration(trained_run) -> None:
+    from promptvit.serving import MultiTaskModel
+
+    run, _, _ = trained_run
+    served = MultiTaskModel(_plain(run), [run / "artifact"])
+    images = torch.randn(3, 3, 16, 16)
+    logits = served(images)["artifact"]
+    t = read_artifact_config(run / "artifact")["calibration"]["temperature"]
+    assert torch.allclose(served.probabilities(images)["artifact"], (logits / t).softmax(-1))
+    assert torch.allclose(served.probabilities(images, calibrated=False)["artifact"], logits.softmax(-1))
+
+
+def _plain(run: Path):
+    from promptvit.backbones import create_backbone
+
+    options = yaml.safe_load((run / "config.yaml").read_text())["backbone"]["options"]
+    return create_backbone("vit_tiny_patch16_224", **options)
+
+
+def test_damaged_calibration_entry_is_a_clear_error(trained_run, tmp_path: Path) -> None:
+    import shutil
+
+    run, data, _ = trained_run
+    copy = tmp_path / "artifact"
+    shutil.copytree(run / "artifact", copy)
+    update_artifact_config(copy, calibration={"kind": "temperature", "temperature": 0})
+    result = invoke("predict", str(copy), str(data / "class_1"), "--out", str(tmp_path / "p.csv"))
+    assert result.exit_code != 0 and "calibration" in result.output and "Traceback" not in result.output
+    from promptvit.train.clinical import artifact_calibration
+
+    with pytest.raises(ArtifactError, match="damaged"):
+        artifact_calibration(read_artifact_config(copy), copy)
