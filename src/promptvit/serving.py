@@ -481,7 +481,7 @@ class MultiTaskModel(nn.Module):
 
 def _stored_calibration(directory: str | Path) -> Any:
     from promptvit.artifact import read_artifact_config
-    from promptvit.train.clinical import artifact_calibration
+    from promptvit.evaluation.calibration import artifact_calibration
 
     info = read_artifact_config(directory)
     return artifact_calibration(info, directory), bool(info.get("multilabel"))

@@ -130,7 +130,7 @@ def test_damaged_calibration_entry_is_a_clear_error(trained_run, tmp_path: Path)
     update_artifact_config(copy, calibration={"kind": "temperature", "temperature": 0})
     result = invoke("predict", str(copy), str(data / "class_1"), "--out", str(tmp_path / "p.csv"))
     assert result.exit_code != 0 and "calibration" in result.output and "Traceback" not in result.output
-    from promptvit.train.clinical import artifact_calibration
+    from promptvit.evaluation.calibration import artifact_calibration
 
     with pytest.raises(ArtifactError, match="damaged"):
         artifact_calibration(read_artifact_config(copy), copy)

@@ -325,8 +325,8 @@ def analyze(
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.evaluation.calibration import artifact_calibration
     from promptvit.io import check_output_path
-    from promptvit.train.clinical import artifact_calibration
 
     try:
         check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))

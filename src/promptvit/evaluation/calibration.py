@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptvit.errors import ArtifactError
+
 LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
 SCALE_BOUNDS = (0.05, 20.0)
 
@@ -146,3 +148,16 @@ def _fit_platt(z: np.ndarray, y: np.ndarray) -> Calibration:
     after = float(np.mean([_bce(scale[c] * z[:, c] + bias[c], y[:, c]) for c in range(z.shape[1])]))
     before = float(np.mean([_bce(z[:, c], y[:, c]) for c in range(z.shape[1])]))
     return Calibration("platt", scale=scale, bias=bias, val_nll_before=before, val_nll_after=after)
+
+
+def artifact_calibration(info: dict[str, Any], where: object) -> Calibration | None:
+    """The calibration stored in an artifact's config (None if it has none); a damaged entry -> ArtifactError."""
+    data = info.get("calibration")
+    if data is None:
+        return None
+    try:
+        return Calibration.from_dict(data, len(info["class_names"]))
+    except ValueError as error:
+        raise ArtifactError(
+            f"{where}: 'calibration' entry is damaged ({error}); retrain or remove it"
+        ) from error

@@ -30,16 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from promptvit.artifact import ArtifactError, update_artifact_config
+from promptvit.artifact import update_artifact_config
 from promptvit.cache import PrefixCache
 from promptvit.evaluation import (
-    Calibration,
     bootstrap_ci,
     choose_thresholds,
     fit_calibration,
     probability_metrics,
     threshold_report,
 )
+from promptvit.evaluation.calibration import artifact_calibration
 from promptvit.evaluation.probability import DEFAULT_BINS, reliability_of
 from promptvit.evaluation.thresholds import applies
 from promptvit.model import PromptModel
@@ -181,19 +181,6 @@ def test_with_calibration(
         )
         metrics["ci"] = {"metric": main_metric, "group_rule": group_rule, **ci}
     return metrics
-
-
-def artifact_calibration(info: dict[str, Any], where: str | Path) -> Calibration | None:
-    """The calibration stored in an artifact's config (None if it has none); a damaged entry -> ArtifactError."""
-    data = info.get("calibration")
-    if data is None:
-        return None
-    try:
-        return Calibration.from_dict(data, len(info["class_names"]))
-    except ValueError as error:
-        raise ArtifactError(
-            f"{where}: 'calibration' entry is damaged ({error}); retrain or remove it"
-        ) from error
 
 
 def artifact_probabilities(
