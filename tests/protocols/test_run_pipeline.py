@@ -53,13 +53,13 @@ def test_a_sweep_run_uses_the_cache_the_precision_and_records_skipped_files(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    real_evaluate = experiment.evaluate
+    real_test = experiment.test_with_calibration
 
-    def recording_evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def recording_test(*args: Any, **kwargs: Any) -> dict[str, Any]:
         calls.append(kwargs)
-        return real_evaluate(*args, **kwargs)
+        return real_test(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "evaluate", recording_evaluate)
+    monkeypatch.setattr(experiment, "test_with_calibration", recording_test)
     versions: list[int] = []
     real_environment = experiment.environment
     monkeypatch.setattr(experiment, "environment", lambda: versions.append(1) or real_environment())
