@@ -19,19 +19,22 @@ import torch.nn.functional as F
 import promptvit
 from promptvit.artifact import ArtifactError
 from promptvit.backbones import adapter_for
+from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError
 from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
 
 METHODS = promptvit.available_methods()
 
 # (method, build) -> words of the reason it is refused. Everything else must wrap and train.
-_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept", "lora", "adapter")
+_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept")
+_BLOCK_METHODS = ("lora", "adapter")  # change only modules inside transformer blocks: Swin's too
 REFUSED: dict[tuple[str, str], str] = {
     **{
         (m, b): "supports vit backbones"
         for m in _TOKEN_METHODS
         for b in ("resnet", "tinynet", "convnext", "swin")
     },
+    **{(m, b): "has no transformer blocks" for m in _BLOCK_METHODS for b in ("resnet", "tinynet", "convnext")},
     **{("ept", b): "rotates queries and keys" for b in ("eva02", "vit_rope", "dinov3")},
     ("ept", "beit"): "relative position bias",
 }
@@ -173,6 +176,45 @@ def test_distilled_vit_tunes_both_heads_and_averages_them() -> None:
         tokens = backbone.forward_features(x)
         expected = (backbone.head(tokens[:, 0]) + backbone.head_dist(tokens[:, 1])) / 2
         torch.testing.assert_close(model(x), expected)
+
+
+# ---------------------------------------------------------------------- Swin's window-attention blocks
+
+
+def _swin_block_widths() -> list[int]:
+    """Width of every Swin block from the build options: ``embed_dim * 2**stage``, ``depths[stage]`` times."""
+    _, options, _ = FAMILY_BUILDS["swin"]
+    return [options["embed_dim"] * 2**stage for stage, n in enumerate(options["depths"]) for _ in range(n)]
+
+
+def test_swin_lora_and_adapter_counts_follow_each_stage_width() -> None:
+    widths = _swin_block_widths()
+    lora = _wrap("lora", "swin")  # rank 2 on q and v
+    assert lora.parameter_summary()["method"] == sum(2 * 2 * 2 * d for d in widths)
+    adapter = _wrap("adapter", "swin")  # bottleneck d // 4
+    assert adapter.parameter_summary()["method"] == sum(2 * d * (d // 4) + d // 4 + d for d in widths)
+    only_last = promptvit.wrap(_fresh("swin"), "lora", num_classes=4, rank=2, layers=[len(widths) - 1])
+    assert only_last.parameter_summary()["method"] == 2 * 2 * 2 * widths[-1]
+    assert type(only_last.backbone.layers[0].blocks[0].attn.qkv) is torch.nn.Linear  # stage 0 untouched
+    assert type(only_last.backbone.layers[-1].blocks[-1].attn.qkv) is FusedLoRALinear
+    with pytest.raises(ConfigError, match="do not exist"):
+        promptvit.wrap(_fresh("swin"), "lora", num_classes=4, layers=[len(widths)])
+
+
+def test_swin_lora_merged_equals_unmerged_through_shifted_windows() -> None:
+    model = _wrap("lora", "swin").eval()
+    assert any(block.shift_size for stage in model.backbone.layers for block in stage.blocks)
+    x = family_input(FAMILY_BUILDS, "swin")
+    with torch.no_grad():
+        initial = model(x)
+        for name, p in model.tuned_named_parameters():
+            if "lora_" in name:  # the head stays as it was, so only LoRA can move the logits
+                p.add_(0.1 * torch.randn_like(p))
+        unmerged = model(x)
+        model.merge()
+        merged = model(x)
+    assert not torch.allclose(unmerged, initial, atol=1e-4)  # the updates reach the logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- rotary positions (Eva)

@@ -14,6 +14,8 @@ def test_family_support_reports_a_tick_or_the_refusal_reason() -> None:
     assert rows["Eva"].methods["vpt"] == rows["Beit"].methods["vpt"] == SUPPORTED
     assert rows["Eva"].methods["lora"] == rows["Beit"].methods["lora"] == SUPPORTED
     assert "needs a vit backbone" in rows["ConvNeXt"].methods["vpt"]
+    assert rows["SwinTransformer"].methods["lora"] == SUPPORTED  # its window attention's fused qkv
+    assert "has no transformer blocks" in rows["ConvNeXt"].methods["lora"]
     assert "rotates queries and keys" in rows["Eva"].methods["ept"]
     assert rows["VisionTransformer"].methods["ept"] == SUPPORTED
     table = markdown_table(list(rows.values()))

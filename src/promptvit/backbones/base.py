@@ -201,7 +201,12 @@ class BackboneAdapter:
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order (a staged family with attention blocks, Swin, lists them too)."""
         raise self._unsupported("transformer blocks")
+
+    def block_width(self, block: int) -> int:
+        """Token width of ``blocks[block]`` (the same for every block of a plain ViT)."""
+        return self.geometry().embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
