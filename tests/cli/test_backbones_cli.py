@@ -15,8 +15,8 @@ def test_family_support_reports_a_tick_or_the_refusal_reason() -> None:
     assert rows["Eva"].methods["lora"] == rows["Beit"].methods["lora"] == SUPPORTED
     assert "needs a vit backbone" in rows["ConvNeXt"].methods["vpt"]
     assert rows["SwinTransformer"].methods["lora"] == SUPPORTED  # its window attention's fused qkv
-    assert "has no transformer blocks" in rows["ConvNeXt"].methods["lora"]
-    assert "rotates queries and keys" in rows["Eva"].methods["ept"]
+    assert "needs a vit backbone" in rows["ConvNeXt"].methods["lora"]
+    assert rows["Eva"].methods["ept"] == rows["Beit"].methods["ept"] == SUPPORTED  # rotary, relative bias
     assert rows["VisionTransformer"].methods["ept"] == SUPPORTED
     table = markdown_table(list(rows.values()))
     assert table.splitlines()[0] == "| family | vpt | lora | ept |"

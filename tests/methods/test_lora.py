@@ -304,5 +304,5 @@ def test_layer_beyond_depth_is_refused_and_config_round_trips() -> None:
 
 
 def test_cnn_is_refused() -> None:
-    with pytest.raises(promptvit.ConfigError, match="lora: ResNet .* has no transformer blocks"):
+    with pytest.raises(promptvit.ConfigError, match="supports vit"):
         promptvit.wrap(build_tiny("resnet"), "lora")

@@ -75,6 +75,8 @@ class SwinAdapter(CNNAdapter):
     def after_stages(self) -> list[nn.Module]:
         return [self.model.norm]
 
+    has_transformer_blocks = True
+
     @property
     def blocks(self) -> Sequence[nn.Module]:
         """Every window-attention block, stage by stage (their widths grow from stage to stage)."""

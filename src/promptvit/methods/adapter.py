@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneAdapter, Geometry, adapter_for
 from promptvit.layers.adapter import ParallelAdapterMlp
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import adapted_blocks, check_block_list, resolve_blocks
@@ -48,8 +48,11 @@ class Adapter(Method):
     paper = "AdaptFormer (Chen et al., NeurIPS 2022)"
     identity_at_init = True
     test_options = {"reduction": 4}
-    # ViTs, and staged families whose adapter lists transformer blocks (Swin); attach refuses the others
-    supported_kinds = ("vit", "cnn")
+
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """ViTs, and staged families whose transformer blocks the adapter lists (Swin)."""
+        return adapter.kind in cls.supported_kinds or adapter.has_transformer_blocks
 
     def __init__(self, config: AdapterConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)

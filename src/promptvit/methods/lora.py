@@ -84,8 +84,11 @@ class LoRA(Method):
     paper = "LoRA (Hu et al., ICLR 2022)"
     identity_at_init = True
     test_options = {"rank": 2}
-    # ViTs, and staged families whose adapter lists transformer blocks (Swin); attach refuses the others
-    supported_kinds = ("vit", "cnn")
+
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """ViTs, and staged families whose transformer blocks the adapter lists (Swin)."""
+        return adapter.kind in cls.supported_kinds or adapter.has_transformer_blocks
 
     def __init__(self, config: LoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
