@@ -30,11 +30,9 @@ METHODS = promptvit.available_methods()
 _TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept")
 _BLOCK_METHODS = ("lora", "adapter")  # change only modules inside transformer blocks: Swin's too
 REFUSED: dict[tuple[str, str], str] = {
-    **{
-        (m, b): "supports vit backbones"
-        for m in _TOKEN_METHODS
-        for b in ("resnet", "tinynet", "convnext", "swin")
-    },
+    **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in ("resnet", "tinynet", "convnext")},
+    # Swin's own reason: windows, not one token sequence
+    **{(m, "swin"): "supports vit backbones.*attends within windows" for m in _TOKEN_METHODS},
     **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in ("resnet", "tinynet", "convnext")},
 }
 # EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,

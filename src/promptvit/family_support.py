@@ -39,8 +39,10 @@ class FamilySupport:
 def _try(method: str, base: torch.nn.Module, size: int) -> str:
     cls = get_method(method)
     kind = geometry_of(base).kind
-    if not cls.supports(adapter_for(base)):  # the same reason for every such method: one note in the table
-        return f"needs a {' or '.join(cls.supported_kinds)} backbone; this family is a {kind} (stages of feature maps)"
+    adapter = adapter_for(base)
+    if not cls.supports(adapter):  # the same reason for every such method: one note in the table
+        why = adapter.kind_note or f"this family is a {kind} (stages of feature maps)"
+        return f"needs a {' or '.join(cls.supported_kinds)} backbone; {why}"
     try:
         model = wrap(copy.deepcopy(base), method, num_classes=2, **cls.test_options).eval()
     except ConfigError as error:

@@ -427,7 +427,7 @@ def wrap(
     if not method_cls.supports(adapter):
         raise ConfigError(
             f"method '{method_cls.name}' supports {', '.join(method_cls.supported_kinds)} backbones, "
-            f"not {geometry.architecture} ({geometry.kind})"
+            f"not {geometry.architecture} ({geometry.kind})" + (f": {adapter.kind_note}" if adapter.kind_note else "")
         )
     original = _Original(
         head=model.get_submodule(classifier_name(model)),

@@ -186,6 +186,8 @@ class BackboneAdapter:
     #: small random-init builds with the family's architecture options, ``name -> (timm model, build
     #: options, input size)``: the method matrix and ``promptvit backbones`` run every method on them
     tiny_builds: ClassVar[dict[str, tuple[str, dict[str, Any], int]]] = {}
+    #: why a method that needs a token model cannot run here, where "a cnn" would mislead (Swin)
+    kind_note: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

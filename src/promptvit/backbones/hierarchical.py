@@ -45,6 +45,10 @@ class SwinAdapter(CNNAdapter):
     """Swin: ``patch_embed``, stages ``layers[i]`` (patch merging, then window-attention blocks), ``norm``."""
 
     family = "SwinTransformer"
+    kind_note = (
+        "Swin attends within windows of the feature map, so there is no token sequence for prompt tokens or "
+        "EPT's per-token prompt rows; the VPT paper's per-window Swin variant is not implemented"
+    )
     tiny_builds = {
         "swin": (
             "swin_tiny_patch4_window7_224",
