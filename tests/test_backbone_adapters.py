@@ -90,6 +90,15 @@ def test_cnn_stages_and_activation_shapes(family: str) -> None:
         model(x)
         handle.remove()
     assert torch.equal(captured[0], x)
+    if family == "SwinTransformer":  # its window-attention blocks, in the order the forward runs them
+        order = []
+        handles = [b.register_forward_pre_hook(lambda m, a: order.append(m)) for b in adapter.blocks]
+        with torch.no_grad():
+            model(x[:1])
+        for handle in handles:
+            handle.remove()
+        assert order == list(adapter.blocks) and len(order) == sum(len(s.blocks) for s in model.layers)
+        return
     with pytest.raises(BackboneError, match="no transformer blocks"):
         adapter.blocks  # noqa: B018
 

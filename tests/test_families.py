@@ -11,6 +11,7 @@ import copy
 import functools
 
 import pytest
+import timm.layers
 import timm.models.beit
 import timm.models.eva
 import torch
@@ -19,21 +20,20 @@ import torch.nn.functional as F
 import promptvit
 from promptvit.artifact import ArtifactError
 from promptvit.backbones import adapter_for
+from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError
 from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
 
 METHODS = promptvit.available_methods()
 
 # (method, build) -> words of the reason it is refused. Everything else must wrap and train.
-_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept", "lora", "adapter")
+_TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept")
+_BLOCK_METHODS = ("lora", "adapter")  # change only modules inside transformer blocks: Swin's too
 REFUSED: dict[tuple[str, str], str] = {
-    **{
-        (m, b): "supports vit backbones"
-        for m in _TOKEN_METHODS
-        for b in ("resnet", "tinynet", "convnext", "swin")
-    },
-    **{("ept", b): "rotates queries and keys" for b in ("eva02", "vit_rope", "dinov3")},
-    ("ept", "beit"): "relative position bias",
+    **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in ("resnet", "tinynet", "convnext")},
+    # Swin's own reason: windows, not one token sequence
+    **{(m, "swin"): "supports vit backbones.*attends within windows" for m in _TOKEN_METHODS},
+    **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in ("resnet", "tinynet", "convnext")},
 }
 # EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
 # which rounds once more than timm's fused call: identity at init holds up to that rounding there.
@@ -175,6 +175,45 @@ def test_distilled_vit_tunes_both_heads_and_averages_them() -> None:
         torch.testing.assert_close(model(x), expected)
 
 
+# ---------------------------------------------------------------------- Swin's window-attention blocks
+
+
+def _swin_block_widths() -> list[int]:
+    """Width of every Swin block from the build options: ``embed_dim * 2**stage``, ``depths[stage]`` times."""
+    _, options, _ = FAMILY_BUILDS["swin"]
+    return [options["embed_dim"] * 2**stage for stage, n in enumerate(options["depths"]) for _ in range(n)]
+
+
+def test_swin_lora_and_adapter_counts_follow_each_stage_width() -> None:
+    widths = _swin_block_widths()
+    lora = _wrap("lora", "swin")  # rank 2 on q and v
+    assert lora.parameter_summary()["method"] == sum(2 * 2 * 2 * d for d in widths)
+    adapter = _wrap("adapter", "swin")  # bottleneck d // 4
+    assert adapter.parameter_summary()["method"] == sum(2 * d * (d // 4) + d // 4 + d for d in widths)
+    only_last = promptvit.wrap(_fresh("swin"), "lora", num_classes=4, rank=2, layers=[len(widths) - 1])
+    assert only_last.parameter_summary()["method"] == 2 * 2 * 2 * widths[-1]
+    assert type(only_last.backbone.layers[0].blocks[0].attn.qkv) is torch.nn.Linear  # stage 0 untouched
+    assert type(only_last.backbone.layers[-1].blocks[-1].attn.qkv) is FusedLoRALinear
+    with pytest.raises(ConfigError, match="do not exist"):
+        promptvit.wrap(_fresh("swin"), "lora", num_classes=4, layers=[len(widths)])
+
+
+def test_swin_lora_merged_equals_unmerged_through_shifted_windows() -> None:
+    model = _wrap("lora", "swin").eval()
+    assert any(block.shift_size for stage in model.backbone.layers for block in stage.blocks)
+    x = family_input(FAMILY_BUILDS, "swin")
+    with torch.no_grad():
+        initial = model(x)
+        for name, p in model.tuned_named_parameters():
+            if "lora_" in name:  # the head stays as it was, so only LoRA can move the logits
+                p.add_(0.1 * torch.randn_like(p))
+        unmerged = model(x)
+        model.merge()
+        merged = model(x)
+    assert not torch.allclose(unmerged, initial, atol=1e-4)  # the updates reach the logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------- rotary positions (Eva)
 
 
@@ -277,6 +316,110 @@ def test_prompts_get_zero_relative_bias_and_patches_keep_theirs(shared: bool, mo
         assert torch.equal(bias[..., kept[:, None], kept], bias_plain)
         assert not bias[..., 1:4, :].any() and not bias[..., :, 1:4].any()
         assert bias_plain.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- EPT on rotary and relative-bias attention
+
+
+def _ept_family(name: str) -> torch.nn.Module:
+    """A tiny build whose position maths shows: Beit's bias tables away from their zero init (and a Beit
+    variant with one bias shared by all blocks)."""
+    if name == "beit_shared":
+        arch, options, _ = FAMILY_BUILDS["beit"]
+        options = dict(options, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        model = promptvit.create_backbone(arch, num_classes=3, init_seed=0, **options).eval()
+    else:
+        model = _fresh(name)
+    model.reset_classifier(4)  # a default-init head: timm's Beit head starts 1000 times smaller
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            if "relative_position_bias_table" in parameter_name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+            if parameter_name.rpartition(".")[2] in ("gamma_1", "gamma_2"):  # LayerScale near 1, as in _base
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _reference_ept_attention(attn: torch.nn.Module, x: torch.Tensor, call: dict, prompt: torch.Tensor):
+    """EPT written out from timm's own attention weights: softmax over ``[P, scale * q.k + bias]`` with q, k
+    rotated by timm's rotary function (Eva) and the bias timm's relative position bias (Beit), prompt columns
+    dropped, times V, then timm's output projection."""
+    batch, tokens, _ = x.shape
+    q_bias = getattr(attn, "q_bias", None)
+    bias = attn.qkv.bias if q_bias is None else torch.cat((q_bias, attn.k_bias, attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, bias).reshape(batch, tokens, 3, attn.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = call.get("rope")
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+
+        def rotate(t):
+            return torch.cat([t[:, :, :npt], timm.layers.apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], 2)
+
+        q, k = rotate(q), rotate(k)
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        logits = logits + attn._get_rel_pos_bias()
+    if call.get("shared_rel_pos_bias") is not None:
+        logits = logits + call["shared_rel_pos_bias"]
+    d_p = prompt.shape[-1]
+    columns = torch.cat([prompt.expand(*logits.shape[:-1], d_p), logits], dim=-1)
+    out = (columns.softmax(dim=-1)[..., d_p:] @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    if getattr(attn, "norm", None) is not None:
+        out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj(out)
+
+
+EPT_FAMILIES = [*present("eva02", "vit_rope", "dinov3", "beit"), *(["beit_shared"] if present("beit") else [])]
+
+
+@pytest.mark.parametrize("name", EPT_FAMILIES)
+def test_ept_keeps_rotary_positions_and_relative_bias(name: str) -> None:
+    base = _ept_family(name)
+    model = promptvit.wrap(base, "ept", prompt_length=3).eval()
+    x = family_input(FAMILY_BUILDS, "beit" if name == "beit_shared" else name)
+    layers = model.method.injected_layers()
+    calls = []
+    handles = [
+        layer.register_forward_hook(lambda m, args, kwargs, out: calls.append((m, args[0], kwargs, out)), with_kwargs=True)
+        for layer in layers
+    ]
+    with torch.no_grad():
+        for layer in layers:
+            layer.prompt.normal_(std=1.0)  # prompts that matter: the gate is far from 1
+        model(x)
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == len(layers) == len(base.blocks)
+    position_argument = {"eva02": "rope", "vit_rope": "rope", "dinov3": "rope", "beit_shared": "shared_rel_pos_bias"}
+    if name in position_argument:  # the block hands its positions to the prompted attention
+        assert all(call.get(position_argument[name]) is not None for _, _, call, _ in calls)
+    with torch.no_grad():
+        for layer, tokens, call, out in calls:
+            expected = _reference_ept_attention(layer.base_layer, tokens, call, layer.prompt)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            plain = layer.base_layer(tokens, **call)  # timm's attention: EPT's prompt must change it
+            assert not torch.allclose(out, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", EPT_FAMILIES)
+@pytest.mark.parametrize("way", ["pure_cat", "add", "multiply"])
+def test_ept_with_vanishing_prompts_is_timms_forward(name: str, way: str) -> None:
+    base = _ept_family(name)
+    reference = copy.deepcopy(base)
+    model = promptvit.wrap(base, "ept", way=way, prompt_length=3).eval()
+    with torch.no_grad():
+        for layer in model.method.injected_layers():
+            if way == "pure_cat":  # exp(-60) of the softmax mass on the prompt columns: the gate is 1
+                layer.prompt.fill_(-60.0)
+    x = family_input(FAMILY_BUILDS, "beit" if name == "beit_shared" else name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- medical-backbone shapes

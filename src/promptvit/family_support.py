@@ -14,7 +14,13 @@ import dataclasses
 import timm
 import torch
 
-from promptvit.backbones import BackboneAdapter, create_backbone, geometry_of, registered_adapters
+from promptvit.backbones import (
+    BackboneAdapter,
+    adapter_for,
+    create_backbone,
+    geometry_of,
+    registered_adapters,
+)
 from promptvit.methods import available_methods, get_method
 from promptvit.methods.base import ConfigError
 from promptvit.model import wrap
@@ -33,8 +39,10 @@ class FamilySupport:
 def _try(method: str, base: torch.nn.Module, size: int) -> str:
     cls = get_method(method)
     kind = geometry_of(base).kind
-    if kind not in cls.supported_kinds:  # the same reason for every such method: one note in the table
-        return f"needs a {' or '.join(cls.supported_kinds)} backbone; this family is a {kind} (stages of feature maps)"
+    adapter = adapter_for(base)
+    if not cls.supports(adapter):  # the same reason for every such method: one note in the table
+        why = adapter.kind_note or f"this family is a {kind} (stages of feature maps)"
+        return f"needs a {' or '.join(cls.supported_kinds)} backbone; {why}"
     try:
         model = wrap(copy.deepcopy(base), method, num_classes=2, **cls.test_options).eval()
     except ConfigError as error:

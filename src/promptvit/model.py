@@ -422,11 +422,12 @@ def wrap(
     method_cls, config = make_config(method, **options)
     if num_classes is not None and num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    geometry = adapter_for(model).geometry()
-    if geometry.kind not in method_cls.supported_kinds:
+    adapter = adapter_for(model)
+    geometry = adapter.geometry()
+    if not method_cls.supports(adapter):
         raise ConfigError(
             f"method '{method_cls.name}' supports {', '.join(method_cls.supported_kinds)} backbones, "
-            f"not {geometry.architecture} ({geometry.kind})"
+            f"not {geometry.architecture} ({geometry.kind})" + (f": {adapter.kind_note}" if adapter.kind_note else "")
         )
     original = _Original(
         head=model.get_submodule(classifier_name(model)),

@@ -14,7 +14,10 @@ def test_family_support_reports_a_tick_or_the_refusal_reason() -> None:
     assert rows["Eva"].methods["vpt"] == rows["Beit"].methods["vpt"] == SUPPORTED
     assert rows["Eva"].methods["lora"] == rows["Beit"].methods["lora"] == SUPPORTED
     assert "needs a vit backbone" in rows["ConvNeXt"].methods["vpt"]
-    assert "rotates queries and keys" in rows["Eva"].methods["ept"]
+    assert rows["SwinTransformer"].methods["lora"] == SUPPORTED  # its window attention's fused qkv
+    assert "attends within windows" in rows["SwinTransformer"].methods["vpt"]
+    assert "needs a vit backbone" in rows["ConvNeXt"].methods["lora"]
+    assert rows["Eva"].methods["ept"] == rows["Beit"].methods["ept"] == SUPPORTED  # rotary, relative bias
     assert rows["VisionTransformer"].methods["ept"] == SUPPORTED
     table = markdown_table(list(rows.values()))
     assert table.splitlines()[0] == "| family | vpt | lora | ept |"

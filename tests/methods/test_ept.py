@@ -44,6 +44,33 @@ def _cases() -> list[tuple[str, int]]:
     return [(way, d_p) for way in CAT_WAYS for d_p in (1, 5, 37)] + [("add", 0), ("multiply", 0)]
 
 
+@pytest.mark.parametrize("way,d_p", [("pure_cat", 5), ("multi_cat", 5), ("add", 0), ("multiply", 0)])
+def test_fast_path_keeps_a_family_logit_bias(way: str, d_p: int) -> None:
+    """Beit's relative position bias: part of the logits u, not of the prompt columns; gradients reach it."""
+    q, k, v = _qkv()
+    learned = _learned(way, q.shape[-2], d_p)
+    bias = torch.randn(1, q.shape[1], q.shape[2], q.shape[2], generator=torch.Generator().manual_seed(3), dtype=q.dtype)
+    results = []
+    for fn in (prompted_sdpa, reference_prompted_attention):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias, *learned.values())]
+        out = fn(*leaves[:3], way=way, attn_bias=leaves[3], **dict(zip(learned, leaves[4:], strict=True)))
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
+        results.append((out, grads))
+    (fast, fast_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    for a, b in zip(fast_grads, ref_grads, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    # the bias matters: without it the reference differs
+    assert not torch.allclose(ref, reference_prompted_attention(q, k, v, way=way, **learned), atol=1e-3)
+    # EPT's definition: softmax over [P, u + b] with the prompt columns dropped
+    if way == "pure_cat":
+        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias
+        prompt = learned["prompt"].expand(*logits.shape[:-1], d_p)
+        expected = torch.cat([prompt, logits], -1).softmax(-1)[..., d_p:] @ v
+        torch.testing.assert_close(ref, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("way,d_p", _cases())
 def test_fast_path_matches_reference_forward_and_gradients(way: str, d_p: int) -> None:
     q, k, v = _qkv()

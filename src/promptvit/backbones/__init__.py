@@ -10,6 +10,7 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    PartsFromCall,
     adapter_class_for,
     adapter_for,
     all_rows,
@@ -58,6 +59,7 @@ def set_classifier(model: nn.Module, module: nn.Module) -> None:
 
 __all__ = [
     "AttentionParts",
+    "PartsFromCall",
     "BackboneAdapter",
     "BackboneError",
     "Geometry",

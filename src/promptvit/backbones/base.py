@@ -28,8 +28,9 @@ from promptvit.backbones.geometry import Geometry
 from promptvit.errors import BackboneError
 
 Select = Callable[[torch.Tensor], torch.Tensor]
-#: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads
-AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, float], torch.Tensor]
+#: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads. Where the parts
+#: carry a ``logit_bias`` it is passed as the keyword ``logit_bias`` too.
+AttentionCore = Callable[..., torch.Tensor]
 
 
 def all_rows(tokens: torch.Tensor) -> torch.Tensor:
@@ -37,10 +38,15 @@ def all_rows(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_core(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout_p: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    dropout_p: float,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain softmax attention through torch's SDPA (what timm's fused path computes)."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=logit_bias, dropout_p=dropout_p, scale=scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,12 @@ class AttentionParts:
     ``norm`` acts on the concatenated heads before ``proj``; ``gate`` (or None) is a sigmoid gate on that
     output computed from the attention input. Modules are called as modules, so injected layers (LoRA) and
     hooks on them take part.
+
+    Families whose attention is not plain fill the optional fields: ``qkv_bias`` is added to the fused
+    projection's output (EVA/BEiT keep their q/v biases outside the qkv module), ``rotate`` is applied to q
+    and k after their norms (rotary positions), ``logit_bias`` is added to the scaled logits, broadcastable
+    to (B, H, N, N) (BEiT's relative position bias). Tensors there are read per call (see
+    :class:`PartsFromCall`).
     """
 
     module: nn.Module
@@ -65,6 +77,9 @@ class AttentionParts:
     gate: nn.Module | None
     proj: nn.Module
     proj_drop: nn.Module
+    qkv_bias: torch.Tensor | None = None
+    rotate: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logit_bias: torch.Tensor | None = None
 
     @property
     def attn_dim(self) -> int:
@@ -84,17 +99,24 @@ class AttentionParts:
         """
         batch, tokens, _ = x.shape
         qkv = self.qkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
         if qkv_delta is not None:
             qkv = qkv + qkv_delta
         q, k, v = (
             qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )
-        return self.q_norm(q), self.k_norm(k), v
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotate is not None:
+            q, k = self.rotate(q).type_as(v), self.rotate(k).type_as(v)
+        return q, k, v
 
     def probabilities(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention probabilities (B, H, N, N) in float32, as timm's unfused path computes them."""
         q, k, _ = self.heads(x)
         logits = ((q * self.scale) @ k.transpose(-2, -1)).float()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias.float()
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
@@ -118,11 +140,19 @@ def attend(
     """
     q, k, v = parts.heads(x, qkv_delta)
     dropout_p = parts.attn_drop.p if parts.module.training else 0.0
-    out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
+    if parts.logit_bias is None:
+        out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
+    else:  # the bias rows belong to the query rows
+        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(parts.logit_bias))
     out = parts.norm(out.transpose(1, 2).flatten(2))
     if parts.gate is not None:
         out = out * parts.gate(select(x)).sigmoid()
     return parts.proj_drop(parts.proj(out))
+
+
+#: ``parts(attention module, keyword arguments of one call) -> AttentionParts``: how a module that replaces
+#: a block's attention reads its parts at each call (rotary tables and shared biases arrive as arguments)
+PartsFromCall = Callable[[nn.Module, dict[str, Any]], AttentionParts]
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -156,6 +186,8 @@ class BackboneAdapter:
     #: small random-init builds with the family's architecture options, ``name -> (timm model, build
     #: options, input size)``: the method matrix and ``promptvit backbones`` run every method on them
     tiny_builds: ClassVar[dict[str, tuple[str, dict[str, Any], int]]] = {}
+    #: why a method that needs a token model cannot run here, where "a cnn" would mislead (Swin)
+    kind_note: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -201,7 +233,17 @@ class BackboneAdapter:
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order (a staged family with attention blocks, Swin, lists them too)."""
         raise self._unsupported("transformer blocks")
+
+    @property
+    def has_transformer_blocks(self) -> bool:
+        """Whether :attr:`blocks` lists transformer blocks with ``qkv_slot``/``mlp_slot`` (every token model)."""
+        return self.kind == "vit"
+
+    def block_width(self, block: int) -> int:
+        """Token width of ``blocks[block]`` (the same for every block of a plain ViT)."""
+        return self.geometry().embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -243,6 +285,16 @@ class BackboneAdapter:
     def attention_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
         raise self._unsupported("attention")
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+        """How a module put in place of ``blocks[block]``'s attention reads its parts at each call.
+
+        ``None`` (the default): the attention takes no position arguments and the plain parts of
+        :meth:`attention` hold for every call (its BackboneError says why a family has none). Families
+        whose attention rotates q/k or adds a bias given as a call argument (Eva, Beit) return a function.
+        """
+        self.attention(block)
+        return None
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""

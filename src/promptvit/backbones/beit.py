@@ -20,10 +20,11 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    PartsFromCall,
     register_adapter,
     unwrap_base_layers,
 )
-from promptvit.backbones.eva import mlp_hidden_width, switch_to_module_call
+from promptvit.backbones.eva import mlp_hidden_width, separate_qkv_bias, switch_to_module_call
 from promptvit.backbones.geometry import Geometry
 
 
@@ -57,6 +58,35 @@ class ZeroBiasForInsertedTokens:
 
     def padded_own_bias(self) -> torch.Tensor:
         return pad_bias(self.own_bias(), self.position, self.inserted)
+
+
+def relative_bias_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """The parts of a Beit ``Attention`` for one call: its own relative position bias plus the shared one.
+
+    As timm: q/v biases added to the fused projection, no q/k norms, ``bias = own + shared`` added to the
+    scaled logits (either may be absent).
+    """
+    bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+    shared = call.get("shared_rel_pos_bias")
+    if shared is not None:
+        bias = shared if bias is None else bias + shared
+    num_heads = int(attn.num_heads)
+    return AttentionParts(
+        module=attn,
+        qkv=attn.qkv,
+        num_heads=num_heads,
+        head_dim=unwrap_base_layers(attn.qkv).out_features // (3 * num_heads),
+        scale=float(attn.scale),
+        q_norm=nn.Identity(),
+        k_norm=nn.Identity(),
+        attn_drop=attn.attn_drop,
+        norm=nn.Identity(),
+        gate=None,
+        proj=attn.proj,
+        proj_drop=attn.proj_drop,
+        qkv_bias=separate_qkv_bias(attn),
+        logit_bias=bias,
+    )
 
 
 @register_adapter(Beit)
@@ -136,6 +166,9 @@ class BeitAdapter(BackboneAdapter):
             f"{type(self.model).__name__} adds a relative position bias inside its attention; "
             "it has no plain attention parts"
         )
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+        return relative_bias_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         attn = unwrap_base_layers(self.model.blocks[block].attn)

@@ -10,11 +10,13 @@ is read here only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva
 from torch import nn
 
@@ -22,6 +24,7 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    PartsFromCall,
     register_adapter,
     unwrap_base_layers,
 )
@@ -63,6 +66,37 @@ def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> 
             "module would be bypassed"
         )
     injections.replace(attn, "qkv_bias_separate", True)
+
+
+def separate_qkv_bias(attn: nn.Module) -> torch.Tensor | None:
+    """``[q_bias | k_bias | v_bias]`` of an EVA/BEiT attention (added outside its bias-free qkv), or None."""
+    if getattr(attn, "q_bias", None) is None:
+        return None
+    return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+
+def rotary_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """The parts of an ``EvaAttention``/``AttentionRope`` for one call, ``rope`` (the rotary table) included.
+
+    As timm: q/v biases added to the fused projection, then q/k norms, then every token after the first
+    ``num_prefix_tokens`` rotated by ``rope`` (the prefix tokens are not).
+    """
+    if getattr(attn, "qkv", None) is None:
+        raise BackboneError(f"{type(attn).__name__} computes q, k and v with three projections, not one fused qkv")
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        raise BackboneError(f"{type(attn).__name__} shares keys and values over query heads (grouped-query)")
+    if call.get("attn_mask") is not None or call.get("is_causal"):
+        raise BackboneError(f"{type(attn).__name__} was called with an attention mask; none is expected")
+    parts = dataclasses.replace(timm_attention_parts(attn), qkv_bias=separate_qkv_bias(attn))
+    rope = call.get("rope")
+    if rope is None:
+        return parts
+    prefix, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2)
+
+    return dataclasses.replace(parts, rotate=rotate)
 
 
 @register_adapter(Eva)
@@ -181,6 +215,10 @@ class EvaAdapter(BackboneAdapter):
             )
         self._check_fused_qkv(attn)
         return timm_attention_parts(attn)
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+        rotary_attention_parts(unwrap_base_layers(self.model.blocks[block].attn), {})  # refuses unfused qkv
+        return rotary_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         attn = unwrap_base_layers(self.model.blocks[block].attn)

@@ -2,16 +2,21 @@
 
 Swin's stages hold window-attention blocks on (B, H, W, C) maps; promptvit treats Swin like a CNN (its
 stages, the norm after them, the pixel input) because its windows partition the map: a token prompt has no
-window to live in without the VPT paper's per-window variant, which promptvit does not implement.
+window to live in without the VPT paper's per-window variant, which promptvit does not implement. Its
+blocks are still transformer blocks, so the adapter also lists them with their fused ``qkv`` projections
+and MLPs: methods that change only those modules (LoRA, adapters) run on Swin as on a ViT.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from timm.models.convnext import ConvNeXt
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from promptvit.backbones.base import register_adapter
+from promptvit.backbones.base import register_adapter, unwrap_base_layers
 from promptvit.backbones.cnn import CNNAdapter
 from promptvit.backbones.geometry import Geometry
 
@@ -40,10 +45,14 @@ class SwinAdapter(CNNAdapter):
     """Swin: ``patch_embed``, stages ``layers[i]`` (patch merging, then window-attention blocks), ``norm``."""
 
     family = "SwinTransformer"
+    kind_note = (
+        "Swin attends within windows of the feature map, so there is no token sequence for prompt tokens or "
+        "EPT's per-token prompt rows; the VPT paper's per-window Swin variant is not implemented"
+    )
     tiny_builds = {
         "swin": (
             "swin_tiny_patch4_window7_224",
-            dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+            dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2)),
             32,
         ),
     }
@@ -69,3 +78,20 @@ class SwinAdapter(CNNAdapter):
 
     def after_stages(self) -> list[nn.Module]:
         return [self.model.norm]
+
+    has_transformer_blocks = True
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """Every window-attention block, stage by stage (their widths grow from stage to stage)."""
+        return [block for stage in self.model.layers for block in stage.blocks]
+
+    def block_width(self, block: int) -> int:
+        return self.blocks[block].dim
+
+    def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
+        # timm's WindowAttention calls ``self.qkv(x)`` as a module: a wrapped projection takes part as is.
+        return unwrap_base_layers(self.blocks[block].attn), "qkv"
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.blocks[block], "mlp"

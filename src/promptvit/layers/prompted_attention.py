@@ -21,19 +21,25 @@ rounding to the query dtype) and ``lo`` (the remainder, rounded): the kernel sum
 so ``hi + lo`` restores the value to about 16 bits. :func:`reference_prompted_attention` materialises the
 concatenation and is the oracle the tests hold the fast path against. ``add`` (a full learned N x N bias)
 still needs a float mask, so it cannot run under a flash-only backend.
+
+Families whose attention is not plain softmax over ``scale * q @ k^T`` keep their maths: q and k are the
+family's (rotated by position on Eva: EVA-02, DINOv3, RoPE ViTs), and a family's additive logit bias ``b``
+(Beit's relative position bias) is part of ``u``: ``u = scale * q @ k^T + b``. EPT's prompt columns get no
+such bias, so ``pure_cat`` is ``softmax([P, u])`` with the prompt columns dropped; the fast path passes
+``b`` (padded with a zero column for the extra key) as SDPA's mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
-from promptvit.backbones import AttentionParts, BackboneError, all_rows, attend
+from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, all_rows, attend
 from promptvit.backbones.vit import timm_attention_parts
 from promptvit.layers.base import TunerLayer
 
@@ -56,8 +62,11 @@ def reference_prompted_attention(
     logit_bias: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
     scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain, materialised EPT attention (no dropout); q, k, v of shape (B, H, N, D).
+
+    ``u = scale * q @ k^T``, plus ``attn_bias`` (a family's own logit bias, broadcastable to (B, H, N, N)):
 
     * ``pure_cat``: ``softmax([P, u])[..., d_p:] @ v`` (prompt columns dropped, no renormalisation);
     * ``multi_cat``: as pure_cat with prompt row i scaled by ``alpha_i = max_j u_ij - min_j u_ij``;
@@ -66,6 +75,8 @@ def reference_prompted_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q @ k.transpose(-2, -1)) * scale
+    if attn_bias is not None:
+        logits = logits + attn_bias
     if way == "add":
         attn = (logits + logit_bias).softmax(dim=-1)
     elif way == "multiply":
@@ -92,6 +103,7 @@ def prompted_sdpa(
     temperature: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same maths as :func:`reference_prompted_attention`, through ``scaled_dot_product_attention``.
 
@@ -101,12 +113,13 @@ def prompted_sdpa(
     """
     if way == "multiply":
         # logits_ij * (1 + t_i) == scale * ((1 + t_i) q_i) . k_j: scale the queries, no mask needed.
+        # With a family bias b: (u_ij + b_ij) * (1 + t_i), so b is scaled the same way.
+        mask = None if attn_bias is None else (attn_bias * (1 + temperature)).to(q.dtype)
         q = q * (1 + temperature).to(q.dtype)
-        return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if way == "add":
-        return scaled_dot_product_attention(
-            q, k, v, attn_mask=logit_bias.to(q.dtype), dropout_p=dropout_p, scale=scale
-        )
+        mask = logit_bias if attn_bias is None else logit_bias + attn_bias
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p, scale=scale)
     # The prompt's LSE is computed in float32 (or wider) with autocast off: rounded to bf16 the per-token
     # values would collapse onto a few steps of 1/32 near log d_p.
     with torch.autocast(q.device.type, enabled=False):
@@ -117,10 +130,12 @@ def prompted_sdpa(
             # through a (B, H, N, d_p) tensor beyond the logsumexp).
             s = q.shape[-1] ** -0.5 if scale is None else scale
             logits = (_at_least_float32(q) @ _at_least_float32(k).transpose(-2, -1)) * s
+            if attn_bias is not None:
+                logits = logits + _at_least_float32(attn_bias)
             prompt_lse = torch.logsumexp(multi_cat_alpha(logits) * _at_least_float32(prompt), dim=-1)  # (B, H, N)
         else:
             raise ValueError(f"unknown EPT way {way!r}; expected one of {WAYS}")
-    return _sdpa_with_lse_key(q, k, v, prompt_lse, scale=scale, dropout_p=dropout_p)
+    return _sdpa_with_lse_key(q, k, v, prompt_lse, scale=scale, dropout_p=dropout_p, attn_bias=attn_bias)
 
 
 def lse_channels(prompt_lse: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -149,11 +164,13 @@ def _sdpa_with_lse_key(
     *,
     scale: float | None,
     dropout_p: float,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA over the real keys plus one zero-value key whose logit for query i is ``prompt_lse[..., i]``.
 
     No mask: the logit rides on two extra head channels (see the module docstring). V gets the same width
-    (fused kernels need equal head dims) and the extra output channels, always 0, are dropped.
+    (fused kernels need equal head dims) and the extra output channels, always 0, are dropped. A family's
+    ``attn_bias`` becomes the mask, with a zero column for the extra key.
     """
     batch, heads, rows, dim = q.shape
     s = dim**-0.5 if scale is None else scale
@@ -164,7 +181,13 @@ def _sdpa_with_lse_key(
     extra_key[..., dim:] = 1.0
     k = torch.cat([k, extra_key.expand(batch, heads, 1, dim + 2)], dim=-2)
     v = F.pad(v, (0, 2, 0, 1))  # the extra key's value and the extra channels are 0
-    return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=s)[..., :dim]
+    mask = None if attn_bias is None else F.pad(attn_bias, (0, 1)).to(q.dtype)
+    return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=s)[..., :dim]
+
+
+def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
+    return timm_attention_parts(attn)
 
 
 class PromptedAttention(TunerLayer):
@@ -178,6 +201,8 @@ class PromptedAttention(TunerLayer):
     * ``multiply``: ``temperature`` of shape (num_tokens, 1), zeros; logits are multiplied by ``1 + t``.
 
     Inputs must have exactly ``num_tokens`` tokens (the prompt has one row per token position).
+    ``parts_from_call`` (from the backbone adapter) reads the family's parts from each call's arguments
+    (Eva's rotary table, Beit's shared bias); by default, timm's plain ``Attention`` parts.
     """
 
     def __init__(
@@ -189,10 +214,12 @@ class PromptedAttention(TunerLayer):
         prompt_length: int = 100,
         init_std: float = 0.02,
         img_size: tuple[int, int] | None = None,
+        parts_from_call: PartsFromCall | None = None,
     ) -> None:
         super().__init__()
+        self.parts_from_call = parts_from_call or plain_attention_parts
         try:
-            timm_attention_parts(base_layer)
+            self.parts_from_call(base_layer, {})
         except BackboneError as error:
             raise TypeError(f"PromptedAttention needs a timm fused-qkv Attention module: {error}") from error
         if way not in WAYS:
@@ -214,7 +241,8 @@ class PromptedAttention(TunerLayer):
 
     @property
     def parts(self) -> AttentionParts:
-        return timm_attention_parts(self.base_layer)
+        """The parts without call arguments (no rotary table, no shared bias)."""
+        return self.parts_from_call(self.base_layer, {})
 
     def extra_repr(self) -> str:
         length = f", prompt_length={self.prompt_length}" if self.way.endswith("_cat") else ""
@@ -227,33 +255,39 @@ class PromptedAttention(TunerLayer):
             return {"logit_bias": self.logit_bias}
         return {"temperature": self.temperature}
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention over the real keys, (B, H, N, N), for analysis; rows sum to the EPT gate, not to 1."""
-        q, k, _ = self.parts.heads(x)
+    def attention_weights(self, x: torch.Tensor, **call: Any) -> torch.Tensor:
+        """Attention over the real keys, (B, H, N, N), for analysis; rows sum to the EPT gate, not to 1.
+
+        ``call``: the arguments the block passes its attention (``rope=`` on Eva, ``shared_rel_pos_bias=``
+        on Beit), so the weights are those of the forward.
+        """
+        parts = self.parts_from_call(self.base_layer, call)
+        q, k, _ = parts.heads(x)
         n = k.shape[-2]
         # The reference computes attn @ v; with v = identity it returns the attention matrix itself.
         identity = torch.eye(n, dtype=q.dtype, device=q.device).expand(*q.shape[:2], n, n)
         return reference_prompted_attention(
-            q, k, identity, way=self.way, scale=getattr(self.base_layer, "scale", None), **self._learned()
+            q, k, identity, way=self.way, scale=parts.scale, attn_bias=parts.logit_bias, **self._learned()
         )
 
-    def token_scale(self, x: torch.Tensor) -> torch.Tensor:
+    def token_scale(self, x: torch.Tensor, **call: Any) -> torch.Tensor:
         """EPT's patch-wise scale per head and query token, (B, H, N): the gate applied to the attention output."""
-        return self.attention_weights(x).sum(dim=-1)
+        return self.attention_weights(x, **call).sum(dim=-1)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, **call: Any
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("EPT prompted attention does not support attention masks or is_causal")
-        return self.forward_selected(x, all_rows)
+        return self.forward_selected(x, all_rows, **call)
 
     def forward_selected(
-        self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]
+        self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor], **call: Any
     ) -> torch.Tensor:
         """``select(self(x))`` with queries (and the prompt rows that belong to them) for the kept tokens only.
 
-        ``select`` acts on the token axis (-2); every token still serves as key and value.
+        ``select`` acts on the token axis (-2); every token still serves as key and value. ``call``: the
+        family's attention arguments (rotary table, shared relative position bias).
         """
         n = x.shape[1]
         if n != self.num_tokens:
@@ -266,7 +300,9 @@ class PromptedAttention(TunerLayer):
         # Every learned tensor has one row per query token (axis -2), so it is selected with the queries.
         learned = {name: select(tensor) for name, tensor in self._learned().items()}
 
-        def core(q, k, v, scale, dropout_p):
-            return prompted_sdpa(q, k, v, way=self.way, scale=scale, dropout_p=dropout_p, **learned)
+        def core(q, k, v, scale, dropout_p, logit_bias=None):
+            return prompted_sdpa(
+                q, k, v, way=self.way, scale=scale, dropout_p=dropout_p, attn_bias=logit_bias, **learned
+            )
 
-        return attend(self.parts, x, select=select, core=core)
+        return attend(self.parts_from_call(self.base_layer, call), x, select=select, core=core)

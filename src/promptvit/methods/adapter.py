@@ -13,10 +13,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneAdapter, Geometry, adapter_for
 from promptvit.layers.adapter import ParallelAdapterMlp
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
-from promptvit.methods.lora import check_block_list, resolve_blocks
+from promptvit.methods.lora import adapted_blocks, check_block_list, resolve_blocks
 
 
 @dataclasses.dataclass
@@ -49,18 +49,24 @@ class Adapter(Method):
     identity_at_init = True
     test_options = {"reduction": 4}
 
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """ViTs, and staged families whose transformer blocks the adapter lists (Swin)."""
+        return adapter.kind in cls.supported_kinds or adapter.has_transformer_blocks
+
     def __init__(self, config: AdapterConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
         self._adapter_layers: list[ParallelAdapterMlp] = []
 
     def attach(self, backbone: nn.Module) -> None:
         config: AdapterConfig = self.config
-        d = self.geometry.embed_dim
-        width = config.bottleneck_width(d)
-        if width < 1:
-            raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
-        for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
-            parent, name = adapter_for(backbone).mlp_slot(index)
+        adapter = adapter_for(backbone)
+        for index in adapted_blocks(adapter, config.layers, self.name):
+            d = adapter.block_width(index)  # Swin's widths grow from stage to stage
+            width = config.bottleneck_width(d)
+            if width < 1:
+                raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
+            parent, name = adapter.mlp_slot(index)
             layer = ParallelAdapterMlp(
                 getattr(parent, name), d, width, scale=config.scale, dropout=config.dropout
             )
@@ -68,7 +74,10 @@ class Adapter(Method):
             self._adapter_layers.append(layer)
 
     def tuned_from_block(self) -> int:
-        """Blocks before the first adapted one are frozen (0 with the default ``layers=None``)."""
+        """Blocks before the first adapted one are frozen (0 with the default ``layers=None``; 0 on staged
+        families, whose only cache cut is after the last stage)."""
+        if self.geometry.kind != "vit":
+            return 0
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
 
     def modules_in_train_mode(self, backbone: nn.Module) -> Iterable[nn.Module]:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, classifier_name
+from promptvit.backbones import BackboneAdapter, Geometry, classifier_name
 from promptvit.errors import ConfigError
 from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
 
@@ -108,6 +108,11 @@ class Method(nn.Module):
         self.injections = Injections()
         #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
         self.plan = ForwardPlan()
+
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """Whether the method can attach to this backbone family; by default, when its kind is supported."""
+        return adapter.kind in cls.supported_kinds
 
     def attach(self, backbone: nn.Module) -> None:
         """Inject layers or register hooks on the (frozen) backbone."""

@@ -120,10 +120,10 @@ class EPT(Method):
     def attach(self, backbone: nn.Module) -> None:
         adapter = adapter_for(backbone)
         for index in self.layer_indices:
-            try:
-                adapter.attention(index)
+            try:  # the family's rotary positions and relative position bias take part (Eva, Beit)
+                parts_from_call = adapter.attention_parts_from_call(index)
             except BackboneError as error:
-                raise ConfigError(f"ept: prompted attention re-computes plain softmax attention; {error}") from None
+                raise ConfigError(f"ept: prompted attention re-computes the block's attention; {error}") from None
             parent, name = adapter.attention_slot(index)
             try:
                 layer = PromptedAttention(
@@ -133,6 +133,7 @@ class EPT(Method):
                     prompt_length=self.prompt_length,
                     init_std=self.config.init_std,
                     img_size=self.geometry.img_size,
+                    parts_from_call=parts_from_call,
                 )
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error

@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import BackboneError, Geometry, adapter_for
+from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
@@ -43,6 +43,15 @@ def resolve_blocks(layers: Sequence[int] | None, depth: int, method: str) -> lis
     if too_deep:
         raise ConfigError(f"{method}: layers {too_deep} do not exist; the backbone has blocks 0..{depth - 1}")
     return list(layers)
+
+
+def adapted_blocks(adapter: BackboneAdapter, layers: Sequence[int] | None, method: str) -> list[int]:
+    """The transformer blocks a ``layers`` option selects on any family that has blocks (ViTs, Swin)."""
+    try:
+        depth = len(adapter.blocks)
+    except BackboneError as error:
+        raise ConfigError(f"{method}: {error}") from None
+    return resolve_blocks(layers, depth, method)
 
 
 @dataclasses.dataclass
@@ -76,6 +85,11 @@ class LoRA(Method):
     identity_at_init = True
     test_options = {"rank": 2}
 
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """ViTs, and staged families whose transformer blocks the adapter lists (Swin)."""
+        return adapter.kind in cls.supported_kinds or adapter.has_transformer_blocks
+
     def __init__(self, config: LoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
         # The injected layers live in the backbone; this plain list (not submodules) lets merge() find them.
@@ -86,7 +100,7 @@ class LoRA(Method):
         config: LoRAConfig = self.config
         parts = sorted(QKV.index(t) for t in config.targets)
         adapter = adapter_for(backbone)
-        for index in resolve_blocks(config.layers, self.geometry.depth, self.name):
+        for index in adapted_blocks(adapter, config.layers, self.name):
             try:
                 attn, _ = adapter.qkv_slot(index, self.injections)
             except BackboneError as error:
@@ -100,7 +114,10 @@ class LoRA(Method):
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
-        """Blocks before the first adapted one are frozen (0 with the default ``layers=None``)."""
+        """Blocks before the first adapted one are frozen (0 with the default ``layers=None``; 0 on staged
+        families, whose only cache cut is after the last stage)."""
+        if self.geometry.kind != "vit":
+            return 0
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
 
     def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
