@@ -374,6 +374,32 @@ class BackboneAdapter:
         return shapes[: len(stages)]
 
 
+class TimmTokenAdapter(BackboneAdapter):
+    """Token families built the timm ViT way (ViT, EVA, BEiT): ``patch_embed``, ``blocks``, ``norm`` and
+    ``num_prefix_tokens`` are public attributes of the model, read here once for all of them."""
+
+    kind = "vit"
+
+    def input_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+
 _ADAPTERS: dict[type, type[BackboneAdapter]] = {}
 
 

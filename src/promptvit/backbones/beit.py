@@ -18,9 +18,9 @@ from torch import nn
 
 from promptvit.backbones.base import (
     AttentionParts,
-    BackboneAdapter,
     BackboneError,
     PartsFromCall,
+    TimmTokenAdapter,
     register_adapter,
     unwrap_base_layers,
 )
@@ -90,8 +90,7 @@ def relative_bias_attention_parts(attn: nn.Module, call: dict[str, Any]) -> Atte
 
 
 @register_adapter(Beit)
-class BeitAdapter(BackboneAdapter):
-    kind = "vit"
+class BeitAdapter(TimmTokenAdapter):
     family = "Beit"
     tiny_builds = {
         "beit": (
@@ -121,25 +120,6 @@ class BeitAdapter(BackboneAdapter):
             global_pool=model.global_pool,
             pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
-
-    def input_module(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.model.blocks
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def patch_embed(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.norm
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model

@@ -22,9 +22,9 @@ from torch import nn
 
 from promptvit.backbones.base import (
     AttentionParts,
-    BackboneAdapter,
     BackboneError,
     PartsFromCall,
+    TimmTokenAdapter,
     register_adapter,
     unwrap_base_layers,
 )
@@ -100,8 +100,7 @@ def rotary_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionPa
 
 
 @register_adapter(Eva)
-class EvaAdapter(BackboneAdapter):
-    kind = "vit"
+class EvaAdapter(TimmTokenAdapter):
     family = "Eva"
     tiny_builds = {
         # EVA-02: absolute + rotary positions, SwiGLU, q/v biases
@@ -150,25 +149,6 @@ class EvaAdapter(BackboneAdapter):
             class_token=model.cls_token is not None,
             pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
-
-    def input_module(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.model.blocks
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def patch_embed(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.norm
 
     def _tokens_and_rope(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         model = self.model

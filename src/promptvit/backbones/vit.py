@@ -17,9 +17,9 @@ from torch import nn
 
 from promptvit.backbones.base import (
     AttentionParts,
-    BackboneAdapter,
     BackboneError,
     Select,
+    TimmTokenAdapter,
     attend,
     register_adapter,
     unwrap_base_layers,
@@ -60,8 +60,7 @@ def _optional(module: nn.Module, name: str) -> nn.Module:
 
 
 @register_adapter(VisionTransformer)
-class ViTAdapter(BackboneAdapter):
-    kind = "vit"
+class ViTAdapter(TimmTokenAdapter):
     family = "VisionTransformer"
     tiny_builds = {
         "vit_token": (
@@ -133,25 +132,6 @@ class ViTAdapter(BackboneAdapter):
             class_token=model.cls_token is not None,
             pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
-
-    def input_module(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.model.blocks
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def patch_embed(self) -> nn.Module:
-        return self.model.patch_embed
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.norm
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
