@@ -357,7 +357,8 @@ def _reference_ept_attention(attn: torch.nn.Module, x: torch.Tensor, call: dict,
         npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
 
         def rotate(t):
-            return torch.cat([t[:, :, :npt], timm.layers.apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], 2)
+            rotated = timm.layers.apply_rot_embed_cat(t[:, :, npt:], rope, **({"half": True} if half else {}))
+            return torch.cat([t[:, :, :npt], rotated], 2)
 
         q, k = rotate(q), rotate(k)
     logits = (q @ k.transpose(-2, -1)) * attn.scale

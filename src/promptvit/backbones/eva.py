@@ -94,7 +94,9 @@ def rotary_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionPa
     prefix, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2)
+        # `half` exists only in newer timm; older ones rotate interleaved pairs, which is half=False
+        rotated = apply_rot_embed_cat(t[:, :, prefix:], rope, **({"half": True} if half else {}))
+        return torch.cat([t[:, :, :prefix], rotated], dim=2)
 
     return dataclasses.replace(parts, rotate=rotate)
 

@@ -28,8 +28,12 @@ from promptvit.backbones.geometry import Geometry
 
 
 def timm_attention_parts(attn: nn.Module) -> AttentionParts:
-    """The parts of a timm fused-qkv ``Attention`` (``gate`` and ``norm`` are optional across timm 1.0)."""
-    required = ("qkv", "num_heads", "scale", "q_norm", "k_norm", "attn_drop", "proj")
+    """The parts of a timm fused-qkv ``Attention``.
+
+    ``gate``, ``norm`` and the q/k norms are optional across timm 1.0 (EVA's attention in timm 1.0.9 has no
+    q/k norms: identity is what it computes).
+    """
+    required = ("qkv", "num_heads", "scale", "attn_drop", "proj")
     missing = [name for name in required if not hasattr(attn, name)]
     if missing:
         raise BackboneError(f"{type(attn).__name__} is not a timm fused-qkv attention: it lacks {missing}")
@@ -44,8 +48,8 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
         num_heads=num_heads,
         head_dim=head_dim,
         scale=float(attn.scale),
-        q_norm=attn.q_norm,
-        k_norm=attn.k_norm,
+        q_norm=_optional(attn, "q_norm"),
+        k_norm=_optional(attn, "k_norm"),
         attn_drop=attn.attn_drop,
         norm=_optional(attn, "norm"),
         gate=getattr(attn, "gate", None),  # timm >= 1.0.28 only
