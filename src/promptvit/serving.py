@@ -45,6 +45,7 @@ from promptvit.backbones import (
     sdpa_core,
     weights_fingerprint,
 )
+from promptvit.evaluation.probability import scores_from_logits
 from promptvit.layers.base import Injections
 from promptvit.layers.token_prompts import replace_prompts, strip_prompts
 from promptvit.methods.base import BatchedChange, ConfigError
@@ -471,7 +472,7 @@ class MultiTaskModel(nn.Module):
             if calibrated and calibration is not None:
                 out[name] = calibration.probabilities(logits)
             else:
-                out[name] = logits.sigmoid() if multilabel else logits.softmax(-1)
+                out[name] = scores_from_logits(logits, multilabel)
         return out
 
     def named_tasks(self) -> Iterator[tuple[str, str]]:

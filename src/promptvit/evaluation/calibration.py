@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from promptvit.errors import ArtifactError
+from promptvit.evaluation.probability import scores_from_logits
 
 LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
 SCALE_BOUNDS = (0.05, 20.0)
@@ -47,7 +48,7 @@ class Calibration:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         calibrated = self.apply(logits)
-        return calibrated.sigmoid() if self.kind == "platt" else calibrated.softmax(dim=1)
+        return scores_from_logits(calibrated, multilabel=self.kind == "platt")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "fitted_on": self.fitted_on}

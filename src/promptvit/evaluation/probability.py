@@ -34,6 +34,11 @@ PROBABILITY_METRICS = ("nll", "brier", "ece", "ece_mass", "mce")
 _EPS = 1e-12
 
 
+def scores_from_logits(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Class probabilities: softmax over classes, or a sigmoid per class for multi-label tasks."""
+    return logits.sigmoid() if multilabel else logits.softmax(dim=-1)
+
+
 def _top_label(scores: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     confidence, predicted = scores.max(dim=1)
     return confidence.numpy(), (predicted == targets).double().numpy()

@@ -40,7 +40,7 @@ from promptvit.evaluation import (
     threshold_report,
 )
 from promptvit.evaluation.calibration import artifact_calibration
-from promptvit.evaluation.probability import DEFAULT_BINS, reliability_of
+from promptvit.evaluation.probability import DEFAULT_BINS, reliability_of, scores_from_logits
 from promptvit.evaluation.thresholds import applies
 from promptvit.model import PromptModel
 from promptvit.train.engine import predict_logits
@@ -111,10 +111,6 @@ def fast_statistic(
     return generic
 
 
-def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    return logits.sigmoid() if multilabel else logits.softmax(dim=1)
-
-
 def test_with_calibration(
     model: PromptModel,
     test_set: Dataset,
@@ -138,7 +134,7 @@ def test_with_calibration(
     if targets is None:
         raise ValueError("testing needs (image, target) items")
     check_targets(targets, logits.shape[1], multilabel)
-    scores = _probabilities(logits, multilabel)
+    scores = scores_from_logits(logits, multilabel)
     metrics = compute_metrics(scores, targets, multilabel, class_names, bins=options.bins)
     metrics["loss"] = float(classification_loss(logits, targets, multilabel))
     metrics["reliability"] = reliability_of(scores, targets, multilabel, options.bins)
@@ -190,7 +186,7 @@ def artifact_probabilities(
     is False or it has none."""
     calibration = artifact_calibration(info, where) if calibrated else None
     if calibration is None:
-        return _probabilities(logits, info["multilabel"])
+        return scores_from_logits(logits, info["multilabel"])
     return calibration.probabilities(logits)
 
 
@@ -211,7 +207,7 @@ def evaluate_artifact(
     if targets is None:
         raise ValueError("evaluation needs (image, target) items")
     check_targets(targets, logits.shape[1], multilabel)
-    raw = _probabilities(logits, multilabel)
+    raw = scores_from_logits(logits, multilabel)
     calibration = artifact_calibration(info, where) if calibrated else None
     scores = calibration.probabilities(logits.double()) if calibration is not None else raw
     metrics = compute_metrics(scores, targets, multilabel, names, bins=bins)

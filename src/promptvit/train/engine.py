@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from promptvit.artifact import load_tuned_state
 from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, random_transform_steps
 from promptvit.errors import ConfigError, TrainingError
+from promptvit.evaluation.probability import scores_from_logits
 from promptvit.io import atomic_write_text
 from promptvit.model import PromptModel
 from promptvit.train import distributed
@@ -250,10 +251,6 @@ def _forward_all(
     return torch.cat(logits), (torch.cat(targets) if len(targets) == len(logits) else None)
 
 
-def _scores_from_logits(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    return logits.sigmoid() if multilabel else logits.softmax(dim=1)
-
-
 def predict_scores(
     model: PromptModel,
     data: Dataset | DataLoader,
@@ -282,7 +279,7 @@ def predict_scores(
         prefix_cache=prefix_cache,
         precision=precision,
     )
-    return _scores_from_logits(logits, multilabel)
+    return scores_from_logits(logits, multilabel)
 
 
 def predict_logits(
@@ -329,7 +326,7 @@ def evaluate(
     if targets is None:
         raise ValueError("evaluate needs (image, target) items; use predict_scores for unlabelled data")
     check_targets(targets, logits.shape[1], multilabel)
-    metrics = compute_metrics(_scores_from_logits(logits, multilabel), targets, multilabel, class_names)
+    metrics = compute_metrics(scores_from_logits(logits, multilabel), targets, multilabel, class_names)
     metrics["loss"] = float(classification_loss(logits, targets, multilabel))
     return metrics
 

@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from promptvit.backbones import classifier_name
-from promptvit.methods.base import ConfigError
+from promptvit.errors import ConfigError
+from promptvit.evaluation.probability import scores_from_logits
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
 
@@ -147,7 +148,7 @@ def fit_lbfgs_probe(
         if val is not None:
             with torch.no_grad():
                 logits = work(val[0])
-            scores = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            scores = scores_from_logits(logits, multilabel)
             metrics = compute_metrics(scores, val[1], multilabel, class_names)
             metrics["loss"] = float(classification_loss(logits, val[1], multilabel))
         solutions.append((l2, copy.deepcopy(work.state_dict()), metrics))
