@@ -178,6 +178,11 @@ def optimizer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
 
 
 
+def tuned_snapshot(model: PromptModel) -> dict[str, torch.Tensor]:
+    """A CPU copy of the tuned tensors (the best epoch's state, kept while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
+
+
 @dataclasses.dataclass
 class TrainingState:
     """Everything ``fit`` carries from epoch to epoch besides the model, optimiser and scheduler."""
@@ -216,7 +221,7 @@ class TrainingState:
         self.data_init = meta.get("data_init")
         if self.best_epoch is not None:
             self.best_state = (
-                {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
+                tuned_snapshot(model)
                 if meta["best_is_current"]
                 else prefixed(tensors, "best/")
             )

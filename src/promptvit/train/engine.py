@@ -83,6 +83,7 @@ from promptvit.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
     setup_of,
+    tuned_snapshot,
 )
 from promptvit.train.config import TrainConfig
 from promptvit.train.head_init import init_head
@@ -848,7 +849,7 @@ def fit(
         if probe.val_metrics is not None:
             state.best_epoch, state.best_metric = 1, probe.val_metric
             state.best_val_metrics = jsonable(probe.val_metrics)
-            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()}
+            state.best_state = tuned_snapshot(model)
         state.epoch = epochs  # no epochs to run
 
     if config.log_tensorboard and writes:
@@ -904,9 +905,7 @@ def fit(
                 if _is_better(value, state.best_metric, select):
                     is_best = True
                     state.best_epoch, state.best_metric, state.best_val_metrics = epoch, value, jsonable(metrics)
-                    state.best_state = {
-                        k: v.detach().to("cpu", copy=True) for k, v in model.tuned_state_dict().items()
-                    }
+                    state.best_state = tuned_snapshot(model)
             row["seconds"] = time.perf_counter() - started
             state.history.append(jsonable(row))
             if writes:
