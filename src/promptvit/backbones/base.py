@@ -399,6 +399,27 @@ class TimmTokenAdapter(BackboneAdapter):
     def final_norm(self) -> nn.Module:
         return self.model.norm
 
+    def token_geometry(self, *, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> Geometry:
+        """The geometry every timm token model states the same way; the family gives what it reads itself."""
+        model = self.model
+        return Geometry(
+            kind="vit",
+            architecture=type(model).__name__,
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            num_heads=num_heads,
+            num_prefix_tokens=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=tuple(model.patch_embed.patch_size),
+            mlp_hidden=mlp_hidden,
+            qkv_bias=qkv_bias,
+            global_pool=model.global_pool,
+            dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+            class_token=getattr(model, "cls_token", None) is not None,
+            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+        )
+
 
 _ADAPTERS: dict[type, type[BackboneAdapter]] = {}
 

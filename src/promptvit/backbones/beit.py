@@ -105,20 +105,10 @@ class BeitAdapter(TimmTokenAdapter):
     def geometry(self) -> Geometry:
         model = self.model
         attn = unwrap_base_layers(model.blocks[0].attn)
-        return Geometry(
-            kind="vit",
-            architecture=type(model).__name__,
-            embed_dim=model.embed_dim,
-            depth=len(model.blocks),
+        return self.token_geometry(
             num_heads=int(attn.num_heads),
-            num_prefix_tokens=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            img_size=tuple(model.patch_embed.img_size),
-            patch_size=tuple(model.patch_embed.patch_size),
             mlp_hidden=mlp_hidden_width(model.blocks[0].mlp),
             qkv_bias=attn.q_bias is not None,
-            global_pool=model.global_pool,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -134,22 +134,10 @@ class EvaAdapter(TimmTokenAdapter):
         has_bias = getattr(attn, "q_bias", None) is not None or (
             qkv is not None and unwrap_base_layers(qkv).bias is not None
         )
-        return Geometry(
-            kind="vit",
-            architecture=type(model).__name__,
-            embed_dim=model.embed_dim,
-            depth=len(model.blocks),
+        return self.token_geometry(
             num_heads=int(attn.num_heads),
-            num_prefix_tokens=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            img_size=tuple(model.patch_embed.img_size),
-            patch_size=tuple(model.patch_embed.patch_size),
             mlp_hidden=mlp_hidden_width(model.blocks[0].mlp),
             qkv_bias=has_bias,
-            global_pool=model.global_pool,
-            dynamic_img_size=bool(model.dynamic_img_size),
-            class_token=model.cls_token is not None,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
 
     def _tokens_and_rope(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

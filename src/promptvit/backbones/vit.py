@@ -119,22 +119,10 @@ class ViTAdapter(TimmTokenAdapter):
         model = self.model
         block = model.blocks[0]
         attn = self.attention(0)
-        return Geometry(
-            kind="vit",
-            architecture=type(model).__name__,
-            embed_dim=model.embed_dim,
-            depth=len(model.blocks),
+        return self.token_geometry(
             num_heads=attn.num_heads,
-            num_prefix_tokens=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            img_size=tuple(model.patch_embed.img_size),
-            patch_size=tuple(model.patch_embed.patch_size),
             mlp_hidden=unwrap_base_layers(block.mlp).fc1.out_features,
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
-            global_pool=model.global_pool,
-            dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-            class_token=model.cls_token is not None,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
