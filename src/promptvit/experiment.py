@@ -350,7 +350,7 @@ def run_pipeline(
     ``config.data.augment``; ``versions`` to ``environment()`` (read once per run).
     """
     writes = distributed.is_writer()  # under torchrun only rank 0 writes run files
-    guard_duplicates(split, config.data.allow_duplicates)
+    digests = guard_duplicates(split, config.data.allow_duplicates)
     line = split_summary_line(split)
     if writes:
         atomic_write_text(
@@ -361,7 +361,7 @@ def run_pipeline(
         atomic_write_text(run_dir / "data.txt", line + "\n" + split.summary() + "\n")
         warn_untrained_classes(split)
         warn_if_random_init(config.backbone)
-        recorded = record_split(split)
+        recorded = record_split(split, digests)
         if recorded is not None:  # `eval RUN` scores exactly these files later
             atomic_write_text(run_dir / SPLIT_FILES, json.dumps(recorded) + "\n")
     started = time.perf_counter()

@@ -38,6 +38,7 @@ from promptvit.data.sources import (
     read_image_folder,
     read_medfmc_list,
 )
+from promptvit.io import file_sha256
 
 _SHOWN = 5  # examples quoted per problem
 
@@ -417,18 +418,31 @@ def split_summary_line(split: FewShotSplit) -> str:
     return "data: " + ", ".join(parts)
 
 
-def guard_duplicates(split: FewShotSplit, allow: bool) -> list[Problem]:
-    """Raise DataError when two of train/val/test share identical files, unless ``allow``; return them.
+def _readable_digest(path: str) -> str | None:
+    """SHA-256 of a file, or None when it cannot be read (the dataset names it when it loads it)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
-    Files that do not exist are left to the dataset, which names them when it loads them.
+
+def guard_duplicates(split: FewShotSplit, allow: bool) -> dict[str, str]:
+    """Raise DataError when two of train/val/test share identical files, unless ``allow``.
+
+    Only content hashes are needed (no decoding); they are returned (normalised path -> SHA-256) so the
+    run's file record (``data.manifest.record_split``) does not read the files again. Files that do not
+    exist are left to the dataset, which names them when it loads them.
     """
     parts = {"train": split.train, "val": split.val, "test": split.test}
-    paths = [
-        os.path.normpath(s.path) for p in parts.values() for s in p.items if s.path and os.path.isfile(s.path)
-    ]
+    paths = sorted(
+        {os.path.normpath(s.path) for p in parts.values() for s in p.items if s.path and os.path.isfile(s.path)}
+    )
     if not paths:
-        return []
-    infos = inspect_files(paths)
+        return {}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL
+        found = dict(zip(paths, pool.map(_readable_digest, paths), strict=True))
+    digests = {path: digest for path, digest in found.items() if digest is not None}
+    infos = {path: FileInfo(digest, None, None) for path, digest in digests.items()}
     problems = cross_split_duplicates(parts, [("train", "val"), ("train", "test"), ("val", "test")], infos)
     if problems and not allow:
         raise DataError(
@@ -436,4 +450,4 @@ def guard_duplicates(split: FewShotSplit, allow: bool) -> list[Problem]:
             + ". Remove the copies (promptvit data check PATH lists them all), or pass "
             "--data.allow-duplicates true to train anyway."
         )
-    return problems
+    return digests

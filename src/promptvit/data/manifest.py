@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,17 @@ _HASHED_PARTS = ("val", "test")  # evaluated parts; train lists paths only (it c
 _MAX_LISTED = 5
 
 
-def record_split(split: FewShotSplit) -> dict[str, Any] | None:
-    """JSON-ready listing of the split's files; ``None`` for array-backed data (.npz, digits)."""
+def record_split(split: FewShotSplit, digests: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """JSON-ready listing of the split's files; ``None`` for array-backed data (.npz, digits).
+
+    ``digests`` (normalised path -> SHA-256, as ``data.check.guard_duplicates`` returns them) saves
+    reading files whose hash is already known.
+    """
+    known = digests or {}
+
+    def sha256(path: str) -> str:
+        return known.get(os.path.normpath(path)) or file_sha256(path)
+
     parts = {"train": split.train, "val": split.val, "test": split.test}
     if any(s.path is None for part in parts.values() for s in part.items):
         return None
@@ -37,7 +47,7 @@ def record_split(split: FewShotSplit) -> dict[str, Any] | None:
                 {
                     "path": os.path.abspath(s.path),  # type: ignore[arg-type]
                     "label": list(s.label) if isinstance(s.label, tuple) else s.label,
-                    **({"sha256": file_sha256(s.path)} if name in _HASHED_PARTS else {}),  # type: ignore[arg-type]
+                    **({"sha256": sha256(s.path)} if name in _HASHED_PARTS else {}),  # type: ignore[arg-type]
                 }
                 for s in part.items
             ],
