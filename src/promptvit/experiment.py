@@ -47,7 +47,7 @@ from promptvit.data.manifest import SPLIT_FILES, record_split
 from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
-from promptvit.train import Callback, FitResult, TrainConfig, distributed, evaluate, fit
+from promptvit.train import Callback, EvaluationConfig, FitResult, TrainConfig, distributed, evaluate, fit
 from promptvit.train.clinical import sample_groups, test_with_calibration
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class RunConfig(Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output_dir: str = "runs"
     name: str | None = Field(None, description="run folder name (default: method-shots-seed)")
 
@@ -368,6 +369,7 @@ def run_pipeline(
     model = build_model(config, split.train.num_classes)
     data_config = {**data_config_for(model, config.backbone), **(data_config_overrides or {})}
     augment = config.data.augment if augment is None else augment
+    augment = augment and not model.method.fits_head_to_convergence()  # a probe fits unaugmented features
     parts = {"train": split.train}
     if (select_on_val and len(split.val)) or evaluate_on == "val":
         parts["val"] = split.val
@@ -405,6 +407,7 @@ def run_pipeline(
         fingerprint=fingerprint,
         prefix_cache=cache,
         callbacks=[NMILogger()] if config.train.log_nmi else [],
+        ece_bins=config.evaluation.ece_bins,
     )
     if evaluate_on == "val" and select_on_val and result.val_metrics is not None:
         metrics = result.val_metrics  # the selected epoch's validation metrics, as fit computed them
@@ -424,6 +427,7 @@ def run_pipeline(
             artifact_dir=result.artifact_dir if writes else None,
             groups=groups,
             group_rule=group_rule,
+            options=config.evaluation,
             prefix_cache=cache,
             precision=config.train.precision,
         )
@@ -436,6 +440,7 @@ def run_pipeline(
             batch_size=config.train.eval_batch_size,
             prefix_cache=cache,
             precision=config.train.precision,
+            bins=config.evaluation.ece_bins,
         )
     return RunOutcome(
         model, result, metrics, data_config, versions, resumed, round(time.perf_counter() - started, 2)

@@ -134,3 +134,31 @@ def test_damaged_calibration_entry_is_a_clear_error(trained_run, tmp_path: Path)
 
     with pytest.raises(ArtifactError, match="damaged"):
         artifact_calibration(read_artifact_config(copy), copy)
+
+
+def test_the_evaluation_section_sets_bins_threshold_rule_and_interval(tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=10)
+    config = write_config(tmp_path, data)
+    raw = yaml.safe_load(config.read_text())
+    raw["evaluation"] = {
+        "ece_bins": 4,
+        "threshold_rule": "sensitivity",
+        "target_sensitivity": 1.0,
+        "bootstrap_resamples": 200,
+        "ci_level": 0.8,
+    }
+    config.write_text(yaml.safe_dump(raw))
+    result = invoke("train", "--config", str(config), "--seed", "0")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "linear-3shot-seed0"
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert len(test["reliability"]["counts"]) == 4 and len(test["calibrated"]["reliability"]["counts"]) == 4
+    assert test["thresholds"]["rule"] == "sensitivity"
+    assert read_artifact_config(run / "artifact")["thresholds"]["target_sensitivity"] == 1.0
+    assert test["ci"]["level"] == 0.8 and test["ci"]["resamples"] == 200
+    # `eval --bins` rescores with other bins; the ECE of one bin is |mean confidence - accuracy|
+    assert invoke("eval", str(run), "--uncalibrated", "--bins", "1", "--out", str(tmp_path / "one.json")).exit_code == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["ece"] == pytest.approx(one["mce"])
+    bad = invoke("train", "--config", str(config), "--seed", "1", "--evaluation.ece-bins", "0")
+    assert bad.exit_code != 0 and "ece_bins" in bad.output and "Traceback" not in bad.output

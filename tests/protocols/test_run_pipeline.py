@@ -116,3 +116,21 @@ def test_prompted_depth_is_asked_of_the_method(method: str, options: dict, expec
     model = promptvit.wrap(build_tiny("vit_token"), method, num_classes=2, **options)
     assert model.geometry.depth == 2
     assert model.method.prompted_depth(model.config, model.geometry.depth) == expected
+
+
+@pytest.mark.parametrize(("method", "options", "augmented"), [("linear", {}, True), ("linear", {"solver": "lbfgs"}, False)])
+def test_a_probe_fitted_to_convergence_sees_its_training_images_unaugmented(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, options: dict, augmented: bool
+) -> None:
+    train_flags: list[bool] = []
+    real_transforms = experiment.build_transforms
+
+    def recording_transforms(*args: Any, train: bool = False, **kwargs: Any) -> Any:
+        train_flags.append(train)
+        return real_transforms(*args, train=train, **kwargs)
+
+    monkeypatch.setattr(experiment, "build_transforms", recording_transforms)
+    spec = _spec(data, method=method)
+    config = spec.config.model_copy(update={"method": spec.config.method.model_copy(update={"options": options})})
+    execute(spec.model_copy(update={"config": config, "augment": True}), tmp_path / "run")
+    assert any(train_flags) is augmented

@@ -1,5 +1,6 @@
-"""HAM10000 K=10, EfficientNet-Lite0 at 224 px, 3 draws of the cnn_derm_224 protocol: features with the eval
-transform (no augmentation); our L-BFGS probe (l2 chosen on val) vs scikit-learn LogisticRegression (C=1)."""
+"""HAM10000 K=10, EfficientNet-Lite0 at 224 px, draws of the cnn_derm_224 protocol (seeds from the command
+line, default 0 1 2): features with the eval transform (no augmentation); our L-BFGS probe (l2 chosen on val)
+vs scikit-learn LogisticRegression (C=1) on the same features."""
 
 import json
 import sys
@@ -23,6 +24,8 @@ if not SHARED.is_dir():
     print(f"{SHARED} not found: skipping")
     sys.exit(0)
 cfg = load_sweep_config(HERE / "cnn_derm_224.yaml", {"shared": str(SHARED)})
+SEEDS = [int(s) for s in sys.argv[1:]] or [0, 1, 2]
+cfg = cfg.model_copy(update={"protocol": cfg.protocol.model_copy(update={"seeds": SEEDS})})
 out = {}
 for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
     t = time.time()

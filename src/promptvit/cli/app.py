@@ -224,6 +224,7 @@ def eval_(
     uncalibrated: Annotated[
         bool, typer.Option("--uncalibrated", help="score the raw probabilities, not the stored calibration")
     ] = False,
+    bins: Annotated[int, typer.Option(min=1, max=1000, help="bins of ECE, equal-mass ECE and MCE")] = 15,
 ) -> None:
     """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
     (exactly the files the run recorded; changed or vanished files are reported)."""
@@ -237,7 +238,12 @@ def eval_(
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         metrics = evaluate_artifact(
-            model, dataset, info, resolve_artifact_dir(run_or_artifact), calibrated=not uncalibrated
+            model,
+            dataset,
+            info,
+            resolve_artifact_dir(run_or_artifact),
+            calibrated=not uncalibrated,
+            bins=bins,
         )
         if out:
             atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")

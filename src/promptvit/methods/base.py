@@ -163,6 +163,12 @@ class Method(nn.Module):
         """
         return 0
 
+    def fits_head_to_convergence(self) -> bool:
+        """Whether training is one fit of the head to convergence on fixed features instead of epochs
+        (:mod:`promptvit.train.probe`); its training images then go through the evaluation transform, unaugmented,
+        as in the CLIP and DINOv2 linear evaluations."""
+        return False
+
     # Optional data-aware hooks (SPT, DA-VPT); the engine calls them, other methods keep the defaults.
     needs_data_init: ClassVar[bool] = False
 

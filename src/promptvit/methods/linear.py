@@ -36,13 +36,22 @@ class HeadSolverConfig(MethodConfig):
             )
 
 
+class SolvedHead:
+    """Mixed into the methods configured by a :class:`HeadSolverConfig`."""
+
+    config: HeadSolverConfig
+
+    def fits_head_to_convergence(self) -> bool:
+        return self.config.solver == "lbfgs"
+
+
 @dataclasses.dataclass
 class LinearConfig(HeadSolverConfig):
     """The frozen backbone's features feed a new linear head (see :class:`HeadSolverConfig` for the solver)."""
 
 
 @register_method
-class Linear(Method):
+class Linear(SolvedHead, Method):
     name = "linear"
     table_rank = 0
     is_baseline = True

@@ -9,7 +9,7 @@ from torch import nn
 
 from promptvit.backbones import Geometry, adapter_for, classifier_name
 from promptvit.methods.base import BatchedChange, ConfigError, Method, register_method
-from promptvit.methods.linear import HeadSolverConfig
+from promptvit.methods.linear import HeadSolverConfig, SolvedHead
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class MLPConfig(HeadSolverConfig):
 
 
 @register_method
-class MLP(Method):
+class MLP(SolvedHead, Method):
     name = "mlp"
     table_rank = 3
     config_class = MLPConfig

@@ -6,7 +6,7 @@ datasets of ``(image, target)`` pairs; it never imports ``promptvit.data`` or th
 
 from promptvit.errors import ResumeError, TrainingError
 from promptvit.train.callbacks import Callback
-from promptvit.train.config import TrainConfig
+from promptvit.train.config import EvaluationConfig, TrainConfig
 from promptvit.train.engine import FitResult, evaluate, fit, predict_logits, predict_scores
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
@@ -14,6 +14,7 @@ from promptvit.train.metrics import compute_metrics
 __all__ = [
     "Callback",
     "FitResult",
+    "EvaluationConfig",
     "ResumeError",
     "TrainConfig",
     "TrainingError",

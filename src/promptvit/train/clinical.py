@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,13 @@ from promptvit.evaluation.calibration import artifact_calibration
 from promptvit.evaluation.probability import DEFAULT_BINS, reliability_of, scores_from_logits
 from promptvit.evaluation.thresholds import applies
 from promptvit.model import PromptModel
+from promptvit.train.config import EvaluationConfig
 from promptvit.train.engine import predict_logits
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import compute_metrics
 
 #: CSV columns that name the patient/lesion/study an image belongs to, in order of preference
 GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
-
-
-@dataclass(frozen=True)
-class ClinicalOptions:
-    bins: int = DEFAULT_BINS
-    threshold_rule: str = "youden"
-    target_sensitivity: float = 0.9
-    resamples: int = 1000
-    level: float = 0.95
-    seed: int = 0
 
 
 def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
@@ -123,21 +113,21 @@ def test_with_calibration(
     artifact_dir: str | Path | None = None,
     groups: list[str] | None = None,
     group_rule: str = "images",
-    options: ClinicalOptions | None = None,
+    options: EvaluationConfig | None = None,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Fit calibration and thresholds on ``val_set``, store them in ``artifact_dir``, test once."""
-    options = options or ClinicalOptions()
+    options = options or EvaluationConfig()
     forward = {"batch_size": batch_size, "prefix_cache": prefix_cache, "precision": precision}
     logits, targets = predict_logits(model, test_set, **forward)
     if targets is None:
         raise ValueError("testing needs (image, target) items")
     check_targets(targets, logits.shape[1], multilabel)
     scores = scores_from_logits(logits, multilabel)
-    metrics = compute_metrics(scores, targets, multilabel, class_names, bins=options.bins)
+    metrics = compute_metrics(scores, targets, multilabel, class_names, bins=options.ece_bins)
     metrics["loss"] = float(classification_loss(logits, targets, multilabel))
-    metrics["reliability"] = reliability_of(scores, targets, multilabel, options.bins)
+    metrics["reliability"] = reliability_of(scores, targets, multilabel, options.ece_bins)
     if val_set is not None and len(val_set):
         val_logits, val_targets = predict_logits(model, val_set, **forward)
         calibration = fit_calibration(val_logits, val_targets, multilabel)
@@ -145,9 +135,9 @@ def test_with_calibration(
         metrics["calibration"] = calibration.to_dict()
         metrics["calibrated"] = {
             **probability_metrics(
-                calibrated, targets, multilabel, bins=options.bins, class_names=class_names
+                calibrated, targets, multilabel, bins=options.ece_bins, class_names=class_names
             ),
-            "reliability": reliability_of(calibrated, targets, multilabel, options.bins),
+            "reliability": reliability_of(calibrated, targets, multilabel, options.ece_bins),
         }
         stored: dict[str, Any] = {"calibration": calibration.to_dict()}
         if applies(len(class_names), multilabel):
@@ -171,9 +161,9 @@ def test_with_calibration(
             fast_statistic(main_metric, scores, targets, multilabel),
             len(targets),
             groups=groups,
-            resamples=options.resamples,
-            level=options.level,
-            seed=options.seed,
+            resamples=options.bootstrap_resamples,
+            level=options.ci_level,
+            seed=0,
         )
         metrics["ci"] = {"metric": main_metric, "group_rule": group_rule, **ci}
     return metrics

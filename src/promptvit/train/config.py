@@ -229,3 +229,29 @@ OMITTED_AT_DEFAULT = {
     "batchnorm_stats": "frozen",
     "recipe": None,
 }
+
+
+class EvaluationConfig(BaseModel):
+    """How a run's probabilities are scored, thresholded and given an interval (``evaluation:`` in a run
+    config; docs/clinical-evaluation.md). None of it changes training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ece_bins: int = Field(
+        15, ge=1, le=1000, description="Bins of ECE, equal-mass ECE, MCE and the reliability diagrams."
+    )
+    threshold_rule: Literal["youden", "sensitivity"] = Field(
+        "youden",
+        description=(
+            "Decision threshold of binary and multi-label tasks, chosen on validation: 'youden' maximises "
+            "sensitivity + specificity - 1; 'sensitivity' takes the highest threshold whose validation "
+            "sensitivity reaches `target_sensitivity`."
+        ),
+    )
+    target_sensitivity: float = Field(
+        0.9, gt=0, le=1, description="The sensitivity the 'sensitivity' threshold rule must reach on val."
+    )
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100_000, description="Resamples of the percentile bootstrap CI of the main metric."
+    )
+    ci_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")

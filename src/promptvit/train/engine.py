@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from promptvit.artifact import load_tuned_state
 from promptvit.cache import CachedBatches, PrefixCache, check_deterministic, random_transform_steps
 from promptvit.errors import ConfigError, TrainingError
-from promptvit.evaluation.probability import scores_from_logits
+from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.io import atomic_write_text
 from promptvit.model import PromptModel
 from promptvit.train import distributed
@@ -309,6 +309,7 @@ def evaluate(
     num_workers: int = 0,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    bins: int = DEFAULT_BINS,
 ) -> dict[str, Any]:
     """``compute_metrics`` on ``dataset`` (percentages) plus ``loss`` (the training loss, mean per image).
 
@@ -327,7 +328,9 @@ def evaluate(
     if targets is None:
         raise ValueError("evaluate needs (image, target) items; use predict_scores for unlabelled data")
     check_targets(targets, logits.shape[1], multilabel)
-    metrics = compute_metrics(scores_from_logits(logits, multilabel), targets, multilabel, class_names)
+    metrics = compute_metrics(
+        scores_from_logits(logits, multilabel), targets, multilabel, class_names, bins=bins
+    )
     metrics["loss"] = float(classification_loss(logits, targets, multilabel))
     return metrics
 
@@ -728,6 +731,7 @@ def fit(
     fingerprint: dict[str, Any] | None = None,
     prefix_cache: PrefixCache | None = None,
     callbacks: Sequence[Callback] = (),
+    ece_bins: int = DEFAULT_BINS,
 ) -> FitResult:
     """Train ``model``'s tuned parameters on ``train_set``; select the epoch on ``val_set``; save the artifact.
 
@@ -750,6 +754,7 @@ def fit(
             ``config.cache_dir`` if set); pass one to share prefixes with other runs or test evaluation.
         callbacks: watchers of the epochs (``promptvit.train.callbacks``), e.g. the NMI logger that
             ``config.log_nmi`` asks for; TensorBoard (``config.log_tensorboard``) is added here.
+        ece_bins: bins of the validation ECE, equal-mass ECE and MCE.
 
     Raises:
         TrainingError: non-finite loss, gradient norm or parameters (the last checkpoint stays intact).
@@ -828,7 +833,7 @@ def fit(
     elif model.method.needs_data_init:
         state.data_init = _data_init(model, train_set, config, device)
 
-    if saved is None and getattr(model.method.config, "solver", None) == "lbfgs":
+    if saved is None and model.method.fits_head_to_convergence():
         # A head fitted to convergence on cached features replaces the epochs (promptvit.train.probe).
         started = time.perf_counter()
         probe = fit_lbfgs_probe(
@@ -841,6 +846,7 @@ def fit(
             device=device,
             batch_size=config.eval_batch_size,
             l2_grid=model.method.config.l2_grid,
+            bins=ece_bins,
         )
         row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
         state.history = [jsonable({**row, "seconds": time.perf_counter() - started})]
@@ -897,6 +903,7 @@ def fit(
                     class_names=class_names,
                     batch_size=config.eval_batch_size,
                     num_workers=config.num_workers,
+                    bins=ece_bins,
                     **({"prefix_cache": cache} if cut else {}),
                     **({"precision": config.precision} if autocast_dtype is not None else {}),
                 )

@@ -10,8 +10,9 @@ search) in float64 until the gradient vanishes. This is scikit-learn's ``Logisti
 ``C = 1 / (lam * n)``. The strength with the best validation metric is kept (ties: the lower validation loss,
 then the stronger L2); without a validation set the middle of the grid is used. Strengths are visited from
 strong to weak, each warm-started from the previous solution. An MLP head (``mlp``) is fitted the same way
-from its initial weights (not convex: a local optimum). Features come from the datasets as given: with
-random training augmentation they are one random view per image (CLIP and DINOv2 use unaugmented images).
+from its initial weights (not convex: a local optimum). Features come from the datasets as given; the run
+pipeline gives the probe its training images through the evaluation transform, unaugmented, as CLIP and
+DINOv2 do (``Method.fits_head_to_convergence``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from promptvit.backbones import classifier_name
 from promptvit.errors import ConfigError
-from promptvit.evaluation.probability import scores_from_logits
+from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
 
@@ -128,6 +129,7 @@ def fit_lbfgs_probe(
     device: torch.device,
     batch_size: int = 64,
     l2_grid: tuple[float, ...] | list[float] | None = None,
+    bins: int = DEFAULT_BINS,
 ) -> ProbeResult:
     """Fit the classifier head of ``model`` (linear, or an MLP head) in place; see the module docstring."""
     head = model.backbone.get_submodule(classifier_name(model.backbone))
@@ -149,7 +151,7 @@ def fit_lbfgs_probe(
             with torch.no_grad():
                 logits = work(val[0])
             scores = scores_from_logits(logits, multilabel)
-            metrics = compute_metrics(scores, val[1], multilabel, class_names)
+            metrics = compute_metrics(scores, val[1], multilabel, class_names, bins=bins)
             metrics["loss"] = float(classification_loss(logits, val[1], multilabel))
         solutions.append((l2, copy.deepcopy(work.state_dict()), metrics))
         path.append((l2, None if metrics is None else metrics.get(select)))

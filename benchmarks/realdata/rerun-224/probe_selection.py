@@ -1,0 +1,107 @@
+"""How the L-BFGS probe should pick its L2 strength from 5 validation images per class: a study on
+development draws (seeds 100..104 of the cnn_derm_224 protocol), kept apart from the reported draws 0..9.
+
+For every draw: features of train/val/test with the eval transform, the whole L2 path (grid of
+promptvit.train.probe), and per strength the val accuracy, val loss and test balanced accuracy. Rules that
+look at val only are then scored on the test sets of these draws; scikit-learn's LogisticRegression(C=1)
+and the best strength in hindsight (test) are printed for scale.
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+
+from promptvit.data import ImageDataset, build_transforms
+from promptvit.experiment import build_model, data_config_for
+from promptvit.protocols import load_sweep_config
+from promptvit.protocols.runner import materialise
+from promptvit.train.losses import classification_loss
+from promptvit.train.probe import DEFAULT_L2_GRID, extract_features, fit_head
+
+torch.set_num_threads(1)
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[2].parent / "shared"
+if not SHARED.is_dir():
+    print(f"{SHARED} not found: skipping")
+    sys.exit(0)
+SEEDS = [int(s) for s in sys.argv[1:]] or [100, 101, 102, 103, 104]
+cfg = load_sweep_config(HERE / "cnn_derm_224.yaml", {"shared": str(SHARED)})
+cfg = cfg.model_copy(update={"protocol": cfg.protocol.model_copy(update={"seeds": SEEDS})})
+grid = sorted(DEFAULT_L2_GRID, reverse=True)
+draws = {}
+for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
+    started = time.time()
+    split = materialise(spec)
+    model = build_model(spec.config, split.train.num_classes)
+    dc = {**data_config_for(model, spec.config.backbone), "crop_pct": 1.0}
+    tf = build_transforms(dc, train=False)
+    feats = {
+        k: extract_features(model, ImageDataset(getattr(split, k), tf, False), batch_size=32, device=torch.device("cpu"))
+        for k in ("train", "val", "test")
+    }
+    head = torch.nn.Linear(feats["train"][0].shape[1], split.train.num_classes, dtype=torch.float64)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    path = []
+    for l2 in grid:  # strong to weak, warm-started, as the probe does
+        fit_head(head, feats["train"][0], feats["train"][1], l2)
+        with torch.no_grad():
+            val_logits, test_logits = head(feats["val"][0]), head(feats["test"][0])
+        path.append({
+            "l2": l2,
+            "val_acc": float((val_logits.argmax(1) == feats["val"][1]).double().mean()),
+            "val_loss": float(classification_loss(val_logits, feats["val"][1], False)),
+            "test_bal_acc": 100 * balanced_accuracy_score(feats["test"][1].numpy(), test_logits.argmax(1).numpy()),
+        })
+    sk = LogisticRegression(C=1.0, max_iter=5000).fit(feats["train"][0].numpy(), feats["train"][1].numpy())
+    sk_acc = 100 * balanced_accuracy_score(feats["test"][1].numpy(), sk.predict(feats["test"][0].numpy()))
+    draws[spec.seed] = {"path": path, "sklearn_C1": sk_acc, "seconds": round(time.time() - started, 1)}
+    print(spec.seed, "sklearn C=1:", round(sk_acc, 1), f"({draws[spec.seed]['seconds']} s)", flush=True)
+
+
+def rule_best_acc_loss(path):  # today's rule: best val accuracy, ties to the lower val loss
+    return max(range(len(path)), key=lambda i: (path[i]["val_acc"], -path[i]["val_loss"], -i))
+
+
+def rule_val_loss(path):  # the lowest val loss (NLL)
+    return min(range(len(path)), key=lambda i: path[i]["val_loss"])
+
+
+def rule_best_acc_middle(path):  # best val accuracy, ties to the middle of the tied strengths
+    best = max(p["val_acc"] for p in path)
+    tied = [i for i, p in enumerate(path) if p["val_acc"] == best]
+    return tied[len(tied) // 2]
+
+
+def rule_best_acc_weakest(path):  # best val accuracy, ties to the weakest L2
+    best = max(p["val_acc"] for p in path)
+    return max(i for i, p in enumerate(path) if p["val_acc"] == best)
+
+
+rules = {
+    "best val acc, ties -> lower val loss (current)": rule_best_acc_loss,
+    "lowest val loss": rule_val_loss,
+    "best val acc, ties -> middle of the tie": rule_best_acc_middle,
+    "best val acc, ties -> weakest L2": rule_best_acc_weakest,
+}
+summary = {}
+for name, rule in rules.items():
+    scores = [d["path"][rule(d["path"])]["test_bal_acc"] for d in draws.values()]
+    chosen = [d["path"][rule(d["path"])]["l2"] for d in draws.values()]
+    summary[name] = (statistics.mean(scores), statistics.stdev(scores), scores, chosen)
+sk = [d["sklearn_C1"] for d in draws.values()]
+oracle = [max(p["test_bal_acc"] for p in d["path"]) for d in draws.values()]
+summary["scikit-learn C=1 (fixed)"] = (statistics.mean(sk), statistics.stdev(sk), sk, None)
+summary["best strength on test (hindsight)"] = (statistics.mean(oracle), statistics.stdev(oracle), oracle, None)
+for name, (mean, std, scores, chosen) in summary.items():
+    l2s = "" if chosen is None else "  l2: " + ", ".join(f"{c:.3g}" for c in chosen)
+    print(f"{name:48s} {mean:5.1f} ± {std:4.1f}   " + ", ".join(f"{s:.1f}" for s in scores) + l2s)
+(HERE / "probe_selection.json").write_text(json.dumps({"seeds": SEEDS, "draws": draws}, indent=1) + "\n")
+print("log10 grid:", [round(float(np.log10(g)), 1) for g in grid])
