@@ -145,3 +145,18 @@ def test_report_cli_reference_option(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "report.md").read_text()
     assert "paired difference of test accuracy to vpt" in text and "to linear" in text
+
+
+def test_the_report_states_the_runs_own_evaluation_settings(tmp_path: Path) -> None:
+    """Bins, resamples and CI level come from the records; runs with other bins are left out of the pooled
+    reliability diagram instead of breaking it."""
+    rows = records()
+    for r in rows:
+        r["metrics"]["ci"].update(level=0.8, resamples=200)
+    four_bins = {"counts": [5, 5, 5, 5], "confidence": [0.1, 0.3, 0.6, 0.9], "accuracy": [0.2, 0.3, 0.5, 0.8]}
+    rows[0]["metrics"]["reliability"] = four_bins
+    table = _table(build_tables(rows), "calibration before")
+    notes = " ".join(table.notes)
+    assert "200 resamples" in notes and "3/4 bins" in notes
+    assert any("80% CI width" in column for column in table.columns)
+    assert write_report(LoadedRecords(records=rows), tmp_path).markdown.is_file()

@@ -68,6 +68,23 @@ def _cells(group: Any) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
     return cells
 
 
+def _stated(values: list[Any], fmt: str = "{}") -> str:
+    """One setting as the records hold it: its value, or every value when the runs differ."""
+    distinct = sorted({v for v in values if v is not None})
+    return "/".join(fmt.format(v) for v in distinct) if distinct else "?"
+
+
+def _evaluation_settings(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Bootstrap level and resamples and the number of ECE bins, read from the records (``evaluation:``)."""
+    ci = [(r.get("metrics") or {}).get("ci") or {} for r in records]
+    bins = [len(((r.get("metrics") or {}).get("reliability") or {}).get("counts") or []) or None for r in records]
+    return {
+        "level": _stated([c.get("level") for c in ci], "{:.0%}"),
+        "resamples": _stated([c.get("resamples") for c in ci]),
+        "bins": _stated(bins),
+    }
+
+
 def _draw(record: dict[str, Any]) -> tuple:
     return (record.get("split"), record.get("seed"))
 
@@ -119,6 +136,7 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
             ),
             "images",
         )
+        settings = _evaluation_settings([r for rs in by_method.values() for r in rs])
         tables.append(
             Table(
                 title=f"{where}: test {metric} with 95% CIs, calibration before → after temperature scaling",
@@ -126,7 +144,7 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
                     "method",
                     "draws",
                     f"{metric}: mean [95% CI over draws]",
-                    "per-run bootstrap 95% CI width (median)",
+                    f"per-run bootstrap {settings['level']} CI width (median)",
                     "ECE % (equal-width)",
                     "ECE % (equal-mass)",
                     "NLL",
@@ -137,10 +155,11 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
                 notes=[
                     "CI over draws: mean ± t(n−1) × sd / √n of the per-draw test scores (variation over "
                     "training draws and splits)",
-                    "per-run CI: percentile bootstrap over the test set (1000 resamples), units: "
-                    f"{group_rule}; the median width over draws",
+                    f"per-run CI: percentile bootstrap over the test set ({settings['resamples']} resamples), "
+                    f"units: {group_rule}; the median width over draws",
                     "calibration: fitted on each run's validation split only (single-label: one temperature; "
-                    "multi-label: per-class Platt); 15 bins; left of → as trained, right after calibration",
+                    f"multi-label: per-class Platt); {settings['bins']} bins; left of → as trained, right after "
+                    "calibration",
                 ],
             )
         )
@@ -261,6 +280,8 @@ def _pooled(records: list[dict[str, Any]], key: tuple[str, ...]) -> tuple[list[f
             bins = bins.get(k) if isinstance(bins, dict) else None
         if not bins:
             continue
+        if counts and len(bins["counts"]) != len(counts):
+            continue  # runs with another `evaluation.ece_bins` cannot share these bins
         if not counts:
             counts, conf, acc = (
                 [0.0] * len(bins["counts"]),
