@@ -348,3 +348,20 @@ def test_final_runs_wait_for_a_complete_search(backend_data, tmp_path: Path, mon
     outcome = run_sweep(config, results=tmp_path / "res")
     assert outcome.counts["search"] == {"skipped": 1, "ok": 1} and outcome.counts["final"] == {"ok": 2}
     assert not outcome.unresolved and not outcome.failures
+
+
+def test_grid_recipe_searches_the_protocol_recipes_lr_and_wd_grid(tmp_path: Path) -> None:
+    root = write_vtab_root(tmp_path / "vtab", ["cifar100"], classes=3)
+    raw = {
+        "protocol": {"name": "vtab", "root": str(root), "tasks": ["cifar100"]},  # recipe vpt-vtab by default
+        "base": tiny_base(epochs=1),
+        "methods": ["linear"],
+        "grid": "recipe",
+    }
+    config = SweepConfig.model_validate(raw)
+    # VPT's tune_vtab.py grid, as docs/recipes.md states it
+    assert config.grid["lr"] == [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
+    assert config.grid["weight_decay"] == [0.01, 0.001, 0.0001, 0.0]
+    fewshot = {**raw, "protocol": {"name": "fewshot", "tasks": {"t": {"kind": "folder", "path": str(root)}}}}
+    with pytest.raises(ValueError, match="grid: recipe needs a protocol recipe that states a grid.*vpt-fgvc"):
+        SweepConfig.model_validate(fewshot)

@@ -34,8 +34,8 @@ A sweep YAML (``promptvit sweep FILE.yaml``; relative paths are relative to the 
       - ept.dp                       # EPT, d_p in {5 .. 600} chosen on val
       - {preset: vpt.np, label: vpt}
       - {method: lora, options: {rank: 8}, train: {lr: 0.001}, label: lora-r8}
-    grid:                            # TrainConfig fields searched for every method (train_grid overrides)
-      lr: [0.01, 0.001]
+    grid:                            # TrainConfig fields searched for every method (train_grid overrides);
+      lr: [0.01, 0.001]              # `grid: recipe` searches the protocol recipe's grid (VPT's lr x wd)
       weight_decay: [0.0, 0.0001]
     results: results/medfmc          # the results store (--results overrides)
     runner: {backend: inprocess}     # or {backend: process, workers: 2} / {backend: ray, ray_num_cpus: 4}
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from promptvit.io import atomic_write_text, read_yaml_mapping
 from promptvit.methods.base import ConfigError, available_methods
@@ -65,6 +65,7 @@ from promptvit.protocols.runner import run_and_record
 from promptvit.protocols.spec import Protocol, ProtocolError, RunSpec, Strict, Unit, config_hash
 from promptvit.protocols.store import ResultStore, load_records
 from promptvit.protocols.vtab import VTABProtocol
+from promptvit.recipes import RECIPES, get_recipe
 
 Backend = Literal["inprocess", "process", "ray"]
 
@@ -88,7 +89,7 @@ class MethodPreset(Strict):
     description: str = ""
 
 
-# The papers' grids (EPT Sec. 4 and appendix; VPT; LoRA/adapter ranks as in the issue's sweep list).
+# The papers' grids (EPT Sec. 4 and appendix; VPT; LoRA ranks and adapter reduction rates).
 EPT_PROMPT_LENGTHS = [5, 10, 20, 50, 100, 200, 400, 600]
 VPT_PROMPT_LENGTHS = [1, 5, 10, 50, 100, 150]
 LOW_RANKS = [1, 4, 8, 32, 64]
@@ -303,6 +304,10 @@ class RunnerOptions(Strict):
     gpus_per_run: float = Field(0, ge=0, description="Ray: GPUs reserved per run")
 
 
+def _recipes_with_grid() -> list[str]:
+    return sorted(name for name, recipe in RECIPES.items() if recipe.protocol_value("grid"))
+
+
 class SweepConfig(Strict):
     """A sweep YAML: protocol + base run config + methods + grids (+ where results go and how to run)."""
 
@@ -311,7 +316,10 @@ class SweepConfig(Strict):
     protocol: ProtocolConfig
     base: dict[str, Any] = Field(description="RunConfig fields (backbone, train, data options, method)")
     methods: list[str | MethodPreset] = Field(default_factory=lambda: ["linear"])
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="TrainConfig field -> values")
+    grid: dict[str, list[Any]] | Literal["recipe"] = Field(
+        default_factory=dict,
+        description="TrainConfig field -> values, or 'recipe': the protocol recipe's lr/wd grid (VPT's)",
+    )
     results: str | None = None
     runner: RunnerOptions = Field(default_factory=RunnerOptions)
 
@@ -328,6 +336,21 @@ class SweepConfig(Strict):
         if not value:
             raise ValueError("methods is empty: list at least one method or preset to run")
         return value
+
+    @model_validator(mode="after")
+    def _recipe_grid(self) -> SweepConfig:
+        """``grid: recipe`` becomes the grid the protocol's recipe states (its ``train.`` keys unprefixed)."""
+        if self.grid != "recipe":
+            return self
+        recipe = self.protocol.recipe
+        grid = get_recipe(recipe).protocol_value("grid") if recipe else None
+        if not grid:
+            raise ValueError(
+                f"grid: recipe needs a protocol recipe that states a grid; the protocol's recipe is {recipe!r} "
+                f"(recipes with one: {', '.join(_recipes_with_grid())}); give the grid as field -> values instead"
+            )
+        self.grid = {key.removeprefix("train."): list(values) for key, values in grid.items()}
+        return self
 
     @field_validator("base")
     @classmethod
