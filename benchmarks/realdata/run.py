@@ -33,7 +33,7 @@ CONFIGS = {
     "default": ["vit_medmnist.yaml", "cnn_derm.yaml"],
     "full": ["vit_medmnist_full.yaml", "cnn_derm_full.yaml"],
     "smoke": ["vit_medmnist.yaml", "cnn_derm.yaml"],
-    "clinical": ["clinical_pneumonia.yaml", "clinical_ham224.yaml"],
+    "clinical": ["clinical_pneumonia.yaml", "clinical_ham224.yaml", "clinical_ham224_recipe.yaml"],
 }
 CITATIONS = [
     "Data (read from ../shared/data, not redistributed): MedMNIST v2 PneumoniaMNIST, BreastMNIST, RetinaMNIST "

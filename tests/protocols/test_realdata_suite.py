@@ -32,9 +32,14 @@ def test_suite_skips_cleanly_without_shared_data(tmp_path: Path, monkeypatch, ca
 def test_committed_configs_validate(name: str) -> None:
     config = load_sweep_config(SUITE / "configs" / name, {"shared": "/nonexistent/shared"})
     labels = [resolve_preset(m).label for m in config.methods]
-    if name.startswith("clinical"):  # many draws at one K, linear first (the paired baseline)
-        assert len(labels) == len(set(labels)) >= 4 and labels[0] == "linear"
+    if name.startswith("clinical"):  # many draws at one K
         assert config.protocol.shots == [10] and len(config.protocol.seeds) >= 10
+        if config.protocol.recipe is None:  # a main table: linear first (the paired baseline)
+            assert len(labels) == len(set(labels)) >= 4 and labels[0] == "linear"
+        else:  # rows trained by a paper's recipe, paired with the main table's draws of the same task
+            main = load_sweep_config(SUITE / "configs" / name.replace("_recipe", ""), {"shared": "/nonexistent/shared"})
+            assert config.protocol.seeds == main.protocol.seeds and config.protocol.tasks == main.protocol.tasks
+            assert not set(labels) & {resolve_preset(m).label for m in main.methods}
     else:
         assert len(labels) == len(set(labels)) >= 8
         assert set(config.protocol.shots) >= {1, 5, 10} and len(config.protocol.seeds) >= 5
