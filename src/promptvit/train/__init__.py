@@ -13,8 +13,8 @@ from promptvit.train.metrics import compute_metrics
 
 __all__ = [
     "Callback",
-    "FitResult",
     "EvaluationConfig",
+    "FitResult",
     "ResumeError",
     "TrainConfig",
     "TrainingError",
