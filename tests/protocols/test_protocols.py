@@ -25,7 +25,9 @@ from promptvit.protocols import (
     materialise,
     train_hash,
 )
+from promptvit.protocols.spec import resolved_config
 from promptvit.protocols.sweep import resolve_preset
+from promptvit.train import EvaluationConfig
 
 from .helpers import tiny_base, write_fgvc_root, write_image_folder, write_medfmc_root, write_vtab_root
 
@@ -213,3 +215,16 @@ def test_fewshot_check_reads_labels_before_any_run(tmp_path: Path) -> None:
         FewShotProtocol(tasks={"bad": {"kind": "csv", "path": str(csv)}}).check()
     with pytest.raises(ProtocolError, match="column"):
         FewShotProtocol(tasks={"bad": {"kind": "csv", "path": str(csv), "label_column": "dx"}}).check()
+
+
+def test_the_evaluation_section_at_its_defaults_leaves_run_identities_unchanged(tmp_path: Path) -> None:
+    """Records written before RunConfig had `evaluation` must still be found: the section is hashed only when
+    something in it is set (an empty section would have changed every hash)."""
+    data = write_image_folder(tmp_path / "d")
+    spec = FewShotProtocol(tasks={"a": {"path": str(data)}}).run_specs(tiny_base(), method="linear")[0]
+    assert "evaluation" not in resolved_config(spec)["config"]
+    binned = spec.model_copy(
+        update={"config": spec.config.model_copy(update={"evaluation": EvaluationConfig(ece_bins=10)})}
+    )
+    assert resolved_config(binned)["config"]["evaluation"] == {"ece_bins": 10}
+    assert config_hash(binned) != config_hash(spec)

@@ -151,6 +151,8 @@ def _config_part(spec: RunSpec) -> dict[str, Any]:
     a default that keeps the old behaviour); the record still stores the full config for auditing.
     """
     config = _without_defaults(spec.config)
+    if not config.get("evaluation"):  # a section added after records existed: at its defaults, no hash change
+        config.pop("evaluation", None)
     config.pop("output_dir", None)
     config.pop("name", None)
     for key in OPERATIONAL_FIELDS:
