@@ -3,8 +3,9 @@ development draws (seeds 100..104 of the cnn_derm_224 protocol), kept apart from
 
 For every draw: features of train/val/test with the eval transform, the whole L2 path (grid of
 promptvit.train.probe), and per strength the val accuracy, val loss and test balanced accuracy. Rules that
-look at val only are then scored on the test sets of these draws; scikit-learn's LogisticRegression(C=1)
-and the best strength in hindsight (test) are printed for scale.
+look at val only (and one that cross-validates on train + val pooled) are then scored on the test sets of
+these draws; scikit-learn's LogisticRegression(C=1) and the best strength in hindsight (test) are printed for
+scale.
 """
 
 import json
@@ -60,6 +61,28 @@ for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
             "val_loss": float(classification_loss(val_logits, feats["val"][1], False)),
             "test_bal_acc": 100 * balanced_accuracy_score(feats["test"][1].numpy(), test_logits.argmax(1).numpy()),
         })
+    # 5-fold cross-validation on train + val pooled (stratified: 3 images per class per fold)
+    pooled_x = torch.cat([feats["train"][0], feats["val"][0]])
+    pooled_y = torch.cat([feats["train"][1], feats["val"][1]])
+    folds = torch.empty_like(pooled_y)
+    for c in pooled_y.unique():
+        where = (pooled_y == c).nonzero().flatten()
+        where = where[torch.randperm(len(where), generator=torch.Generator().manual_seed(int(c)))]
+        folds[where] = torch.arange(len(where)) % 5
+    correct, losses = torch.zeros(len(grid)), torch.zeros(len(grid))
+    for fold in range(5):
+        inside, held = folds != fold, folds == fold
+        cv_head = torch.nn.Linear(pooled_x.shape[1], split.train.num_classes, dtype=torch.float64)
+        torch.nn.init.zeros_(cv_head.weight)
+        torch.nn.init.zeros_(cv_head.bias)
+        for i, l2 in enumerate(grid):
+            fit_head(cv_head, pooled_x[inside], pooled_y[inside], l2)
+            with torch.no_grad():
+                logits = cv_head(pooled_x[held])
+            correct[i] += float((logits.argmax(1) == pooled_y[held]).sum())
+            losses[i] += float(classification_loss(logits, pooled_y[held], False)) * int(held.sum())
+    for i, point in enumerate(path):
+        point["cv_acc"], point["cv_loss"] = float(correct[i]) / len(pooled_y), float(losses[i]) / len(pooled_y)
     sk = LogisticRegression(C=1.0, max_iter=5000).fit(feats["train"][0].numpy(), feats["train"][1].numpy())
     sk_acc = 100 * balanced_accuracy_score(feats["test"][1].numpy(), sk.predict(feats["test"][0].numpy()))
     draws[spec.seed] = {"path": path, "sklearn_C1": sk_acc, "seconds": round(time.time() - started, 1)}
@@ -85,11 +108,16 @@ def rule_best_acc_weakest(path):  # best val accuracy, ties to the weakest L2
     return max(i for i, p in enumerate(path) if p["val_acc"] == best)
 
 
+def rule_cv(path):  # best 5-fold CV accuracy on train + val pooled, ties to the lower CV loss
+    return max(range(len(path)), key=lambda i: (path[i]["cv_acc"], -path[i]["cv_loss"], -i))
+
+
 rules = {
     "best val acc, ties -> lower val loss (current)": rule_best_acc_loss,
     "lowest val loss": rule_val_loss,
     "best val acc, ties -> middle of the tie": rule_best_acc_middle,
     "best val acc, ties -> weakest L2": rule_best_acc_weakest,
+    "5-fold CV on train + val, ties -> lower CV loss": rule_cv,
 }
 summary = {}
 for name, rule in rules.items():
