@@ -14,12 +14,14 @@ import json
 import statistics
 from pathlib import Path
 
+from promptvit.methods import get_method
 from promptvit.protocols.stats import paired_comparison
 
 
 def scores(paths: list[Path], task: str) -> dict[str, dict[int, float]]:
-    """label -> seed -> balanced accuracy (the test set is balanced, 30 images per class)."""
+    """label -> seed -> balanced accuracy (the test set is balanced, 30 images per class), in table order."""
     out: dict[str, dict[int, float]] = {}
+    rank: dict[str, tuple[int, str]] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             record = json.loads(line)
@@ -27,7 +29,8 @@ def scores(paths: list[Path], task: str) -> dict[str, dict[int, float]]:
                 continue
             label = record.get("label") or record["method"]
             out.setdefault(label, {})[record["seed"]] = record["metrics"]["balanced_accuracy"]
-    return out
+            rank[label] = (get_method(record.get("method_name") or record["method"]).table_rank, label)
+    return {label: out[label] for label in sorted(out, key=rank.__getitem__)}
 
 
 def cell(values: list[float]) -> str:
