@@ -16,7 +16,9 @@ def test_analyze_a_run_writes_every_figure_and_json(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "vpt"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     out = tmp_path / "analysis"
-    result = invoke("analyze", str(run), "--out", str(out), "--compare", str(tmp_path / "runs" / "linear"))
+    result = invoke(
+        "analyze", str(run), "--out", str(out), "--compare", str(tmp_path / "runs" / "linear"), "--bins", "4"
+    )
     assert result.exit_code == 0, result.output
     numbers = json.loads((out / "analysis.json").read_text())
     assert numbers["sample"]["n"] > 0
@@ -26,6 +28,7 @@ def test_analyze_a_run_writes_every_figure_and_json(tmp_path: Path) -> None:
     stored_t = json.loads((run / "artifact" / "adapter_config.json").read_text())["calibration"]["temperature"]
     assert set(reliability) == {"vpt", "linear"} and set(reliability["vpt"]) == {"as trained", "calibrated"}
     assert sum(reliability["vpt"]["as trained"]["bins"]["counts"]) == numbers["sample"]["n"]
+    assert len(reliability["vpt"]["as trained"]["bins"]["counts"]) == 4  # --bins
     if abs(stored_t - 1.0) > 1e-3:  # the stored temperature changes the probabilities, hence the NLL
         assert reliability["vpt"]["calibrated"]["nll"] != reliability["vpt"]["as trained"]["nll"]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # run folder untouched

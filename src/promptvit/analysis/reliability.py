@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from promptvit.analysis._plotting import colour, new_figure, save_figure, wrap
-from promptvit.evaluation.probability import probability_metrics, reliability_of
+from promptvit.evaluation.probability import DEFAULT_BINS, probability_metrics, reliability_of
 
 
 def reliability_view(
@@ -23,7 +23,7 @@ def reliability_view(
     multilabel: bool,
     path: str | Path,
     *,
-    bins: int = 15,
+    bins: int = DEFAULT_BINS,
 ) -> dict[str, Any]:
     """``runs``: model name -> {"as trained" | "calibrated": (probabilities, targets)}. One panel per model;
     returns the bins and ECE/NLL/Brier of every curve drawn."""

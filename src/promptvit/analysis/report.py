@@ -55,6 +55,7 @@ from promptvit.analysis.extract import (
 )
 from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
 from promptvit.analysis.reliability import reliability_view
+from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.io import atomic_write_text
 
 RUN_MARKERS = (
@@ -326,6 +327,7 @@ def analyze(
     nmi_scale: float = 1.0,
     debiased_cka: bool = False,
     calibrations: Mapping[str, Any] | None = None,
+    reliability_bins: int = DEFAULT_BINS,
 ) -> dict[str, Any]:
     """Run every applicable view (module docstring), write PNGs and ``analysis.json`` to ``out_dir``.
 
@@ -341,6 +343,7 @@ def analyze(
         name: the main model's name in figures (default: its method name).
         calibrations: model name -> a stored ``Calibration`` (or None): the reliability diagram then also
             draws the calibrated probabilities.
+        reliability_bins: equal-width bins of the reliability diagram and its ECE.
     Returns:
         the content of ``analysis.json``.
     """
@@ -407,11 +410,11 @@ def analyze(
     multilabel = torch.cat(states[main_name].targets).ndim == 2  # multi-hot targets: sigmoid probabilities
     for n, s in states.items():
         logits, targets = torch.cat(s.logits), torch.cat(s.targets)
-        curves[n] = {"as trained": (logits.sigmoid() if multilabel else logits.softmax(1), targets)}
+        curves[n] = {"as trained": (scores_from_logits(logits, multilabel), targets)}
         calibration = (calibrations or {}).get(n)
         if calibration is not None:
             curves[n]["calibrated"] = (calibration.probabilities(logits.double()), targets)
-    views["reliability"] = reliability_view(curves, multilabel, out / "reliability.png")
+    views["reliability"] = reliability_view(curves, multilabel, out / "reliability.png", bins=reliability_bins)
     files.append("reliability.png")
 
     vit_runs = [n for n, m in runs.items() if geometry_for(m).kind == "vit"]

@@ -328,6 +328,7 @@ def analyze(
     ] = None,
     max_samples: Annotated[int, typer.Option(help="images drawn (seeded) from the dataset")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the subsample and t-SNE")] = 0,
+    bins: Annotated[int, typer.Option(min=1, max=1000, help="bins of the reliability diagram")] = 15,
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
@@ -354,6 +355,7 @@ def analyze(
             compare=others or None,
             name=run_or_artifact.name,
             calibrations=calibrations,
+            reliability_bins=bins,
         )
     except (*USER_ERRORS, ValueError) as error:
         fail(error)
