@@ -19,7 +19,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     from promptvit.methods.base import ConfigError
 
     return read_yaml_mapping(
-        path, name="config file", holds="sections backbone, method, data, train", error=ConfigError
+        path, name="config file", holds="sections backbone, method, data, train, evaluation", error=ConfigError
     )
 
 
