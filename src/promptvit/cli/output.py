@@ -26,7 +26,9 @@ def fail(error: BaseException) -> NoReturn:
     if state["debug"]:
         raise error
     if isinstance(error, ValidationError):
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
+        lines = [
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()
+        ]
         message = "invalid config: " + "; ".join(lines)
     else:
         message = str(error)
