@@ -399,6 +399,12 @@ class TimmTokenAdapter(BackboneAdapter):
     def final_norm(self) -> nn.Module:
         return self.model.norm
 
+    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "attn"
+
+    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
+        return self.model.blocks[block], "mlp"
+
     def token_geometry(self, *, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> Geometry:
         """The geometry every timm token model states the same way; the family gives what it reads itself."""
         model = self.model

@@ -125,12 +125,6 @@ class BeitAdapter(TimmTokenAdapter):
             tokens = block(tokens, shared_rel_pos_bias=shared)
         return tokens
 
-    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "attn"
-
-    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "mlp"
-
     def attention(self, block: int) -> AttentionParts:
         raise BackboneError(
             f"{type(self.model).__name__} adds a relative position bias inside its attention; "

@@ -170,12 +170,6 @@ class EvaAdapter(TimmTokenAdapter):
             tokens = block(tokens, rope=block_rope)
         return tokens
 
-    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "attn"
-
-    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "mlp"
-
     def attention(self, block: int) -> AttentionParts:
         attn = unwrap_base_layers(self.model.blocks[block].attn)
         if self.model.rope is not None:

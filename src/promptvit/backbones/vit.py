@@ -138,12 +138,6 @@ class ViTAdapter(TimmTokenAdapter):
             return checkpoint_seq(blocks, tokens)
         return super().forward_blocks(tokens, blocks)
 
-    def attention_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "attn"
-
-    def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
-        return self.model.blocks[block], "mlp"
-
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
 
