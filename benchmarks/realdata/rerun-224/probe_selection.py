@@ -12,41 +12,22 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from draws import HERE, eval_draws
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from promptvit.data import ImageDataset, build_transforms
-from promptvit.experiment import build_model, data_config_for
-from promptvit.protocols import load_sweep_config
-from promptvit.protocols.runner import materialise
 from promptvit.train.losses import classification_loss
-from promptvit.train.probe import DEFAULT_L2_GRID, extract_features, fit_head
+from promptvit.train.probe import DEFAULT_L2_GRID, fit_head
 
-torch.set_num_threads(1)
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[2].parent / "shared"
-if not SHARED.is_dir():
-    print(f"{SHARED} not found: skipping")
-    sys.exit(0)
 SEEDS = [int(s) for s in sys.argv[1:]] or [100, 101, 102, 103, 104]
-cfg = load_sweep_config(HERE / "cnn_derm_224.yaml", {"shared": str(SHARED)})
-cfg = cfg.model_copy(update={"protocol": cfg.protocol.model_copy(update={"seeds": SEEDS})})
 grid = sorted(DEFAULT_L2_GRID, reverse=True)
 draws = {}
-for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
-    started = time.time()
-    split = materialise(spec)
-    model = build_model(spec.config, split.train.num_classes)
-    dc = {**data_config_for(model, spec.config.backbone), "crop_pct": 1.0}
-    tf = build_transforms(dc, train=False)
-    feats = {
-        k: extract_features(model, ImageDataset(getattr(split, k), tf, False), batch_size=32, device=torch.device("cpu"))
-        for k in ("train", "val", "test")
-    }
+started = time.time()  # reset after each draw, so that a draw's time includes its feature extraction
+for draw in eval_draws(SEEDS):
+    spec, split, feats = draw["spec"], draw["split"], draw["feats"]
     head = torch.nn.Linear(feats["train"][0].shape[1], split.train.num_classes, dtype=torch.float64)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -87,6 +68,7 @@ for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
     sk_acc = 100 * balanced_accuracy_score(feats["test"][1].numpy(), sk.predict(feats["test"][0].numpy()))
     draws[spec.seed] = {"path": path, "sklearn_C1": sk_acc, "seconds": round(time.time() - started, 1)}
     print(spec.seed, "sklearn C=1:", round(sk_acc, 1), f"({draws[spec.seed]['seconds']} s)", flush=True)
+    started = time.time()
 
 
 def rule_best_acc_loss(path):  # today's rule: best val accuracy, ties to the lower val loss

@@ -5,41 +5,21 @@ vs scikit-learn LogisticRegression (C=1) on the same features."""
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from draws import CPU, eval_draws
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from promptvit.data import ImageDataset, build_transforms
-from promptvit.experiment import build_model, data_config_for
-from promptvit.protocols import load_sweep_config
-from promptvit.protocols.runner import materialise
-from promptvit.train.probe import extract_features, fit_lbfgs_probe
+from promptvit.train.probe import fit_lbfgs_probe
 
-torch.set_num_threads(1)
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[2].parent / "shared"
-if not SHARED.is_dir():
-    print(f"{SHARED} not found: skipping")
-    sys.exit(0)
-cfg = load_sweep_config(HERE / "cnn_derm_224.yaml", {"shared": str(SHARED)})
-SEEDS = [int(s) for s in sys.argv[1:]] or [0, 1, 2]
-cfg = cfg.model_copy(update={"protocol": cfg.protocol.model_copy(update={"seeds": SEEDS})})
 out = {}
-for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
-    t = time.time()
-    split = materialise(spec)
-    model = build_model(spec.config, split.train.num_classes)
-    dc = data_config_for(model, spec.config.backbone)
-    dc["crop_pct"] = 1.0
-    tf = build_transforms(dc, train=False)
-    sets = {k: ImageDataset(getattr(split, k), tf, False) for k in ("train", "val", "test")}
-    dev = torch.device("cpu")
-    feats = {k: extract_features(model, v, batch_size=32, device=dev) for k, v in sets.items()}
+t = time.time()  # reset after each draw, so that a draw's time includes its feature extraction
+for draw in eval_draws([int(s) for s in sys.argv[1:]] or [0, 1, 2]):
+    spec, split, model, sets, feats = (draw[k] for k in ("spec", "split", "model", "sets", "feats"))
     names = split.train.class_names
     probe = fit_lbfgs_probe(
-        model, sets["train"], sets["val"], multilabel=False, select="accuracy", class_names=names, device=dev
+        model, sets["train"], sets["val"], multilabel=False, select="accuracy", class_names=names, device=CPU
     )
     head = model.get_classifier()
     with torch.no_grad():
@@ -55,4 +35,5 @@ for spec in cfg.protocol.run_specs(cfg.base, method="linear"):
         "seconds": time.time() - t,
     }
     print(spec.seed, out[spec.seed], flush=True)
+    t = time.time()
 print(json.dumps(out, indent=1))
