@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from promptvit.evaluation.probability import DEFAULT_BINS
+
 
 class TrainConfig(BaseModel):
     """Options of one run of :func:`promptvit.train.fit`. Unknown keys raise a validation error."""
@@ -238,7 +240,7 @@ class EvaluationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ece_bins: int = Field(
-        15, ge=1, le=1000, description="Bins of ECE, equal-mass ECE, MCE and the reliability diagrams."
+        DEFAULT_BINS, ge=1, le=1000, description="Bins of ECE, equal-mass ECE, MCE and the reliability diagrams."
     )
     threshold_rule: Literal["youden", "sensitivity"] = Field(
         "youden",
