@@ -17,6 +17,7 @@ beside the files. How our LoRA maps onto peft's is described in ``docs/export.md
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,13 +29,22 @@ from torch import nn
 
 from promptvit.artifact import ArtifactError, load, read_artifact_config
 from promptvit.errors import ExportError
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, check_output_path, output_folder
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import TunerLayer
 from promptvit.model import PromptModel
 
 FORMATS = ("peft", "onnx", "merged-timm")
 EXPORT_FILE = "export.json"
+#: every file an export writes, in any format; only these are ever replaced in an export folder
+EXPORT_FILES = (
+    EXPORT_FILE,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+    "model.onnx",
+)
 #: exported logits must agree with the PromptModel's within ATOL + RTOL * max|logits| (float32, CPU)
 ATOL, RTOL = 1e-4, 1e-4
 ONNX_OPSET = 17
@@ -50,15 +60,16 @@ def export(
 ) -> dict[str, Any]:
     """Export an artifact folder (or run folder, or a PromptModel) to ``out`` in ``format``; return the check.
 
-    ``out`` must not exist, be empty, or hold an earlier export (it is then replaced); anything else is
-    refused. The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
+    ``out`` must be new, empty, or a folder promptvit made for an export (``io.output_folder``); an earlier
+    export's files there are replaced, anything else in it is left alone. The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
     ``input_size`` (height, width) of the check images and the ONNX input: default the artifact's
     ``data_config``, else the backbone's geometry.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    _check_out(out)
+    inputs = [] if isinstance(source, PromptModel) else [source]
+    output_folder(out, "export", inputs=inputs, legacy=EXPORT_FILES, create=False)  # claimed once written
     model, info = _resolve(source, base_model)
     model.eval()
     if input_size is None:
@@ -79,23 +90,24 @@ def export(
             "tolerance": {"atol": ATOL, "rtol": RTOL, "of": "max |logits|"},
         }
         atomic_write_text(staging / EXPORT_FILE, json.dumps(record, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _move_in(staging, output_folder(out, "export", inputs=inputs, legacy=EXPORT_FILES), record["files"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
-def _check_out(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise ExportError(f"--out {out} exists and is not a folder; choose a new folder")
-    if any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
-        raise ExportError(
-            f"--out {out} is a non-empty folder that holds no earlier export; choose a new or empty folder"
-        )
+def _move_in(staging: Path, out: Path, files: list[str]) -> None:
+    """Replace the earlier export in ``out`` by the staged one, file by file; nothing else in ``out`` is touched.
+
+    The old ``export.json`` goes first and the new one comes last, so a kill in between leaves a folder that
+    says it holds no complete export rather than a mix that claims to be checked.
+    """
+    for name in EXPORT_FILES:  # a link or folder planted under one of these names stops the export here
+        check_output_path(out / name)
+    for name in EXPORT_FILES:  # the earlier export's files
+        (out / name).unlink(missing_ok=True)
+    for name in (*files, EXPORT_FILE):
+        os.replace(staging / name, out / name)
 
 
 def _resolve(source: str | Path | PromptModel, base_model: nn.Module | None) -> tuple[PromptModel, dict]:

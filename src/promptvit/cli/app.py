@@ -21,6 +21,7 @@ from promptvit.cli.export_commands import register_export_commands
 from promptvit.cli.output import USER_ERRORS, console, fail, state
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 from promptvit.cli.protocol_commands import register_protocol_commands
+from promptvit.validation import MAX_SEED
 
 app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
@@ -229,12 +230,12 @@ def eval_(
     """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
     (exactly the files the run recorded; changed or vanished files are reported)."""
     from promptvit.artifact import resolve_artifact_dir
-    from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.io import atomic_write_text, output_file
     from promptvit.train.clinical import evaluate_artifact
 
     try:
         if out:
-            check_output_path(out, protected=_inputs(run_or_artifact, data))
+            output_file(out, inputs=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         metrics = evaluate_artifact(
@@ -267,12 +268,12 @@ def predict(
     from promptvit.artifact import resolve_artifact_dir
     from promptvit.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
     from promptvit.data.sources import LabeledSamples, Sample
-    from promptvit.io import atomic_write, check_output_path
+    from promptvit.io import atomic_write, output_file
     from promptvit.train import predict_logits
     from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
-        check_output_path(out, protected=_inputs(artifact, *images))
+        output_file(out, inputs=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
         for path in images:
@@ -326,17 +327,19 @@ def analyze(
     compare: Annotated[
         list[Path] | None, typer.Option(help="other runs/artifacts to compare (repeatable)")
     ] = None,
-    max_samples: Annotated[int, typer.Option(help="images drawn (seeded) from the dataset")] = 500,
-    seed: Annotated[int, typer.Option(help="seed of the subsample and t-SNE")] = 0,
+    max_samples: Annotated[int, typer.Option(min=1, help="images drawn (seeded) from the dataset")] = 500,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the subsample and t-SNE")] = 0,
     bins: Annotated[int, typer.Option(min=1, max=1000, help="bins of the reliability diagram")] = 15,
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.analysis.report import ANALYSIS_FILES
     from promptvit.evaluation.calibration import artifact_calibration
-    from promptvit.io import check_output_path
+    from promptvit.io import output_folder
 
     try:
-        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
+        inputs = _inputs(run_or_artifact, data, *(compare or []))
+        output_folder(out, "analysis", inputs=inputs, legacy=ANALYSIS_FILES, create=False)  # before any work
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
         loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}

@@ -66,6 +66,10 @@ class Adapter(Method):
             width = config.bottleneck_width(d)
             if width < 1:
                 raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
+            if width > d:  # wider than the block it runs beside: parameters without a bottleneck
+                raise ConfigError(
+                    f"adapter: bottleneck {width} is wider than block {index} ({d}); choose bottleneck <= {d}"
+                )
             parent, name = adapter.mlp_slot(index)
             layer = ParallelAdapterMlp(
                 getattr(parent, name), d, width, scale=config.scale, dropout=config.dropout

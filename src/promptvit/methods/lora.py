@@ -108,6 +108,12 @@ class LoRA(Method):
             qkv = getattr(attn, "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
+            if config.rank > qkv.in_features:  # B A would have more parameters than a full update, no more rank
+                raise ConfigError(
+                    f"lora: rank {config.rank} exceeds the width {qkv.in_features} of block {index}'s qkv; an "
+                    f"update of that size has rank at most {qkv.in_features}, choose rank <= {qkv.in_features} "
+                    "(--method.rank)"
+                )
             layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
             self.injections.replace(attn, "qkv", layer)
             self._blocks.append(index)
