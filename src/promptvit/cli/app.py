@@ -27,6 +27,7 @@ app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
 )
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+EFFICIENCY_FILES = ("efficiency.md", "efficiency.json", "efficiency.png")
 RANDOM_BACKBONE_WARNING = (
     "WARNING: no --pretrained or --weights: the backbone is randomly initialised, so these results say "
     "nothing about transfer from pretrained features (recorded as backbone_init: random in metrics.json)"
@@ -377,11 +378,11 @@ def bench_methods(
     methods: Annotated[
         str, typer.Option(help="comma-separated methods")
     ] = "linear,bias,lora,adapter,vpt,ept,full",
-    image_size: Annotated[int, typer.Option(help="input size (the backbone is built for it)")] = 112,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 32,
-    num_classes: Annotated[int, typer.Option(help="head size")] = 10,
-    steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 5,
-    repeats: Annotated[int, typer.Option(help="repeats (min/median/max are reported)")] = 3,
+    image_size: Annotated[int, typer.Option(min=8, help="input size (the backbone is built for it)")] = 112,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per step")] = 32,
+    num_classes: Annotated[int, typer.Option(min=1, help="head size")] = 10,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps per repeat")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="repeats (min/median/max are reported)")] = 3,
     out: Annotated[Path, typer.Option(help="folder for the table, figure and JSON")] = Path("efficiency"),
 ) -> None:
     """Efficiency portrait (AP Table 2): tuned parameters, peak memory, time per epoch, throughput, side by side.
@@ -392,14 +393,14 @@ def bench_methods(
 
     from promptvit.analysis import efficiency_portrait, efficiency_table, plot_efficiency
     from promptvit.backbones import create_backbone
-    from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.io import atomic_write_text, output_folder
     from promptvit.methods import get_method
 
     options = {k.removeprefix("backbone."): v for k, v in parse_extra_args(ctx.args).items()}
     options.setdefault("img_size", image_size)
     factory = functools.partial(create_backbone, backbone, **options)
     try:
-        check_output_path(out / "efficiency.md")  # before minutes of measuring
+        output_folder(out, "efficiency", legacy=EFFICIENCY_FILES, create=False)  # before minutes of measuring
         for name in methods.split(","):
             get_method(name)  # ConfigError listing the methods, before any measuring
         rows = efficiency_portrait(
@@ -413,6 +414,7 @@ def bench_methods(
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
         table = efficiency_table(rows)
+        output_folder(out, "efficiency", legacy=EFFICIENCY_FILES)
         atomic_write_text(out / "efficiency.md", table + "\n")
         atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
         plot_efficiency(rows, out / "efficiency.png")
@@ -463,8 +465,8 @@ def methods() -> None:
 def demo(
     out: Annotated[str, typer.Option(help="output folder")] = "runs/demo",
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "linear,bias,lora,vpt,ept",
-    epochs: Annotated[int | None, typer.Option(help="epochs per method (default: the demo config's)")] = None,
-    shots: Annotated[int | None, typer.Option(help="training images per class (default 10)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="epochs per method (default: the demo config's)")] = None,
+    shots: Annotated[int | None, typer.Option(min=1, help="training images per class (default 10)")] = None,
 ) -> None:
     """Offline end-to-end job: pretrain a small ViT on digits 0-4, adapt it few-shot to 5-9 with each method."""
     from promptvit.demo import run_demo

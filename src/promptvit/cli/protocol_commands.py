@@ -31,7 +31,7 @@ def sweep(
     backend: Annotated[
         str | None, typer.Option(help="inprocess (default), process (local pool) or ray")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="process backend: parallel workers")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="process backend: parallel workers")] = None,
     results: Annotated[
         Path | None, typer.Option(help="results folder (default: the YAML's, else ./results)")
     ] = None,
@@ -108,9 +108,13 @@ def report(
     ] = None,
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
+    from promptvit.io import output_folder
     from promptvit.protocols import ProtocolError, load_records, write_report
+    from promptvit.protocols.report import REPORT_FILES
+    from promptvit.protocols.store import record_sources
 
     try:
+        output_folder(out, "report", inputs=record_sources(results), legacy=REPORT_FILES, create=False)
         loaded = load_records(results)
         if not loaded.records:
             raise ProtocolError(

@@ -42,6 +42,8 @@ from promptvit.protocols.spec import ProtocolError
 
 RECORD_FORMAT = 1
 FINAL_STATUSES = ("ok", "diverged")
+#: what a store folder holds (a sweep adds sweeps/ and report/); an older promptvit wrote these unmarked
+STORE_NAMES = ("records", "failed", "runs", "locks", "sweeps", "report")
 
 
 @dataclass
@@ -259,6 +261,20 @@ def _store_files(root: Path, problems: list[str]) -> tuple[list[dict[str, Any]],
                 if record is not None:
                     failures.append(record)
     return records, failures
+
+
+def record_sources(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """What ``load_records`` reads from ``paths``: record files, a store's ``records/`` and ``failed/``
+    (its ``report/`` and ``runs/`` are not read, so a report may be written there)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    sources = []
+    for item in map(Path, paths):
+        if item.is_dir() and (item / "records").is_dir():
+            sources += [item / "records", item / "failed"]
+        else:
+            sources += [item, item / "failed"] if item.is_dir() else [item]
+    return sources
 
 
 def load_records(paths: str | Path | Iterable[str | Path]) -> LoadedRecords:
