@@ -145,7 +145,9 @@ def output_folder(
             )
         if owner == kind and entries and not reuse:
             raise OutputError(
-                errno.EEXIST, f"{folder} already holds a {kind}; nothing is overwritten, give a new folder name"
+                errno.EEXIST,
+                f"cannot write into {folder}: it is not an empty folder (it holds an earlier {kind}); nothing is "
+                "overwritten, give a new folder name",
             )
         legacy = tuple(legacy)
         if owner is None and entries and not all(any(fnmatch(e, n) for n in legacy) for e in entries):

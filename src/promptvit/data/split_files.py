@@ -13,7 +13,8 @@ for multi-label data) are drawn from the pool; validation is the rest of the poo
 
 File names are relative to the folder the list sits in (vtab) or to the image root printed in
 ``README.txt`` (medfmc, as MedFMC's lists are relative to ``images/``); ``classes.txt`` holds one class name
-per line, in label order. Existing files are never overwritten: the output folder must be new or empty.
+per line, in label order. Existing files are never overwritten: the output folder must be new or empty
+(``promptvit.io.output_folder``), and outside the images.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from promptvit.data.errors import DataError
 from promptvit.data.fewshot import cap_per_class, holdout_validation, sample_medfmc_k_shot, stratified_split
 from promptvit.data.sources import LabeledSamples, Sample
+from promptvit.io import output_folder
 
 FORMATS = ("medfmc", "vtab")
 
@@ -73,8 +75,9 @@ def write_fewshot_files(
     if not shots or not seeds:
         raise DataError("give at least one K (--shots) and one seed (--seeds)")
     target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise DataError(f"{target} exists and is not an empty folder; give a new output folder")
+    images = [Path(s.path).parent for s in samples.items if s.path]
+    # a new or empty folder, outside the images (``io.output_folder``); claimed once the draws succeed
+    output_folder(target, "fewshot", inputs=[os.path.commonpath(images)] if images else [], reuse=False, create=False)
     pool, test = stratified_split(samples, test_fraction=test_fraction, seed=seeds[0])
     draws = {}
     for k in shots:
@@ -84,7 +87,7 @@ def write_fewshot_files(
             if val_per_class is not None and len(val):
                 val = cap_per_class(val, val_per_class, seed + 1)
             draws[k, seed] = (train, val)
-    target.mkdir(parents=True, exist_ok=True)
+    output_folder(target, "fewshot", reuse=False)
     written = []
 
     def write(path: Path, part: LabeledSamples, relative_to: Path) -> None:
