@@ -49,6 +49,7 @@ _OUTPUT_ERRNOS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
     errno.EDQUOT: "disk quota exceeded",
+    errno.ELOOP: "it is a symbolic link, which promptvit does not follow",
 }
 
 
@@ -59,11 +60,11 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _output_error(path: Path, error: OSError) -> OutputError:
+def output_error(path: Path, error: OSError) -> OutputError:
+    """``error`` (full disk, read-only, no permission...) as an ``OutputError`` naming ``path`` and the fix."""
     reason = _OUTPUT_ERRNOS.get(error.errno, error.strerror or str(error))
-    return OutputError(
-        error.errno, f"cannot write {path}: {reason}; free space or choose another output folder"
-    )
+    fix = "free space or choose" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "choose"
+    return OutputError(error.errno, f"cannot write {path}: {reason}; {fix} another output folder")
 
 
 def _refuse_hazards(path: Path, inputs: Iterable[str | Path], what: str) -> Path:
@@ -164,7 +165,7 @@ def output_folder(
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise _output_error(folder, error) from error
+            raise output_error(folder, error) from error
     if not claimed and create:
         from promptvit._version import __version__
 
@@ -244,7 +245,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise _output_error(path, error) from error
+        raise output_error(path, error) from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -255,8 +256,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in _OUTPUT_ERRNOS:
-            raise _output_error(path, error) from error
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise output_error(path, error) from error
         raise
     return path
 
@@ -278,7 +279,7 @@ def exclusive_folder(folder: str | Path) -> Iterator[Path]:
         descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         handle = open(descriptor, "a+")  # noqa: SIM115 (held for the whole block)
     except OSError as error:
-        raise _output_error(folder, error) from error
+        raise output_error(folder, error) from error
     try:
         if fcntl is not None:
             try:

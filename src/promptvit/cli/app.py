@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +62,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show full traceba
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """Warnings (suspicious labels, untrained classes...) as one line, like errors, without source lines."""
-    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _run_config(
@@ -125,30 +128,70 @@ def train(
         "output_dir": out,
         "name": name,
     }
-    run_config = None
+    from promptvit.train.distributed import is_writer, launched
+
+    run_config = ranks = None
     try:
+        ranks = launched()  # a broken torchrun environment is refused before anything is read
+        if ranks is not None:  # torchrun ends the other processes with SIGTERM when one fails
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         run_config = _run_config(config, shortcuts, ctx.args, recipe)
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted(run_config.run_dir() if run_config is not None else None)
-    from promptvit.train.distributed import is_writer
-
+    except KeyboardInterrupt as stop:
+        run_dir = run_config.run_dir() if run_config is not None else None
+        if isinstance(stop, _Terminated):
+            _interrupted(run_dir, ranks, "stopped by SIGTERM (torchrun stops every process when one fails)", 143)
+        _interrupted(run_dir, ranks)
+    except RuntimeError as error:
+        if ranks is None or not _lost_peer(error):
+            raise
+        # gloo's text: "[.../pair.cc:545] Read error [host]:port: Connection reset by peer. This is typically..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0] or type(error).__name__
+        run_dir = run_config.run_dir() if run_config is not None else None
+        _interrupted(run_dir, ranks, f"stopped: another process of the run failed ({detail})", 1)
     if is_writer():  # under torchrun, rank 0 speaks for the run
         _print_run(run_config.run_dir(), metrics)
 
 
-def _interrupted(run_dir: Path | None) -> None:
-    """Ctrl-C during training: say what was kept and the command that continues from it."""
-    command = ["promptvit", *(a for a in sys.argv[1:] if a != "--no-resume")]
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the run ends the way Ctrl-C ends it."""
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch.distributed's report of a process that went away (gloo, NCCL, the store)."""
+    import torch.distributed as dist
+
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        word in str(error) for word in ("Connection closed by peer", "Connection reset by peer", "NCCL")
+    )
+
+
+def _interrupted(run_dir: Path | None, ranks: Any = None, why: str = "interrupted", code: int = 130) -> None:
+    """Ctrl-C (or one torchrun process dying): say what was kept and the command that continues from it."""
+    args = [a for a in sys.argv[1:] if a != "--no-resume"]
+    if ranks is not None:  # a second SIGTERM from torchrun must not cut this message short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ranks is None:
+        command = shlex.join(["promptvit", *args])
+    else:  # every process gets the same command again; torchrun's own options as they were
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world_size))
+        command = shlex.join(["torchrun", f"--nproc_per_node={per_node}", "-m", "promptvit", *args])
+        if int(per_node) != ranks.world_size:
+            command += "  (on every node, with the same torchrun options as before)"
+        why = f"rank {ranks.rank}: {why}"
     checkpoint = run_dir / "checkpoint" if run_dir is not None else None
     if checkpoint is not None and checkpoint.is_dir():
         kept = f"the last checkpoint (saved after every epoch) is in {checkpoint}"
     else:
         kept = "no epoch had finished, so nothing was saved yet"
-    console.print(f"interrupted: {kept}; resume with:\n  {shlex.join(command)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=130)
+    console.print(f"{why}: {kept}; resume with:\n  {command}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -313,7 +356,7 @@ def predict(
         atomic_write(out, write)
     except USER_ERRORS as error:
         fail(error)
-    console.print(f"wrote {len(rows)} predictions to {escape(str(out))}", highlight=False)
+    console.print(f"wrote {len(rows)} predictions to {out}", highlight=False)
 
 
 @app.command(context_settings=EXTRA)

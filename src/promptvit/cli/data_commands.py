@@ -33,6 +33,8 @@ def check(
 ) -> None:
     """Read a data set the way training would and report classes, counts and problems.
     Exit code 0 only when nothing blocks training (1: blocking problems, 2: unreadable data set)."""
+    from rich.markup import escape
+
     from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.data.check import check_splits, read_layout
 
@@ -56,7 +58,9 @@ def check(
         for problem in report.problems:
             style = "bold red" if problem.severity == "error" else "yellow"
             console.print(
-                f"[{style}]{problem.severity}[/] {problem.code}: {problem.message}", highlight=False
+                f"[{style}]{problem.severity}[/] {escape(problem.code)}: {escape(problem.message)}",
+                markup=True,
+                highlight=False,
             )
         console.print("ok: nothing blocks training" if not blocking else f"{len(blocking)} blocking problems")
     if blocking:

@@ -14,7 +14,10 @@ from rich.markup import escape
 
 from promptvit.errors import PromptvitError
 
-console = Console(stderr=False)
+# Markup off by default: paths, class names and option values are printed as written (a path holding `[/]`
+# would otherwise raise MarkupError, after the work is done). The few styled lines pass markup=True and
+# escape whatever the user supplied.
+console = Console(stderr=False, markup=False)
 state = {"debug": False}
 
 #: what a verb reports as one line: every promptvit error, and pydantic's for a bad config file
@@ -33,7 +36,7 @@ def fail(error: BaseException) -> NoReturn:
     else:
         message = str(error)
     # soft_wrap keeps paths copyable; escaping keeps '[' in paths and hints ('promptvit[ray]') as written
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     console.print(
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )

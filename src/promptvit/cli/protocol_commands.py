@@ -51,6 +51,7 @@ def sweep(
         console.print(
             f"[{stage} {done}/{total}] [{style}]{status}[/] {escape(spec.describe())}"
             + (f": {escape(error)}" if error else ""),
+            markup=True,
             highlight=False,
         )
 
@@ -82,9 +83,11 @@ def sweep(
         table.add_row(stage, str(outcome.planned.get(stage, 0)), shown)
     console.print(table)
     for line in outcome.unresolved:
-        console.print(f"[yellow]not run:[/] {escape(line)}", highlight=False)
+        console.print(f"[yellow]not run:[/] {escape(line)}", markup=True, highlight=False)
     if outcome.failures:
-        console.print(f"[bold red]{len(outcome.failures)} failed runs[/] (rerun the same command to retry):")
+        console.print(
+            f"[bold red]{len(outcome.failures)} failed runs[/] (rerun the same command to retry):", markup=True
+        )
         for line in outcome.failures[:10]:
             console.print(f"  {line}", highlight=False, markup=False)
     if dry_run and outcome.planned.get("search"):
@@ -125,7 +128,7 @@ def report(
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
     for problem in rendered.loaded.problems:
-        console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(problem)}", markup=True, highlight=False)
     console.print(
         f"{len(rendered.loaded.records)} records, {len(rendered.tables)} tables, {len(rendered.plots)} plots -> "
         f"{rendered.markdown}, {rendered.html}, {rendered.csv}"

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promptvit.io import atomic_write_text
+from promptvit.errors import OutputError
+from promptvit.io import atomic_write_text, output_error
 from promptvit.protocols.spec import ProtocolError
 
 RECORD_FORMAT = 1
@@ -65,7 +66,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def create_exclusive(path: Path, text: str) -> bool:
-    """Create ``path`` holding ``text`` if it does not exist; atomic and complete. False if it existed."""
+    """Create ``path`` holding ``text`` if it does not exist; atomic and complete. False if it existed.
+
+    A full disk (or another write error) raises ``OutputError`` naming the file and leaves no partial file.
+    """
+    try:
+        return _create_exclusive(path, text)
+    except OutputError:
+        raise
+    except OSError as error:
+        raise output_error(path, error) from error
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         return False
@@ -165,7 +178,11 @@ class ResultStore:
         except ImportError:  # pragma: no cover - not POSIX: records stay exclusive, runs may repeat work
             yield True
             return
-        with open(path, "a+", encoding="utf-8") as handle:
+        try:  # O_NOFOLLOW: a lock file planted as a link must not make us truncate the file it points to
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            raise output_error(path, error) from error
+        with open(descriptor, "a+", encoding="utf-8") as handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:

@@ -56,6 +56,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from promptvit.errors import OutputError
 from promptvit.io import atomic_write_text, output_folder, read_yaml_mapping
 from promptvit.methods.base import ConfigError, available_methods
 from promptvit.protocols.fewshot import FewShotProtocol
@@ -489,6 +490,8 @@ def run_specs(
             for done, future in enumerate(as_completed(futures), start=1):
                 try:
                     _, status, error = future.result()
+                except OutputError:  # the results disk, not the run: stop the sweep
+                    raise
                 except Exception as crash:  # noqa: BLE001 - a worker died (e.g. out of memory): not recorded
                     status, error = "failed", f"worker process failed: {crash!r}"
                 report(futures[future], status, error, done)
