@@ -138,7 +138,8 @@ def output_folder(
                 errno.EEXIST, f"cannot write into {folder}: it is a file, not a folder; give a new folder name"
             )
         owner = _marker_kind(folder)
-        entries = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_MARKER)
+        # the marker, and a marker another process is writing right now (a second sweep on the same store)
+        entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith((OUTPUT_MARKER, f".{OUTPUT_MARKER}.")))
         if owner is not None and owner != kind:
             raise OutputError(
                 errno.EEXIST,
