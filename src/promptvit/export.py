@@ -29,7 +29,7 @@ from torch import nn
 
 from promptvit.artifact import ArtifactError, load, read_artifact_config
 from promptvit.errors import ExportError
-from promptvit.io import atomic_write_text, check_output_path, output_folder
+from promptvit.io import atomic_write_text, check_output_path, output_error, output_folder
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import TunerLayer
 from promptvit.model import PromptModel
@@ -75,8 +75,11 @@ def export(
     if input_size is None:
         input_size = tuple(info.get("data_config", {}).get("input_size", [3, *model.geometry.img_size])[1:])
     writer = {"peft": _write_peft, "merged-timm": _write_merged_timm, "onnx": _write_onnx}[format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # the staging folder beside ``out``: a new name, removed in every case
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise output_error(out, error) from error
     try:
         record = writer(model, staging, tuple(input_size))
         record = {

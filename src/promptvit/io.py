@@ -50,6 +50,7 @@ _OUTPUT_ERRNOS = {
     errno.EPERM: "permission denied",
     errno.EDQUOT: "disk quota exceeded",
     errno.ELOOP: "it is a symbolic link, which promptvit does not follow",
+    errno.ENOENT: "that folder cannot be created there",
 }
 
 

@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,10 +132,11 @@ def train(
     from promptvit.train.distributed import is_writer, launched
 
     run_config = ranks = None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         ranks = launched()  # a broken torchrun environment is refused before anything is read
-        if ranks is not None:  # torchrun ends the other processes with SIGTERM when one fails
-            signal.signal(signal.SIGTERM, _raise_interrupt)
+        if ranks is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # torchrun ends the others this way when one fails
         run_config = _run_config(config, shortcuts, ctx.args, recipe)
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
@@ -151,6 +153,9 @@ def train(
         detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0] or type(error).__name__
         run_dir = run_config.run_dir() if run_config is not None else None
         _interrupted(run_dir, ranks, f"stopped: another process of the run failed ({detail})", 1)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     if is_writer():  # under torchrun, rank 0 speaks for the run
         _print_run(run_config.run_dir(), metrics)
 
@@ -175,8 +180,8 @@ def _lost_peer(error: RuntimeError) -> bool:
 def _interrupted(run_dir: Path | None, ranks: Any = None, why: str = "interrupted", code: int = 130) -> None:
     """Ctrl-C (or one torchrun process dying): say what was kept and the command that continues from it."""
     args = [a for a in sys.argv[1:] if a != "--no-resume"]
-    if ranks is not None:  # a second SIGTERM from torchrun must not cut this message short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ranks is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this message short
     if ranks is None:
         command = shlex.join(["promptvit", *args])
     else:  # every process gets the same command again; torchrun's own options as they were
