@@ -982,6 +982,20 @@ def train_name_is_a_symlink(tmp: Path) -> None:
     assert tree(tmp / "elsewhere") == before and (tmp / "runs" / "r").is_symlink()
 
 
+def link_planted_inside_a_run_folder(tmp: Path) -> None:
+    """A run folder whose artifact/ was replaced by a link: the rerun refuses to write through it."""
+    data = image_folder(tmp / "data")
+    assert cli("train", "--config", config_file(tmp, data), "--name", "r").exit_code == 0
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "adapter_config.json").write_text("the user's\n")
+    shutil.rmtree(tmp / "runs" / "r" / "artifact")
+    (tmp / "runs" / "r" / "artifact").symlink_to(tmp / "elsewhere")
+    before = tree(tmp / "elsewhere")
+    result = cli("train", "--config", config_file(tmp, data), "--name", "r", "--no-resume")
+    clear_error(result, "artifact is a symbolic link", "inside a promptvit folder")
+    assert tree(tmp / "elsewhere") == before
+
+
 def sweep_disk_fills(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The results disk fills after the first record: one line, the records written stay intact."""
     data = image_folder(tmp / "data")
@@ -1176,6 +1190,7 @@ CASES: list[Callable[..., None]] = [
     export_out_dot_refused,
     export_onto_run_with_planted_export_json,
     train_name_is_a_symlink,
+    link_planted_inside_a_run_folder,
     sweep_disk_fills,
     recipe_flag_over_null_recipe_is_recorded,
     method_counts_refuse_bools_and_oversized_ranks,

@@ -61,7 +61,8 @@ def export(
     """Export an artifact folder (or run folder, or a PromptModel) to ``out`` in ``format``; return the check.
 
     ``out`` must be new, empty, or a folder promptvit made for an export (``io.output_folder``); an earlier
-    export's files there are replaced, anything else in it is left alone. The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
+    export's files there are replaced, anything else in it is left alone.
+    The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
     ``input_size`` (height, width) of the check images and the ONNX input: default the artifact's
     ``data_config``, else the backbone's geometry.
     """

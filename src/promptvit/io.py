@@ -125,11 +125,12 @@ def output_folder(
     """``folder``, claimed for a verb's output of ``kind`` ("run", "export", "report"...); created if new.
 
     Accepted: a new name, an empty folder, or (``reuse``) a folder whose marker says promptvit made it for
-    ``kind``; ``legacy`` names (or ``*.png`` patterns) what an older promptvit wrote there before folders were
-    marked: a folder holding only those is adopted. ``create=False`` only checks (claim it again once there is
-    something to write, so a failed command leaves no empty folder behind). Anything else raises ``OutputError`` naming the folder: a folder
-    holding files promptvit did not write, another kind of promptvit folder, a symbolic link, the current
-    folder, a folder under a file or inside ``inputs`` (what the command reads).
+    ``kind``; ``legacy`` names (or ``*.png`` patterns) what an older promptvit wrote there before folders
+    were marked: a folder holding only those is adopted. ``create=False`` only checks (claim it again once
+    there is something to write, so a failed command leaves no empty folder behind). Anything else raises
+    ``OutputError`` naming the folder: a folder holding files promptvit did not write, another kind of
+    promptvit folder, a symbolic link, the current folder, a folder under a file or inside ``inputs``
+    (what the command reads).
     """
     folder = _refuse_hazards(Path(folder), inputs, "folder")
     claimed = False
@@ -139,8 +140,9 @@ def output_folder(
                 errno.EEXIST, f"cannot write into {folder}: it is a file, not a folder; give a new folder name"
             )
         owner = _marker_kind(folder)
-        # the marker, and a marker another process is writing right now (a second sweep on the same store)
-        entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith((OUTPUT_MARKER, f".{OUTPUT_MARKER}.")))
+        # not counted: the marker, and a marker another process is writing now (two sweeps on one store)
+        ours = (OUTPUT_MARKER, f".{OUTPUT_MARKER}.")
+        entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(ours))
         if owner is not None and owner != kind:
             raise OutputError(
                 errno.EEXIST,

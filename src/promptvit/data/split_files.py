@@ -77,7 +77,8 @@ def write_fewshot_files(
     target = Path(out)
     images = [Path(s.path).parent for s in samples.items if s.path]
     # a new or empty folder, outside the images (``io.output_folder``); claimed once the draws succeed
-    output_folder(target, "fewshot", inputs=[os.path.commonpath(images)] if images else [], reuse=False, create=False)
+    inputs = [os.path.commonpath(images)] if images else []
+    output_folder(target, "fewshot", inputs=inputs, reuse=False, create=False)
     pool, test = stratified_split(samples, test_fraction=test_fraction, seed=seeds[0])
     draws = {}
     for k in shots:

@@ -674,7 +674,8 @@ def run_sweep(
     runner = RunnerOptions.model_validate({**config.runner.model_dump(), **given})  # --workers 0 is refused
     root = Path(results or config.results or "results")
     # the results folder is new, empty or a store promptvit made; a dry run only checks it
-    output_folder(root, "results", inputs=_data_roots(config.protocol), legacy=STORE_NAMES, create=not dry_run)
+    inputs = _data_roots(config.protocol)
+    output_folder(root, "results", inputs=inputs, legacy=STORE_NAMES, create=not dry_run)
     store = ResultStore(root)
     presets = [resolve_preset(m) for m in config.methods]
     labels = [p.label for p in presets]
