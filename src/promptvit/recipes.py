@@ -75,7 +75,17 @@ _AP = "AP paper (no code released)"
 RECIPES: dict[str, Recipe] = {}
 
 
+#: every paper trains its linear baseline with its own optimiser and schedule, not to convergence (promptvit's
+#: default for ``linear`` without a recipe)
+_PAPER_LINEAR = {
+    "linear": {
+        "solver": Setting("sgd", "the papers' linear baselines train the head with the recipe's optimiser")
+    }
+}
+
+
 def _register(recipe: Recipe) -> Recipe:
+    recipe = dataclasses.replace(recipe, method_options={**_PAPER_LINEAR, **recipe.method_options})
     RECIPES[recipe.name] = recipe
     return recipe
 
