@@ -257,3 +257,16 @@ class EvaluationConfig(BaseModel):
         1000, ge=100, le=100_000, description="Resamples of the percentile bootstrap CI of the main metric."
     )
     ci_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")
+    calibration: Literal["checked", "always"] = Field(
+        "checked",
+        description=(
+            "'checked': keep the uncalibrated probabilities (with a warning, recorded as applied: false) when "
+            "validation has fewer than `calibration_min_per_class` images in a class or the fit sits at a "
+            "bound; 'always': apply the fit regardless."
+        ),
+    )
+    calibration_min_per_class: int = Field(
+        10,
+        ge=1,
+        description="Validation images per class (multi-label: positives and negatives) a fit needs.",
+    )

@@ -206,8 +206,10 @@ def _forward_all(
     num_workers: int = 0,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (float32, CPU) of every item, and the stacked targets when the items have them."""
+    """Logits (float32, CPU) of every item, and the stacked targets when the items have them; ``progress``
+    shows a bar over the batches on a terminal."""
     if device is not None:
         model.to(device)
     device = _model_device(model)
@@ -237,7 +239,10 @@ def _forward_all(
                 if cut
                 else _loader(data, batch_size, num_workers, device)
             )
-            for batch in batches:
+            bar = tqdm(
+                batches, desc="predicting", unit="batch", disable=None if progress else True, leave=False
+            )
+            for batch in bar:
                 images, target = _split_batch(batch)
                 with autocast():
                     images = images.to(device, non_blocking=True)
@@ -291,10 +296,18 @@ def predict_logits(
     device: torch.device | str | None = None,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration."""
+    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration;
+    ``progress`` shows a bar over the batches on a terminal."""
     return _forward_all(
-        model, data, batch_size=batch_size, device=device, prefix_cache=prefix_cache, precision=precision
+        model,
+        data,
+        batch_size=batch_size,
+        device=device,
+        prefix_cache=prefix_cache,
+        precision=precision,
+        progress=progress,
     )
 
 
@@ -848,7 +861,14 @@ def fit(
             l2_grid=model.method.config.l2_grid,
             bins=ece_bins,
         )
-        row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
+        row = {
+            "epoch": 1,
+            "step": 0,
+            "probe_l2": probe.l2,
+            "probe_l2_rule": probe.rule,
+            **_scalars("val_", probe.val_metrics or {}),
+        }
+        logger.info("linear probe fitted by L-BFGS: L2 %.3g, %s", probe.l2, probe.rule)
         state.history = [jsonable({**row, "seconds": time.perf_counter() - started})]
         if writes:
             write_log(run_dir / LOG_FILE, state.history)
