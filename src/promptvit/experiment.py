@@ -62,6 +62,7 @@ from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import Callback, EvaluationConfig, FitResult, TrainConfig, distributed, evaluate, fit
+from promptvit.train.callbacks import log_test_scalars
 from promptvit.train.clinical import sample_groups, test_with_calibration
 
 logger = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def resolved_data(config: RunConfig) -> RunConfig:
 
 def load_samples(spec: DataSpec) -> LabeledSamples:
     """Read the labelled pool a generic split is drawn from (folder, CSV, the digits); other kinds come with
-    their own splits (:func:`make_split`, :func:`test_samples`)."""
+    their own splits (:func:`make_split`, :func:`evaluation_samples`)."""
     if spec.kind == "digits":
         return digits_demo()
     if spec.kind == "folder":
@@ -280,11 +281,11 @@ def load_samples(spec: DataSpec) -> LabeledSamples:
             file_suffix=spec.file_suffix,
         )
     raise DataError(
-        f"data.kind {spec.kind} has its own train/val/test splits; use make_split or test_samples"
+        f"data.kind {spec.kind} has its own train/val/test splits; use make_split or evaluation_samples"
     )
 
 
-def test_samples(spec: DataSpec) -> LabeledSamples:
+def evaluation_samples(spec: DataSpec) -> LabeledSamples:
     """What ``promptvit eval --data`` scores: the test split of data that has one, else every image."""
     spec = resolve_data_spec(spec)
     if spec.kind == "npz":
@@ -588,6 +589,8 @@ def run_pipeline(
             prefix_cache=cache,
             precision=config.train.precision,
         )
+        if writes and config.train.log_tensorboard:
+            log_test_scalars(run_dir, metrics, result.best_epoch)
     else:
         metrics = evaluate(
             model,

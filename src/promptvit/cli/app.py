@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -85,11 +86,36 @@ def _run_config(
             highlight=False,
             markup=False,
         )
-    raw = apply_overrides(raw, shortcuts)
-    raw = apply_overrides(raw, parse_extra_args(extra))
+    overrides = {**shortcuts, **parse_extra_args(extra)}
+    planned = copy.deepcopy(raw)  # what the config (and recipe) would train, for the warm-up below
+    raw = apply_overrides(raw, overrides)
     if recipe:  # beneath the config file and the command line: only what they leave unset
         raw = apply_recipe(raw, recipe)
+        planned = apply_recipe(planned, recipe)
+    if overrides.get("train.epochs") is not None and overrides.get("train.warmup_epochs") is None:
+        _shorten_warmup(raw, planned)
     return RunConfig.model_validate(raw)
+
+
+def _shorten_warmup(raw: dict[str, Any], planned: dict[str, Any]) -> None:
+    """``--epochs`` shorter than the config's warm-up: scale the warm-up by the same factor, and say so."""
+    from promptvit.train import TrainConfig
+
+    train, before = raw.get("train") or {}, planned.get("train") or {}
+    defaults = TrainConfig.model_fields
+    warmup = train.get("warmup_epochs", defaults["warmup_epochs"].default)
+    epochs, was = train.get("epochs"), before.get("epochs", defaults["epochs"].default)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (warmup, epochs, was))
+    if not numbers or warmup <= epochs or was <= 0:
+        return
+    scaled = round(warmup * epochs / was, 3)
+    train["warmup_epochs"] = scaled
+    console.print(
+        f"note: --epochs {epochs} is shorter than the config's warm-up of {warmup} epochs (of {was}); the "
+        f"warm-up is scaled by the same factor to {scaled:g} epochs (set --train.warmup-epochs to choose)",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command(context_settings=EXTRA)
@@ -217,7 +243,7 @@ def _labelled_dataset(
     """The images to evaluate or analyse: ``--data`` (its test split, or all of it when it has none), else
     the run's own test split; with the data's spec (None where unknown) and the run config (or None)."""
     from promptvit.data import ImageDataset, build_transforms
-    from promptvit.experiment import DataSpec, RunConfig, make_split, resolve_data_spec, test_samples
+    from promptvit.experiment import DataSpec, RunConfig, evaluation_samples, make_split, resolve_data_spec
 
     run_config = None
     if (run_or_artifact / "config.yaml").is_file():
@@ -242,7 +268,7 @@ def _labelled_dataset(
         given = {"path": data, "kind": data_kind or "auto", **(csv or {})}
         raw = apply_overrides(given, {k.removeprefix("data."): v for k, v in parse_extra_args(extra).items()})
         spec = resolve_data_spec(DataSpec.model_validate(raw))
-        samples = test_samples(spec)
+        samples = evaluation_samples(spec)
     if samples.class_names != info["class_names"]:
         raise ValueError(
             f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}; "
@@ -415,6 +441,13 @@ def analyze(
         dataset, _, _ = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info, csv_given)
         loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
         others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
+        console.print(
+            escape(
+                f"analysing {min(max_samples, len(dataset))} of {len(dataset)} images (seed {seed}) with "
+                f"{1 + len(loaded)} model(s); t-SNE and attention maps take a while"
+            ),
+            highlight=False,
+        )
         calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
         calibrations.update(
             {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
@@ -430,6 +463,7 @@ def analyze(
             name=run_or_artifact.name,
             calibrations=calibrations,
             reliability_bins=bins,
+            progress=True,
         )
     except (*USER_ERRORS, ValueError) as error:
         fail(error)

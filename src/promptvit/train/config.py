@@ -178,7 +178,10 @@ class TrainConfig(BaseModel):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is None and self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}); lower the warm-up "
+                f"(--train.warmup-epochs {self.epochs / 10:g}) or train longer"
+            )
         if self.decay_all and self.weight_decay_rule != "standard":
             raise ValueError(
                 f"decay_all=True and weight_decay_rule='{self.weight_decay_rule}' disagree; set only "

@@ -402,6 +402,7 @@ def _train_epoch(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[dict[str, Any], int]:
     """One pass (stops early at ``last_step``); returns (row entries, global step after the epoch).
 
@@ -474,6 +475,8 @@ def _train_epoch(
             if aux is not None:
                 aux_sum += parts["aux_loss"] * n
                 aux_seen += n
+            for callback in callbacks:
+                callback.on_step(step, {"loss": parts["loss"], "lr": lr})
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
             if step >= last_step:
                 break
@@ -907,6 +910,7 @@ def fit(
                 autocast=autocast,
                 scaler=scaler,
                 channels_last=channels_last,
+                callbacks=callbacks,
             )
             method_info = model.method.on_epoch_end(model, epoch) or {}
             _check_finite_parameters(model, epoch)
