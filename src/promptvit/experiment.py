@@ -206,8 +206,11 @@ class RunConfig(Strict):
         return check_run_name(name) if name is not None else None
 
     def run_dir(self) -> Path:
+        """``output_dir/name``; by default ``method-Kshot-seedS``, with ``-expE`` for data that comes in exps
+        (MedFMC, ``data fewshot`` folders), so two exps of one K never share (and resume) one folder."""
         shots = f"{self.data.shots}shot" if self.data.shots else "all"
-        return Path(self.output_dir) / (self.name or f"{self.method.name}-{shots}-seed{self.train.seed}")
+        exp = f"-exp{self.data.exp}" if self.data.kind in ("medfmc", "fewshot") else ""
+        return Path(self.output_dir) / (self.name or f"{self.method.name}-{shots}{exp}-seed{self.train.seed}")
 
 
 def _fewshot_location(path: Path, dataset: str | None) -> Path | None:

@@ -84,7 +84,7 @@ def test_folder_to_checked_split_to_run_to_clinical_summary_to_report(fmt: str, 
     run = train(split_folder, tmp_path / "runs", *draw)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["data"]
     assert (recorded["kind"], recorded["shots"], recorded["exp"]) == ("fewshot", 2, 2)  # what the run used
-    assert run.name == "linear-2shot-seed0"
+    assert run.name == "linear-2shot-exp2-seed0"  # two exps of one K never share a run folder
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_train"] == 4 and metrics["num_test"] == len(folder.test())
 

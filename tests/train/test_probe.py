@@ -153,3 +153,14 @@ def test_the_l2_strength_is_chosen_on_val_only_when_val_is_large_enough() -> Non
     assert len(large.path) == len(DEFAULT_L2_GRID) and "chosen on val" in large.rule
     alone = fit_lbfgs_probe(model, train, None, **kwargs)
     assert alone.l2 == 2 / 40 and "no validation set" in alone.rule
+
+
+def test_non_finite_features_stop_the_probe(tmp_path: Path) -> None:
+    from promptvit.train import TrainingError
+
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear")
+    data = TensorDataset(torch.full((4, 3, 16, 16), float("nan")), torch.tensor([0, 1, 0, 1]))
+    config = TrainConfig(epochs=1, device="cpu", progress=False)
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        fit(model, data, None, config=config, run_dir=tmp_path, class_names=["a", "b"], multilabel=False)
+    assert not (tmp_path / "artifact").exists()

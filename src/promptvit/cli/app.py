@@ -344,7 +344,8 @@ def eval_(
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
-    print_clinical(metrics, f"evaluation of {run_or_artifact} on {dataset.samples.source}")
+    scored = "its recorded test split" if data is None else f"{data} ({spec.kind if spec else 'data'})"
+    print_clinical(metrics, f"{run_or_artifact} on {scored}")
 
 
 @app.command()

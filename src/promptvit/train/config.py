@@ -107,7 +107,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     progress: bool = Field(True, description="Show a tqdm progress bar with loss and lr.")
     log_tensorboard: bool = Field(
-        False, description="Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`)."
+        False,
+        description=(
+            "Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`): train/, val/, method/ "
+            "per epoch, train/loss_step and lr per optimiser step, test/ after the test pass."
+        ),
     )
     log_nmi: bool = Field(
         False,

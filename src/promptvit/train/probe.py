@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from promptvit.backbones import classifier_name
-from promptvit.errors import ConfigError
+from promptvit.errors import ConfigError, TrainingError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.train.losses import classification_loss
 from promptvit.train.metrics import compute_metrics
@@ -173,6 +173,11 @@ def fit_lbfgs_probe(
         if val_set is not None and len(val_set)
         else None
     )
+    if not bool(torch.isfinite(train_x).all()):
+        raise TrainingError(
+            "the linear probe's training features hold NaN/inf (check the images and transforms, e.g. "
+            "unnormalised or corrupt inputs); nothing was fitted"
+        )
     num_classes = len(class_names)
     smallest = None if val is None else _smallest_class(val[1], num_classes, multilabel)
     if l2_grid is not None:
