@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from promptvit.backbones import (
@@ -138,9 +139,11 @@ class PromptModel(nn.Module):
             )
         if self.method.trains_backbone:
             return 0
-        if self.geometry.kind != "vit" and cut != depth:
-            return 0
-        return cut
+        if self.geometry.kind != "vit":
+            return cut if cut == depth and not _stochastic_depth(self.backbone) else 0
+        # Stochastic depth trains with the model (see ``train``): the prefix ends before its first such block.
+        random_blocks = [i for i, block in enumerate(self.adapter.blocks) if _stochastic_depth(block)]
+        return min([cut, *random_blocks])
 
     def _check_cut(self, block: int) -> None:
         depth = self.geometry.depth
@@ -246,13 +249,18 @@ class PromptModel(nn.Module):
     update_batchnorm_stats: bool = False
 
     def train(self, mode: bool = True) -> PromptModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them.
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them;
+        stochastic depth (``backbone.options.drop_path_rate`` > 0) trains with the model.
 
         BatchNorm layers stay in eval mode (their pretrained running statistics in use and unchanged) even
         in tuned modules, unless ``update_batchnorm_stats``; their affine weights still train.
         """
         self.training = mode
         self.backbone.eval()
+        # Stochastic depth asked for through the backbone options (timm's drop_path_rate) acts in training
+        # whatever the method, as in DA-VPT's and SPT's code; at rate 0 timm builds no DropPath.
+        for module in _stochastic_depth(self.backbone):
+            module.train(mode)
         for module in self._modules_in_train_mode():
             module.train(mode)
             if mode and not self.update_batchnorm_stats:
@@ -460,3 +468,8 @@ def wrap(
     model.promptvit_wrapped = True
     wrapped.train(model.training)
     return wrapped
+
+
+def _stochastic_depth(module: nn.Module) -> list[nn.Module]:
+    """timm's DropPath modules in ``module`` that drop something (``drop_prob`` > 0)."""
+    return [m for m in module.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
