@@ -57,6 +57,9 @@ class SourceSpec(Strict):
     file_column: str = "file"
     label_column: str = "label"
     file_suffix: str = ""
+    group_column: str | None = Field(
+        None, description="CSV: patient/lesion/study column; a hold-out keeps each group on one side"
+    )
 
 
 class SplitSpec(Strict):

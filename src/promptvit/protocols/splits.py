@@ -88,6 +88,7 @@ def _read_source(source: SourceSpec, class_names: list[str] | None, check_files:
         label_column=source.label_column,
         class_names=class_names,
         file_suffix=source.file_suffix,
+        group_column=source.group_column,
     )
 
 
