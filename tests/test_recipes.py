@@ -307,7 +307,8 @@ VIT_METHODS = ["linear", "bias", "norm", "lora", "adapter", "vp", "vpt", "spt", 
 def _category(name: str, parameter, head_prefix: str) -> str:
     if name.startswith(head_prefix):
         return "head_bias" if name.endswith("bias") else "head_weight"
-    if parameter.ndim <= 1 or "norm" in name or name.endswith(("cls_token", "pos_embed")):
+    # DA-VPT+'s kv bias deltas are biases, one row per block: the code decays no bias
+    if parameter.ndim <= 1 or "norm" in name or name.endswith(("cls_token", "pos_embed", "kv_bias_delta")):
         return "small"
     return "matrix"
 
@@ -317,10 +318,12 @@ def test_weight_decay_groups_of_every_method_under_each_recipe(recipe: str) -> N
     raw = apply_recipe({"backbone": {"name": "x"}}, recipe)
     cfg = TrainConfig.model_validate(raw["train"])
     expected_rule = RULE_GROUPS[RECIPE_RULE[recipe]]
-    methods = ["ap", "full", "linear"] if recipe == "ap-cnn" else VIT_METHODS
+    methods = ["ap", "full", "linear"] if recipe == "ap-cnn" else [*VIT_METHODS, "da_vpt+"]
     for method in methods:
         kind = "resnet" if recipe == "ap-cnn" else "vit_token"
         options = {"cnn_input_size": [32, 32]} if kind == "resnet" and method == "ap" else {}
+        if method == "da_vpt+":  # the released bias set, as davpt-fgvc@v2 runs it
+            method, options = "da_vpt", {"bias_set": "full_released"}
         model = promptvit.wrap(build_tiny(kind, num_classes=3), method, **options)
         head = "backbone." + ("fc" if kind == "resnet" else "head") + "."
         groups = decay_group_of(model, cfg)

@@ -420,6 +420,10 @@ class DAVPT(TokenPromptHooks, Method):
         if getattr(backbone, "cls_token", None) is not None:
             yield backbone.cls_token
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's hook: the key/value bias deltas are biases (one row per block), undecayed as in the code."""
+        return {"kv_bias_delta"} if self.config.bias_set != "none" else set()
+
     def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
         """Prompts only: the key/value bias deltas of DA-VPT+ are served per task."""
         return [self.token_prompt_change()] if self.config.bias_set == "none" else None
