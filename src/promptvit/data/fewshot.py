@@ -3,10 +3,14 @@
 Two protocols are supported:
 
 * MedFMC: the official ``*_K-shot_train_expE.txt`` files (or :func:`sample_medfmc_k_shot`, which
-  re-implements the benchmark generator with a seed), validation = trainval minus train
-  (:func:`holdout_validation`), test = ``test_WithLabel.txt``; see :func:`load_medfmc_split`.
+  re-implements the benchmark generator with a seed), validation = trainval minus train and minus the
+  other images of the training studies (:func:`holdout_validation`), test = ``test_WithLabel.txt``; see
+  :func:`load_medfmc_split`.
 * Generic (any folder/CSV/npz): a seeded stratified test split, K images per class drawn from the
   rest, validation from what is left; see :func:`make_few_shot_split`.
+
+Samples with a ``group`` (patient, study, slide, lesion) never straddle train, val and test
+(docs/protocols-and-recipes.md, "Groups in your own data").
 
 All sampling uses ``random.Random(seed)`` over sorted candidates, so a seed gives the same draw on
 every machine and Python version.
