@@ -69,7 +69,7 @@ _VPT_HEAD = "VPT code, src/models/mlp.py (kaiming fan_out) + vit_models.py (bias
 _VPT_GRID = "VPT code, tune_vtab.py / tune_fgvc.py lr and wd grids"
 _SPT = "SPT code, train.py + utils.py (param_groups_weight_decay, adjust_learning_rate)"
 _SPT_README = "SPT README supervised/MoCo Dogs example"
-_DAVPT = "DA-VPT code, train.py + params.py + configs/fgvc/cub.yaml"
+_DAVPT = "DA-VPT code, train.py + params.py + configs/fgvc/vitb_cub200.yaml"
 _AP = "AP paper (no code released)"
 
 #: the newest version of each recipe, by name
@@ -262,7 +262,7 @@ _register(
             Setting(1e-2, "SPT README (wd 1e-2)"),
             Setting(3.0, _SPT_README + " (wd_head 3.0)"),
             Setting(1e-8, "SPT README (min_lr 1e-8)"),
-            "SPT code, Models/vpt_deep.py: head trunc_normal(std=0.02), bias 0",
+            "SPT code, train.py create_model: head trunc_normal(std=0.02), bias 0",
         ),
         method_options={
             "spt": {
@@ -289,7 +289,7 @@ _register(
                 Setting(0.05, _DAVPT + " (CUB wd 0.05)"),
                 Setting(5.0, _DAVPT + " (CUB wd_head 5)"),
                 Setting(1e-9, _DAVPT + " (min_lr 1e-9)"),
-                "DA-VPT code, models/vpt.py: head trunc_normal(std=0.02), bias 0",
+                "DA-VPT code, model_creator.py: head trunc_normal(std=0.02), bias 0",
             ),
             "train.precision": Setting("fp16", _DAVPT + " (fp16 autocast; CUDA only here)"),
             "backbone.options.pretrained_cfg_overlay.interpolation": Setting("bicubic", _DAVPT),
@@ -505,7 +505,7 @@ _register(
                 Setting(0.05, _DAVPT_CUB + " (weight_decay 0.05)"),
                 Setting(5.0, _DAVPT_CUB + " (wd_head 5)"),
                 Setting(1e-9, _DAVPT_CUB + " (min_lr 1e-9)"),
-                _DAVPT_CODE + ", models/vpt.py + model_creator.py: new Linear head, trunc_normal_(std=.02), bias 0",
+                _DAVPT_CODE + ", model_creator.py create_model: new Linear head, timm trunc_normal_(std=.02), bias 0",
             ),
             "train.precision": Setting("fp16", _DAVPT_TRAIN + " train(): autocast() + GradScaler (fp16; CUDA only here)"),
             "train.grad_clip_value": Setting(
@@ -517,7 +517,9 @@ _register(
             ),
             "train.samples_per_class": Setting(2, "DA-VPT params.py (--samples_per_class 2)"),
             "backbone.options.drop_path_rate": Setting(
-                0.1, _DAVPT_CUB + " (drop_path 0.1); models/vpt.py _rebuild_blocks: linspace(0, rate, depth)"
+                0.1,
+                _DAVPT_CUB + " (drop_path 0.1, passed by model_creator.py create_model); models/vpt.py "
+                "_rebuild_blocks: linspace(0, rate, depth); train.py:118 model.train()",
             ),
             "backbone.options.pretrained_cfg_overlay.interpolation": Setting(
                 "bicubic", "DA-VPT Dataset transforms: RandomResizedCrop(224, bicubic)"
@@ -537,7 +539,7 @@ _register(
                 "bias_set": Setting(
                     "full_released",
                     _DAVPT_CUB + " (bias_k, bias_v, bias_proj, bias_fc2, bias_norm2, norm_norm1, train_cls) via "
-                    "model_creator.py",
+                    "model_creator.py create_model (learnable_list)",
                 ),
                 "prompt_norm": Setting("l2", _DAVPT_CUB + " (vpt_norm: l2); models/vpt.py L2NormalizationLayer"),
                 "prompt_mask": Setting(True, _DAVPT_CUB + " (mask: true); models/attn.py _generate_mask"),

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch.utils.data import TensorDataset
 
@@ -177,3 +178,15 @@ def test_the_frozen_prefix_ends_before_the_first_stochastic_block() -> None:
     linear = promptvit.wrap(_drop_path_vit(), "linear")
     assert linear.cache_cut() == 1  # block 0 has rate 0: timm builds no DropPath there
     assert promptvit.wrap(build_tiny("vit_token"), "linear").cache_cut() == 2
+
+
+def test_a_family_default_drop_path_stays_off_in_a_frozen_backbone() -> None:
+    """timm builds Swin with drop_path_rate 0.1: not asked for by the options, so it stays off as before."""
+    from tests.families import FAMILY_BUILDS, build, family_input
+
+    model = promptvit.wrap(build(FAMILY_BUILDS, "swin"), "linear")
+    assert any(isinstance(m, timm.layers.DropPath) and m.drop_prob > 0 for m in model.backbone.modules())
+    model.train()
+    x = family_input(FAMILY_BUILDS, "swin")
+    torch.testing.assert_close(model(x), model(x))
+    assert model.cache_cut() == model.geometry.depth

@@ -35,7 +35,8 @@ for the run. ``precision`` (bf16/fp16 autocast, fp16 with a gradient scaler) and
 only; on CPU they are ignored with a warning (bf16 autocast is 6-8x slower there), so the CPU path stays exact.
 
 Determinism: the run is seeded from ``config.seed``; each epoch reseeds Python/NumPy/torch and shuffles with
-a generator seeded from (seed, epoch), so a resumed run replays exactly what an uninterrupted one does (on
+a generator seeded from (seed, epoch) (``sampler: class_balanced`` draws its batches from the same generator,
+:mod:`promptvit.train.sampling`), so a resumed run replays exactly what an uninterrupted one does (on
 CPU bit for bit; ``torch.use_deterministic_algorithms`` is not switched on, so CUDA runs may differ in the
 last bits).
 """
