@@ -349,10 +349,9 @@ class DAVPT(TokenPromptHooks, Method):
             if not count:
                 continue
             try:
-                parts = adapter.attention(index)
+                parts = adapter.attention(index)  # families with rotary or relative positions have no plain parts
                 plain = (
-                    adapter.attention_parts_from_call(index) is None
-                    and parts.qkv_bias is None
+                    parts.qkv_bias is None
                     and parts.rotate is None
                     and parts.logit_bias is None
                     and parts.gate is None
