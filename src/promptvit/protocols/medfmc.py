@@ -81,7 +81,9 @@ class MedFMCProtocol(Protocol):
             metric=MEDFMC_METRICS[dataset],
             eval_resize=self.recipe_value("eval_resize", "model"),
             config_overrides={"train": {"select_metric": select}} if select else {},
-            tags={"exp": exp, "val": "trainval minus train_exp (official val files not used)"},
+            # the tag is part of the record's identity: records selected on the older val (training files
+            # only left out) keep theirs, so they are not taken for this protocol's
+            tags={"exp": exp, "val": "trainval minus train_exp and its studies (official val files not used)"},
         )
 
     def units(self, stage: Stage) -> list[Unit]:
