@@ -5,17 +5,19 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
+from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, swin, swin_v2, vit  # noqa: F401  (registration)
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    InsertedTokens,
     PartsFromCall,
     TimmTokenAdapter,
     adapter_class_for,
     adapter_for,
     all_rows,
     attend,
+    bias_for_batch,
     classifier_name,
     register_adapter,
     registered_adapters,
@@ -65,11 +67,13 @@ __all__ = [
     "TimmTokenAdapter",
     "BackboneError",
     "Geometry",
+    "InsertedTokens",
     "adapter_class_for",
     "adapter_for",
     "all_rows",
     "attend",
     "backbone_source",
+    "bias_for_batch",
     "body_parameters",
     "classifier_name",
     "cnn_stages",

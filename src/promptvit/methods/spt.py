@@ -70,7 +70,6 @@ class SPT(VPT):
     table_rank = 12
     config_class = SPTConfig
     paper = "SPT: Self-Prompt Tuning (Wang et al., ICML 2024)"
-    supported_kinds = ("vit",)
     test_options = {"prompt_length": 2}
     needs_data_init = True
 
@@ -93,7 +92,8 @@ class SPT(VPT):
             seed=config.seed,
             layer0=config.layer0_tokens,
         )
-        self.prompts.copy_(sample.stacked().to(self.prompts.device, self.prompts.dtype))
+        for block, rows in enumerate(sample.tokens):
+            self.prompts[block].copy_(rows.to(self.prompts[block].device, self.prompts[block].dtype))
         info = sample.info("spt_")
         info["spt_seconds"] = round(time.perf_counter() - started, 4)
         info["spt_sampler"] = config.sampler
