@@ -34,7 +34,7 @@ set of block indices works (e.g. the deepest k for the depth ablation).
 Resolution: the prompt rows follow the token count of the model as built (``geometry.img_size``); inputs of
 another size, including with ``dynamic_img_size``, raise an error naming both token counts.
 
-Swin and SwinV2 (docs/methods.md, "EPT on Swin"): the prompted attention is each block's window attention,
+Swin and SwinV2 (docs/methods.md, "VPT on Swin", EPT): the prompted attention is each block's window attention,
 so the prompt has one row per position of a window and every window of the block shares it; the logits
 ``u`` include the relative position bias and, in shifted blocks, the shift mask (the prompt columns get
 neither). ``layers`` counts blocks across the stages; ``relative_length`` is refused (no single patch count).

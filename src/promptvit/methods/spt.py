@@ -11,6 +11,9 @@ Layer-0 tokens: the official code samples ``patch_embed``'s output, before the p
 (``layer0_tokens="patch_embed"``, the default); the paper's eq. 1 calls the position-embedded tokens E_0,
 which reads as after it (``layer0_tokens="pos_embed"``). The two disagree; both are offered.
 
+On Swin the prompts take VPT's route through the windows and layer ``i``'s tokens are block ``i``'s input
+map in raster order (docs/methods.md, "VPT on Swin").
+
 Recipes of the paper: deep ``prompt_length=20`` (the default here), shallow ``prompt_length=100``.
 ``frozen_prompts=True`` is the paper's ablation where only the head is trained after the data init.
 """
