@@ -286,6 +286,21 @@ def test_prompts_follow_each_stage_width_and_vpts_bound(name: str) -> None:
     assert shallow.parameter_summary()["method"] == 5 * widths[0]
 
 
+def test_frozen_prompts_are_saved_and_loaded_with_the_artifact(tmp_path) -> None:
+    model = promptvit.wrap(_base("swin"), "vpt", prompt_length=2, frozen_prompts=True).eval()
+    assert model.parameter_summary()["method"] == 0
+    saved = set(model.tuned_state_dict())
+    assert {f"method.prompts.{i}" for i in range(3)} <= saved  # buffers of each block's width
+    x = family_input(FAMILY_BUILDS, "swin")
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path / "artifact")
+    torch.manual_seed(123)  # a fresh wrap draws other prompts: only the artifact's give the same logits
+    loaded = promptvit.load(tmp_path / "artifact", base_model=_base("swin")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
 @pytest.mark.skipif(
     not hasattr(timm.layers, "use_reentrant_ckpt") or timm.layers.use_reentrant_ckpt(),
     reason="this timm checkpoints re-entrantly: parameters used in a block whose input needs no gradient get "

@@ -11,11 +11,12 @@ normed and projected to twice the width). promptvit uses Swin three ways:
   EPT (its prompt has one row per position of a window, shared by all windows);
 * with prompt tokens carried the way the VPT authors' ``PromptedSwinTransformer`` carries them
   (docs/methods.md, "VPT on Swin"): per image ``[prompts, patches]``; in a block the image's prompts go in
-  front of the tokens of every one of its windows (shifted windows too) with zero relative position bias and
-  zero shift mask to and from every token (SwinV2: see its module), and a prompt's attention output is the mean of its outputs over
-  those windows; residuals, norms and the MLP act on prompts as on patches; patch merging concatenates each
-  prompt with itself four times before the stage's norm and reduction; a block that puts in prompts drops
-  those in the stream; the final norm and the head's pooling see prompts and patches together.
+  front of the tokens of every one of its windows (shifted windows too) with zero relative position bias
+  (SwinV2: see its module) and zero shift mask to and from every token, and a prompt's attention output is
+  the mean of its outputs over those windows; residuals, norms and the MLP act on prompts as on patches;
+  patch merging concatenates each prompt with itself four times before the stage's norm and reduction; a
+  block that puts in prompts drops those in the stream; the final norm and the head's pooling see prompts
+  and patches together.
 
 Between timm's modules the prompts travel as extra rows under the map (:func:`pack_prompt_rows`), so timm's
 stage loop, its gradient checkpointing and hooks on blocks still pass one tensor.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -53,7 +55,7 @@ def pack_prompt_rows(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     count = prompts.shape[1]
     if count == 0:
         return x
-    rows = -(-count // width)
+    rows = math.ceil(count / width)
     padded = F.pad(prompts, (0, 0, 0, rows * width - count))
     return torch.cat([x, padded.reshape(batch, rows, width, channels).to(x.dtype)], dim=1)
 
@@ -61,7 +63,9 @@ def pack_prompt_rows(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
 def unpack_prompt_rows(packed: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`pack_prompt_rows` for ``count`` tokens: (B, H, W, C) map, (B, count, C) tokens."""
     batch, height, width, channels = packed.shape
-    rows = -(-count // width)
+    if count == 0:
+        return packed, packed.new_zeros(batch, 0, channels)
+    rows = math.ceil(count / width)
     tokens = packed[:, height - rows :].reshape(batch, rows * width, channels)[:, :count]
     return packed[:, : height - rows].contiguous(), tokens
 

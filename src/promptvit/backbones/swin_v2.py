@@ -86,7 +86,6 @@ class SwinV2Adapter(SwinAdapter):
     """SwinV2: Swin's layout (``patch_embed``, stages ``layers[i]``, ``norm``), cosine window attention."""
 
     family = "SwinTransformerV2"
-    kind_note = SwinAdapter.kind_note
     tiny_builds = {
         "swinv2": (
             "swinv2_tiny_window8_256",
