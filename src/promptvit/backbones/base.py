@@ -335,15 +335,14 @@ class BackboneAdapter:
         """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
         raise self._unsupported("attention")
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
-        """How a module put in place of ``blocks[block]``'s attention reads its parts at each call.
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        """How ``blocks[block]``'s attention reads its parts at each call: ``parts(attention, call)``.
 
-        ``None`` (the default): the attention takes no position arguments and the plain parts of
-        :meth:`attention` hold for every call (its BackboneError says why a family has none). Families
-        whose attention rotates q/k or adds a bias given as a call argument (Eva, Beit) return a function.
+        ``attention`` is the family's own module (under any injected wrapper) and ``call`` the keyword
+        arguments it receives, so rotary tables (Eva) and shared relative position biases (Beit) take part.
+        What an injected attention (EPT) and the attention analysis use: their softmax is then the model's.
         """
-        self.attention(block)
-        return None
+        raise self._unsupported("attention parts")
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""

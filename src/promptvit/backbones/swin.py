@@ -161,7 +161,7 @@ class SwinAdapter(BackboneAdapter):
         """The parts of an unshifted call (a shifted block adds its mask per call)."""
         return self.window_parts(unwrap_base_layers(self.blocks[block].attn), {})
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
         return self.window_parts
 
     def attention_slot(self, block: int) -> tuple[nn.Module, str]:
