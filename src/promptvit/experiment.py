@@ -143,6 +143,10 @@ class DataSpec(Strict):
     label_column: str = "label"
     label_columns: list[str] | None = None
     file_suffix: str = ""
+    group_column: str | None = Field(
+        None,
+        description="CSV: column naming each image's patient, lesion or study; splits keep a group on one side",
+    )
     dataset: str | None = Field(
         None,
         description="MedFMC data set (chest, colon, endo, neojaundice, retino), or the name of a folder "
@@ -282,6 +286,7 @@ def load_samples(spec: DataSpec) -> LabeledSamples:
             label_column=spec.label_column,
             label_columns=spec.label_columns,
             file_suffix=spec.file_suffix,
+            group_column=spec.group_column,
         )
     raise DataError(
         f"data.kind {spec.kind} has its own train/val/test splits; use make_split or evaluation_samples"

@@ -301,3 +301,28 @@ def test_sweep_protocols_read_a_fewshot_folder(tmp_path: Path) -> None:
         assert record["sizes"]["train"] == (14 if name == "vtab" else 4) and record["metric"] == "accuracy"
         if name == "fewshot":  # the draw as written: its seed trains it
             assert record["seed"] == 5 and record["split"] == "exp1"
+
+
+def test_groups_survive_the_round_trip_through_a_fewshot_folder(tmp_path: Path) -> None:
+    """A CSV's patient column (data fewshot --group-column) is read back with the lists: a run on the folder
+    keeps the groups its bootstrap resamples."""
+    from promptvit.train.clinical import sample_groups
+
+    data = image_folder(tmp_path / "images", per_class=12)
+    rows = ["file,label,patient"] + [
+        f"{p.parent.name}/{p.name},{p.parent.name},{p.parent.name}-{i // 2}"
+        for i, p in enumerate(sorted(data.rglob("*.png")))
+    ]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    args = ("--shots", 2, "--seeds", 4, "--group-column", "patient")
+    for fmt in ("vtab", "medfmc"):
+        out = tmp_path / fmt
+        assert cli("data", "fewshot", data / "labels.csv", "--out", out, "--format", fmt, *args).exit_code == 0
+        split = make_split(DataSpec(path=str(out), shots=2), seed=0)
+        written = read_csv(data / "labels.csv", group_column="patient")
+        expected = {Path(s.path).resolve(): s.group for s in written.items}
+        assert all(s.group == expected[Path(s.path).resolve()] for s in split.test.items)
+        groups, rule = sample_groups(split.test, resolve_data_spec(DataSpec(path=str(out), shots=2)))
+        assert groups is not None and len(set(groups)) < len(groups) and "group" in rule
+        seen = {s.group for part in (split.train, split.val) for s in part.items}
+        assert not seen & {s.group for s in split.test.items}  # a patient stays on one side

@@ -104,6 +104,10 @@ def fewshot(
     image_root: Annotated[str | None, image_root_option()] = None,
     file_column: Annotated[str | None, file_column_option()] = None,
     label_column: Annotated[str | None, label_column_option()] = None,
+    group_column: Annotated[
+        str | None,
+        typer.Option(help="CSV: patient/lesion/study column; a group's images stay in one of train, val, test"),
+    ] = None,
 ) -> None:
     """Write K-shot train/val/test split files with a seed, so your own data set gets benchmark-style lists
     (`promptvit data check OUT` checks them all, `promptvit train --data OUT --shots K` trains on one draw)."""
@@ -119,7 +123,9 @@ def fewshot(
                 f"--shots and --seeds take comma-separated integers, got {shots!r} and {seeds!r}"
             ) from None
         if path.suffix.lower() == ".csv":
-            samples = read_csv(path, **csv_options(image_root, file_column, label_column))
+            samples = read_csv(path, **csv_options(image_root, file_column, label_column), group_column=group_column)
+        elif group_column is not None:
+            raise DataError(f"--group-column reads a CSV column; {path} is an image folder")
         else:
             samples = read_image_folder(path)
         written = write_fewshot_files(

@@ -17,6 +17,10 @@ every split it lists, and ``promptvit train --data FOLDER`` (``data.kind: fewsho
 draw of it, or on the draw of a ``{K}-shot/seed{S}/`` folder given directly. ``classes.txt`` (one class name
 per line, in label order) and ``README.txt`` are for people.
 
+Samples with a ``group`` (a CSV read with ``group_column``: patient, lesion, study) keep each group in one of
+test, train and val: the test split draws whole groups, and validation leaves out every group a training
+image belongs to.
+
 Nothing is written unless every file can be: a data set name that is not a plain file name, a repeated K or
 seed, a single-class data set and an image whose relative path cannot sit on one line of a list file (a
 newline, leading or trailing spaces) are refused first. The output folder must be new or empty, and every
@@ -25,6 +29,7 @@ file is written atomically with :func:`promptvit.io.atomic_write_text`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -148,7 +153,8 @@ def write_fewshot_files(
         )
     else:
         where = "Paths are relative to each list's folder.\n"
-    manifest = {
+    grouped = any(s.group is not None for s in samples.items)
+    manifest: dict[str, Any] = {
         "format_version": 1,
         "written_by": "promptvit data fewshot",
         "format": fmt,
@@ -163,6 +169,8 @@ def write_fewshot_files(
         "test_seed": seeds[0],
         "val_per_class": val_per_class,
     }
+    if grouped:  # the lists hold no group: the manifest keeps it, so what is read back splits and resamples alike
+        manifest["groups"] = {os.path.abspath(s.path): s.group for s in samples.items}  # type: ignore[arg-type]
     for path, text in files.items():
         atomic_write_text(path, text)
     atomic_write_text(target / "classes.txt", "\n".join(samples.class_names) + "\n")
@@ -172,7 +180,8 @@ def write_fewshot_files(
         f"{fmt.upper() if fmt == 'vtab' else 'MedFMC'}-format split files for {samples.source}.\n{where}"
         f"test: {test_fraction:g} per class (seed {seeds[0]}); K in {list(shots)}; "
         f"val: the rest of the pool, at most {val_per_class} per class.\n"
-        f"Check them with `promptvit data check {target}`; train on one draw with "
+        + ("groups: test takes whole groups; val leaves out every training image's group.\n" if grouped else "")
+        + f"Check them with `promptvit data check {target}`; train on one draw with "
         f"`promptvit train --data {target} --shots K --data.exp E` (exp E = the E-th seed).\n",
     )
     return list(files)
@@ -193,10 +202,18 @@ class FewShotFolder:
     shots: list[int]
     seeds: list[int]
     image_root: Path | None
+    #: absolute image path -> group (patient, lesion, study), when the data set had groups
+    groups: dict[str, str] | None = None
 
     def _list(self, path: Path, check_files: bool = True) -> LabeledSamples:
         root = self.image_root if self.format == "medfmc" else path.parent
-        return read_index_list(path, root, self.class_names, self.multilabel, check_files)  # type: ignore[arg-type]
+        listed = read_index_list(path, root, self.class_names, self.multilabel, check_files)  # type: ignore[arg-type]
+        if not self.groups:
+            return listed
+        groups = self.groups
+        return listed.subset(
+            [dataclasses.replace(s, group=groups.get(os.path.abspath(s.path))) for s in listed.items]  # type: ignore[arg-type]
+        )
 
     def draw_files(self, shots: int, exp: int) -> dict[str, Path]:
         """The train/val/test (and trainval) list files of the draw (K, exp); ``DataError`` naming what is missing."""
@@ -292,6 +309,7 @@ def read_fewshot_folder(path: str | os.PathLike[str]) -> tuple[FewShotFolder, tu
             shots=[int(k) for k in data["shots"]],
             seeds=[int(s) for s in data["seeds"]],
             image_root=Path(data["image_root"]) if data.get("image_root") else None,
+            groups={str(k): str(v) for k, v in data["groups"].items()} if data.get("groups") else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"{manifest_path} is damaged ({error!r}); write the split files again") from None
