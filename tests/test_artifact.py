@@ -64,7 +64,7 @@ def test_unknown_option_in_config_is_named(saved) -> None:
     config = json.loads((directory / CONFIG_FILE).read_text())
     config["method_config"]["prompt_lenght"] = 3
     (directory / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(promptvit.ConfigError, match="prompt_lenght"):
+    with pytest.raises(ArtifactError, match=r"adapter_config.json is damaged .*prompt_lenght"):
         promptvit.load(directory, base_model=build_tiny("vit_token"))
 
 

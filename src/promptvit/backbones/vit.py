@@ -125,6 +125,17 @@ class ViTAdapter(TimmTokenAdapter):
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
         )
 
+    def observed_options(self) -> dict[str, Any]:
+        model = self.model
+        q_norm = getattr(unwrap_base_layers(model.blocks[0].attn), "q_norm", None)
+        return {
+            **super().observed_options(),
+            "class_token": model.cls_token is not None,
+            "reg_tokens": int(model.num_reg_tokens),
+            "no_embed_class": bool(model.no_embed_class),
+            "qk_norm": q_norm is not None and not isinstance(q_norm, nn.Identity),
+        }
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
         x = model.patch_embed(images)
