@@ -40,7 +40,7 @@ def is_hub_id(source: object) -> bool:
 
 def local_folder(source: str | Path) -> Path:
     """The local folder of an address: ``hf-hub:ORG/NAME[@revision]`` is downloaded (or found in the cache)."""
-    return download(source) if is_hub_id(str(source)) else Path(source)
+    return download(str(source)) if is_hub_id(str(source)) else Path(source)
 
 
 def repo_id_of(repo: str) -> str:
@@ -114,7 +114,6 @@ def offline_unless_reachable() -> Iterator[None]:
 @contextlib.contextmanager
 def hub_errors(what: str) -> Iterator[None]:
     """Hub, network and access failures inside the block become one-line ``HubError``s saying what to do."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -128,11 +127,13 @@ def hub_errors(what: str) -> Iterator[None]:
     login = "log in with `hf auth login` or set HF_TOKEN"
     try:
         yield
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+    except LocalEntryNotFoundError as error:
         raise HubError(
             f"cannot {what}: it is not in the Hub cache and the Hub cannot be reached (offline?); connect once "
             "or unset HF_HUB_OFFLINE"
         ) from error
+    except OfflineModeIsEnabled as error:
+        raise HubError(f"cannot {what}: offline mode is on (HF_HUB_OFFLINE); unset it") from error
     except RevisionNotFoundError as error:
         raise HubError(f"cannot {what}: the Hub has no such revision (branch, tag or commit)") from error
     except (RepositoryNotFoundError, GatedRepoError) as error:
@@ -149,9 +150,15 @@ def hub_errors(what: str) -> Iterator[None]:
         if not (isinstance(error, OSError) or _is_network_error(error)):
             raise
         raise HubError(
-            f"cannot {what}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({_first_line(error)}); "
+            f"cannot {what}: the Hugging Face Hub ({_endpoint()}) cannot be reached ({_first_line(error)}); "
             "check the connection or the proxy, or work from the cache with HF_HUB_OFFLINE=1"
         ) from error
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _is_network_error(error: BaseException) -> bool:
@@ -508,6 +515,11 @@ def push_to_hub(
             _without_local_paths_in_json(folder / PEFT_FOLDER / "adapter_config.json")
         card = model_card(portable, run_dir, repo_id=repo_id, license=license, peft_subfolder=with_peft)
         (folder / CARD_FILE).write_text(card, encoding="utf-8")
+        if not hub_reachable():
+            raise HubError(
+                f"cannot push to {repo_id}: the Hugging Face Hub ({_endpoint()}) cannot be reached; check the "
+                "connection or the proxy (HTTPS_PROXY)"
+            )
         api = HfApi(token=token)
         with hub_errors(f"push to {repo_id}"):
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

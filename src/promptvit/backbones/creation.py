@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from promptvit.backbones.base import BackboneError, adapter_class_for, adapter_for, classifier_name
+from promptvit.hub import offline_unless_reachable
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor], samples_per_tensor: int = 4096) -> str:
@@ -47,10 +49,12 @@ def create_backbone(
     """
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    download = pretrained and weights is None
     try:
-        with torch.random.fork_rng(devices=[]):
+        # Unreachable Hub: timm's download answers from the cache at once instead of retrying for a minute.
+        with torch.random.fork_rng(devices=[]), offline_unless_reachable() if download else nullcontext():
             torch.manual_seed(init_seed)
-            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+            model = timm.create_model(name, pretrained=download, **kwargs)
     except RuntimeError as error:  # timm raises RuntimeError for unknown names
         raise BackboneError(f"cannot build timm model '{name}': {error}") from error
     except TypeError as error:  # a build option the architecture does not take
