@@ -20,10 +20,12 @@ and loading needs ``base_model=``.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from promptvit.backbones.base import BackboneError, adapter_for
@@ -124,10 +126,9 @@ def _holds_weights(path: Path, model: nn.Module) -> bool:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
+                stored = set(handle.keys())
                 names = [
-                    n
-                    for n in body
-                    if n in handle and list(handle.get_slice(n).get_shape()) == list(body[n].shape)
+                    n for n in body if n in stored and list(handle.get_slice(n).get_shape()) == list(body[n].shape)
                 ]
                 if not names or 2 * len(names) < len(body):
                     return False
@@ -135,7 +136,7 @@ def _holds_weights(path: Path, model: nn.Module) -> bool:
                     torch.equal(body[n].detach().cpu(), handle.get_tensor(n).to(body[n].dtype)) for n in names
                 )
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable or foreign files simply do not match
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError):  # unreadable: no match
         return False
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
