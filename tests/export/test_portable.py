@@ -49,7 +49,9 @@ def lora_run(tmp_path_factory) -> Path:
     """A LoRA run on a ViT built for 24 px from a local weights file (an absolute path in its config)."""
     tmp = tmp_path_factory.mktemp("portable")
     save_file(timm.create_model(ARCH, **VIT).state_dict(), str(tmp / "base weights.safetensors"))
-    return train(tmp, {"name": ARCH, "options": VIT, "weights": str(tmp / "base weights.safetensors")}, "lora")
+    return train(
+        tmp, {"name": ARCH, "options": VIT, "weights": str(tmp / "base weights.safetensors")}, "lora"
+    )
 
 
 def test_no_uploaded_or_exported_file_names_a_path_of_this_machine(tmp_path, lora_run, fake_hub):
@@ -58,8 +60,19 @@ def test_no_uploaded_or_exported_file_names_a_path_of_this_machine(tmp_path, lor
     folders = export_all(lora_run, tmp_path / "exports", ["peft", "merged-timm", "onnx"])
     written = [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]
     written += [p for folder in folders.values() for p in folder.rglob("*") if p.is_file()]
-    assert {p.name for p in written} >= {"README.md", "adapter_config.json", "config.json", "model.onnx", "export.json"}
-    machine = {str(lora_run.parent.parent), str(Path.home()), str(Path.cwd()), str(Path(timm.__file__).parent)}
+    assert {p.name for p in written} >= {
+        "README.md",
+        "adapter_config.json",
+        "config.json",
+        "model.onnx",
+        "export.json",
+    }
+    machine = {
+        str(lora_run.parent.parent),
+        str(Path.home()),
+        str(Path.cwd()),
+        str(Path(timm.__file__).parent),
+    }
     assert all(len(path) > 4 for path in machine)
     for path in written:
         content = path.read_bytes()
@@ -79,18 +92,27 @@ def test_resolve_data_config_on_every_export_gives_the_trained_input_size(tmp_pa
     cnn = train(tmp_path / "cnn", {"name": "resnet10t", "image_size": 40}, "bias")
     artifact = json.loads((cnn / "artifact" / "adapter_config.json").read_text())
     assert artifact["input_size"] == artifact["data_config"]["input_size"] == [3, 40, 40]
-    for run, size, formats in ((cnn, 40, ["merged-timm", "onnx"]), (lora_run, 24, ["peft", "merged-timm", "onnx"])):
+    for run, size, formats in (
+        (cnn, 40, ["merged-timm", "onnx"]),
+        (lora_run, 24, ["peft", "merged-timm", "onnx"]),
+    ):
         folders = export_all(run, tmp_path / run.parent.parent.name / "exports", formats)
         for format, folder in folders.items():
             record = json.loads((folder / "export.json").read_text())
             assert record["input_size"] == [3, size, size]
-            assert tuple(resolve_data_config(pretrained_cfg=record["data_config"])["input_size"]) == (3, size, size)
+            assert tuple(resolve_data_config(pretrained_cfg=record["data_config"])["input_size"]) == (
+                3,
+                size,
+                size,
+            )
             if format == "merged-timm":  # timm's own loader reads config.json
                 model = timm.create_model(f"local-dir:{folder}", pretrained=True)
                 assert resolve_data_config(model=model)["input_size"] == (3, size, size)
                 config = json.loads((folder / "config.json").read_text())
                 assert config["label_names"] == ["class_0", "class_1"]
-                assert config["pretrained_cfg"]["license"] == "unknown"  # random or local weights: no timm licence
+                assert (
+                    config["pretrained_cfg"]["license"] == "unknown"
+                )  # random or local weights: no timm licence
                 assert "tag" not in config["pretrained_cfg"]
             if format == "onnx":
                 import onnx

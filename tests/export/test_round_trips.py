@@ -66,7 +66,9 @@ def build(kind: str, tmp: Path) -> torch.nn.Module:
     if kind == "create_backbone":
         return promptvit.create_backbone(ARCH, init_seed=5, num_classes=2, **TINY)
     if kind == "local_file":
-        return promptvit.create_backbone(ARCH, weights=tiny_weights(tmp / "w.safetensors"), num_classes=2, **TINY)
+        return promptvit.create_backbone(
+            ARCH, weights=tiny_weights(tmp / "w.safetensors"), num_classes=2, **TINY
+        )
     if kind == "hub":
         return timm.create_model(HUB_NAME, pretrained=True, num_classes=2, **TINY)
     raise AssertionError(kind)
@@ -123,7 +125,9 @@ def come_back(model, base, artifact: Path, tmp: Path, data: Path, hub_cache: Pat
         assert call in str(refusal.value)
         with torch.no_grad():
             assert close(promptvit.load(artifact, base_model=copy.deepcopy(base)).eval()(images), expected)
-        refused = runner.invoke(app, ["predict", str(artifact), str(images_of(data)[0]), "--out", str(tmp / "p.csv")])
+        refused = runner.invoke(
+            app, ["predict", str(artifact), str(images_of(data)[0]), "--out", str(tmp / "p.csv")]
+        )
         one_line_error(refused, "cannot rebuild its backbone", call)
         return
 
@@ -136,10 +140,14 @@ def come_back(model, base, artifact: Path, tmp: Path, data: Path, hub_cache: Pat
     result = runner.invoke(app, ["predict", str(artifact), str(data), "--out", str(tmp / "p.csv")])
     assert result.exit_code == 0, result.output
     rows = list(csv.reader((tmp / "p.csv").open()))[1:]
-    assert torch.allclose(torch.tensor([[float(v) for v in r[1:3]] for r in rows]).double(), probabilities, atol=2e-6)
+    assert torch.allclose(
+        torch.tensor([[float(v) for v in r[1:3]] for r in rows]).double(), probabilities, atol=2e-6
+    )
     result = runner.invoke(app, ["eval", str(artifact), "--data", str(data), "--out", str(tmp / "m.json")])
     assert result.exit_code == 0, result.output
-    accuracy = 100 * sum(int(p.argmax()) == y for p, y in zip(probabilities, labels, strict=True)) / len(labels)
+    accuracy = (
+        100 * sum(int(p.argmax()) == y for p, y in zip(probabilities, labels, strict=True)) / len(labels)
+    )
     assert json.loads((tmp / "m.json").read_text())["accuracy"] == pytest.approx(accuracy)
 
     # each export, loaded by its own tool
@@ -164,9 +172,13 @@ def come_back(model, base, artifact: Path, tmp: Path, data: Path, hub_cache: Pat
     remote = tmp / "remote" / "org" / "round-trip"
     populate_hub_cache(hub_cache, "org/round-trip", remote)
     record = read_artifact_config(artifact)["base_model"]
-    if record.get("origin") == "file":  # the base weights are not uploaded: the documented refusal, then the fix
+    if (
+        record.get("origin") == "file"
+    ):  # the base weights are not uploaded: the documented refusal, then the fix
         name = Path(record["weights"]).name
-        with pytest.raises(promptvit.ArtifactError, match=rf"backbone weights file {name} named in .* is not there"):
+        with pytest.raises(
+            promptvit.ArtifactError, match=rf"backbone weights file {name} named in .* is not there"
+        ):
             promptvit.load("hf-hub:org/round-trip")
         snapshot = promptvit.hub.local_folder("hf-hub:org/round-trip")
         shutil.copy(record["weights"], snapshot / name)
@@ -190,13 +202,25 @@ def test_saved_from_python(kind, tmp_path, fake_hub, hub_cache, recwarn):
     artifact = model.save_pretrained(tmp_path / "artifact", class_names=CLASSES)
     record = read_artifact_config(artifact)["base_model"]
     rebuildable = kind != "timm_random"
-    assert record["origin"] == {"timm_random": "unknown", "timm_overlay": "file", "timm_geometry": "file",
-                                "create_backbone": "random", "local_file": "file", "hub": "hub"}[kind]
+    assert (
+        record["origin"]
+        == {
+            "timm_random": "unknown",
+            "timm_overlay": "file",
+            "timm_geometry": "file",
+            "create_backbone": "random",
+            "local_file": "file",
+            "hub": "hub",
+        }[kind]
+    )
     warned = [str(w.message) for w in recwarn if "cannot be rebuilt from the artifact" in str(w.message)]
     assert bool(warned) == (not rebuildable)  # save_pretrained says so
     if kind == "timm_geometry":
         assert {k: record["kwargs"][k] for k in ("img_size", "global_pool", "class_token")} == {
-            "img_size": 24, "global_pool": "avg", "class_token": False}
+            "img_size": 24,
+            "global_pool": "avg",
+            "class_token": False,
+        }
     data = write_image_folder(tmp_path / "data", classes=2, per_class=3)
     come_back(model, keep, artifact, tmp_path, data, hub_cache, rebuildable)
 

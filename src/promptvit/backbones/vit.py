@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 from torch import nn
 
 from promptvit.backbones.base import (
@@ -134,6 +134,9 @@ class ViTAdapter(TimmTokenAdapter):
             "reg_tokens": int(model.num_reg_tokens),
             "no_embed_class": bool(model.no_embed_class),
             "qk_norm": q_norm is not None and not isinstance(q_norm, nn.Identity),
+            "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+            # LayerScale or not (its values come with the weights; a canonical value keeps defaults equal)
+            "init_values": 1e-5 if isinstance(getattr(model.blocks[0], "ls1", None), LayerScale) else None,
         }
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
