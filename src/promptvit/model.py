@@ -539,6 +539,7 @@ class PromptModel(nn.Module):
             raise ArtifactError(
                 f"{directory / CONFIG_FILE} is damaged or from a promptvit with other methods ({error}); re-save it"
             ) from error
+        given = base_model is not None
         if base_model is None:
             base_model = _rebuild_base(config, directory)
         base_model.reset_classifier(config["num_classes"])
@@ -550,8 +551,10 @@ class PromptModel(nn.Module):
         if check_weights and config["base_fingerprint"] != model.base_fingerprint:
             raise ArtifactError(
                 f"{directory} was trained on other backbone weights (fingerprint {config['base_fingerprint']} "
-                f"vs {model.base_fingerprint} of the given model, base '{config['base_model'].get('name')}'). "
-                "Load it on the same pretrained backbone, or pass check_weights=False to override."
+                f"vs {model.base_fingerprint} of the {'given' if given else 'rebuilt'} model, base "
+                f"'{config['base_model'].get('name')}'). Load it with "
+                f"base_model={base_model_call(config['base_model'])} holding the weights it was trained on "
+                "(check_weights=False skips this check)"
             )
         load_tuned_state(model, state, str(weights_path))
         return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -164,3 +165,50 @@ def test_every_verb_takes_a_hub_address_offline(tmp_path, fake_hub, hub_cache, t
         and "not in the Hub cache" in missing.output
         and "Traceback" not in missing.output
     )
+
+
+def test_an_access_refusal_is_one_line_saying_how_to_log_in(tmp_path, monkeypatch, fake_hub, trained_run):
+    from huggingface_hub import HfApi, errors
+
+    response_class = errors.Response  # the HTTP library huggingface_hub uses (httpx or its successor)
+    request = __import__(response_class.__module__).Request("POST", "https://huggingface.co/api/repos/create")
+
+    def refuse(self, repo_id, **options):
+        raise errors.HfHubHTTPError(
+            "403 Forbidden: you may not write here", response=response_class(403, request=request)
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    result = runner.invoke(app, ["push", str(trained_run), "--repo", "org/theirs"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    flat = " ".join(result.output.split())
+    assert "cannot push to org/theirs: the Hub answered 403 Forbidden" in flat and "hf auth login" in flat
+
+
+def test_serving_and_analysis_take_a_hub_address(tmp_path, fake_hub, hub_cache, trained_run):
+    from promptvit.serving import MultiTaskModel
+
+    assert runner.invoke(app, ["push", str(trained_run), "--repo", "org/run"]).exit_code == 0
+    populate_hub_cache(hub_cache, "org/run", tmp_path / "remote" / "org" / "run")
+    local = promptvit.load(trained_run).eval()
+    base = copy.deepcopy(local).unload()
+    served = MultiTaskModel(base, ["hf-hub:org/run"]).eval()
+    images = tiny_input("vit_token", batch=2)
+    with torch.no_grad():
+        assert torch.allclose(served(images)["run"], local(images), atol=1e-6)
+    data = trained_run.parent.parent / "data"
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            "hf-hub:org/run",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "analysis"),
+            "--max-samples",
+            "6",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["sample"]["n"] == 6

@@ -21,6 +21,7 @@ import pytest
 import timm
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -184,6 +185,14 @@ def come_back(model, base, artifact: Path, tmp: Path, data: Path, hub_cache: Pat
         shutil.copy(record["weights"], snapshot / name)
     with torch.no_grad():
         assert close(promptvit.load("hf-hub:org/round-trip").eval()(images), expected)
+    # timm's Hub weights: the card links the base and names its licence; timm's config keeps the tag
+    card = ModelCard.load(remote / "README.md")
+    timm_config = json.loads((tmp / "merged-timm" / "config.json").read_text())["pretrained_cfg"]
+    if record.get("origin") == "hub":
+        assert card.data.base_model == record["hub_id"] and "released under `apache-2.0`" in card.text
+        assert timm_config["tag"] == record["name"].split(".")[1] and timm_config["license"] == "apache-2.0"
+    else:
+        assert card.data.base_model is None and "tag" not in timm_config
 
 
 BUILDS = ["timm_random", "timm_overlay", "timm_geometry", "create_backbone", "local_file", "hub"]
