@@ -57,10 +57,11 @@ def build(kind: str, tmp: Path) -> torch.nn.Module:
         torch.manual_seed(3)
         return timm.create_model(ARCH, num_classes=2, **TINY)
     if kind == "timm_overlay":
-        overlay = {"file": str(tiny_weights(tmp / "overlay.safetensors"))}
+        # custom_load: timm < 1.0.10 would read the file with the npz loader of this name's default weights
+        overlay = {"file": str(tiny_weights(tmp / "overlay.safetensors")), "custom_load": False}
         return timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=2, **TINY)
     if kind == "timm_geometry":
-        overlay = {"file": str(tiny_weights(tmp / "overlay.safetensors", class_token=False))}
+        overlay = {"file": str(tiny_weights(tmp / "overlay.safetensors", class_token=False)), "custom_load": False}
         return timm.create_model(
             ARCH, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=2, **OTHER_GEOMETRY
         )

@@ -189,7 +189,8 @@ def rebuild_backbone(record: dict[str, Any], weights_file: Path | None = None) -
     options = dict(record.get("kwargs") or {})
     seed = record.get("init_seed") or 0
     if origin == "file" and record.get("weights_loader") == "timm":
-        overlay = {**options.pop("pretrained_cfg_overlay", {}), "file": str(weights_file)}
+        # A state-dict file (safetensors or .pth: what the record matched), not timm's custom npz loading.
+        overlay = {**options.pop("pretrained_cfg_overlay", {}), "file": str(weights_file), "custom_load": False}
         return create_backbone(
             record["name"], pretrained=True, init_seed=seed, pretrained_cfg_overlay=overlay, **options
         )

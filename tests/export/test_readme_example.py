@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import promptvit
-from tests.export.conftest import hub_cache, populate_hub_cache  # noqa: F401  (the fixture)
+from tests.export.conftest import populate_hub_cache
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 
 def first_python_example() -> str:
