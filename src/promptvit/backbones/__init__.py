@@ -5,11 +5,12 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
+from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, swin, swin_v2, vit  # noqa: F401  (registration)
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    InsertedTokens,
     PartsFromCall,
     TimmTokenAdapter,
     adapter_class_for,
@@ -67,6 +68,7 @@ __all__ = [
     "TimmTokenAdapter",
     "BackboneError",
     "Geometry",
+    "InsertedTokens",
     "adapter_class_for",
     "adapter_for",
     "all_rows",
