@@ -69,8 +69,8 @@ def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Pa
         "multilabel": False,
         **extra,
     }
-    if "data_config" not in config:
-        config["data_config"] = default_data_config(model)
+    # What the saver gave, completed from the backbone's timm preprocessing at the size the model was built for.
+    config["data_config"] = {**default_data_config(model), **config.get("data_config", {})}
     # One input size everywhere: the size the model is fed (for a CNN, what training resized to).
     config["input_size"] = list(config["data_config"]["input_size"])
     if len(config["class_names"]) != model.num_classes:

@@ -5,13 +5,18 @@ model is loaded back through the target tool (peft, timm, onnxruntime) and its l
 the PromptModel's on a random batch. The comparison and its tolerance are recorded in ``export.json``
 beside the files. How our LoRA maps onto peft's is described in ``docs/export.md``.
 
-- ``peft``: LoRA only. Every adapted ``qkv`` gets a peft LoRA on the whole fused ``nn.Linear`` whose rank is
+- ``peft``: methods with a peft form (LoRA: ``Method.peft_form``), with a README. Every adapted ``qkv`` gets a peft LoRA on the whole fused ``nn.Linear`` whose rank is
   ``len(targets) * rank``: A stacks the parts' A matrices, B is block structured (each part's B on its own
   rows, zeros on the rows of parts that are not targeted), ``lora_alpha = alpha * len(targets)`` keeps the
   scale ``alpha / rank``. The classifier is a ``modules_to_save`` entry.
 - ``merged-timm``: methods whose effect lives in the backbone's own weights (or merges into them) become a
-  ``model.safetensors`` + ``config.json`` folder in timm's Hub layout.
+  ``model.safetensors`` + ``config.json`` folder in timm's Hub layout (``PromptModel.merge_and_unload`` of a
+  copy); ``config.json`` carries the artifact's preprocessing and trained input size, its classes, and the
+  base's licence and tag where they apply.
 - ``onnx``: every method; merged first where the method can merge. Dynamic batch size.
+
+A format the method cannot take is refused in one sentence naming why and the formats that work
+(:func:`formats_for`). No exported file names a path of the machine that wrote it.
 """
 
 from __future__ import annotations
