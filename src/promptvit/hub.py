@@ -242,8 +242,40 @@ def _base_description(base: dict[str, Any]) -> str:
     if origin == "file":
         return f"weights from a local file `{Path(base['weights']).name}` (not uploaded)"
     if origin == "random":
-        return f"randomly initialised (seed {base.get('init_seed', 0)})"
+        return f"randomly initialised, seed {base.get('init_seed', 0)}"
     return "weights of unknown origin"
+
+
+def _base_code(base: dict[str, Any], num_classes: int) -> list[str]:
+    """Python lines that build the base model (``base = ...``) the way the record says it was built."""
+    name = base.get("name") or "NAME"
+    options = {
+        k: v
+        for k, v in (base.get("kwargs") or {}).items()
+        if k not in ("num_classes", "pretrained_cfg_overlay")
+    }
+    arguments = "".join(f", {k}={v!r}" for k, v in options.items())
+    origin = base.get("origin") or (
+        "file" if base.get("weights") else "hub" if base.get("pretrained") else "random"
+    )
+    if origin == "file":
+        file = Path(base["weights"]).name
+        return [
+            "import timm",
+            f"base = timm.create_model({name.split('.')[0]!r}, pretrained=True, num_classes={num_classes}, "
+            f"pretrained_cfg_overlay=dict(file={file!r}, custom_load=False){arguments})  # the base weights file",
+        ]
+    if origin == "random":
+        return [
+            "import promptvit  # the random base is rebuilt from its seed",
+            f"base = promptvit.create_backbone({name!r}, init_seed={base.get('init_seed') or 0}, "
+            f"num_classes={num_classes}{arguments})",
+        ]
+    pretrained = "True" if origin == "hub" else "True  # the weights it was trained on"
+    return [
+        "import timm",
+        f"base = timm.create_model({name!r}, pretrained={pretrained}, num_classes={num_classes}{arguments})",
+    ]
 
 
 def _licence(license: str | None, base: dict[str, Any]) -> tuple[str, str]:
@@ -345,17 +377,13 @@ def model_card(
             "next to the downloaded artifact (or pass `base_model=`).",
         ]
     if peft_subfolder:
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in (base.get("kwargs") or {}).items() if k != "num_classes")
         lines += [
             "",
-            "The same model as a Hugging Face peft adapter (no promptvit needed):",
+            "The same model as a Hugging Face peft adapter, on the same timm base:",
             "",
             "```python",
-            "import timm",
             "from peft import PeftModel",
-            f"base = timm.create_model({name!r}, pretrained=True, num_classes={info['num_classes']}"
-            + (f", {kwargs}" if kwargs else "")
-            + ")",
+            *_base_code(base, info["num_classes"]),
             f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="{PEFT_FOLDER}")',
             "```",
         ]
@@ -420,7 +448,6 @@ def peft_card(info: dict[str, Any], *, repo_id: str | None = None, subfolder: st
 
     base = info.get("base_model") or {}
     name = base.get("name") or "NAME"
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in (base.get("kwargs") or {}).items() if k != "num_classes")
     where = (
         f'"{repo_id}", subfolder="{subfolder}"'
         if repo_id and subfolder
@@ -442,11 +469,8 @@ def peft_card(info: dict[str, Any], *, repo_id: str | None = None, subfolder: st
             "promptvit does not adapt have zero rows in B) and the classifier as `modules_to_save`.",
             "",
             "```python",
-            "import timm",
             "from peft import PeftModel",
-            f"base = timm.create_model({name!r}, pretrained=True, num_classes={info['num_classes']}"
-            + (f", {kwargs}" if kwargs else "")
-            + ")",
+            *_base_code(base, info["num_classes"]),
             f"model = PeftModel.from_pretrained(base, {where}).eval()",
             "```",
             "",

@@ -48,7 +48,8 @@ def test_push_model_then_load_from_the_hub_cache_offline(tmp_path, fake_hub, hub
     assert card.data.library_name == "promptvit" and card.data.license == "unknown"
     assert {"promptvit", "lora", "peft"} <= set(card.data.tags)
     assert 'promptvit.load("hf-hub:org/tiny-lora")' in card.text and "ORG/NAME" not in card.text
-    assert "randomly initialised (seed 0)" in card.text
+    assert "randomly initialised, seed 0" in card.text
+    assert "promptvit.create_backbone('vit_tiny_patch16_224', init_seed=0, num_classes=3" in card.text
     assert 'PeftModel.from_pretrained(base, "org/tiny-lora", subfolder="peft")' in card.text
 
     populate_hub_cache(hub_cache, "org/tiny-lora", remote)
