@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from promptvit.artifact_format import (
@@ -186,9 +187,13 @@ class PromptModel(nn.Module):
             )
         if self.method.trains_backbone:
             return 0
-        if self.geometry.kind != "vit" and cut != depth:
-            return 0
-        return cut
+        random = {id(m) for m in _stochastic_depth(self.backbone)}
+        if self.geometry.kind != "vit":
+            return cut if cut == depth and not random else 0
+        # Stochastic depth trains with the model (see ``train``): the prefix ends before its first such block.
+        blocks = self.adapter.blocks
+        random_blocks = [i for i, b in enumerate(blocks) if any(id(m) in random for m in b.modules())]
+        return min([cut, *random_blocks])
 
     def _check_cut(self, block: int) -> None:
         depth = self.geometry.depth
@@ -294,13 +299,19 @@ class PromptModel(nn.Module):
     update_batchnorm_stats: bool = False
 
     def train(self, mode: bool = True) -> PromptModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them.
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them;
+        stochastic depth that the build options ask for (``backbone.options.drop_path_rate`` > 0) trains with
+        the model.
 
         BatchNorm layers stay in eval mode (their pretrained running statistics in use and unchanged) even
         in tuned modules, unless ``update_batchnorm_stats``; their affine weights still train.
         """
         self.training = mode
         self.backbone.eval()
+        # Stochastic depth asked for through the backbone options (timm's drop_path_rate) acts in training
+        # whatever the method, as in DA-VPT's and SPT's code.
+        for module in _stochastic_depth(self.backbone):
+            module.train(mode)
         for module in self._modules_in_train_mode():
             module.train(mode)
             if mode and not self.update_batchnorm_stats:
@@ -650,3 +661,15 @@ def wrap(
     model.promptvit_wrapped = True
     wrapped.train(model.training)
     return wrapped
+
+
+def _stochastic_depth(backbone: nn.Module) -> list[nn.Module]:
+    """timm's DropPath modules of ``backbone`` that drop something, when its build options asked for them.
+
+    Only an explicit ``drop_path_rate`` (``create_backbone``'s record, ``backbone.options``) counts: a
+    family's own default rate (timm builds Swin with 0.1) stays off in a frozen backbone, as it always was.
+    """
+    options = getattr(backbone, "promptvit_source", {}).get("kwargs", {})
+    if not options.get("drop_path_rate"):
+        return []
+    return [m for m in backbone.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
