@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from promptvit._version import __version__
 from promptvit.errors import ArtifactError
+from promptvit.evaluation.calibration import BIAS_BOUND, LOG_T_BOUNDS, SCALE_BOUNDS
 from promptvit.io import atomic_write, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
@@ -33,9 +34,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 MAX_CLASSES = 100_000
 NOT_A_PEFT_ADAPTER = "not a peft adapter but a promptvit artifact: load it with promptvit.load(...)"
-#: the bounds calibration fits within (evaluation.calibration), a little wider for float round trips
-TEMPERATURE_RANGE = (0.04, 25.0)
-PLATT_SCALE_RANGE, PLATT_BIAS_RANGE = (0.04, 25.0), (-60.0, 60.0)
+#: the bounds calibration fits within (evaluation.calibration), 1 % wider for float round trips
+TEMPERATURE_RANGE = (math.exp(LOG_T_BOUNDS[0]) * 0.99, math.exp(LOG_T_BOUNDS[1]) * 1.01)
+PLATT_SCALE_RANGE = (SCALE_BOUNDS[0] * 0.99, SCALE_BOUNDS[1] * 1.01)
+PLATT_BIAS_RANGE = (-BIAS_BOUND * 1.01, BIAS_BOUND * 1.01)
 
 def default_data_config(model: PromptModel) -> dict[str, Any]:
     """Preprocessing from the backbone's timm config, at the input size the model was built for."""
@@ -238,13 +240,13 @@ def _calibration_problem(calibration: object, num_classes: int) -> str | None:
         if not _is_number(calibration.get("temperature"), *TEMPERATURE_RANGE):
             return (
                 f"calibration temperature {calibration.get('temperature')!r} is outside "
-                f"{TEMPERATURE_RANGE[0]}..{TEMPERATURE_RANGE[1]}, the range calibration fits in"
+                f"{TEMPERATURE_RANGE[0]:.3g}..{TEMPERATURE_RANGE[1]:.3g}, the range calibration fits in"
             )
     elif kind == "platt":
         for key, (low, high) in (("scale", PLATT_SCALE_RANGE), ("bias", PLATT_BIAS_RANGE)):
             values = calibration.get(key)
             if not (isinstance(values, list) and len(values) == num_classes and all(_is_number(v, low, high) for v in values)):
-                return f"calibration {key} must be {num_classes} numbers in {low}..{high}, got {values!r}"
+                return f"calibration {key} must be {num_classes} numbers in {low:.3g}..{high:.3g}, got {values!r}"
     else:
         return f"calibration kind must be 'temperature' or 'platt', got {kind!r}"
     for key in ("val_nll_before", "val_nll_after"):
