@@ -218,6 +218,13 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
     )
 
 
+def _local(address: Path) -> Path:
+    """A folder, a run folder or ``hf-hub:ORG/NAME[@revision]`` (downloaded, or from the Hub cache) as a folder."""
+    from promptvit.hub import local_folder
+
+    return local_folder(str(address))
+
+
 def _load_for_inference(path: Path) -> tuple[Any, dict[str, Any]]:
     from promptvit.artifact import default_data_config, load, read_artifact_config
 
@@ -282,7 +289,7 @@ def _labelled_dataset(
 @app.command("eval", context_settings=EXTRA)
 def eval_(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     data: Annotated[
         str | None,
         typer.Option(
@@ -311,6 +318,7 @@ def eval_(
     from promptvit.train.clinical import evaluate_artifact, sample_groups
 
     try:
+        run_or_artifact = _local(run_or_artifact)
         if out:
             check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
@@ -350,7 +358,7 @@ def eval_(
 
 @app.command()
 def predict(
-    artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
+    artifact: Annotated[Path, typer.Argument(help="artifact folder, run folder or hf-hub:ORG/NAME")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
@@ -368,6 +376,7 @@ def predict(
     from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
+        artifact = _local(artifact)
         check_output_path(out, protected=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
@@ -413,7 +422,7 @@ def predict(
 @app.command(context_settings=EXTRA)
 def analyze(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     out: Annotated[Path, typer.Option(help="folder for the figures and analysis.json")],
     data: Annotated[
         str | None,
@@ -435,12 +444,15 @@ def analyze(
     from promptvit.evaluation.calibration import artifact_calibration
     from promptvit.io import check_output_path
 
+    name = run_or_artifact.name
     try:
-        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
+        run_or_artifact = _local(run_or_artifact)
+        compare = [_local(path) for path in compare or []]
+        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *compare))
         model, info = _load_for_inference(run_or_artifact)
         csv_given = csv_options(image_root, file_column, label_column)
         dataset, _, _ = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info, csv_given)
-        loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
+        loaded = {path.name: (path, _load_for_inference(path)) for path in compare}
         others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
         console.print(
             escape(
@@ -449,7 +461,7 @@ def analyze(
             ),
             highlight=False,
         )
-        calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
+        calibrations = {name: artifact_calibration(info, run_or_artifact)}
         calibrations.update(
             {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
         )
@@ -461,7 +473,7 @@ def analyze(
             max_samples=max_samples,
             seed=seed,
             compare=others or None,
-            name=run_or_artifact.name,
+            name=name,
             calibrations=calibrations,
             reliability_bins=bins,
             progress=True,

@@ -15,7 +15,7 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, PeftForm, register_method
 
 QKV = ("q", "k", "v")
 
@@ -139,6 +139,27 @@ class LoRA(Method):
                 b[part] = layer.lora_B[i].detach() * layer.scaling
             changes.append(BatchedChange("qkv_low_rank", block=index, tensors={"a": a, "b": b}))
         return changes
+
+    def peft_form(self, backbone: nn.Module) -> PeftForm:
+        """peft's LoRA on each whole fused ``qkv`` (docs/export.md): rank ``len(targets) * rank``, A stacked, B block
+        structured (zeros on the rows of parts not adapted), ``lora_alpha = alpha * len(targets)`` (the same
+        scale ``alpha / rank``)."""
+        names = {id(m): n for n, m in backbone.named_modules()}
+        first = self._lora_layers[0]
+        count = len(first.parts)
+        tensors = {}
+        for layer in self._lora_layers:
+            name = names[id(layer)]
+            tensors[f"{name}.lora_A.weight"] = layer.lora_A.detach().reshape(count * layer.rank, -1)
+            tensors[f"{name}.lora_B.weight"] = layer.stacked_lora_B().detach()
+        config = {
+            "r": count * first.rank,
+            "lora_alpha": first.alpha * count,
+            "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,
+            "target_modules": sorted(names[id(layer)] for layer in self._lora_layers),
+            "bias": "none",
+        }
+        return PeftForm(config, tensors)
 
     @property
     def merged(self) -> bool:
