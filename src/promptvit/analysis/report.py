@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from promptvit.analysis import attention as attn_mod
 from promptvit.analysis._plotting import colour, new_figure, safe_name, save_figure
@@ -54,6 +55,7 @@ from promptvit.analysis.extract import (
 )
 from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
 from promptvit.analysis.reliability import reliability_view
+from promptvit.backbones import BackboneError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.io import atomic_write_text, output_folder
 
@@ -70,8 +72,8 @@ DEFINITIONS = {
     "attention_distance": (
         "per head: mean over query patches of sum_j a_ij d(i,j) over key patches, with prefix and prompt tokens "
         "removed and each row renormalised over patch keys; d = Euclidean distance between patch centres in "
-        "input pixels; averaged over images. Attention recomputed from each block's qkv unless the attention "
-        "layer exposes attention_weights(x)."
+        "input pixels; averaged over images. Attention recomputed from the family's attention parts (rotary "
+        "positions, relative position bias included) unless the attention layer exposes attention_weights(x)."
     ),
     "attention_maps": (
         "CLS (or prompt) query's attention probabilities on the patch keys, averaged over heads, on the patch "
@@ -154,7 +156,7 @@ class _RunState:
 
 def _collect(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Any],
     *,
     num_map_images: int,
     map_layers: Sequence[int] | None,
@@ -220,7 +222,7 @@ def _collect(
     if vit:
         try:
             recorders.append(attn_mod.AttentionRecorder(model, on_layer))
-        except TypeError as error:  # an attention layer that can be neither asked nor recomputed
+        except BackboneError as error:  # an attention layer that can be neither asked nor recomputed
             state.attention_error = str(error)
     with torch.no_grad(), eval_mode(model), contextlib.ExitStack() as stack:
         for recorder in recorders:
@@ -299,6 +301,7 @@ def analyze(
     debiased_cka: bool = False,
     calibrations: Mapping[str, Any] | None = None,
     reliability_bins: int = DEFAULT_BINS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run every applicable view (module docstring), write PNGs and ``analysis.json`` to ``out_dir``.
 
@@ -315,6 +318,7 @@ def analyze(
         calibrations: model name -> a stored ``Calibration`` (or None): the reliability diagram then also
             draws the calibrated probabilities.
         reliability_bins: equal-width bins of the reliability diagram and its ECE.
+        progress: show progress bars (on a terminal): the batches per model, then the views.
     Returns:
         the content of ``analysis.json``.
     """
@@ -336,10 +340,11 @@ def analyze(
 
     states: dict[str, _RunState] = {}
     labels: list[int] = []
+    hidden = None if progress else True  # tqdm's disable=None: shown on a terminal, silent in logs
     for run_name, run_model in runs.items():
         states[run_name], labels = _collect(
             run_model,
-            loader,
+            tqdm(loader, desc=f"analysing {run_name}", unit="batch", disable=hidden, leave=False),
             num_map_images=num_map_images,
             map_layers=map_layers,
             num_prompt_maps=num_prompt_maps,
@@ -369,7 +374,14 @@ def analyze(
     }
     views, skipped, files = result["views"], result["skipped"], result["files"]
 
+    stages = tqdm(total=6, desc="figures", unit="view", disable=hidden, leave=False)
+
+    def stage(name: str) -> None:
+        stages.set_postfix_str(name, refresh=False)
+        stages.update()
+
     # calibration
+    stage("feature calibration" + (" and t-SNE" if tsne else ""))
     feature_runs = {n: (torch.cat(s.features).numpy(), label_array) for n, s in states.items()}
     views["calibration"] = plot_calibration(
         feature_runs, class_names, out / "calibration.png", seed=seed, tsne=tsne
@@ -377,6 +389,7 @@ def analyze(
     files.append("calibration.png")
 
     # reliability of the predicted probabilities, as trained and with the stored calibration
+    stage("reliability")
     curves = {}
     multilabel = torch.cat(states[main_name].targets).ndim == 2  # multi-hot targets: sigmoid probabilities
     for n, s in states.items():
@@ -397,6 +410,7 @@ def analyze(
             skipped[f"attention:{n}"] = states[n].attention_error
 
     # attention distance
+    stage("attention")
     if attention_runs:
         distance = {}
         shares = {}
@@ -455,6 +469,7 @@ def analyze(
         views["attention_maps"] = maps_view
 
     # prompt/patch NMI and CKA
+    stage("NMI and prompt CKA")
     nmi_curves = {}
     prompt_cka = {}
     for n in vit_runs:
@@ -489,6 +504,7 @@ def analyze(
         views["cka_prompts_patches"] = {"debiased": debiased_cka, "matrix": prompt_cka}
 
     # layer CKA between the main model and each comparison model
+    stage("layer CKA")
     if len(runs) > 1:
         layer_cka: dict[str, Any] = {}
         main_reps = [_stack(chunks) for chunks in states[main_name].layer_reps]
@@ -514,6 +530,8 @@ def analyze(
         skipped["cka_layers"] = "no comparison model (pass compare={...})"
 
     # token scale exposed by cooperating attention layers
+    stage("token scale")
+    stages.close()
     scale_curves = {}
     for n in attention_runs:
         s = states[n]

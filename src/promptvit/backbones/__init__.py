@@ -5,11 +5,12 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
+from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, swin, swin_v2, vit  # noqa: F401  (registration)
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    InsertedTokens,
     PartsFromCall,
     TimmTokenAdapter,
     adapter_class_for,
@@ -23,12 +24,20 @@ from promptvit.backbones.base import (
     unwrap_base_layers,
 )
 from promptvit.backbones.creation import (
-    backbone_source,
+    body_parameters,
     create_backbone,
     load_weights,
     weights_fingerprint,
 )
 from promptvit.backbones.geometry import Geometry
+from promptvit.backbones.source import (
+    backbone_source,
+    base_model_call,
+    find_weights_file,
+    origin_of,
+    rebuild_backbone,
+    rebuild_problem,
+)
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -47,12 +56,6 @@ def cnn_stages(model: nn.Module) -> list[nn.Module]:
     return adapter_for(model).stages
 
 
-def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Named parameters outside every classifier module: what identifies a backbone's weights."""
-    heads = {id(p) for module in adapter_for(model).classifier_modules() for p in module.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) not in heads}
-
-
 def set_classifier(model: nn.Module, module: nn.Module) -> None:
     """Replace the classifier module in place."""
     adapter_for(model).set_classifier(module)
@@ -65,18 +68,24 @@ __all__ = [
     "TimmTokenAdapter",
     "BackboneError",
     "Geometry",
+    "InsertedTokens",
     "adapter_class_for",
     "adapter_for",
     "all_rows",
     "attend",
     "backbone_source",
+    "base_model_call",
     "body_parameters",
     "classifier_name",
     "cnn_stages",
     "create_backbone",
+    "find_weights_file",
     "geometry_of",
     "is_vit",
     "load_weights",
+    "origin_of",
+    "rebuild_backbone",
+    "rebuild_problem",
     "register_adapter",
     "registered_adapters",
     "sdpa_core",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptvit.backbones.geometry import Geometry
-from promptvit.errors import BackboneError
+from promptvit.errors import BackboneError, listed
 
 Select = Callable[[torch.Tensor], torch.Tensor]
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads. Where the parts
@@ -61,8 +61,9 @@ class AttentionParts:
     Families whose attention is not plain fill the optional fields: ``qkv_bias`` is added to the fused
     projection's output (EVA/BEiT keep their q/v biases outside the qkv module), ``rotate`` is applied to q
     and k after their norms (rotary positions), ``logit_bias`` is added to the scaled logits, broadcastable
-    to (B, H, N, N) (BEiT's relative position bias). Tensors there are read per call (see
-    :class:`PartsFromCall`).
+    to (B, H, N, N) (BEiT's relative position bias), or with one entry per window, (W, H, N, N), where the
+    batch holds the W windows of each image in turn (Swin's shifted-window mask, see :func:`bias_for_batch`).
+    Tensors there are read per call (see :class:`PartsFromCall`).
     """
 
     module: nn.Module
@@ -116,13 +117,23 @@ class AttentionParts:
         q, k, _ = self.heads(x)
         logits = ((q * self.scale) @ k.transpose(-2, -1)).float()
         if self.logit_bias is not None:
-            logits = logits + self.logit_bias.float()
+            logits = logits + bias_for_batch(self.logit_bias, logits.shape[0]).float()
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
                 logits = logits + attn_mask.float()
         return logits.softmax(dim=-1)
+
+
+def bias_for_batch(bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """A logit bias for a batch of ``batch`` rows: a per-window bias (W, H, N, N), W dividing the batch and
+    neither 1 nor the batch, is repeated over the images (their windows come one image after the other)."""
+    if bias.dim() == 4 and bias.shape[0] not in (1, batch):
+        if batch % bias.shape[0]:
+            raise ValueError(f"a bias for {bias.shape[0]} windows does not fit a batch of {batch} windows")
+        bias = bias.repeat(batch // bias.shape[0], 1, 1, 1)
+    return bias
 
 
 def attend(
@@ -143,7 +154,8 @@ def attend(
     if parts.logit_bias is None:
         out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
     else:  # the bias rows belong to the query rows
-        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(parts.logit_bias))
+        bias = bias_for_batch(parts.logit_bias, q.shape[0])
+        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(bias))
     out = parts.norm(out.transpose(1, 2).flatten(2))
     if parts.gate is not None:
         out = out * parts.gate(select(x)).sigmoid()
@@ -153,6 +165,23 @@ def attend(
 #: ``parts(attention module, keyword arguments of one call) -> AttentionParts``: how a module that replaces
 #: a block's attention reads its parts at each call (rotary tables and shared biases arrive as arguments)
 PartsFromCall = Callable[[nn.Module, dict[str, Any]], AttentionParts]
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertedTokens:
+    """A method's inserted tokens (prompts), for a family that carries them through its blocks itself (Swin).
+
+    ``lengths``: block -> tokens it puts in, dropping the ones in the stream (a later block's 0 only drops);
+    ``tokens(block, x)``: those tokens, (B, L, block width), given the block's input ``x``; ``enabled()``:
+    whether they go in at all (off for a prompt-free pass); ``skip_unread(block)``: whether the block may
+    leave out the outputs of tokens the next block drops. Bound methods of the method, so a deep copy of a
+    wrapped model calls its own copy.
+    """
+
+    lengths: dict[int, int]
+    tokens: Callable[[int, torch.Tensor], torch.Tensor]
+    enabled: Callable[[], bool]
+    skip_unread: Callable[[int], bool]
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -169,6 +198,32 @@ def classifier_name(model: nn.Module) -> str:
         if module is target and module_name:
             return module_name
     raise BackboneError(f"cannot find the classifier module of {type(model).__name__}")
+
+
+def size_option(size: tuple[int, ...]) -> int | list[int]:
+    """A timm size option as written by hand: ``32`` for (32, 32), else the list."""
+    return size[0] if len(set(size)) == 1 else list(size)
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The ``mlp_ratio`` for which timm builds an MLP ``hidden`` wide (``int(width * mlp_ratio)``)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def build_structure(architecture: str, options: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(architecture, **options)`` without weights: on the meta device, or on the CPU with
+    the global RNG untouched where the constructor reads tensor values (timm < 1.0.10)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(architecture, pretrained=False, **options)
+    except (RuntimeError, NotImplementedError) as error:
+        if "meta" not in str(error):
+            raise
+    with torch.random.fork_rng(devices=[]):
+        return timm.create_model(architecture, pretrained=False, **options)
 
 
 class BackboneAdapter:
@@ -229,6 +284,66 @@ class BackboneAdapter:
         """The first module that sees the images (a pixel prompt is added at its input)."""
         raise self._unsupported("input module")
 
+    # ------------------------------------------------------------------ rebuilding
+
+    #: options of :meth:`observed_options` that follow from others (an MLP ratio from a width): dropped from
+    #: :meth:`build_options` when the rebuild matches without them
+    derived_options: ClassVar[tuple[str, ...]] = ()
+
+    def observed_options(self) -> dict[str, Any]:
+        """``timm.create_model`` options as this model's modules show them, defaults included.
+
+        Families add what changes their geometry or weights (image and patch size, depth, width, heads, prefix
+        tokens, pooling, window size...); the generic answer is the classifier size.
+        """
+        return {"num_classes": int(self.model.num_classes)}
+
+    def build_options(self, architecture: str) -> dict[str, Any]:
+        """The options that make ``timm.create_model(architecture, **options)`` this model's architecture.
+
+        The observed options that differ from a default build of ``architecture``, verified by
+        :meth:`rebuild_mismatch`; ``BackboneError`` says what cannot be rebuilt.
+        """
+        observed = self.observed_options()
+        default = type(self)(build_structure(architecture, {})).observed_options()
+        options = {k: v for k, v in observed.items() if k == "num_classes" or default.get(k) != v}
+        fewer = {k: v for k, v in options.items() if k not in self.derived_options}
+        if fewer != options and self.rebuild_mismatch(architecture, fewer) is None:
+            return fewer
+        problem = self.rebuild_mismatch(architecture, options)
+        if problem is not None:
+            raise BackboneError(problem)
+        return options
+
+    def rebuild_mismatch(self, architecture: str, options: dict[str, Any]) -> str | None:
+        """Why ``timm.create_model(architecture, **options)`` would not have this model's architecture, or None.
+
+        Built on the meta device (no weights) and compared by state-dict names and shapes, geometry and
+        :meth:`observed_options`.
+        """
+        call = f"timm.create_model({architecture!r}{''.join(f', {k}={v!r}' for k, v in options.items())})"
+        try:
+            rebuilt = build_structure(architecture, options)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+            return f"{call} fails ({(str(error).splitlines() or [type(error).__name__])[0]})"
+        if type(rebuilt) is not type(self.model):
+            return f"{call} builds a {type(rebuilt).__name__}, not a {type(self.model).__name__}"
+        own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        differences = [
+            f"{k}: {own.get(k, 'absent')} vs {new.get(k, 'absent')}"
+            for k in sorted(own.keys() | new.keys())
+            if own.get(k) != new.get(k)
+        ]
+        other = type(self)(rebuilt)
+        mine, theirs = self.geometry().to_dict(), other.geometry().to_dict()
+        differences += [f"{k}: {v} vs {theirs[k]}" for k, v in mine.items() if theirs[k] != v]
+        mine, theirs = self.observed_options(), other.observed_options()
+        differences += [f"{k}: {v} vs {theirs.get(k)}" for k, v in mine.items() if theirs.get(k) != v]
+        if differences:
+            return f"{call} differs from the model ({listed(differences)})"
+        return None
+
     # ------------------------------------------------------------------ token models
 
     @property
@@ -244,6 +359,26 @@ class BackboneAdapter:
     def block_width(self, block: int) -> int:
         """Token width of ``blocks[block]`` (the same for every block of a plain ViT)."""
         return self.geometry().embed_dim
+
+    def attention_tokens(self, block: int) -> int:
+        """Tokens one attention call of ``blocks[block]`` sees without prompts (a window's, on Swin)."""
+        return self.geometry().num_tokens
+
+    #: whether the family carries inserted tokens through its blocks itself (:meth:`route_token_prompts`)
+    routes_token_prompts: ClassVar[bool] = False
+
+    @property
+    def supports_token_prompts(self) -> bool:
+        """Whether prompt tokens can go into the blocks: one token sequence, or the family's own route."""
+        return self.kind == "vit" or self.routes_token_prompts
+
+    def route_token_prompts(self, injections: Any, tokens: InsertedTokens) -> None:
+        """Record in ``injections`` (a method's ledger) the changes that carry ``tokens`` through the blocks.
+
+        For families whose blocks do not take one token sequence (Swin's windows); token models take the
+        prompts into their sequence (:mod:`promptvit.layers.token_prompts`) and need none of this.
+        """
+        raise self._unsupported("route for prompt tokens")
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -286,15 +421,14 @@ class BackboneAdapter:
         """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
         raise self._unsupported("attention")
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
-        """How a module put in place of ``blocks[block]``'s attention reads its parts at each call.
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        """How ``blocks[block]``'s attention reads its parts at each call: ``parts(attention, call)``.
 
-        ``None`` (the default): the attention takes no position arguments and the plain parts of
-        :meth:`attention` hold for every call (its BackboneError says why a family has none). Families
-        whose attention rotates q/k or adds a bias given as a call argument (Eva, Beit) return a function.
+        ``attention`` is the family's own module (under any injected wrapper) and ``call`` the keyword
+        arguments it receives, so rotary tables (Eva) and shared relative position biases (Beit) take part.
+        What an injected attention (EPT) and the attention analysis use: their softmax is then the model's.
         """
-        self.attention(block)
-        return None
+        raise self._unsupported("attention parts")
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""
@@ -404,6 +538,24 @@ class TimmTokenAdapter(BackboneAdapter):
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         return self.model.blocks[block], "mlp"
+
+    derived_options = ("mlp_ratio",)
+
+    def observed_options(self) -> dict[str, Any]:
+        """The options every timm token model takes under these names (families add their own)."""
+        geometry = self.geometry()
+        return {
+            **super().observed_options(),
+            "img_size": size_option(geometry.img_size),
+            "patch_size": size_option(geometry.patch_size),
+            "embed_dim": geometry.embed_dim,
+            "depth": geometry.depth,
+            "num_heads": geometry.num_heads,
+            "mlp_ratio": mlp_ratio(geometry.mlp_hidden, geometry.embed_dim),
+            "qkv_bias": geometry.qkv_bias,
+            "global_pool": geometry.global_pool,
+            "dynamic_img_size": geometry.dynamic_img_size,
+        }
 
     def token_geometry(self, *, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> Geometry:
         """The geometry every timm token model states the same way; the family gives what it reads itself."""

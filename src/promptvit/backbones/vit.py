@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 from torch import nn
 
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneError,
+    PartsFromCall,
     Select,
     TimmTokenAdapter,
     attend,
@@ -56,6 +57,11 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
         proj=attn.proj,
         proj_drop=_optional(attn, "proj_drop"),
     )
+
+
+def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
+    return timm_attention_parts(attn)
 
 
 def _optional(module: nn.Module, name: str) -> nn.Module:
@@ -125,6 +131,20 @@ class ViTAdapter(TimmTokenAdapter):
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
         )
 
+    def observed_options(self) -> dict[str, Any]:
+        model = self.model
+        q_norm = getattr(unwrap_base_layers(model.blocks[0].attn), "q_norm", None)
+        return {
+            **super().observed_options(),
+            "class_token": model.cls_token is not None,
+            "reg_tokens": int(model.num_reg_tokens),
+            "no_embed_class": bool(model.no_embed_class),
+            "qk_norm": q_norm is not None and not isinstance(q_norm, nn.Identity),
+            "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+            # LayerScale or not (its values come with the weights; a canonical value keeps defaults equal)
+            "init_values": 1e-5 if isinstance(getattr(model.blocks[0], "ls1", None), LayerScale) else None,
+        }
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
         x = model.patch_embed(images)
@@ -140,6 +160,10 @@ class ViTAdapter(TimmTokenAdapter):
 
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        self.attention(block)  # refuses an attention that is not timm's fused-qkv one
+        return plain_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         return unwrap_base_layers(self.model.blocks[block].attn), "qkv"

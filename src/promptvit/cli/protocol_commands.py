@@ -51,7 +51,6 @@ def sweep(
         console.print(
             f"[{stage} {done}/{total}] [{style}]{status}[/] {escape(spec.describe())}"
             + (f": {escape(error)}" if error else ""),
-            markup=True,
             highlight=False,
         )
 
@@ -74,7 +73,7 @@ def sweep(
             )
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
-    table = Table(title=f"sweep {sweep_config.name} -> {outcome.results}")
+    table = Table(title=escape(f"sweep {sweep_config.name} -> {outcome.results}"))
     for column in ("stage", "planned runs", "outcomes"):
         table.add_column(column)
     for stage in ("search", "final"):
@@ -83,11 +82,9 @@ def sweep(
         table.add_row(stage, str(outcome.planned.get(stage, 0)), shown)
     console.print(table)
     for line in outcome.unresolved:
-        console.print(f"[yellow]not run:[/] {escape(line)}", markup=True, highlight=False)
+        console.print(f"[yellow]not run:[/] {escape(line)}", highlight=False)
     if outcome.failures:
-        console.print(
-            f"[bold red]{len(outcome.failures)} failed runs[/] (rerun the same command to retry):", markup=True
-        )
+        console.print(f"[bold red]{len(outcome.failures)} failed runs[/] (rerun the same command to retry):")
         for line in outcome.failures[:10]:
             console.print(f"  {line}", highlight=False, markup=False)
     if dry_run and outcome.planned.get("search"):
@@ -96,13 +93,16 @@ def sweep(
             "only presets with fixed settings until the search has run"
         )
     if rendered is not None:
-        console.print(f"report: {rendered.markdown}  {rendered.html}")
+        console.print(f"report: {rendered.markdown}  {rendered.html}", markup=False, highlight=False)
     if outcome.failures:
         raise typer.Exit(code=1)
 
 
 def report(
-    results: Annotated[list[Path], typer.Argument(help="results folder(s) or .jsonl record files")],
+    results: Annotated[
+        list[Path],
+        typer.Argument(help="sweep results folder(s), .jsonl record files, or `promptvit train` run folders"),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for report.md/.html, plots")],
     title: Annotated[str, typer.Option(help="report title")] = "promptvit benchmark report",
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
@@ -110,7 +110,8 @@ def report(
         str | None, typer.Option(help="also show paired differences to this method (besides linear)")
     ] = None,
 ) -> None:
-    """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
+    """Render paper-style tables (Markdown, HTML, CSV) and plots from sweep records or from plain run
+    folders (one run, or a folder of runs such as runs/)."""
     from promptvit.io import output_folder
     from promptvit.protocols import ProtocolError, load_records, write_report
     from promptvit.protocols.report import REPORT_FILES
@@ -122,16 +123,18 @@ def report(
         if not loaded.records:
             raise ProtocolError(
                 f"no run records in {', '.join(map(str, results))} ({len(loaded.failures)} failed attempts); "
-                "give a sweep's results folder or its .jsonl record files"
+                "give a sweep's results folder, its .jsonl record files, or promptvit train run folders"
             )
         rendered = write_report(loaded, out, title=title, plots=plots, reference=reference)
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
     for problem in rendered.loaded.problems:
-        console.print(f"[yellow]warning:[/] {escape(problem)}", markup=True, highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
     console.print(
         f"{len(rendered.loaded.records)} records, {len(rendered.tables)} tables, {len(rendered.plots)} plots -> "
-        f"{rendered.markdown}, {rendered.html}, {rendered.csv}"
+        f"{rendered.markdown}, {rendered.html}, {rendered.csv}",
+        markup=False,
+        highlight=False,
     )
 
 
