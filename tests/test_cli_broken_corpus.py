@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from promptvit.cli import app
 from tests.conftest import TINY_BACKBONES
+from tests.export.conftest import fake_hub  # noqa: F401 (a fixture: the Hub upload calls, offline)
 
 TINY = TINY_BACKBONES["vit_token"][1]
 BROKEN = (
@@ -446,7 +447,7 @@ def user_folder(root: Path) -> Path:
 
 def snapshot(*roots: Path) -> dict[str, object]:
     """Every file's bytes, every link's target and every folder under ``roots`` (links not followed)."""
-    seen: dict[str, object] = {}
+    seen: dict[str, object] = {str(root): root.read_bytes() for root in roots if root.is_file()}
     for root in roots:
         for folder, dirs, files in os.walk(root):
             for name in dirs + files:
@@ -520,25 +521,17 @@ def test_writing_verbs_keep_user_files(
     assert snapshot(tmp_path, corpus["run"], corpus["data"]) == before
 
 
-def test_push_stages_outside_the_user_folders(corpus: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+def test_push_stages_outside_the_user_folders(
+    corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """push writes only into a staging folder of its own; the run and the folder it runs in are unchanged."""
-    from huggingface_hub import HfApi
-
-    uploaded = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **options):
-        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **options: repo_id)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    calls = request.getfixturevalue("fake_hub")  # the Hub upload calls, recorded; no network
     user = user_folder(tmp_path)
-    before = snapshot(tmp_path, corpus["run"])
+    before = snapshot(user, tmp_path / "outside.txt", corpus["run"])
     monkeypatch.chdir(user)
     result = CliRunner().invoke(app, ["push", str(corpus["run"]), "--repo", "org/name"])
     assert result.exit_code == 0, result.output
-    assert snapshot(tmp_path, corpus["run"]) == before
-    assert (
-        uploaded["adapter_model.safetensors"]
-        == (corpus["run"] / "artifact" / "adapter_model.safetensors").read_bytes()
-    )
+    assert [call[0] for call in calls] == ["create_repo", "upload_folder"]
+    assert snapshot(user, tmp_path / "outside.txt", corpus["run"]) == before
+    uploaded = tmp_path / "remote" / "org" / "name" / "adapter_model.safetensors"
+    assert uploaded.read_bytes() == (corpus["run"] / "artifact" / "adapter_model.safetensors").read_bytes()
