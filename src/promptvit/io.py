@@ -81,8 +81,8 @@ def _refuse_hazards(path: Path, inputs: Iterable[str | Path], what: str) -> Path
     if target == here or target in here.parents:
         raise OutputError(
             errno.EEXIST,
-            f"cannot write into {path}: it is the current folder{'' if target == here else ' or one above it'}, "
-            "which holds files promptvit did not write; give a new folder name",
+            f"cannot write into {path}: it is the current folder{'' if target == here else ' or one above it'}; "
+            "promptvit writes into a folder of its own, give a new folder name",
         )
     for owned in inputs:
         owned_path = Path(owned).resolve()
