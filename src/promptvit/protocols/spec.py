@@ -28,9 +28,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from promptvit.errors import ProtocolError
-from promptvit.experiment import RunConfig
 from promptvit.methods.base import ConfigError
 from promptvit.recipes import apply_recipe, get_recipe
+from promptvit.run_config import RunConfig
 from promptvit.train.config import OPERATIONAL_FIELDS
 
 #: DataSpec keys that describe training-time preprocessing; kept from the base config for every protocol
