@@ -13,18 +13,19 @@ from promptvit.artifact_format import (
     MAX_CLASSES,
     WEIGHTS_FILE,
     default_data_config,
+    geometry_differences,
     load_tuned_state,
+    read_artifact,
     read_artifact_config,
     read_artifact_weights,
     resolve_artifact_dir,
     save_artifact,
     update_artifact_config,
 )
-from promptvit.backbones import Geometry, create_backbone, geometry_of
+from promptvit.backbones import create_backbone, geometry_of
 from promptvit.errors import ArtifactError, BackboneError
-from promptvit.io import file_sha256
-from promptvit.methods.base import get_method
-from promptvit.model import PromptModel, wrap
+from promptvit.hub import local_folder
+from promptvit.model import PromptModel, method_config, wrap
 
 __all__ = [
     "CONFIG_FILE",
@@ -55,33 +56,15 @@ def load(
     the same pretrained weights (compared by fingerprint); otherwise ``ArtifactError`` says what differs.
     ``directory`` may be a Hub id, ``"hf-hub:ORG/NAME"`` (see :mod:`promptvit.hub`).
     """
-    if isinstance(directory, str) and directory.startswith("hf-hub:"):
-        from promptvit.hub import download
-
-        directory = download(directory)
-    directory = resolve_artifact_dir(directory)
-    config = read_artifact_config(directory)
-    weights_path, state = read_artifact_weights(directory)
-
-    recorded = config.get("weights_sha256")
-    if recorded is not None and recorded != file_sha256(weights_path):
-        raise ArtifactError(
-            f"{weights_path} is not the file {CONFIG_FILE} was saved with (its SHA-256 differs): the two "
-            "files come from different saves, e.g. a save interrupted between them; save the artifact again"
-        )
+    directory, config, weights_path, state = read_artifact(local_folder(directory))
     if base_model is None:
         base_model = _rebuild_base(config, directory)
-    saved = Geometry.from_dict(config["geometry"])
     base_model.reset_classifier(config["num_classes"])
-    actual = geometry_of(base_model)
-    differences = {k: (v, getattr(actual, k)) for k, v in saved.to_dict().items() if v != getattr(actual, k)}
+    differences = geometry_differences(config, geometry_of(base_model))
     if differences:
-        described = ", ".join(f"{k}: artifact {a} vs model {b}" for k, (a, b) in differences.items())
-        raise ArtifactError(f"{directory} was trained on another backbone geometry ({described})")
+        raise ArtifactError(f"{directory} was trained on another backbone geometry ({differences})")
 
-    method_cls = get_method(config["method"])
-    method_config = method_cls.config_class.from_dict(config["method_config"], method=method_cls.name)
-    model = wrap(base_model, method_config)
+    model = wrap(base_model, method_config(config))
     if check_weights and config.get("base_fingerprint") != model.base_fingerprint:
         raise ArtifactError(
             f"{directory} was trained on other backbone weights (fingerprint {config.get('base_fingerprint')} "

@@ -29,8 +29,9 @@ from torch import nn
 from promptvit.artifact import ArtifactError, load, read_artifact_config
 from promptvit.errors import ExportError
 from promptvit.io import atomic_write_text
+from promptvit.layers.base import PerAdapter, TunerLayer
+from promptvit.layers.heads import AdapterHeads
 from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import TunerLayer
 from promptvit.model import PromptModel
 
 FORMATS = ("peft", "onnx", "merged-timm")
@@ -147,19 +148,25 @@ def _compare(expected: torch.Tensor, actual: torch.Tensor, what: str) -> float:
 
 
 def _plain_state(model: PromptModel) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The backbone's tensors under timm's own names, and the names that have no place in a plain model.
+    """The backbone as timm names it, with the active adapter's head and in-place weights, and the adapter's
+    tensors that have no place in a plain model (LoRA factors, bottlenecks, MLP head layers...).
 
-    An injected tuner layer keeps the layer it wraps as ``base_layer``; that level is dropped from the name.
+    Injected tuner layers keep the module they wrap as ``base_layer``; that level is dropped from the names,
+    and the other adapters' tensors (in ``PerAdapter`` containers) are left out.
     """
-    state, extra = {}, []
-    tuner_names = [n for n, m in model.backbone.named_modules() if isinstance(m, TunerLayer)]
-    for name, tensor in model.backbone.state_dict().items():
-        plain = name.replace(".base_layer.", ".")
-        owner = next((t for t in tuner_names if name.startswith(t + ".")), None)
-        if owner is not None and plain == name:  # a tensor of the tuner layer itself (lora_A, adapter, ...)
-            extra.append(name)
+    containers = [name for name, m in model.backbone.named_modules() if isinstance(m, PerAdapter)]
+    state = {
+        ".".join(part for part in name.split(".") if part != "base_layer"): tensor.detach().cpu()
+        for name, tensor in model.backbone.state_dict().items()
+        if not any(name.startswith(f"{container}.") for container in containers)
+    }
+    extra = []
+    for key, tensor in model.tuned_state_dict().items():
+        name = key.removeprefix("backbone.")
+        if key.startswith("backbone.") and name in state:
+            state[name] = tensor.detach().cpu()  # the adapter's head, weights it tunes in place
         else:
-            state[plain] = tensor.detach().cpu()
+            extra.append(key)
     return state, extra
 
 
@@ -199,16 +206,21 @@ def _write_merged_timm(model: PromptModel, out: Path, size: tuple[int, int]) -> 
     own = [n for n in model.tuned_state_dict() if not n.startswith("backbone.")]
     if own:
         raise _not_mergeable(model, f"it adds its own tensors ({', '.join(own[:3])})")
-    hooked = [n for n, m in model.backbone.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    if hooked:
-        raise _not_mergeable(model, f"it changes the forward of {', '.join(hooked[:3])} through hooks")
+    changes = sorted({entry.kind for entry in model.method.injections if entry.kind != "replace"})
+    if changes:
+        raise _not_mergeable(model, f"it changes the forward outside the weights ({', '.join(changes)})")
     images = _random_batch(size, 3, seed=0)
     expected = _reference_logits(model, images)
+    layers = _adapter_layers(model)
     merged = _merge(model)
     try:
-        layers = [n for n, m in model.backbone.named_modules() if isinstance(m, TunerLayer)]
         if layers and not merged:
-            raise _not_mergeable(model, f"its layers ({', '.join(layers[:3])}) do not merge")
+            raise _not_mergeable(model, f"its layers ({', '.join(sorted(layers)[:3])}) do not merge")
+        # once merged, the layers' own tensors are in the frozen weights
+        _, extra = _plain_state(model)
+        extra = [key for key in extra if not any(key.startswith(f"backbone.{name}.") for name in layers)]
+        if extra:
+            raise _not_mergeable(model, f"it adds its own tensors ({', '.join(extra[:3])})")
         try:
             plain = _plain_model(model)
         except ExportError as error:
@@ -236,6 +248,15 @@ def _write_merged_timm(model: PromptModel, out: Path, size: tuple[int, int]) -> 
     }
 
 
+def _adapter_layers(model: PromptModel) -> list[str]:
+    """Names (as timm's) of the tuner layers that hold the active adapter's tensors, heads aside."""
+    return [
+        ".".join(part for part in name.split(".") if part != "base_layer")
+        for name, m in model.backbone.named_modules()
+        if isinstance(m, TunerLayer) and not isinstance(m, AdapterHeads) and model.active_adapter in m.adapter_names
+    ]
+
+
 def _merge(model: PromptModel) -> bool:
     """Merge the method into the backbone if it can; True if it did."""
     try:
@@ -251,7 +272,12 @@ def _merge(model: PromptModel) -> bool:
 def _write_peft(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[str, Any]:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    layers = {n: m for n, m in model.backbone.named_modules() if isinstance(m, FusedLoRALinear)}
+    active = model.active_adapter
+    layers = {
+        ".".join(part for part in n.split(".") if part != "base_layer"): m.lora[active]
+        for n, m in model.backbone.named_modules()
+        if isinstance(m, FusedLoRALinear) and active in m.lora
+    }
     if not layers:
         raise ExportError(
             f"--format peft exports LoRA artifacts; method '{model.method.name}' has no LoRA layers "

@@ -49,6 +49,11 @@ def download(source: str, *, revision: str | None = None) -> Path:
     return Path(folder)
 
 
+def local_folder(path_or_hub_id: str | Path) -> Path:
+    """The folder of an artifact given as a path or as a Hub address (``hf-hub:ORG/NAME``, downloaded)."""
+    return download(path_or_hub_id) if is_hub_id(path_or_hub_id) else Path(path_or_hub_id)
+
+
 def model_card(info: dict[str, Any], run_dir: Path | None = None) -> str:
     """Markdown with YAML front matter, from the artifact's config and, if given, its run folder."""
     base = info.get("base_model") or {}

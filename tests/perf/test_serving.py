@@ -30,13 +30,13 @@ SPECS = [
     ("vpt", {"prompt_length": 2}),
     ("vpt", {"prompt_length": 2, "deep": False}),
     ("vpt", {"prompt_length": 2}),
-    # not batched: per-task fallback
     ("ept", {"way": "multi_cat", "prompt_length": 2}),
-    ("bias", {}),
     ("adapter", {"reduction": 4}),
+    # backbone weights tuned in place: a forward of their own
+    ("bias", {}),
     ("partial", {}),
 ]
-FALLBACK = {"multi_cat", "bias", "adapter", "partial"}
+GROUPED = {"bias", "partial"}
 
 
 def _tasks(kind: str, base: torch.nn.Module) -> list[promptvit.PromptModel]:
@@ -60,12 +60,8 @@ def test_all_tasks_on_every_image_equal_per_task_inference(kind: str) -> None:
     base = build_tiny(kind, num_classes=3)
     models = _tasks(kind, base)
     served = MultiTaskModel(base, models)
-    fallback = [
-        name
-        for name, (m, o) in zip(served.task_names, SPECS, strict=True)
-        if m in FALLBACK or o.get("way") in FALLBACK
-    ]
-    assert served.fallback_tasks == fallback
+    grouped = [name for name, (m, _) in zip(served.task_names, SPECS, strict=True) if m in GROUPED]
+    assert served.grouped_tasks == grouped
     x = tiny_input(kind, batch=5)
     out = served(x)
     assert list(out) == served.task_names
@@ -103,7 +99,7 @@ def test_artifact_folders_and_cnn_backbones(tmp_path: Path) -> None:
         models.append(model)
     served = MultiTaskModel(base, dirs)
     assert served.task_names == ["linear", "mlp", "bias"]
-    assert served.batched_tasks == ["linear", "mlp"] and served.fallback_tasks == ["bias"]
+    assert served.batched_tasks == ["linear", "mlp"] and served.grouped_tasks == ["bias"]
     x = tiny_input("resnet", batch=3)
     out = served(x)
     for name, model in zip(served.task_names, models, strict=True):

@@ -13,9 +13,9 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
-from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for, unwrap_base_layers
+from promptvit.layers.lora import FusedLoRALinear, LoRAFactors
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 QKV = ("q", "k", "v")
 
@@ -92,9 +92,9 @@ class LoRA(Method):
 
     def __init__(self, config: LoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
-        # The injected layers live in the backbone; this plain list (not submodules) lets merge() find them.
+        # The layers live in the backbone (shared with other LoRA adapters); this plain list (not submodules)
+        # lets merge() find them.
         self._lora_layers: list[FusedLoRALinear] = []
-        self._blocks: list[int] = []  # block index of each injected layer
 
     def attach(self, backbone: nn.Module) -> None:
         config: LoRAConfig = self.config
@@ -105,12 +105,13 @@ class LoRA(Method):
                 attn, _ = adapter.qkv_slot(index, self.injections)
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
-            qkv = getattr(attn, "qkv", None)
+            qkv = unwrap_base_layers(getattr(attn, "qkv", None) or nn.Identity())
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
-            layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
-            self.injections.replace(attn, "qkv", layer)
-            self._blocks.append(index)
+            layer = self.injections.layer(
+                attn, "qkv", FusedLoRALinear, lambda module: FusedLoRALinear(module, self.routing)
+            )
+            layer.add_adapter(self.adapter_name, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
@@ -120,31 +121,23 @@ class LoRA(Method):
             return 0
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
 
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        """Per block, A and B of all three q/k/v parts (zeros where not adapted), the scaling folded into B."""
-        changes = []
-        for index, layer in zip(self._blocks, self._lora_layers, strict=True):
-            a = layer.lora_A.new_zeros(layer.num_parts, layer.rank, layer.lora_A.shape[-1])
-            b = layer.lora_B.new_zeros(layer.num_parts, layer.part_size, layer.rank)
-            for i, part in enumerate(layer.parts):
-                a[part] = layer.lora_A[i].detach()
-                b[part] = layer.lora_B[i].detach() * layer.scaling
-            changes.append(BatchedChange("qkv_low_rank", block=index, tensors={"a": a, "b": b}))
-        return changes
+    def factors(self) -> list[LoRAFactors]:
+        """This adapter's update in each adapted ``qkv``, block by block."""
+        return [layer.lora[self.adapter_name] for layer in self._lora_layers]
 
     @property
     def merged(self) -> bool:
-        return any(layer.merged for layer in self._lora_layers)
+        return any(layer.lora[self.adapter_name].merged for layer in self._lora_layers)
 
     def merge(self) -> None:
         """Fold every update into its frozen ``qkv`` weight; merging twice is a no-op."""
         for layer in self._lora_layers:
-            layer.merge()
+            layer.merge(self.adapter_name)
 
     def unmerge(self) -> None:
         """Subtract the updates again; a no-op when not merged."""
         for layer in self._lora_layers:
-            layer.unmerge()
+            layer.unmerge(self.adapter_name)
 
     @classmethod
     def expected_num_parameters(cls, config: LoRAConfig, geometry: Geometry) -> int | None:

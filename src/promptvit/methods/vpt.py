@@ -18,12 +18,12 @@ from torch import nn
 
 from promptvit.backbones import Geometry
 from promptvit.layers.token_prompts import (
-    TokenPromptHooks,
+    TokenPrompts,
     expand_prompts,
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class VPTConfig(MethodConfig):
 
 
 @register_method
-class VPT(TokenPromptHooks, Method):
+class VPT(TokenPrompts, Method):
     """Visual Prompt Tuning; ``prompts`` has shape (depth if deep else 1, L, d)."""
 
     name = "vpt"
@@ -79,7 +79,7 @@ class VPT(TokenPromptHooks, Method):
             self.register_buffer("prompts", prompts)
         else:
             self.prompts = nn.Parameter(prompts)
-        self.register_token_prompt_hooks(
+        self.register_token_prompts(
             backbone, {block: self.config.prompt_length for block in range(self.num_prompted_blocks)}
         )
 
@@ -89,9 +89,6 @@ class VPT(TokenPromptHooks, Method):
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts[block], x.shape[0], self.prompt_dropout)
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return [self.token_prompt_change()]
 
     @classmethod
     def prompted_depth(cls, config: VPTConfig, depth: int) -> int | None:

@@ -93,7 +93,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
     Empty groups are left out. Each group carries a ``group`` entry with its name; torch keeps extra keys.
     """
-    parameters = dict(model.named_parameters())
+    named = getattr(model, "tuned_named_parameters", model.named_parameters)
+    parameters = dict(named())
     decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "head": cfg.head_weight_decay}
     members: dict[str, list[nn.Parameter]] = {g: [] for g in decay}
     for name, group in decay_group_of(model, cfg).items():
