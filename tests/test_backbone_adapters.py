@@ -19,7 +19,9 @@ from promptvit.backbones.base import BackboneAdapter
 from promptvit.backbones.beit import BeitAdapter
 from promptvit.backbones.distilled import DistilledViTAdapter
 from promptvit.backbones.eva import EvaAdapter
-from promptvit.backbones.hierarchical import ConvNeXtAdapter, SwinAdapter
+from promptvit.backbones.hierarchical import ConvNeXtAdapter
+from promptvit.backbones.swin import SwinAdapter
+from promptvit.backbones.swin_v2 import SwinV2Adapter
 from promptvit.layers.selected_tokens import class_token_row, drop_token_range
 
 # One tiny random-init build per registered family: (timm name, build options, input size).
@@ -34,7 +36,7 @@ TINY_FAMILIES = {
     # the families of issue 14: their adapters' first tiny build
     **{
         adapter.family: next(iter(adapter.tiny_builds.values()))
-        for adapter in (EvaAdapter, BeitAdapter, DistilledViTAdapter, ConvNeXtAdapter, SwinAdapter)
+        for adapter in (EvaAdapter, BeitAdapter, DistilledViTAdapter, ConvNeXtAdapter, SwinAdapter, SwinV2Adapter)
     },
 }
 FAMILIES = sorted({adapter.family for adapter in registered_adapters().values()})
@@ -90,7 +92,7 @@ def test_cnn_stages_and_activation_shapes(family: str) -> None:
         model(x)
         handle.remove()
     assert torch.equal(captured[0], x)
-    if family == "SwinTransformer":  # its window-attention blocks, in the order the forward runs them
+    if adapter.has_transformer_blocks:  # Swin's window-attention blocks, in the order the forward runs them
         order = []
         handles = [b.register_forward_pre_hook(lambda m, a: order.append(m)) for b in adapter.blocks]
         with torch.no_grad():

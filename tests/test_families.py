@@ -23,7 +23,7 @@ from promptvit.backbones import adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError
 from tests.conftest import original_head_ids, raw_names
-from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
+from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, make_blocks_visible, present
 
 METHODS = promptvit.available_methods()
 
@@ -32,8 +32,8 @@ _TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept")
 _BLOCK_METHODS = ("lora", "adapter")  # change only modules inside transformer blocks: Swin's too
 REFUSED: dict[tuple[str, str], str] = {
     **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in ("resnet", "tinynet", "convnext")},
-    # Swin's own reason: windows, not one token sequence
-    **{(m, "swin"): "supports vit backbones.*attends within windows" for m in _TOKEN_METHODS},
+    # Swin's own reason: no class token, prompts in every window
+    **{("da_vpt", b): "supports vit backbones.*no class token" for b in ("swin", "swinv2")},
     **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in ("resnet", "tinynet", "convnext")},
 }
 # EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
@@ -50,15 +50,8 @@ PLAIN_BLOCKS = {"vit_token", "vit_avg_no_cls", "deit_distilled"}
 @functools.cache
 def _base(table_name: str, name: str, seed: int = 0) -> torch.nn.Module:
     table = FAMILY_BUILDS if table_name == "family" else MEDICAL_BUILDS
-    model = build(table, name, num_classes=3, seed=seed)
-    # LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT): it would hide almost everything the
-    # attention and MLP do, so give it O(1) values and every check sees the blocks' maths.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, p in model.named_parameters():
-            if parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
-    return model
+    # so that every check sees the blocks' maths (LayerScale, SwinV2's post-norms)
+    return make_blocks_visible(build(table, name, num_classes=3, seed=seed), seed)
 
 
 def _fresh(name: str, seed: int = 0, table: str = "family") -> torch.nn.Module:
@@ -485,8 +478,8 @@ def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
 )
 def test_forward_from_a_cached_cut_equals_the_forward(method: str, options: dict, name: str) -> None:
     """The cache's cuts (embedding + frozen blocks, or the pre-logit features) keep each family's maths."""
-    if adapter_for(_base("family", name)).kind != "vit" and method == "vpt":
-        pytest.skip("token prompts need a token family")
+    if method == "vpt" and not adapter_for(_base("family", name)).supports_token_prompts:
+        pytest.skip("token prompts need a token family or a route for them")
     if method == "ap" and adapter_for(_base("family", name)).kind == "cnn":
         size = FAMILY_BUILDS[name][2]
         options = {**options, "cnn_input_size": [size, size]}  # a CNN's prompt is sized for the input

@@ -100,6 +100,10 @@ class DataSpec(Strict):
     label_column: str = "label"
     label_columns: list[str] | None = None
     file_suffix: str = ""
+    group_column: str | None = Field(
+        None,
+        description="CSV: column naming each image's patient, lesion or study; splits keep a group on one side",
+    )
     dataset: Literal["chest", "colon", "endo", "neojaundice", "retino"] | None = Field(
         None, description="MedFMC dataset"
     )
@@ -177,6 +181,7 @@ def load_samples(spec: DataSpec) -> LabeledSamples:
             label_column=spec.label_column,
             label_columns=spec.label_columns,
             file_suffix=spec.file_suffix,
+            group_column=spec.group_column,
         )
     raise ValueError(f"data.kind {spec.kind} has its own splits")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from promptvit.backbones import (
@@ -22,7 +23,7 @@ from promptvit.backbones import (
 )
 from promptvit.errors import ArtifactError
 from promptvit.layers.base import AdapterRouting, ForwardPlan, Injections, PerAdapter, TunerLayer
-from promptvit.layers.block_plan import block_plan, changed_images
+from promptvit.layers.block_plan import BlockPlan, block_plan, changed_images
 from promptvit.layers.heads import AdapterHeads
 from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
 
@@ -460,7 +461,7 @@ class PromptModel(nn.Module):
         self._check_size(images)
         with self._logits_pass():
             images = self._changed_images(images)
-            if self.adapter.kind != "vit":
+            if not self.adapter.has_block_loop:
                 return self.backbone(images)
             tokens = self._final_tokens(self.adapter.embed(images), image_size=images.shape[-2:])
             return self.backbone.forward_head(tokens)
@@ -468,7 +469,7 @@ class PromptModel(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` with the active adapter's changes: every token after the final norm."""
         images = self._changed_images(images)
-        if self.adapter.kind != "vit":
+        if not self.adapter.has_block_loop:
             return self.backbone.forward_features(images)
         return self._final_tokens(self.adapter.embed(images), image_size=images.shape[-2:])
 
@@ -479,7 +480,7 @@ class PromptModel(nn.Module):
         """What the heads receive (``forward_head(..., pre_logits=True)``), in a logits pass."""
         images = self._changed_images(images)
         with self._logits_pass():
-            if self.adapter.kind != "vit":
+            if not self.adapter.has_block_loop:
                 return self.adapter.pre_logits(images)
             tokens = self._final_tokens(self.adapter.embed(images), image_size=images.shape[-2:])
             return self.adapter.head_input(tokens)
@@ -616,9 +617,13 @@ class PromptModel(nn.Module):
             )
         if self.method.trains_backbone:
             return 0
-        if self.geometry.kind != "vit" and cut != depth:
-            return 0
-        return cut
+        random = {id(m) for m in _stochastic_depth(self.backbone)}
+        if self.geometry.kind != "vit":
+            return cut if cut == depth and not random else 0
+        # Stochastic depth trains with the model (see ``train``): the prefix ends before its first such block.
+        blocks = self.adapter.blocks
+        random_blocks = [i for i, b in enumerate(blocks) if any(id(m) in random for m in b.modules())]
+        return min([cut, *random_blocks])
 
     def _check_cut(self, block: int) -> None:
         depth = self.geometry.depth
@@ -655,8 +660,8 @@ class PromptModel(nn.Module):
         self._check_cut(block)
         if block == self.geometry.depth:
             return self.adapter.classify(x)
-        if self.geometry.kind != "vit":
-            return self.backbone(x)
+        if self.geometry.kind != "vit":  # block 0: the images
+            return self(x)
         with self._logits_pass():
             return self.backbone.forward_head(self._final_tokens(x, start=block))
 
@@ -673,7 +678,7 @@ class PromptModel(nn.Module):
         x = self.adapter.forward_blocks(x, plan, start=start, image_size=image_size)
         return self.adapter.final_norm(plan.after_blocks(x, len(self.adapter.blocks) - 1))
 
-    def _block_plan(self):  # noqa: ANN202  (a BlockPlan)
+    def _block_plan(self) -> BlockPlan:
         """The plan of one forward: the adapters' loop changes and the rows each block computes."""
         readout = len(self.adapter.blocks) - 1 if self._reads_class_token_only() else None
         return block_plan(self.plan, self._ledger, self.routing, readout)
@@ -715,13 +720,19 @@ class PromptModel(nn.Module):
     update_batchnorm_stats: bool = False
 
     def train(self, mode: bool = True) -> PromptModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them.
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them;
+        stochastic depth that the build options ask for (``backbone.options.drop_path_rate`` > 0) trains with
+        the model.
 
         BatchNorm layers stay in eval mode (their pretrained running statistics in use and unchanged) even
         in tuned modules, unless ``update_batchnorm_stats``; their affine weights still train.
         """
         self.training = mode
         self.backbone.eval()
+        # Stochastic depth asked for through the backbone options (timm's drop_path_rate) acts in training
+        # whatever the method, as in DA-VPT's and SPT's code.
+        for module in _stochastic_depth(self.backbone):
+            module.train(mode)
         if self.active_adapter is not None and self._ledger.active:
             for module in self._modules_in_train_mode():
                 module.train(mode)
@@ -918,3 +929,15 @@ def wrap(
     model.promptvit_wrapped = True
     wrapped.train(training)
     return wrapped
+
+
+def _stochastic_depth(backbone: nn.Module) -> list[nn.Module]:
+    """timm's DropPath modules of ``backbone`` that drop something, when its build options asked for them.
+
+    Only an explicit ``drop_path_rate`` (``create_backbone``'s record, ``backbone.options``) counts: a
+    family's own default rate (timm builds Swin with 0.1) stays off in a frozen backbone, as it always was.
+    """
+    options = getattr(backbone, "promptvit_source", {}).get("kwargs", {})
+    if not options.get("drop_path_rate"):
+        return []
+    return [m for m in backbone.modules() if isinstance(m, DropPath) and m.drop_prob > 0]

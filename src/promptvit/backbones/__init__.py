@@ -5,7 +5,7 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
+from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, swin, swin_v2, vit  # noqa: F401  (registration)
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,

@@ -62,8 +62,9 @@ class AttentionParts:
     Families whose attention is not plain fill the optional fields: ``qkv_bias`` is added to the fused
     projection's output (EVA/BEiT keep their q/v biases outside the qkv module), ``rotate`` is applied to q
     and k after their norms (rotary positions), ``logit_bias`` is added to the scaled logits, broadcastable
-    to (B, H, N, N) (BEiT's relative position bias). Tensors there are read per call (see
-    :class:`PartsFromCall`).
+    to (B, H, N, N) (BEiT's relative position bias), or with one entry per window, (W, H, N, N), where the
+    batch holds the W windows of each image in turn (Swin's shifted-window mask, see :func:`bias_for_batch`).
+    Tensors there are read per call (see :class:`PartsFromCall`).
     """
 
     module: nn.Module
@@ -117,13 +118,23 @@ class AttentionParts:
         q, k, _ = self.heads(x)
         logits = ((q * self.scale) @ k.transpose(-2, -1)).float()
         if self.logit_bias is not None:
-            logits = logits + self.logit_bias.float()
+            logits = logits + bias_for_batch(self.logit_bias, logits.shape[0]).float()
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
                 logits = logits + attn_mask.float()
         return logits.softmax(dim=-1)
+
+
+def bias_for_batch(bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """A logit bias for a batch of ``batch`` rows: a per-window bias (W, H, N, N), W dividing the batch and
+    neither 1 nor the batch, is repeated over the images (their windows come one image after the other)."""
+    if bias.dim() == 4 and bias.shape[0] not in (1, batch):
+        if batch % bias.shape[0]:
+            raise ValueError(f"a bias for {bias.shape[0]} windows does not fit a batch of {batch} windows")
+        bias = bias.repeat(batch // bias.shape[0], 1, 1, 1)
+    return bias
 
 
 def attend(
@@ -144,7 +155,8 @@ def attend(
     if parts.logit_bias is None:
         out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
     else:  # the bias rows belong to the query rows
-        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(parts.logit_bias))
+        bias = bias_for_batch(parts.logit_bias, q.shape[0])
+        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(bias))
     out = parts.norm(out.transpose(1, 2).flatten(2))
     if parts.gate is not None:
         out = out * parts.gate(select(x)).sigmoid()
@@ -152,11 +164,22 @@ def attend(
 
 
 class BlockPlan(Protocol):
-    """What the block loop asks before each block (``promptvit.layers.block_plan.BlockPlan`` implements it)."""
+    """What the block loop asks before each block (``promptvit.layers.block_plan.BlockPlan`` implements it).
+
+    ``before_block`` gives a token sequence's input with the prompts inserted and block-input prompts
+    applied; a family that carries prompts beside its maps asks ``inserts`` (the tokens a block puts in, or
+    None) and ``skips_prompt_outputs`` instead.
+    """
 
     def before_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def output_rows(self, index: int) -> Select | None: ...
+
+    def inserts(self, index: int, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def puts_in_prompts(self, index: int) -> bool: ...
+
+    def skips_prompt_outputs(self, index: int) -> bool: ...
 
 
 #: ``parts(attention module, keyword arguments of one call) -> AttentionParts``: how a module that replaces
@@ -263,6 +286,25 @@ class BackboneAdapter:
         """Token width of ``blocks[block]`` (the same for every block of a plain ViT)."""
         return self.geometry().embed_dim
 
+    def attention_tokens(self, block: int) -> int:
+        """Tokens one attention call of ``blocks[block]`` sees without prompts (a window's, on Swin)."""
+        return self.geometry().num_tokens
+
+    #: whether :meth:`forward_blocks` carries prompt tokens beside the feature maps itself (``plan.inserts``:
+    #: Swin's windows), instead of as rows of one token sequence (``plan.before_block``)
+    routes_token_prompts: ClassVar[bool] = False
+
+    @property
+    def has_block_loop(self) -> bool:
+        """Whether the model runs this family through :meth:`embed` and :meth:`forward_blocks` (its block
+        loop) rather than timm's ``forward``: token models, and families that route prompts themselves."""
+        return self.kind == "vit" or self.routes_token_prompts
+
+    @property
+    def supports_token_prompts(self) -> bool:
+        """Whether prompt tokens can go into the blocks: one token sequence, or the family's own route."""
+        return self.has_block_loop
+
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches (class, distillation, register tokens)."""
@@ -338,15 +380,14 @@ class BackboneAdapter:
         """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
         raise self._unsupported("attention")
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
-        """How a module put in place of ``blocks[block]``'s attention reads its parts at each call.
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        """How ``blocks[block]``'s attention reads its parts at each call: ``parts(attention, call)``.
 
-        ``None`` (the default): the attention takes no position arguments and the plain parts of
-        :meth:`attention` hold for every call (its BackboneError says why a family has none). Families
-        whose attention rotates q/k or adds a bias given as a call argument (Eva, Beit) return a function.
+        ``attention`` is the family's own module (under any injected wrapper) and ``call`` the keyword
+        arguments it receives, so rotary tables (Eva) and shared relative position biases (Beit) take part.
+        What an injected attention (EPT) and the attention analysis use: their softmax is then the model's.
         """
-        self.attention(block)
-        return None
+        raise self._unsupported("attention parts")
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""

@@ -16,6 +16,7 @@ from torch import nn
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneError,
+    PartsFromCall,
     Select,
     TimmTokenAdapter,
     attend,
@@ -54,6 +55,11 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
         proj=attn.proj,
         proj_drop=_optional(attn, "proj_drop"),
     )
+
+
+def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
+    return timm_attention_parts(attn)
 
 
 def _optional(module: nn.Module, name: str) -> nn.Module:
@@ -132,6 +138,10 @@ class ViTAdapter(TimmTokenAdapter):
 
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        self.attention(block)  # refuses an attention that is not timm's fused-qkv one
+        return plain_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         return unwrap_base_layers(self.model.blocks[block].attn), "qkv"

@@ -77,6 +77,10 @@ def fewshot(
     val_per_class: Annotated[int, typer.Option(help="at most this many val images per class")] = 20,
     file_column: Annotated[str, typer.Option(help="CSV: file column")] = "file",
     label_column: Annotated[str, typer.Option(help="CSV: label column")] = "label",
+    group_column: Annotated[
+        str | None,
+        typer.Option(help="CSV: patient/lesion/study column; a group's images stay in one of train, val, test"),
+    ] = None,
 ) -> None:
     """Write K-shot train/val/test split files with a seed, so your own data set gets benchmark-style lists."""
     from promptvit.cli.output import USER_ERRORS, console, fail
@@ -92,7 +96,11 @@ def fewshot(
                 f"--shots and --seeds take comma-separated integers, got {shots!r} and {seeds!r}"
             ) from None
         if path.suffix.lower() == ".csv":
-            samples = read_csv(path, file_column=file_column, label_column=label_column)
+            samples = read_csv(
+                path, file_column=file_column, label_column=label_column, group_column=group_column
+            )
+        elif group_column is not None:
+            raise DataError(f"--group-column reads a CSV column; {path} is an image folder")
         else:
             samples = read_image_folder(path)
         written = write_fewshot_files(

@@ -72,13 +72,16 @@ class Sample:
     """One labelled image: a file (``path``) or a row of an in-memory array (``array_index``).
 
     ``line`` is the 1-based line of the list/CSV file the sample came from, so that errors found
-    later (for example an unreadable image) can still point at the line to fix.
+    later (for example an unreadable image) can still point at the line to fix. ``group`` names the patient,
+    study, slide or lesion the image belongs to (MedFMC's rule per data set, a CSV ``group_column``): splits
+    keep a group's images on one side and the bootstrap resamples whole groups. None: the image stands alone.
     """
 
     path: str | None
     label: Label
     array_index: int | None = None
     line: int | None = None
+    group: str | None = None
 
     @property
     def key(self) -> str:
@@ -86,6 +89,11 @@ class Sample:
         if self.path is not None:
             return os.path.normpath(self.path)
         return f"#array:{self.array_index}"
+
+    @property
+    def group_key(self) -> str:
+        """What splits keep together: the group, or the image itself when it has none."""
+        return f"#group:{self.group}" if self.group is not None else self.key
 
     @property
     def file_name(self) -> str:
@@ -287,6 +295,7 @@ def read_csv(
     class_names: Sequence[str] | None = None,
     file_suffix: str = "",
     check_files: bool = True,
+    group_column: str | None = None,
 ) -> LabeledSamples:
     """Read a CSV with a header: ``file,label`` (single-label) or one 0/1 column per class.
 
@@ -295,15 +304,17 @@ def read_csv(
     the order. With ``label_columns`` the task is multi-label and those columns are the classes
     (``class_names`` then only renames them). ``file_suffix`` is appended to every file name
     (ISIC lists ids without '.jpg'). Images are looked up under ``image_root`` (default: the CSV's
-    folder). A file listed twice is an error, since it would leak between splits.
+    folder). A file listed twice is an error, since it would leak between splits. ``group_column`` names a
+    column (patient, lesion, study id) whose value becomes each image's ``Sample.group``.
     """
     csv_path = Path(path)
     _require_file(csv_path, "CSV file")
     root = Path(image_root) if image_root is not None else csv_path.parent
     try:
-        return _read_csv_rows(
+        samples = _read_csv_rows(
             csv_path, root, file_column, label_column, label_columns, class_names, file_suffix, check_files
         )
+        return samples if group_column is None else _with_csv_groups(samples, csv_path, group_column)
     except UnicodeDecodeError as error:
         raise DataError(
             f"{csv_path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
@@ -375,6 +386,46 @@ def _read_csv_rows(
     if check_files:
         _check_files_exist(items, source, root)
     return LabeledSamples(items=items, class_names=names, multilabel=multilabel, source=source)
+
+
+def _with_csv_groups(samples: LabeledSamples, csv_path: Path, group_column: str) -> LabeledSamples:
+    """``samples`` with ``Sample.group`` read from ``group_column`` (matched by line number)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        if group_column not in header:
+            raise DataError(
+                f"{csv_path}, line 1: group column '{group_column}' not in the header {header}. "
+                "Set group_column to the column naming each image's patient, lesion or study."
+            )
+        position = header.index(group_column)
+        groups = {}
+        for row in reader:
+            if len(row) == len(header):
+                groups[reader.line_num] = row[position].strip()
+    items = []
+    for sample in samples.items:
+        group = groups.get(sample.line or -1, "")
+        if not group:
+            raise DataError(
+                f"{csv_path}, line {sample.line}: empty '{group_column}' field; every image needs its group "
+                "(patient, lesion or study id), or leave group_column unset"
+            )
+        items.append(dataclasses.replace(sample, group=group))
+    return samples.subset(items)
+
+
+def medfmc_group(dataset: str, file_name: str) -> str | None:
+    """The MedFMC group of an image from its file name (docs/protocols-and-recipes.md, "MedFMC model
+    selection"): endo's study (the first 18 characters), colon's slide (all but the last 9), NeoJaundice's baby
+    (the first 4); None for chest and retino, whose images stand alone."""
+    if dataset == "endo":
+        return file_name[:18]
+    if dataset == "colon":
+        return file_name[:-9]
+    if dataset == "neojaundice":
+        return file_name[:4]
+    return None
 
 
 MAX_CLASSES = 10_000
@@ -580,7 +631,8 @@ def read_medfmc_list(
                 name, label = parse_medfmc_line(line, dataset)
             except DataError as error:
                 raise DataError(f"{source}, line {number}: {error}. Is this a '{dataset}' list?") from None
-            items.append(Sample(path=str(root / name), label=label, line=number))
+            group = medfmc_group(dataset, os.path.basename(name))
+            items.append(Sample(path=str(root / name), label=label, line=number, group=group))
     if not items:
         raise DataError(f"{source} is empty")
     if check_files:

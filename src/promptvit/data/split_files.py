@@ -14,6 +14,10 @@ for multi-label data) are drawn from the pool; validation is the rest of the poo
 File names are relative to the folder the list sits in (vtab) or to the image root printed in
 ``README.txt`` (medfmc, as MedFMC's lists are relative to ``images/``); ``classes.txt`` holds one class name
 per line, in label order. Existing files are never overwritten: the output folder must be new or empty.
+
+Samples with a ``group`` (a CSV read with ``group_column``: patient, lesion, study) keep each group in one of
+test, train and val: the test split draws whole groups, and validation leaves out every group a training
+image belongs to.
 """
 
 from __future__ import annotations
@@ -113,9 +117,11 @@ def write_fewshot_files(
         readme = f"VTAB-format split files for {samples.source}; paths are relative to each list's folder.\n"
     with open(target / "classes.txt", "x", encoding="utf-8") as handle:
         handle.write("\n".join(samples.class_names) + "\n")
+    grouped = any(s.group is not None for s in samples.items)
     with open(target / "README.txt", "x", encoding="utf-8") as handle:
         handle.write(
             readme + f"test: {test_fraction:g} per class (seed {seeds[0]}); K in {list(shots)}; "
             f"val: the rest of the pool, at most {val_per_class} per class.\n"
+            + ("groups: test takes whole groups; val leaves out every training image's group.\n" if grouped else "")
         )
     return written

@@ -60,12 +60,25 @@ class BlockPlan:
             self.tokens is not None and self.flags.skip_prompt_outputs and block in self.tokens.skipping
         )
 
-    def before_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+    def puts_in_prompts(self, block: int) -> bool:
+        """Whether ``block`` puts in prompt tokens (of length 0 too: dropping the ones in the stream)."""
+        return self.tokens is not None and block in self.tokens.inserts
+
+    def inserts(self, block: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The prompt tokens ``block`` puts in, (batch, L, d), for its input ``x``; None where it puts in none."""
         tokens = self.tokens
-        if tokens is not None and block in tokens.inserts:
-            in_stream, _ = tokens.inserts[block]
+        if not self.puts_in_prompts(block):
+            return None
+        return expand_prompts(tokens.prompts(block, x), x.shape[0])
+
+    def before_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """The input of ``block`` in a token sequence: its prompts in (replacing the ones in the stream),
+        then the block-input changes."""
+        prompts = self.inserts(block, x)
+        if prompts is not None:
+            in_stream, _ = self.tokens.inserts[block]
             num_old = 0 if self.skips_prompt_outputs(block - 1) else in_stream
-            x = replace_prompts(x, tokens.prompts(block, x), tokens.num_prefix_tokens, num_old)
+            x = replace_prompts(x, prompts, self.tokens.num_prefix_tokens, num_old)
         for change in self.block_inputs.get(block, ()):
             x = change(x)
         return x

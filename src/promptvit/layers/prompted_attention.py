@@ -47,7 +47,6 @@ from promptvit.backbones import (
     attend,
     unwrap_base_layers,
 )
-from promptvit.backbones.vit import timm_attention_parts
 from promptvit.layers.base import AdapterRouting, PerAdapter, TunerLayer
 
 Way = Literal["pure_cat", "multi_cat", "add", "multiply"]
@@ -192,11 +191,6 @@ def _sdpa_with_lse_key(
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=s)[..., :dim]
 
 
-def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
-    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
-    return timm_attention_parts(attn)
-
-
 #: the extra key's logit for a sample without concatenated prompts in a mixed batch: its softmax weight is
 #: exactly 0 in float32 (exp underflows), and ``lse / scale`` stays finite in float16 query channels
 NO_PROMPT_LSE = -1000.0
@@ -253,8 +247,8 @@ class PromptedAttention(TunerLayer):
 
     Frozen weights therefore only gain a prefix in the state dict (``attn.qkv.weight`` becomes
     ``attn.base_layer.qkv.weight``). Inputs must have exactly ``num_tokens`` tokens (a prompt has one row per
-    token position). ``parts_from_call`` (from the backbone adapter) reads the family's parts from each
-    call's arguments (Eva's rotary table, Beit's shared bias); by default, timm's plain ``Attention`` parts.
+    token position). ``parts_from_call`` (the backbone adapter's ``attention_parts_from_call``) reads the
+    family's parts from each call's arguments (Eva's rotary table, Beit's shared bias, Swin's shift mask).
 
     A batch where one adapter's prompts apply to every sample runs that adapter's fast path
     (:func:`prompted_sdpa`); a mixed batch gathers each sample's log-sum-exp, temperature and logit bias and
@@ -265,13 +259,13 @@ class PromptedAttention(TunerLayer):
         self,
         base_layer: nn.Module,
         *,
+        parts_from_call: PartsFromCall,
         num_tokens: int,
         img_size: tuple[int, int] | None = None,
-        parts_from_call: PartsFromCall | None = None,
         routing: AdapterRouting | None = None,
     ) -> None:
         super().__init__(base_layer, routing)
-        self.parts_from_call = parts_from_call or plain_attention_parts
+        self.parts_from_call = parts_from_call
         try:
             self.parts_from_call(base_layer, {})
         except BackboneError as error:

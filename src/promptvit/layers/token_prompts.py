@@ -5,6 +5,10 @@ prefix tokens at the input of some block, deep variants swap the previous block'
 prompts at later blocks, and all prompts are removed again before the final norm, so that ``global_pool``
 (``'token'`` reads CLS, ``'avg'`` averages patches only) and the head see the usual sequence.
 
+A family whose blocks do not take one token sequence carries the prompts beside its maps in its own block
+loop (Swin: a copy in every window, see :mod:`promptvit.backbones.swin`); it takes the same schedule and
+prompts from the plan, and its final norm sees what its loop gives it.
+
 Prompt outputs that nobody reads are not computed: in a block whose prompt outputs the next block replaces
 (deep prompts) or the final norm strips, prompts act as keys and values only and the block outputs the other
 tokens (:mod:`promptvit.layers.selected_tokens`; timm's plain ``Block`` only, others run in full). The result
@@ -48,6 +52,28 @@ def init_vpt_uniform_(
     """Fill ``prompts`` in place from ``U(-v, v)`` with VPT's bound; returns it."""
     bound = vpt_init_bound(patch_size, embed_dim)
     return prompts.uniform_(-bound, bound)
+
+
+class BlockPrompts(nn.Module):
+    """Prompt tensors of blocks of different widths (Swin's stages widen): ``self[i]`` is block i's (L, d_i).
+
+    Parameters, or buffers when the prompts stay fixed (saved with the model either way), named ``0, 1, ...``.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], *, trainable: bool = True) -> None:
+        super().__init__()
+        self.count = len(tensors)
+        for index, tensor in enumerate(tensors):
+            if trainable:
+                self.register_parameter(str(index), nn.Parameter(tensor))
+            else:
+                self.register_buffer(str(index), tensor)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return getattr(self, str(index))
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def expand_prompts(prompts: torch.Tensor, batch: int, dropout: nn.Module | None = None) -> torch.Tensor:
@@ -131,7 +157,8 @@ class TokenPrompts:
     ``block_prompts(block, x)`` to return the prompts for that block's input (``(L, d)`` or ``(B, L, d)``,
     dropout applied), and calls ``register_token_prompts(backbone, {block: L, ...})`` in ``attach``, which
     records a :class:`TokenSchedule` in its ledger for the block loop. ``without_token_prompts()`` switches
-    them off for a prompt-free forward (SPT's data init).
+    them off for a prompt-free forward (SPT's data init). A family whose block loop carries prompts beside
+    its maps (``adapter.routes_token_prompts``, Swin's windows) gets the same schedule and prompts.
     """
 
     num_prefix_tokens: int
@@ -162,7 +189,9 @@ class TokenPrompts:
         adapter = adapter_for(backbone)
         depth = len(adapter.blocks)
         if blocks[0] < 0 or blocks[-1] >= depth:
-            raise ValueError(f"prompted blocks {blocks} out of range for a ViT with {depth} blocks")
+            raise ValueError(f"prompted blocks {blocks} out of range for a backbone with {depth} blocks")
+        self._adapter = [adapter]  # a list: not a submodule
+        self._keep_prompt_outputs = frozenset(keep_prompt_outputs)
         #: block -> (prompt tokens in the stream before it, tokens it puts in)
         self.prompt_schedule = {}
         #: block -> prompt tokens in the stream at its input, for every block from the first prompted one
@@ -175,23 +204,32 @@ class TokenPrompts:
             self.prompts_in_block[block] = in_stream
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
-        #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
+        #: whether the family's block loop carries the prompts beside its maps (Swin's windows)
+        self.prompts_routed = adapter.routes_token_prompts
+        #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed;
+        #: a family whose loop carries the prompts computes them itself, and its final norm reads them
         self.prompt_output_skipping_blocks = frozenset(
             block
             for block, count in self.prompts_in_block.items()
             if count
-            and (block == depth - 1 or block + 1 in lengths)
             and block not in keep_prompt_outputs
-            and adapter.supports_selected_rows(block)
+            and (
+                (self.prompts_routed and block + 1 in lengths)
+                or (
+                    not self.prompts_routed
+                    and (block + 1 in lengths or block == depth - 1)
+                    and adapter.supports_selected_rows(block)
+                )
+            )
         )
-        # the family's hooks that give inserted tokens no position (rotary, relative bias)
-        adapter.prepare_inserted_tokens(self.injections)
+        if not self.prompts_routed:  # the family's hooks that give inserted tokens no position
+            adapter.prepare_inserted_tokens(self.injections)
         self.injections.insert_tokens(
             TokenSchedule(
                 num_prefix_tokens=self.num_prefix_tokens,
                 inserts=dict(self.prompt_schedule),
                 in_block=dict(self.prompts_in_block),
-                at_norm=self.prompts_at_norm,
+                at_norm=0 if self.prompts_routed else self.prompts_at_norm,
                 skipping=self.prompt_output_skipping_blocks,
                 prompts=self.block_prompts,
             )

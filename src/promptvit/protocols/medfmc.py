@@ -1,7 +1,8 @@
 """MedFMC (chest, colon, endo): official N-way K-shot lists, honest selection, mean and std over exps.
 
 * Training: ``{dataset}_{K}-shot_train_exp{E}.txt`` (K in 1, 5, 10; the five official exps), duplicates kept.
-* Model selection (epoch and hyperparameters): ``trainval.txt`` minus the training files of that exp
+* Model selection (epoch and hyperparameters): ``trainval.txt`` minus the training files of that exp and
+  every other image of their studies (endo), slides (colon) or babies (NeoJaundice)
   (``promptvit.data.load_medfmc_split``). The official chest/endo val files are never used: they contain
   most of their own training images (docs/protocols-and-recipes.md, "MedFMC model selection").
 * Test: ``test_WithLabel.txt``, evaluated once per final run.
@@ -80,7 +81,9 @@ class MedFMCProtocol(Protocol):
             metric=MEDFMC_METRICS[dataset],
             eval_resize=self.recipe_value("eval_resize", "model"),
             config_overrides={"train": {"select_metric": select}} if select else {},
-            tags={"exp": exp, "val": "trainval minus train_exp (official val files not used)"},
+            # the tag is part of the record's identity: records selected on the older val (training files
+            # only left out) keep theirs, so they are not taken for this protocol's
+            tags={"exp": exp, "val": "trainval minus train_exp and its studies (official val files not used)"},
         )
 
     def units(self, stage: Stage) -> list[Unit]:

@@ -26,9 +26,10 @@ names and the task_adaptation names (``cifar(num_classes=100)``) are accepted to
 Protocol (VPT's ``tune_vtab.py``; docs/protocols-and-recipes.md, "VTAB-1k protocol"):
 
 * search: every grid point trains on train800 and is scored by val200 top-1 **at the last epoch** (no epoch
-  selection; ties go to the smaller lr) with one seed (``search_seeds``, default 42);
-* final: the chosen hyperparameters train on train800val200 with the 5 seeds {42, 44, 82, 100, 800}; the
-  test top-1 **at the last epoch** is reported (no selection of any kind on test);
+  selection; ties go to the smaller lr) with one seed (``search_seeds``, default the first seed, 42);
+* final: the chosen hyperparameters train on train800val200 with the recipe's seeds (``vpt-vtab``: VPT's
+  {42, 44, 82, 100, 800}; ``seeds`` overrides them); the test top-1 **at the last epoch** is reported (no
+  selection of any kind on test);
 * preprocessing: a direct resize to the model's input size (224 for ViT-B/16), bilinear, ImageNet
   mean/std, **no augmentation** (not even flips) for training.
 """
@@ -84,8 +85,10 @@ class VTABProtocol(Protocol):
     recipe: str | None = "vpt-vtab"
     root: str
     tasks: list[str] = Field(default_factory=lambda: list(VTAB_TASKS))
-    seeds: list[int] = Field(default_factory=lambda: list(VTAB_SEEDS))
-    search_seeds: list[int] = Field(default_factory=lambda: [VTAB_SEEDS[0]])
+    seeds: list[int] | None = Field(
+        None, description="final-stage training seeds (default: the recipe's, else VPT's five)"
+    )
+    search_seeds: list[int] | None = Field(None, description="search-stage seeds (default: the first seed)")
     normalization: Literal["imagenet", "backbone"] = Field(
         "imagenet", description="ImageNet mean/std as VPT, or the backbone config's own statistics"
     )
@@ -151,6 +154,9 @@ class VTABProtocol(Protocol):
     def _present(base: Path) -> list[str]:
         return [f for f in VTAB_LIST_FILES.values() if (base / f).is_file()] or ["no list files"]
 
+    def _seeds(self) -> list[int]:
+        return self.seeds if self.seeds is not None else self.recipe_value("seeds", list(VTAB_SEEDS))
+
     def units(self, stage: Stage) -> list[Unit]:
         overrides = (
             {"backbone": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
@@ -167,14 +173,14 @@ class VTABProtocol(Protocol):
                     val=self._source(task, "val200"),
                     class_sources=every,
                 )
-                label, seeds = "train800 -> val200", self.search_seeds
+                label, seeds = "train800 -> val200", self.search_seeds or self._seeds()[:1]
             else:
                 splits = SplitSpec(
                     train=self._source(task, "train800val200"),
                     test=self._source(task, "test"),
                     class_sources=every,
                 )
-                label, seeds = "train800val200 -> test", self.seeds
+                label, seeds = "train800val200 -> test", self._seeds()
             for seed in seeds:
                 units.append(
                     Unit(

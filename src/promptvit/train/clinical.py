@@ -54,17 +54,20 @@ GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
 def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
     """Group ids of ``samples`` for the bootstrap, and the rule that found them.
 
-    MedFMC endo/colon: the study/slide id in the file name. A CSV source with a ``patient_id``,
-    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image
-    is its own unit.
+    MedFMC endo/colon/NeoJaundice: the study/slide/baby id in the file name. Samples that all carry a
+    ``group`` (a CSV read with ``data.group_column``): those. Else a CSV source with a ``patient_id``,
+    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image is
+    its own unit.
     """
     from promptvit.data.fewshot import study_of
 
-    if getattr(data, "kind", None) == "medfmc" and data.dataset in ("endo", "colon"):
-        return [
-            study_of(s, data.dataset) for s in samples.items
-        ], f"MedFMC {data.dataset} study id (file name)"
-    if getattr(data, "kind", None) == "csv" and data.path and Path(data.path).is_file():
+    kind = getattr(data, "kind", None)
+    if kind == "medfmc" and data.dataset in ("endo", "colon", "neojaundice"):
+        return [study_of(s, data.dataset) for s in samples.items], f"MedFMC {data.dataset} group (file name)"
+    groups = [s.group for s in samples.items]
+    if groups and all(g is not None for g in groups):
+        return groups, f"CSV column {getattr(data, 'group_column', None) or 'group'}"
+    if kind == "csv" and data.path and Path(data.path).is_file():
         with open(data.path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             column = next((c for c in GROUP_COLUMNS if c in (reader.fieldnames or [])), None)

@@ -61,8 +61,9 @@ class TrainConfig(BaseModel):
         "default",
         description=(
             "Classifier init at the start of a fresh run. 'default': as created (PyTorch's Linear init); "
-            "'normal_0.01': N(0, 0.01) weight, zero bias (mmcls, EPT); 'trunc_normal_0.02': truncated "
-            "N(0, 0.02) weight, zero bias (SPT, DA-VPT); 'kaiming_fan_out_prior': Kaiming-normal (fan out) "
+            "'normal_0.01': N(0, 0.01) weight, zero bias (mmcls, EPT); 'trunc_normal_0.02': timm's "
+            "trunc_normal_(std=0.02) weight (bounds +-2), zero bias (SPT, DA-VPT); "
+            "'kaiming_fan_out_prior': Kaiming-normal (fan out) "
             "weight, bias -log(99) (VPT)."
         ),
     )
@@ -91,6 +92,25 @@ class TrainConfig(BaseModel):
     scale_lr: bool = Field(False, description="Use lr x batch_size / 256 as the peak lr (VPT convention).")
     grad_clip: float | None = Field(
         None, gt=0, description="Clip the global gradient norm of the tuned parameters to this value."
+    )
+    grad_clip_value: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Clip every gradient element of the tuned parameters to [-value, value] (DA-VPT: 10), after fp16 "
+            "unscaling and before `grad_clip`."
+        ),
+    )
+    sampler: Literal["shuffle", "class_balanced"] = Field(
+        "shuffle",
+        description=(
+            "Training batch order: 'shuffle' (a seeded shuffle per epoch) or 'class_balanced' (DA-VPT's class "
+            "sampler: batch_size / samples_per_class classes per batch, every class drawn equally often per "
+            "epoch, N // batch_size batches; promptvit.train.sampling)."
+        ),
+    )
+    samples_per_class: int = Field(
+        2, ge=1, description="'class_balanced': images of each drawn class in a batch (divides batch_size)."
     )
     seed: int = Field(0, ge=0, description="Seeds initialisation, shuffling and augmentation.")
     select_metric: str | None = Field(
@@ -184,6 +204,11 @@ class TrainConfig(BaseModel):
                 f"decay_all=True and weight_decay_rule='{self.weight_decay_rule}' disagree; set only "
                 "weight_decay_rule"
             )
+        if self.sampler == "class_balanced" and self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class}) "
+                "with sampler 'class_balanced'"
+            )
         if self.cache_views and not self.cache_prefix:
             raise ValueError(f"train.cache_views {self.cache_views} needs train.cache_prefix true")
         return self
@@ -230,6 +255,9 @@ OMITTED_AT_DEFAULT = {
     "head_init": "default",
     "batchnorm_stats": "frozen",
     "recipe": None,
+    "grad_clip_value": None,
+    "sampler": "shuffle",
+    "samples_per_class": 2,
 }
 
 
