@@ -291,3 +291,43 @@ def test_save_and_load_adapters_by_name(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="other backbone weights"):
         other_weights.load_adapter(tmp_path / "all" / "lora", adapter_name="lora")
     assert list(other_weights.adapters) == ["default"]
+
+
+def test_mixed_lora_batch_equals_pefts_mixed_batch() -> None:
+    """Two LoRA adapters (other ranks and parts) with their own heads, one mixed batch: peft's own
+    ``adapter_names`` forward on the same factors (our per-part LoRA as peft's block-structured one, as the
+    export writes it) is the reference."""
+    peft = pytest.importorskip("peft")
+    base = _fresh("vit_token")
+    plain = copy.deepcopy(base)
+    model = promptvit.wrap(base, "lora", num_classes=4, adapter_name="first", rank=2, alpha=3.0)
+    model.add_adapter("second", "lora", num_classes=4, rank=3, alpha=5.0, targets=["q", "k", "v"])
+    for seed, adapter in enumerate(("first", "second")):
+        _perturb(model, adapter, seed)
+    model.eval()
+    plain.reset_classifier(4)
+    reference = None
+    for adapter, (rank, alpha, parts) in {"first": (2, 3.0, 2), "second": (3, 5.0, 3)}.items():
+        config = peft.LoraConfig(
+            r=parts * rank, lora_alpha=parts * alpha, target_modules=["qkv"], modules_to_save=["head"]
+        )
+        if reference is None:
+            reference = peft.get_peft_model(plain, config, adapter_name=adapter)
+        else:
+            reference.add_adapter(adapter, config)
+    timm_model = reference.base_model.model
+    with torch.no_grad():
+        for block, ours in zip(timm_model.blocks, model.backbone.blocks, strict=True):
+            for adapter in ("first", "second"):
+                factors = ours.attn.qkv.lora[adapter]
+                block.attn.qkv.lora_A[adapter].weight.copy_(factors.lora_A.reshape(-1, factors.lora_A.shape[-1]))
+                block.attn.qkv.lora_B[adapter].weight.copy_(factors.stacked_lora_B())
+        for adapter in ("first", "second"):
+            timm_model.head.modules_to_save[adapter].load_state_dict(model.backbone.head.heads[adapter].state_dict())
+    reference.eval()
+    names = ["first", "second", "second", "first", "second"]
+    x = family_input(FAMILY_BUILDS, "vit_token", batch=5)
+    with torch.no_grad():
+        expected = reference(x, adapter_names=names)
+        torch.testing.assert_close(model(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected[0], reference(x[:1], adapter_names=["second"])[0], atol=1e-3)
