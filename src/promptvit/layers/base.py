@@ -223,12 +223,8 @@ class Injections:
 
     def hooks_within(self, module: nn.Module, owners: Collection[str] | None = None) -> bool:
         """Whether a recorded hook (of some owners) sits on ``module`` or on a module inside it."""
-        inside = {id(m) for m in module.modules()}
-        return any(
-            id(entry.module) in inside
-            for kind in ("pre_hook", "hook")
-            for entry in self.entries(kind, owners)
-        )
+        hooked = {id(entry.module) for kind in ("pre_hook", "hook") for entry in self.entries(kind, owners)}
+        return bool(hooked) and any(id(m) in hooked for m in module.modules())
 
     def record(self, owner: str, entry: _Injection) -> _Injection:
         """Apply ``entry`` for ``owner``, or join the entry with the same kind, module, name and key."""
