@@ -54,8 +54,9 @@ class _Original:
     heads: list[nn.Module]  # the classifier modules, one per classifier slot
     num_classes: int
     requires_grad: list[tuple[nn.Parameter, bool]]
-    #: ids of the backbone's own parameters (the ones adapters may tune in place)
+    #: ids of the backbone's own parameters; its own modules, heads aside (what adapters may tune in place)
     parameters: set[int]
+    modules: list[nn.Module]
     #: values, at wrap time and on the CPU, of every backbone tensor an adapter tunes in place
     values: list[tuple[_TensorRef, torch.Tensor]] = dataclasses.field(default_factory=list)
 
@@ -75,6 +76,7 @@ class _Original:
             num_classes=self.num_classes,
             requires_grad=[(copy.deepcopy(p, memo), flag) for p, flag in self.requires_grad],
             parameters={id(copy.deepcopy(p, memo)) for p, _ in self.requires_grad},
+            modules=copy.deepcopy(self.modules, memo),
             values=[(copy.deepcopy(ref, memo), value) for ref, value in self.values],
         )
 
@@ -202,15 +204,14 @@ class PromptModel(nn.Module):
         tuner.bind(adapter_name, self._ledger, self.routing, self.plan, num_classes=classes)
         try:
             tuner.attach(self.backbone)
-            for wrapper, head in zip(self._heads, heads, strict=True):
-                wrapper.heads[adapter_name] = tuner.build_head(head) if wrapper is self._heads[0] else head
+            for slot, (wrapper, head) in enumerate(zip(self._heads, heads, strict=True)):
+                wrapper.heads[adapter_name] = tuner.build_head(head) if slot == 0 else head  # MLP: the main one
         except Exception:
             self._forget(adapter_name)
             raise
         tuner.in_place = self._in_place_tensors(tuner)
         for ref in tuner.in_place:
             self._original.keep(ref)
-        #: values of the adapter's in-place tensors while another adapter is active (None while it is active)
         tuner.stash = [self._original.value(ref).to(ref.get().device, copy=True) for ref in tuner.in_place]
         self.adapters[adapter_name] = tuner
         self._set_requires_grad()
@@ -287,13 +288,12 @@ class PromptModel(nn.Module):
             for name, p in module.named_parameters(recurse=False)
             if id(p) in tuned and id(p) in self._original.parameters and id(p) not in original_heads
         ]
-        trained = [m for m in method.modules_in_train_mode(self.backbone) if not isinstance(m, TunerLayer)]
-        if method.trains_backbone:
-            trained = [self.backbone]
+        trained = [self.backbone] if method.trains_backbone else method.modules_in_train_mode(self.backbone)
+        own = {id(m) for m in self._original.modules}
         seen = set()
         for module in trained:
             for owner in module.modules():
-                if isinstance(owner, (PerAdapter, AdapterHeads)) or id(owner) in seen:
+                if id(owner) not in own or id(owner) in seen:  # adapters' own modules, or seen
                     continue
                 seen.add(id(owner))
                 persistent = owner.state_dict(keep_vars=True)  # not index tables rebuilt at init (Swin)
@@ -907,11 +907,14 @@ def wrap(
     training = model.training
     family = adapter_for(model)
     family.geometry()
+    heads = family.classifier_modules()
+    head_modules = {id(m) for head in heads for m in head.modules()}
     original = _Original(
-        heads=family.classifier_modules(),
+        heads=heads,
         num_classes=model.num_classes,
         requires_grad=[(p, p.requires_grad) for p in model.parameters()],
         parameters={id(p) for p in model.parameters()},
+        modules=[m for m in model.modules() if id(m) not in head_modules],
     )
     source = backbone_source(model)
     if base_model_name is not None:

@@ -127,6 +127,10 @@ class Method(nn.Module):
         self.plan = plan
         #: classes of this adapter's head
         self.num_classes = num_classes
+        #: the backbone tensors this adapter tunes in place (the model fills it after ``attach``), and their
+        #: values while another adapter is active (None while this one is)
+        self.in_place: list[Any] = []
+        self.stash: list[torch.Tensor] | None = None
 
     def on_own_rows(self, x: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``change`` applied to the samples of ``x`` this adapter serves in the current forward (all, some
