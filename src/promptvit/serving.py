@@ -59,11 +59,28 @@ class MultiTaskModel(nn.Module):
         if names is not None and len(names) != len(tasks):
             raise ValueError(f"{len(names)} names for {len(tasks)} tasks")
         geometry = adapter_for(base_backbone).geometry()
-        fingerprint = self._fingerprint = weights_fingerprint(body_parameters(base_backbone))
+        fingerprint = weights_fingerprint(body_parameters(base_backbone))
         self.task_names: list[str] = []
         #: task name -> (stored Calibration or None, multilabel), for artifact tasks
         self.calibrations: dict[str, Any] = {}
         self.model: PromptModel | None = None
+        try:
+            self._add_tasks(base_backbone, tasks, names, geometry, fingerprint, check_weights)
+        except Exception:
+            if self.model is not None:  # the backbone comes back as it was given
+                self.model.unload()
+            raise
+        self.model.eval()
+
+    def _add_tasks(
+        self,
+        base: nn.Module,
+        tasks: Sequence[str | Path | PromptModel],
+        names: Sequence[str] | None,
+        geometry: Any,
+        fingerprint: str,
+        check_weights: bool,
+    ) -> None:
         for index, task in enumerate(tasks):
             name = names[index] if names is not None else None
             if isinstance(task, PromptModel):
@@ -79,13 +96,20 @@ class MultiTaskModel(nn.Module):
                 name = name or Path(str(task)).name
             if name in self.task_names:
                 raise ValueError(f"duplicate task name '{name}'")
-            self._add_task(base_backbone, task, f"task{index}", check_weights)
+            self._add_task(base, task, self._adapter(index), geometry, fingerprint, check_weights)
             self.task_names.append(name)
             if not isinstance(task, PromptModel):
                 self.calibrations[name] = _stored_calibration(local_folder(task))
-        self.model.eval()
 
-    def _add_task(self, base: nn.Module, task: str | Path | PromptModel, adapter: str, check_weights: bool) -> None:
+    def _add_task(
+        self,
+        base: nn.Module,
+        task: str | Path | PromptModel,
+        adapter: str,
+        geometry: Any,
+        fingerprint: str,
+        check_weights: bool,
+    ) -> None:
         """Load ``task`` as the adapter ``adapter`` (the first one wraps the base backbone)."""
         if isinstance(task, PromptModel):
             config, num_classes, state, source = task.config, task.num_classes, task.tuned_state_dict(), f"task '{adapter}'"
@@ -94,7 +118,7 @@ class MultiTaskModel(nn.Module):
             return
         else:
             directory, info, weights_path, state = read_artifact(local_folder(task))
-            check_artifact_fits(directory, info, adapter_for(base).geometry(), self._fingerprint, check_weights)
+            check_artifact_fits(directory, info, geometry, fingerprint, check_weights)
             config, num_classes, source = method_config(info), info["num_classes"], str(weights_path)
         if self.model is None:
             self.model = wrap(base, config, num_classes=num_classes, adapter_name=adapter)

@@ -111,3 +111,24 @@ def test_tasks_of_other_backbone_weights_are_refused() -> None:
     other = promptvit.wrap(build_tiny("vit_token", num_classes=3, seed=1), "linear")
     with pytest.raises(ConfigError, match="other backbone weights"):
         MultiTaskModel(build_tiny("vit_token", num_classes=3), [other])
+
+
+def test_a_refused_task_gives_the_backbone_back_unwrapped(tmp_path: Path) -> None:
+    """The base backbone is wrapped in place, not copied: a task refused halfway unloads it again."""
+    base = build_tiny("vit_token", num_classes=3)
+    reference = copy.deepcopy(base)
+    good = promptvit.wrap(copy.deepcopy(base), "vpt", prompt_length=2).eval()
+    other = promptvit.wrap(build_tiny("vit_token", num_classes=3, seed=1), "linear")
+    good.save_pretrained(tmp_path / "colon-vpt")  # folder names need not be identifiers
+    with pytest.raises(ConfigError, match="other backbone weights"):
+        MultiTaskModel(base, [tmp_path / "colon-vpt", other])
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        assert torch.equal(base(x), reference(x))
+    served = MultiTaskModel(base, [tmp_path / "colon-vpt", good])  # free to be served again
+    assert served.task_names == ["colon-vpt", "task1"] and served.model.backbone is base
+    with torch.no_grad():
+        out = served(x)
+        _close(out["colon-vpt"], good(x))
+        _close(out["task1"], good(x))
+    assert torch.equal(served.model.unload()(x), reference(x))
