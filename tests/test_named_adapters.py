@@ -81,7 +81,9 @@ def _check_mixed(model: promptvit.PromptModel, names: list[str], x: torch.Tensor
         mixed = model.forward_adapters(x, names)
     for adapter in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == adapter]
-        torch.testing.assert_close(mixed[adapter], _alone(model, adapter, x[rows]), rtol=1e-5, atol=1e-5, msg=adapter)
+        torch.testing.assert_close(
+            mixed[adapter], _alone(model, adapter, x[rows]), rtol=1e-5, atol=1e-5, msg=adapter
+        )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -177,7 +179,9 @@ def test_set_delete_and_disable_adapter_are_exact(method: str, name: str) -> Non
     base = _fresh(name)
     reference = copy.deepcopy(base)
     x = family_input(FAMILY_BUILDS, name, batch=2)
-    model = promptvit.wrap(base, "bias", num_classes=4, adapter_name="first")  # tunes backbone weights in place
+    model = promptvit.wrap(
+        base, "bias", num_classes=4, adapter_name="first"
+    )  # tunes backbone weights in place
     _perturb(model, "first", 0)
     model.eval()
     with torch.no_grad():
@@ -212,7 +216,9 @@ def test_only_the_active_adapter_is_tuned_and_trained() -> None:
     assert model.num_classes == 4 and model.get_classifier().out_features == 4
     model.set_adapter("lora")
     assert model.num_classes == 3 and model.get_classifier().out_features == 3
-    assert {id(p) for _, p in model.tuned_named_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for _, p in model.tuned_named_parameters()} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
     assert not tuned & {id(p) for p in model.parameters() if p.requires_grad}
     model.train()
     with pytest.raises(ValueError, match="inference"):
@@ -274,7 +280,12 @@ def test_save_and_load_adapters_by_name(tmp_path) -> None:
     model.set_adapter("bias")
     model.save_pretrained(tmp_path / "active")  # the active adapter only
     # each saved adapter is an artifact of its own: promptvit.load reads it, its keys are a lone method's
-    for adapter, folder in [("default", "all"), ("lora", "all/lora"), ("bias", "all/bias"), ("bias", "active")]:
+    for adapter, folder in [
+        ("default", "all"),
+        ("lora", "all/lora"),
+        ("bias", "all/bias"),
+        ("bias", "active"),
+    ]:
         loaded = promptvit.load(tmp_path / folder, base_model=_fresh("vit_token")).eval()
         assert set(loaded.tuned_state_dict()) == set(model.tuned_state_dict(adapter))
         with torch.no_grad():
@@ -286,7 +297,9 @@ def test_save_and_load_adapters_by_name(tmp_path) -> None:
     again.eval()
     for adapter in ("default", "lora", "bias"):
         assert torch.equal(_alone(again, adapter, x), expected[adapter]), adapter
-    _check_mixed(again, ["bias", "lora", "default", "bias"], family_input(FAMILY_BUILDS, "vit_token", batch=4))
+    _check_mixed(
+        again, ["bias", "lora", "default", "bias"], family_input(FAMILY_BUILDS, "vit_token", batch=4)
+    )
     other_weights = promptvit.wrap(build(FAMILY_BUILDS, "vit_token", seed=5), "linear")
     with pytest.raises(ArtifactError, match="other backbone weights"):
         other_weights.load_adapter(tmp_path / "all" / "lora", adapter_name="lora")
@@ -320,10 +333,14 @@ def test_mixed_lora_batch_equals_pefts_mixed_batch() -> None:
         for block, ours in zip(timm_model.blocks, model.backbone.blocks, strict=True):
             for adapter in ("first", "second"):
                 factors = ours.attn.qkv.lora[adapter]
-                block.attn.qkv.lora_A[adapter].weight.copy_(factors.lora_A.reshape(-1, factors.lora_A.shape[-1]))
+                block.attn.qkv.lora_A[adapter].weight.copy_(
+                    factors.lora_A.reshape(-1, factors.lora_A.shape[-1])
+                )
                 block.attn.qkv.lora_B[adapter].weight.copy_(factors.stacked_lora_B())
         for adapter in ("first", "second"):
-            timm_model.head.modules_to_save[adapter].load_state_dict(model.backbone.head.heads[adapter].state_dict())
+            timm_model.head.modules_to_save[adapter].load_state_dict(
+                model.backbone.head.heads[adapter].state_dict()
+            )
     reference.eval()
     names = ["first", "second", "second", "first", "second"]
     x = family_input(FAMILY_BUILDS, "vit_token", batch=5)

@@ -253,7 +253,9 @@ def _adapter_layers(model: PromptModel) -> list[str]:
     return [
         ".".join(part for part in name.split(".") if part != "base_layer")
         for name, m in model.backbone.named_modules()
-        if isinstance(m, TunerLayer) and not isinstance(m, AdapterHeads) and model.active_adapter in m.adapter_names
+        if isinstance(m, TunerLayer)
+        and not isinstance(m, AdapterHeads)
+        and model.active_adapter in m.adapter_names
     ]
 
 

@@ -139,7 +139,9 @@ class PromptModel(nn.Module):
         #: hash of the backbone weights before tuning; an artifact only fits a backbone with the same hash
         self.base_fingerprint = base_fingerprint
         self._heads = [
-            self._ledger.for_adapter(_MODEL).replace(parent, name, AdapterHeads(getattr(parent, name), self.routing))
+            self._ledger.for_adapter(_MODEL).replace(
+                parent, name, AdapterHeads(getattr(parent, name), self.routing)
+            )
             for parent, name in self.adapter.classifier_slots()
         ]
 
@@ -181,9 +183,13 @@ class PromptModel(nn.Module):
         ``num_classes`` sizes the adapter's new head (``None``: a copy of the backbone's own head).
         """
         if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
-            raise ConfigError(f"adapter name {adapter_name!r} must be a Python identifier, e.g. 'default' or 'task_2'")
+            raise ConfigError(
+                f"adapter name {adapter_name!r} must be a Python identifier, e.g. 'default' or 'task_2'"
+            )
         if adapter_name in self.adapters:
-            raise ConfigError(f"there is already an adapter named '{adapter_name}'; delete_adapter() it first")
+            raise ConfigError(
+                f"there is already an adapter named '{adapter_name}'; delete_adapter() it first"
+            )
         if not self._ledger.active:
             raise RuntimeError("cannot add an adapter inside disable_adapter()")
         method_cls, config = make_config(method, **options)
@@ -192,7 +198,8 @@ class PromptModel(nn.Module):
             geometry = self.geometry
             raise ConfigError(
                 f"method '{method_cls.name}' supports {', '.join(method_cls.supported_kinds)} backbones, "
-                f"not {geometry.architecture} ({geometry.kind})" + (f": {family.kind_note}" if family.kind_note else "")
+                f"not {geometry.architecture} ({geometry.kind})"
+                + (f": {family.kind_note}" if family.kind_note else "")
             )
         if num_classes is not None and num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
@@ -205,7 +212,9 @@ class PromptModel(nn.Module):
         try:
             tuner.attach(self.backbone)
             for slot, (wrapper, head) in enumerate(zip(self._heads, heads, strict=True)):
-                wrapper.heads[adapter_name] = tuner.build_head(head) if slot == 0 else head  # MLP: the main one
+                wrapper.heads[adapter_name] = (
+                    tuner.build_head(head) if slot == 0 else head
+                )  # MLP: the main one
         except Exception:
             self._forget(adapter_name)
             raise
@@ -243,7 +252,9 @@ class PromptModel(nn.Module):
         """
         self._check_known(adapter_name)
         if len(self.adapters) == 1:
-            raise ConfigError(f"'{adapter_name}' is the only adapter; unload() gives the backbone back instead")
+            raise ConfigError(
+                f"'{adapter_name}' is the only adapter; unload() gives the backbone back instead"
+            )
         if not self._ledger.active:
             raise RuntimeError("cannot delete an adapter inside disable_adapter()")
         if adapter_name == self.active_adapter:
@@ -384,7 +395,9 @@ class PromptModel(nn.Module):
         self._check_known(name)
         own = {id(p): key for key, p in self._own_tensors(name, parameters=True)}
         in_place = (
-            {id(ref.get()): key for key, ref, _ in self._in_place_items(name)} if name == self.active_adapter else {}
+            {id(ref.get()): key for key, ref, _ in self._in_place_items(name)}
+            if name == self.active_adapter
+            else {}
         )
         for _, parameter in self.named_parameters():
             key = own.get(id(parameter), in_place.get(id(parameter)))
@@ -421,7 +434,9 @@ class PromptModel(nn.Module):
         head = sum(p.numel() for m in [method.classifier_of(heads[0]), *heads[1:]] for p in m.parameters())
         own = sum(t.numel() for _, t in self._own_tensors(name, parameters=True))
         in_place = sum(
-            value.numel() for _, ref, value in self._in_place_items(name) if isinstance(ref.get(), nn.Parameter)
+            value.numel()
+            for _, ref, value in self._in_place_items(name)
+            if isinstance(ref.get(), nn.Parameter)
         )
         original_heads = sum(p.numel() for h in self._original.heads for p in h.parameters())
         body = sum(p.numel() for p, _ in self._original.requires_grad) - original_heads
@@ -588,7 +603,9 @@ class PromptModel(nn.Module):
                     result[name] = self.adapter.classify(features)
         if others:
             repeated = images.repeat(len(others), *([1] * (images.dim() - 1)))
-            result.update(self.forward_adapters(repeated, [name for name in others for _ in range(images.shape[0])]))
+            result.update(
+                self.forward_adapters(repeated, [name for name in others for _ in range(images.shape[0])])
+            )
         return {name: result[name] for name in names}
 
     def _forward_group(self, adapter_name: str) -> tuple:

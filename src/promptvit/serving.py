@@ -112,7 +112,12 @@ class MultiTaskModel(nn.Module):
     ) -> None:
         """Load ``task`` as the adapter ``adapter`` (the first one wraps the base backbone)."""
         if isinstance(task, PromptModel):
-            config, num_classes, state, source = task.config, task.num_classes, task.tuned_state_dict(), f"task '{adapter}'"
+            config, num_classes, state, source = (
+                task.config,
+                task.num_classes,
+                task.tuned_state_dict(),
+                f"task '{adapter}'",
+            )
         elif self.model is not None:
             self.model.load_adapter(task, adapter, check_weights=check_weights)
             return
@@ -161,15 +166,23 @@ class MultiTaskModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         batch = images.shape[0]
         if task_ids is None:
-            logits = self.model.forward_every_adapter(images, [self._adapter(i) for i in range(len(self.task_names))])
+            logits = self.model.forward_every_adapter(
+                images, [self._adapter(i) for i in range(len(self.task_names))]
+            )
             return {name: logits[self._adapter(i)] for i, name in enumerate(self.task_names)}
         ids = self._task_index(task_ids)
         if ids.shape != (batch,):
-            raise ValueError(f"task_ids must have one entry per image ({batch}), got shape {tuple(ids.shape)}")
+            raise ValueError(
+                f"task_ids must have one entry per image ({batch}), got shape {tuple(ids.shape)}"
+            )
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.task_names)):
             raise ValueError(f"task ids must be in 0..{len(self.task_names) - 1}")
         logits = self.model.forward_adapters(images, [self._adapter(t) for t in ids.tolist()])
-        return {name: logits[self._adapter(i)] for i, name in enumerate(self.task_names) if self._adapter(i) in logits}
+        return {
+            name: logits[self._adapter(i)]
+            for i, name in enumerate(self.task_names)
+            if self._adapter(i) in logits
+        }
 
     def logits_per_sample(
         self, images: torch.Tensor, task_ids: torch.Tensor | Sequence[int | str]

@@ -181,7 +181,8 @@ class SwinAdapter(BackboneAdapter):
         index = 0
         for stage in self.model.layers:
             count = len(stage.blocks)
-            if not prompts.shape[1] and (plan is None or not any(plan.puts_in_prompts(index + i) for i in range(count))):
+            inserting = plan is not None and any(plan.puts_in_prompts(index + i) for i in range(count))
+            if not prompts.shape[1] and not inserting:
                 x = stage(x)  # no prompt anywhere in the stage: timm's own module (hooks, checkpointing)
                 index += count
                 continue
@@ -198,7 +199,10 @@ class SwinAdapter(BackboneAdapter):
                 else:
                     keep = not plan.skips_prompt_outputs(index)
                     run = functools.partial(self.prompted_block, block, keep_prompts=keep)
-                    x, prompts = checkpoint(run, x, prompts, use_reentrant=False) if checkpointing else run(x, prompts)
+                    if checkpointing:
+                        x, prompts = checkpoint(run, x, prompts, use_reentrant=False)
+                    else:
+                        x, prompts = run(x, prompts)
                 index += 1
         if not prompts.shape[1]:
             return x

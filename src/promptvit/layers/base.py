@@ -61,7 +61,9 @@ class AdapterRouting:
     per_sample: tuple[str, ...] | None = None
     _rows: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
-    def groups(self, names: Collection[str], size: int | None = None) -> list[tuple[str, torch.Tensor | None]]:
+    def groups(
+        self, names: Collection[str], size: int | None = None
+    ) -> list[tuple[str, torch.Tensor | None]]:
         """The adapters among ``names`` this forward uses, each with its rows (``None``: every row).
 
         ``size``: the leading size of the tensor the rows index, when it is a multiple of the batch (a
@@ -108,7 +110,9 @@ class AdapterRouting:
             self.active, self.per_sample, self._rows = previous
 
 
-def on_rows(x: torch.Tensor, rows: torch.Tensor | None, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def on_rows(
+    x: torch.Tensor, rows: torch.Tensor | None, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``change`` applied to the ``rows`` of ``x`` (every row when ``rows`` is None), out of place."""
     if rows is None:
         return change(x)
@@ -158,7 +162,9 @@ class _Injection:
     handle: RemovableHandle | None = None  # of a registered hook while it is in
     with_kwargs: bool = False  # a pre-hook that also receives and may change the keyword arguments
     index: int = 0  # block of a block-input change
-    key: Hashable | None = None  # a second owner asking for the same (kind, module, name, key) joins this entry
+    key: Hashable | None = (
+        None  # a second owner asking for the same (kind, module, name, key) joins this entry
+    )
     owners: list[str] = dataclasses.field(default_factory=list)  # the adapters that need it
 
 
@@ -322,10 +328,16 @@ class AdapterInjections:
     def replace(self, parent: nn.Module, name: str, replacement: Any, *, key: Hashable = None) -> Any:
         """Put ``replacement`` at ``parent.<name>`` (the original comes back when the entry is undone);
         returns what is there afterwards (the earlier replacement when ``key`` joins an entry)."""
-        return self.ledger.record(self.owner, _Injection("replace", parent, replacement, name=name, key=key)).target
+        return self.ledger.record(
+            self.owner, _Injection("replace", parent, replacement, name=name, key=key)
+        ).target
 
     def layer(
-        self, parent: nn.Module, name: str, layer_class: type[TunerLayer], make: Callable[[nn.Module], TunerLayer]
+        self,
+        parent: nn.Module,
+        name: str,
+        layer_class: type[TunerLayer],
+        make: Callable[[nn.Module], TunerLayer],
     ) -> TunerLayer:
         """The ``layer_class`` tuner layer at ``parent.<name>``: the one another adapter put there, or
         ``make(the module there)`` put in place of it."""

@@ -56,9 +56,7 @@ class BlockPlan:
 
     def skips_prompt_outputs(self, block: int) -> bool:
         """Whether ``block`` outputs no prompt tokens in this forward."""
-        return (
-            self.tokens is not None and self.flags.skip_prompt_outputs and block in self.tokens.skipping
-        )
+        return self.tokens is not None and self.flags.skip_prompt_outputs and block in self.tokens.skipping
 
     def puts_in_prompts(self, block: int) -> bool:
         """Whether ``block`` puts in prompt tokens (of length 0 too: dropping the ones in the stream)."""

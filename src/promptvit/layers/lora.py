@@ -116,7 +116,9 @@ class FusedLoRALinear(TunerLayer):
     changed by merging, so saving them while merged stores the same (unmerged) factors.
     """
 
-    def __init__(self, base_layer: nn.Linear, routing: AdapterRouting | None = None, num_parts: int = 3) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, routing: AdapterRouting | None = None, num_parts: int = 3
+    ) -> None:
         super().__init__(base_layer, routing)
         if base_layer.out_features % num_parts:
             raise ValueError(
@@ -148,9 +150,13 @@ class FusedLoRALinear(TunerLayer):
         y = self.base_layer(x)
         for name, rows in self.routing.groups(self.lora, x.shape[0]):
             factors = self.lora[name]
-            if factors.merged:  # the update is in base_layer.weight (only while its adapter is the active one)
+            if (
+                factors.merged
+            ):  # the update is in base_layer.weight (only while its adapter is the active one)
                 if self.training and torch.is_grad_enabled():
-                    raise RuntimeError("this LoRA layer is merged into its base weights; unmerge() before training")
+                    raise RuntimeError(
+                        "this LoRA layer is merged into its base weights; unmerge() before training"
+                    )
                 continue
             if rows is None:
                 y = factors.add_update(x, y)

@@ -396,18 +396,19 @@ class PromptedAttention(TunerLayer):
             else:
                 with torch.autocast(q.device.type, enabled=False):
                     if lse is None:
-                        lse = torch.full(
-                            (batch, heads, rows_q), NO_PROMPT_LSE, device=q.device, dtype=_at_least_float32(q).dtype
-                        )
+                        dtype = _at_least_float32(q).dtype
+                        lse = torch.full((batch, heads, rows_q), NO_PROMPT_LSE, device=q.device, dtype=dtype)
                     prompt_rows = _at_least_float32(learned)
                     if prompt.way == "pure_cat":
                         lse[rows] = torch.logsumexp(prompt_rows, dim=-1).to(lse.dtype)
                     else:  # multi_cat: alpha from each sample's own logits
-                        logits = (_at_least_float32(q[rows]) @ _at_least_float32(k[rows]).transpose(-2, -1)) * s
+                        q_rows, k_rows = _at_least_float32(q[rows]), _at_least_float32(k[rows])
+                        logits = (q_rows @ k_rows.transpose(-2, -1)) * s
                         if attn_bias is not None:
                             bias = attn_bias if attn_bias.shape[0] == 1 else attn_bias[rows]
                             logits = logits + _at_least_float32(bias)
-                        lse[rows] = torch.logsumexp(multi_cat_alpha(logits) * prompt_rows, dim=-1).to(lse.dtype)
+                        alpha = multi_cat_alpha(logits)
+                        lse[rows] = torch.logsumexp(alpha * prompt_rows, dim=-1).to(lse.dtype)
         mask = attn_bias
         if temperature is not None:
             q = q * (1 + temperature)

@@ -116,7 +116,8 @@ class AP(TokenPrompts, Method):
         if self.geometry.kind == "vit":  # blocks run in the model's block loop
             self.injections.change_block_input(self.config.layer, self._prompt_activation)
         else:  # stages run inside timm's forward: a pre-hook on the stage
-            self.injections.pre_hook(adapter_for(backbone).stages[self.config.layer], self._prompt_stage_input)
+            stage = adapter_for(backbone).stages[self.config.layer]
+            self.injections.pre_hook(stage, self._prompt_stage_input)
 
     def _probe_stage_input(
         self, backbone: nn.Module, device: torch.device, dtype: torch.dtype

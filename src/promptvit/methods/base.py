@@ -113,7 +113,12 @@ class Method(nn.Module):
         self.bind("default", Injections(), AdapterRouting(active="default"), ForwardPlan(), num_classes=0)
 
     def bind(
-        self, adapter_name: str, ledger: Injections, routing: AdapterRouting, plan: ForwardPlan, num_classes: int
+        self,
+        adapter_name: str,
+        ledger: Injections,
+        routing: AdapterRouting,
+        plan: ForwardPlan,
+        num_classes: int,
     ) -> None:
         """Make this method the adapter ``adapter_name`` of a model (``PromptModel`` calls it before ``attach``)."""
         #: the name of the adapter this method is, in its model

@@ -153,12 +153,16 @@ class EPT(Method):
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error
             layer.add_adapter(
-                self.adapter_name, way=self.config.way, prompt_length=self.prompt_length, init_std=self.config.init_std
+                self.adapter_name,
+                way=self.config.way,
+                prompt_length=self.prompt_length,
+                init_std=self.config.init_std,
             )
 
     def injected_layers(self) -> list[PromptedAttention]:
         """The prompted attentions holding this adapter's prompts, block by block."""
-        return [entry.target for entry in self.injections.entries("replace") if isinstance(entry.target, PromptedAttention)]
+        entries = self.injections.entries("replace")
+        return [entry.target for entry in entries if isinstance(entry.target, PromptedAttention)]
 
     def attention_prompts(self) -> list[AttentionPrompt]:
         """This adapter's learned logits in each prompted block, block by block."""

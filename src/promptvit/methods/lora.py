@@ -119,7 +119,9 @@ class LoRA(Method):
             layer = self.injections.layer(
                 attn, "qkv", FusedLoRALinear, lambda module: FusedLoRALinear(module, self.routing)
             )
-            layer.add_adapter(self.adapter_name, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
+            layer.add_adapter(
+                self.adapter_name, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout
+            )
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
