@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,37 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from promptvit.artifact_format import (
+    CONFIG_FILE,
+    geometry_differences,
+    load_tuned_state,
+    read_artifact,
+    read_artifact_config,
+    read_artifact_weights,
+    resolve_artifact_dir,
+    save_artifact,
+)
 from promptvit.backbones import (
+    BackboneError,
     Geometry,
     adapter_for,
     backbone_source,
+    base_model_call,
     body_parameters,
+    find_weights_file,
+    geometry_of,
+    origin_of,
+    rebuild_backbone,
+    rebuild_problem,
     weights_fingerprint,
 )
-from promptvit.errors import ArtifactError
-from promptvit.layers.base import AdapterRouting, ForwardPlan, Injections, PerAdapter, TunerLayer
+from promptvit.errors import ArtifactError, listed
+from promptvit.hub import local_folder
+from promptvit.io import atomic_write
+from promptvit.layers.base import LOOP_KINDS, AdapterRouting, ForwardPlan, Injections, PerAdapter, TunerLayer
 from promptvit.layers.block_plan import BlockPlan, block_plan, changed_images
 from promptvit.layers.heads import AdapterHeads
-from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
+from promptvit.methods.base import ConfigError, Method, MethodConfig, get_method, make_config
 
 #: owner of the ledger entries the model itself makes (the heads in the classifier slots)
 _MODEL = ""
@@ -618,6 +638,36 @@ class PromptModel(nn.Module):
         schedules = method.injections.entries("tokens")
         return ("tokens", schedules[0].target.layout) if schedules else ("shared",)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, trainable head with ``num_classes`` outputs for the active adapter (timm's
+        ``reset_classifier``); a head the method built (an MLP head) keeps its hidden layers and gets a new
+        last layer."""
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        active, method = self.active_adapter, self.method
+        for slot, (wrapper, made) in enumerate(zip(self._heads, self._new_heads(num_classes), strict=True)):
+            old = method.classifier_of(wrapper.heads[active]) if slot == 0 else wrapper.heads[active]
+            reference = next(old.parameters(), None)
+            if reference is not None:
+                made = made.to(device=reference.device, dtype=reference.dtype)
+            if slot == 0:
+                wrapper.heads[active] = method.replace_classifier(wrapper.heads[active], made)
+            else:
+                wrapper.heads[active] = made
+        method.num_classes = self.backbone.num_classes = num_classes
+        self._set_requires_grad()
+        self.train(self.training)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's timm ``pretrained_cfg`` (preprocessing, licence...), as on a timm model."""
+        return self.backbone.pretrained_cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
     # ------------------------------------------------------------------ frozen-prefix caching
 
     def cache_cut(self) -> int:
@@ -820,16 +870,84 @@ class PromptModel(nn.Module):
     def unmerge(self) -> None:
         self.method.unmerge()
 
-    # ------------------------------------------------------------------ artifacts
+    def merge_problem(self) -> str | None:
+        """Why the active adapter cannot be folded into the backbone's own weights, or None when it can (then
+        :meth:`merge_and_unload` and the merged-timm export work)."""
+        own = [n for n in self.tuned_state_dict() if not n.startswith("backbone.")]
+        if own:
+            return f"it adds tensors of its own ({listed(own)})"
+        method = self.method
+        head = self._adapter_heads(self.active_adapter)[0]
+        if method.classifier_of(head) is not head:  # an MLP head: layers of its own before the classifier
+            return f"its layers in {self.head_name.rpartition('.')[0]} do not fold into the backbone's weights"
+        names = {id(m): n for n, m in self.backbone.named_modules()}
+        injections = method.injections
+        hooked = [e.module for kind in ("pre_hook", "hook") for e in injections.entries(kind)]
+        if hooked:
+            return f"it changes the forward of {listed(dict.fromkeys(names.get(id(m), '?') for m in hooked))}"
+        loop = [kind for kind in LOOP_KINDS if injections.entries(kind)]
+        if loop:
+            return f"it changes the forward in the block loop ({listed(loop)})"
+        layers = [
+            f"{names.get(id(e.module), '?')}.{e.name}".lstrip(".")
+            for e in injections.entries("replace")
+            if isinstance(e.target, TunerLayer)
+        ]
+        if layers and not method.merges():
+            return f"its layers in {listed(layers)} do not fold into the backbone's weights"
+        return None
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain timm backbone with the active adapter folded into its weights and its tuned head (peft's
+        ``merge_and_unload``); ``ConfigError`` where the method does not live in the backbone's weights. Other
+        adapters are dropped.
+
+        The ``PromptModel`` cannot run afterwards; :meth:`unload` gives the untouched backbone instead.
+        """
+        if self._original is None:
+            raise RuntimeError("this model was not made by wrap(); nothing to merge and unload")
+        problem = self.merge_problem()
+        if problem is not None:
+            raise ConfigError(
+                f"method '{self.method.name}' cannot be merged into the backbone: {problem}; unload() gives "
+                "the backbone back without it, and an ONNX export keeps it"
+            )
+        if self.method.merges():
+            self.merge()
+        heads = self._adapter_heads(self.active_adapter)
+        self._ledger.deactivate()  # merged layers give back their base layers, now holding the sum
+        backbone = self.backbone
+        for (parent, name), head in zip(self.adapter.classifier_slots(), heads, strict=True):
+            setattr(parent, name, head)
+        backbone.num_classes = self.num_classes
+        for parameter, flag in self._original.requires_grad:
+            parameter.requires_grad_(flag)
+        for head in heads:
+            head.requires_grad_(False)
+        del backbone.promptvit_wrapped
+        self._original = None
+        self.backbone = nn.Identity()
+        self.adapter = None
+        return backbone
 
     def save_pretrained(
         self, directory: str | Path, *, selected_adapters: Sequence[str] | None = None, **extra: Any
     ) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (tuned tensors only) of the active
         adapter into ``directory``; with ``selected_adapters``, of each one, as peft lays them out:
-        ``"default"`` in ``directory``, any other in ``directory/<name>``."""
-        from promptvit.artifact_format import save_artifact
+        ``"default"`` in ``directory``, any other in ``directory/<name>``.
 
+        The config records how the backbone was built (``self.source``); where that record cannot rebuild it
+        (weights of unknown origin), a warning says so and ``load`` will need ``base_model=``.
+        """
+        problem = rebuild_problem(self.source)
+        if problem is not None:
+            warnings.warn(
+                f"{directory}: the backbone cannot be rebuilt from the artifact ({problem}); loading it needs "
+                f"base_model={base_model_call(self.source)} with the weights it was trained on. Build the "
+                "backbone with promptvit.create_backbone (Hub name, local weights file or init_seed) to record it",
+                stacklevel=2,
+            )
         if selected_adapters is None:
             return save_artifact(self, directory, adapter_name=self.active_adapter, **extra)
         for name in selected_adapters:
@@ -847,9 +965,6 @@ class PromptModel(nn.Module):
 
         The artifact must fit this backbone's geometry and, unless ``check_weights=False``, its weights.
         """
-        from promptvit.artifact_format import load_tuned_state, read_artifact
-        from promptvit.hub import local_folder
-
         directory, config, weights_path, state = read_artifact(local_folder(path_or_hub_id))
         check_artifact_fits(directory, config, self.geometry, self.base_fingerprint, check_weights)
         method = self.add_adapter(adapter_name, method_config(config), num_classes=config["num_classes"])
@@ -861,17 +976,103 @@ class PromptModel(nn.Module):
             raise
         return method
 
+    def save_peft_adapter(self, directory: str | Path) -> Path:
+        """Write the method as a Hugging Face peft adapter (``adapter_config.json``, ``adapter_model.safetensors``):
+        ``PeftModel.from_pretrained(<the timm base with num_classes outputs>, directory)`` then computes these
+        logits. ``ConfigError`` where peft has no equivalent of the method."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        form = self.method.peft_form(self.backbone)
+        if form is None:
+            raise ConfigError(f"method '{self.method.name}' has no Hugging Face peft equivalent")
+        names = {id(m): n for n, m in self.backbone.named_modules()}
+        slots = [".".join(filter(None, [names[id(parent)], name])) for parent, name in self.adapter.classifier_slots()]
+        config = LoraConfig(**form.config, modules_to_save=slots, init_lora_weights=False)
+        config.base_model_name_or_path = self.source.get("name")
+        tensors = {f"base_model.model.{n}": t for n, t in form.tensors.items()}
+        for slot, head in zip(slots, self._adapter_heads(self.active_adapter), strict=True):
+            for name, tensor in head.state_dict().items():
+                tensors[f"base_model.model.{slot}.{name}"] = tensor.detach()
+        directory = Path(directory)
+        config.save_pretrained(str(directory))
+        state = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        return directory
+
     def push_to_hub(self, repo_id: str, **options: Any) -> str:
-        """Upload the artifact and a model card to the Hugging Face Hub; see :func:`promptvit.hub.push_to_hub`."""
+        """Upload the artifact and a model card to the Hugging Face Hub (a LoRA also as a peft adapter in
+        ``peft/``); see :func:`promptvit.hub.push_to_hub`."""
         from promptvit.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **options)
 
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, base_model: nn.Module | None = None, *, check_weights: bool = True
+    ) -> PromptModel:
+        """Load an artifact: a folder, a run folder or ``hf-hub:ORG/NAME[@revision]`` (online or from the cache).
+
+        The backbone is rebuilt from the artifact's record of how it was built, or ``base_model`` (a plain timm
+        model) is used; it must have the geometry the artifact was trained on and, unless
+        ``check_weights=False``, the same weights (compared by fingerprint). ``ArtifactError`` says what differs.
+        """
+        directory = resolve_artifact_dir(local_folder(source))
+        config = read_artifact_config(directory)
+        weights_path, state = read_artifact_weights(directory, config)
+        try:
+            Geometry.from_dict(config["geometry"])
+            config_of_method = method_config(config)
+        except ValueError as error:  # ConfigError too
+            raise ArtifactError(
+                f"{directory / CONFIG_FILE} is damaged or from a promptvit with other methods ({error}); re-save it"
+            ) from error
+        given = base_model is not None
+        if base_model is None:
+            base_model = _rebuild_base(config, directory)
+        base_model.reset_classifier(config["num_classes"])
+        differences = geometry_differences(config, geometry_of(base_model))
+        if differences:
+            raise ArtifactError(f"{directory} was trained on another backbone geometry ({differences})")
+        model = wrap(base_model, config_of_method)
+        if check_weights and config["base_fingerprint"] != model.base_fingerprint:
+            raise ArtifactError(
+                f"{directory} was trained on other backbone weights (fingerprint {config['base_fingerprint']} "
+                f"vs {model.base_fingerprint} of the {'given' if given else 'rebuilt'} model, base "
+                f"'{config['base_model'].get('name')}'). Load it with "
+                f"base_model={base_model_call(config['base_model'])} holding the weights it was trained on "
+                "(check_weights=False skips this check)"
+            )
+        load_tuned_state(model, state, str(weights_path))
+        return model
+
+
+def _rebuild_base(config: dict[str, Any], directory: Path) -> nn.Module:
+    """The backbone an artifact records (:mod:`promptvit.backbones.source`), or an ``ArtifactError`` saying what to do."""
+    record = config["base_model"]
+    problem = rebuild_problem(record)
+    if problem is not None:
+        raise ArtifactError(
+            f"{directory} cannot rebuild its backbone: {problem}. Load it from Python with "
+            f"base_model={base_model_call(record)} holding the weights it was trained on"
+        )
+    weights_file = None
+    if origin_of(record) == "file":
+        weights_file = find_weights_file(record, directory)
+        if weights_file is None:
+            name = Path(record["weights"]).name
+            raise ArtifactError(
+                f"the backbone weights file {record['weights']} named in {directory / CONFIG_FILE} is not there: "
+                f"copy it back, or to {directory / name}, or set base_model.weights in that file to where it is now"
+            )
+    try:
+        return rebuild_backbone(record, weights_file)
+    except BackboneError as error:
+        raise ArtifactError(f"cannot rebuild the backbone of {directory}: {error}") from error
+
 
 def method_config(artifact_config: dict[str, Any]) -> MethodConfig:
     """The method config an artifact's ``adapter_config.json`` records."""
-    from promptvit.methods.base import get_method
-
     method_cls = get_method(artifact_config["method"])
     return method_cls.config_class.from_dict(artifact_config["method_config"], method=method_cls.name)
 
@@ -880,8 +1081,6 @@ def check_artifact_fits(
     directory: Path, config: dict[str, Any], geometry: Geometry, fingerprint: str, check_weights: bool = True
 ) -> None:
     """Refuse an artifact trained on another backbone geometry or (``check_weights``) other weights."""
-    from promptvit.artifact_format import geometry_differences
-
     differences = geometry_differences(config, geometry)
     if differences:
         raise ArtifactError(f"{directory} was trained on another backbone geometry ({differences})")
@@ -908,8 +1107,7 @@ def wrap(
         method: a registered method name (see ``available_methods()``) or a method config object.
         num_classes: size of a new classifier head; ``None`` keeps (a copy of) the model's own head.
         base_model_name: timm name (with pretrained tag) recorded in saved artifacts so that ``load``
-            can rebuild the backbone; defaults to what ``create_backbone`` recorded, else timm's
-            ``pretrained_cfg`` name.
+            can rebuild the backbone; by default read from the model (:mod:`promptvit.backbones.source`).
         adapter_name: the name of this first adapter (peft's ``"default"``).
         **options: the method's options, e.g. ``prompt_length=20, deep=True`` for ``vpt``.
     """
@@ -933,11 +1131,11 @@ def wrap(
         parameters={id(p) for p in model.parameters()},
         modules=[m for m in model.modules() if id(m) not in head_modules],
     )
-    source = backbone_source(model)
-    if base_model_name is not None:
-        source["name"] = base_model_name
     # The head is new or replaced per task, so only the body identifies the backbone.
     fingerprint = weights_fingerprint(body_parameters(model))
+    source = backbone_source(model, fingerprint)  # read before the head changes (num_classes is an option)
+    if base_model_name is not None:
+        source["name"] = base_model_name
     wrapped = PromptModel(model, source, fingerprint, original)
     try:
         wrapped.add_adapter(adapter_name, method, num_classes=num_classes, **options)

@@ -166,6 +166,13 @@ def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
     console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
 
 
+def _local(address: Path) -> Path:
+    """A folder, a run folder or ``hf-hub:ORG/NAME[@revision]`` (downloaded, or from the Hub cache) as a folder."""
+    from promptvit.hub import local_folder
+
+    return local_folder(str(address))
+
+
 def _load_for_inference(path: Path) -> tuple[Any, dict[str, Any]]:
     from promptvit.artifact import default_data_config, load, read_artifact_config
 
@@ -215,7 +222,7 @@ def _labelled_dataset(
 @app.command("eval", context_settings=EXTRA)
 def eval_(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     data: Annotated[
         str | None, typer.Option(help="dataset to evaluate on (default: the run's test split)")
     ] = None,
@@ -233,6 +240,7 @@ def eval_(
     from promptvit.train.clinical import evaluate_artifact
 
     try:
+        run_or_artifact = _local(run_or_artifact)
         if out:
             check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
@@ -254,7 +262,7 @@ def eval_(
 
 @app.command()
 def predict(
-    artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
+    artifact: Annotated[Path, typer.Argument(help="artifact folder, run folder or hf-hub:ORG/NAME")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
@@ -272,6 +280,7 @@ def predict(
     from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
+        artifact = _local(artifact)
         check_output_path(out, protected=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
@@ -317,7 +326,7 @@ def predict(
 @app.command(context_settings=EXTRA)
 def analyze(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     out: Annotated[Path, typer.Option(help="folder for the figures and analysis.json")],
     data: Annotated[
         str | None, typer.Option(help="dataset to analyse (default: the run's test split)")
@@ -335,13 +344,16 @@ def analyze(
     from promptvit.evaluation.calibration import artifact_calibration
     from promptvit.io import check_output_path
 
+    name = run_or_artifact.name
     try:
-        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
+        run_or_artifact = _local(run_or_artifact)
+        compare = [_local(path) for path in compare or []]
+        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *compare))
         model, info = _load_for_inference(run_or_artifact)
         dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
+        loaded = {path.name: (path, _load_for_inference(path)) for path in compare}
         others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
-        calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
+        calibrations = {name: artifact_calibration(info, run_or_artifact)}
         calibrations.update(
             {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
         )
@@ -353,7 +365,7 @@ def analyze(
             max_samples=max_samples,
             seed=seed,
             compare=others or None,
-            name=run_or_artifact.name,
+            name=name,
             calibrations=calibrations,
             reliability_bins=bins,
         )

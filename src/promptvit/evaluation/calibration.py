@@ -26,6 +26,7 @@ from promptvit.evaluation.probability import scores_from_logits
 
 LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
 SCALE_BOUNDS = (0.05, 20.0)
+BIAS_BOUND = 50.0  # Platt bias in [-BIAS_BOUND, BIAS_BOUND]
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _fit_platt(z: np.ndarray, y: np.ndarray) -> Calibration:
                 lambda ab, zc=zc, yc=yc: _bce(ab[0] * zc + ab[1], yc),
                 x0=np.array([1.0, 0.0]),
                 method="L-BFGS-B",
-                bounds=[SCALE_BOUNDS, (-50.0, 50.0)],
+                bounds=[SCALE_BOUNDS, (-BIAS_BOUND, BIAS_BOUND)],
             )
             if found.fun < _bce(zc, yc):
                 a, b = float(found.x[0]), float(found.x[1])

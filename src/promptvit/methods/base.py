@@ -31,6 +31,15 @@ from promptvit.layers.base import (
 
 
 @dataclasses.dataclass
+class PeftForm:
+    """A method as a peft adapter: ``peft.LoraConfig`` options and its tensors under their names in the backbone
+    (``blocks.0.attn.qkv.lora_A.weight``); the model adds the head as ``modules_to_save``."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
 class MethodConfig:
     """Options of one method. Subclasses add typed fields with defaults."""
 
@@ -163,6 +172,10 @@ class Method(nn.Module):
         """The final classifier layer inside the adapter's head (counted as 'head' in parameter summaries)."""
         return head
 
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        """The adapter's head with ``classifier`` as its final layer (``PromptModel.reset_classifier``)."""
+        return classifier
+
     def head_name(self, backbone: nn.Module) -> str:
         """Dotted name of the final classifier layer in artifact keys (``head``; ``head.2`` in an MLP head)."""
         return classifier_name(backbone)
@@ -230,6 +243,20 @@ class Method(nn.Module):
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """Called by the engine after each epoch (numbered from 1); returns numbers worth logging."""
         return {}
+
+    def peft_form(self, backbone: nn.Module) -> PeftForm | None:
+        """The method as a Hugging Face peft adapter, or None where peft has no equivalent (the default)."""
+        return None
+
+    @classmethod
+    def has_peft_form(cls) -> bool:
+        """Whether the method's artifacts can be written as peft adapters (without building a model)."""
+        return cls.peft_form is not Method.peft_form
+
+    @classmethod
+    def merges(cls) -> bool:
+        """Whether ``merge`` folds the method's layers into the backbone's own weights."""
+        return cls.merge is not Method.merge
 
     def merge(self) -> None:
         """Fold the method into the backbone weights where possible (LoRA)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for, unwrap_base_layers
 from promptvit.layers.lora import FusedLoRALinear, LoRAFactors
-from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, PeftForm, register_method
 
 QKV = ("q", "k", "v")
 
@@ -134,6 +134,31 @@ class LoRA(Method):
     def factors(self) -> list[LoRAFactors]:
         """This adapter's update in each adapted ``qkv``, block by block."""
         return [layer.lora[self.adapter_name] for layer in self._lora_layers]
+
+    def peft_form(self, backbone: nn.Module) -> PeftForm:
+        """peft's LoRA on each whole fused ``qkv`` (docs/export.md): rank ``len(targets) * rank``, A stacked, B block
+        structured (zeros on the rows of parts not adapted), ``lora_alpha = alpha * len(targets)`` (the same
+        scale ``alpha / rank``)."""
+        # timm's names of the projections (the levels of other adapters' wrappers dropped)
+        names = {
+            id(m): ".".join(part for part in n.split(".") if part != "base_layer") for n, m in backbone.named_modules()
+        }
+        factors = self.factors()
+        first = factors[0]
+        count = len(first.parts)
+        tensors = {}
+        for layer, own in zip(self._lora_layers, factors, strict=True):
+            name = names[id(layer)]
+            tensors[f"{name}.lora_A.weight"] = own.lora_A.detach().reshape(count * own.rank, -1)
+            tensors[f"{name}.lora_B.weight"] = own.stacked_lora_B().detach()
+        config = {
+            "r": count * first.rank,
+            "lora_alpha": first.alpha * count,
+            "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,
+            "target_modules": sorted(names[id(layer)] for layer in self._lora_layers),
+            "bias": "none",
+        }
+        return PeftForm(config, tensors)
 
     @property
     def merged(self) -> bool:

@@ -47,6 +47,10 @@ class MLP(SolvedHead, Method):
     def classifier_of(self, head: nn.Module) -> nn.Module:
         return head[-1]
 
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        head[-1] = classifier  # the hidden layers stay
+        return head
+
     def head_name(self, backbone: nn.Module) -> str:
         return f"{classifier_name(backbone)}.{2 * (self.config.num_layers - 1)}"
 
