@@ -262,15 +262,19 @@ def test_protocols_run_their_recipes_seeds(tmp_path: Path) -> None:
 
 
 def test_user_values_win_and_another_method_gets_no_method_options() -> None:
-    raw = {"backbone": {"name": "x"}, "method": {"name": "linear"}, "train": {"lr": 0.5}}
+    raw = {"backbone": {"name": "x"}, "method": {"name": "bias"}, "train": {"lr": 0.5}}
     resolved = apply_recipe(raw, "ept-medfmc")
     assert resolved["train"]["lr"] == 0.5 and resolved["train"]["batch_size"] == 4
     assert "options" not in resolved["method"]
     assert raw == {
         "backbone": {"name": "x"},
-        "method": {"name": "linear"},
+        "method": {"name": "bias"},
         "train": {"lr": 0.5},
     }  # not mutated
+    # every recipe trains the linear baseline with its optimiser, as the papers do (not to convergence)
+    for name in RECIPES:
+        linear = apply_recipe({"backbone": {"name": "x"}, "method": {"name": "linear"}}, name)
+        assert linear["method"]["options"] == {"solver": "sgd"}
     with pytest.raises(ConfigError, match="unknown recipe"):
         apply_recipe(raw, "ept")
     with pytest.raises(ConfigError, match="no version 'v9'; its versions: ept-medfmc@v1"):

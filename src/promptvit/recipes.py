@@ -78,7 +78,17 @@ RECIPES: dict[str, Recipe] = {}
 RECIPE_VERSIONS: dict[str, dict[int, Recipe]] = {}
 
 
+#: every paper trains its linear baseline with its own optimiser and schedule, not to convergence (promptvit's
+#: default for ``linear`` without a recipe)
+_PAPER_LINEAR = {
+    "linear": {
+        "solver": Setting("sgd", "the papers' linear baselines train the head with the recipe's optimiser")
+    }
+}
+
+
 def _register(recipe: Recipe) -> Recipe:
+    recipe = dataclasses.replace(recipe, method_options={**_PAPER_LINEAR, **recipe.method_options})
     RECIPE_VERSIONS.setdefault(recipe.name, {})[recipe.version] = recipe
     if recipe.name not in RECIPES or recipe.version > RECIPES[recipe.name].version:
         RECIPES[recipe.name] = recipe

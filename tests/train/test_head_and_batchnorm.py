@@ -84,7 +84,7 @@ def test_head_inits_follow_the_papers() -> None:
 
 
 def test_fit_applies_the_head_init_on_a_fresh_run(tmp_path: Path) -> None:
-    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear")
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear", solver="sgd")
     config = TrainConfig(epochs=1, lr=1e-12, device="cpu", progress=False, head_init="kaiming_fan_out_prior")
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     fit(

@@ -81,7 +81,7 @@ def test_fit_trains_on_the_balanced_batches_of_each_epoch(tmp_path: Path) -> Non
     labels = _labels([2, 2, 8])
     images = torch.randn(len(labels), 3, 16, 16, generator=torch.Generator().manual_seed(0))
     data = RecordingDataset(images, labels)
-    model = promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear")
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear", solver="sgd")  # epochs, not L-BFGS
     config = TrainConfig(
         epochs=2, batch_size=4, sampler="class_balanced", device="cpu", progress=False, lr=1e-3
     )
@@ -93,7 +93,7 @@ def test_fit_trains_on_the_balanced_batches_of_each_epoch(tmp_path: Path) -> Non
     assert per_epoch[0] != per_epoch[1]  # each epoch draws afresh from its own seed
     again = RecordingDataset(images, labels)
     fit(
-        promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear"),
+        promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear", solver="sgd"),
         again,
         None,
         config=config,
@@ -119,7 +119,7 @@ def test_a_dataset_without_cheap_labels_is_refused(tmp_path: Path) -> None:
         def __getitem__(self, i: int):
             return torch.zeros(3, 16, 16), torch.tensor(i % 2)
 
-    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear")
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear", solver="sgd")
     config = TrainConfig(epochs=1, batch_size=2, sampler="class_balanced", device="cpu", progress=False)
     with pytest.raises(ConfigError, match="sampler 'class_balanced' reads the training labels"):
         fit(model, Plain(), None, config=config, run_dir=tmp_path, class_names=["a", "b"], multilabel=False)

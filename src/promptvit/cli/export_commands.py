@@ -21,7 +21,9 @@ def export(
     from promptvit.export import ExportError, export
 
     try:
-        record = export(artifact, out, format)
+        # loading the backbone, tracing (ONNX) and the check run a while: a spinner on a terminal
+        with console.status(f"exporting to {format}: loading the model, writing, checking the logits ..."):
+            record = export(artifact, out, format)
     except (*USER_ERRORS, ExportError) as error:
         fail(error)
     tolerance = record["tolerance"]

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from promptvit.data.errors import DataError
-from promptvit.data.sources import LabeledSamples, Sample, _check_files_exist, _require_file
+from promptvit.data.sources import (
+    MAX_CLASSES,
+    LabeledSamples,
+    Sample,
+    _check_files_exist,
+    _require_file,
+    read_text_lines,
+)
 
 
 @dataclass(frozen=True)
@@ -178,28 +185,30 @@ def read_label_list(
     root = Path(image_root) if image_root is not None else list_path.parent
     source = str(list_path)
     rows: list[tuple[int, str, int]] = []
-    with open(list_path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            parts = text.rsplit(maxsplit=1)
-            label = _int_label(parts[1]) if len(parts) == 2 else None
-            if label is None:
-                raise DataError(
-                    f"{source}, line {number}: cannot parse {text!r}; expected 'relative/path.jpg LABEL' "
-                    "with an integer class index (the VTAB-1k list format)"
-                )
-            rows.append((number, parts[0], label))
+    for number, line in enumerate(read_text_lines(list_path), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = text.rsplit(maxsplit=1)
+        label = _int_label(parts[1]) if len(parts) == 2 else None
+        if label is None:
+            raise DataError(
+                f"{source}, line {number}: cannot parse {text!r}; expected 'relative/path.jpg LABEL' "
+                "with an integer class index (the VTAB-1k list format)"
+            )
+        if label >= MAX_CLASSES:
+            raise DataError(
+                f"{source}, line {number}: label {label} is not a class index (more than {MAX_CLASSES:,} "
+                "classes); a typo? Fix the label"
+            )
+        rows.append((number, parts[0], label))
     return _samples(source, rows, root, class_names, check_files)
 
 
 def _int_label(text: str) -> int | None:
-    try:
-        value = int(text)
-    except ValueError:
+    if not text.isdigit():  # int() would also take '+1', '1_000' and other digits than 0-9
         return None
-    return value if value >= 0 else None
+    return int(text) if text.isascii() else None
 
 
 def _fgvc_class_id(value: object) -> Label | None:

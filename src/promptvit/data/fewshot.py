@@ -54,6 +54,15 @@ class FewShotSplit:
         )
 
 
+def check_classifiable(samples: LabeledSamples) -> None:
+    """A single-label data set needs two classes to train a classifier on; one class is a ``DataError``."""
+    if not samples.multilabel and samples.num_classes < 2:
+        raise DataError(
+            f"{samples.source} has one class ({samples.class_names[0]!r}); a classifier needs at least two. "
+            "Add a class (one sub-folder or label per class), or check the path and label column"
+        )
+
+
 def _check_k(k: int) -> None:
     if k < 1:
         raise DataError(f"k (shots per class) must be at least 1, got {k}")
@@ -305,7 +314,8 @@ def load_medfmc_split(
     """
     files = medfmc_split_files(root, dataset, shots, exp)
     trainval, test = (
-        read_medfmc_list(path, dataset, files.image_root, check_files) for path in (files.trainval, files.test)
+        read_medfmc_list(path, dataset, files.image_root, check_files)
+        for path in (files.trainval, files.test)
     )
     if files.train is None:
         train = sample_medfmc_k_shot(trainval, shots, exp, dataset)

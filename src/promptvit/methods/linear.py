@@ -8,25 +8,30 @@ from typing import Literal
 from promptvit.backbones import Geometry
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
+SOLVERS = ("lbfgs", "sgd", "optimizer")
+
 
 @dataclasses.dataclass
 class HeadSolverConfig(MethodConfig):
     """How a head on frozen features is fitted (``linear``, ``mlp``).
 
-    ``solver="optimizer"`` trains it with the run's optimiser and epochs; ``"lbfgs"`` fits it to convergence
-    on cached features with the L2 strength chosen on val from ``l2_grid`` (default 1e-6 .. 1e2, two per
-    decade), as the CLIP and DINOv2 linear evaluations do (:mod:`promptvit.train.probe`).
+    ``solver="lbfgs"`` fits it to convergence on cached features (:mod:`promptvit.train.probe`): at the fixed
+    L2 strength of scikit-learn's ``LogisticRegression(C=1)``, unless validation has enough images per class
+    to choose one from ``l2_grid`` (default 1e-6 .. 1e2, two per decade; an explicit ``l2_grid`` is always
+    searched), as the CLIP and DINOv2 linear evaluations do. ``"sgd"`` and ``"optimizer"`` (one solver, two
+    names) train it with the run's optimiser (``train.optimizer``, SGD by default) over the epochs.
+    ``linear`` defaults to ``lbfgs``, ``mlp`` to ``optimizer``; the papers' recipes set ``sgd``.
     """
 
-    solver: Literal["optimizer", "lbfgs"] = "optimizer"
+    solver: Literal["lbfgs", "sgd", "optimizer"] = "optimizer"
     l2_grid: list[float] | None = None
 
     method_label = "linear"  # not a field: names the method in errors
 
     def validate(self) -> None:
-        if self.solver not in ("optimizer", "lbfgs"):
+        if self.solver not in SOLVERS:
             raise ConfigError(
-                f"{self.method_label}: solver must be 'optimizer' or 'lbfgs', got {self.solver!r}"
+                f"{self.method_label}: solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}"
             )
         if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) <= 0):
             raise ConfigError(
@@ -45,7 +50,10 @@ class SolvedHead:
 
 @dataclasses.dataclass
 class LinearConfig(HeadSolverConfig):
-    """The frozen backbone's features feed a new linear head (see :class:`HeadSolverConfig` for the solver)."""
+    """The frozen backbone's features feed a new linear head, fitted to convergence by default (see
+    :class:`HeadSolverConfig` for the solver)."""
+
+    solver: Literal["lbfgs", "sgd", "optimizer"] = "lbfgs"
 
 
 @register_method

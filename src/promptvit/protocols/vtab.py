@@ -21,7 +21,12 @@ Two layouts, detected per task (``layout: auto``, the default):
 In both, a split may lack some classes: the union over the splits defines the label set.
 
 ``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``); the distribution's folder
-names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too.
+names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too. Any other name is your
+own task in the same four-list shape as ``promptvit data fewshot --format vtab`` writes it::
+
+      <root>/<name>/train.txt, val.txt, trainval.txt, test.txt    (e.g. root: out/5-shot, tasks: [seed1])
+
+read as train800, val200, train800val200 and test (group ``own``).
 
 Protocol (VPT's ``tune_vtab.py``; docs/protocols-and-recipes.md, "VTAB-1k protocol"):
 
@@ -39,7 +44,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from promptvit.data import VTAB_LIST_FILES, VTAB_NAMES, DataError, vtab_task
 from promptvit.protocols.spec import Protocol, ProtocolError, SourceSpec, SplitSpec, Stage, Unit, absolute
@@ -68,6 +73,8 @@ VTAB_GROUPS: dict[str, tuple[str, ...]] = {
 }
 VTAB_TASKS: tuple[str, ...] = tuple(t for tasks in VTAB_GROUPS.values() for t in tasks)
 VTAB_GROUP_OF: dict[str, str] = {t: g for g, tasks in VTAB_GROUPS.items() for t in tasks}
+#: the list files of an own task (``promptvit data fewshot --format vtab``) standing for VTAB-1k's four
+OWN_LIST_FILES = {"train800": "train.txt", "val200": "val.txt", "train800val200": "trainval.txt", "test": "test.txt"}
 VTAB_SEEDS = (42, 44, 82, 100, 800)
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 SEARCH_SPLITS = ("train800", "val200")
@@ -96,41 +103,53 @@ class VTABProtocol(Protocol):
         "auto", description="lists: the VTAB-1k .txt copy; folders: <split>/<class>/ image folders"
     )
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _known(cls, tasks: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _known(self) -> VTABProtocol:
         known = []
-        for task in tasks:
+        for task in self.tasks:
             try:
                 known.append(vtab_task(task))
             except DataError as error:
-                raise ValueError(str(error)) from None
-        return known
+                if not (Path(self.root) / task / OWN_LIST_FILES["train800"]).is_file():
+                    raise ValueError(
+                        f"{error}, or the name of a folder in {self.root} holding train.txt, val.txt, "
+                        "trainval.txt and test.txt (promptvit data fewshot --format vtab)"
+                    ) from None
+                known.append(task)  # an own task in the four-list shape
+        self.__dict__["tasks"] = known
+        return self
 
     def _task_dir(self, task: str) -> Path:
-        """The distribution's folder name if present, else promptvit's task name."""
+        """The distribution's folder name if present, else promptvit's task name (an own task: its name)."""
         root = Path(self.root)
-        for name in (VTAB_NAMES[task].folder, task):
+        names = (VTAB_NAMES[task].folder, task) if task in VTAB_NAMES else (task,)
+        for name in names:
             if (root / name).is_dir():
                 return root / name
         return root / task
 
     def _layout(self, task: str) -> str:
+        if task not in VTAB_NAMES:
+            return "own"
         if self.layout != "auto":
             return self.layout
         base = self._task_dir(task)
         return "lists" if any((base / f).is_file() for f in VTAB_LIST_FILES.values()) else "folders"
 
+    def _files(self, task: str) -> dict[str, str]:
+        return OWN_LIST_FILES if self._layout(task) == "own" else VTAB_LIST_FILES
+
     def _missing(self, task: str, splits: tuple[str, ...]) -> list[str]:
         base = self._task_dir(task)
-        if self._layout(task) == "lists":
-            return [VTAB_LIST_FILES[s] for s in splits if not (base / VTAB_LIST_FILES[s]).is_file()]
+        if self._layout(task) != "folders":
+            files = self._files(task)
+            return [files[s] for s in splits if not (base / files[s]).is_file()]
         return [f"{s}/" for s in splits if not (base / s).is_dir()]
 
     def _source(self, task: str, split: str) -> SourceSpec:
         base = self._task_dir(task)
-        if self._layout(task) == "lists":
-            return SourceSpec(kind="list", path=absolute(base / VTAB_LIST_FILES[split]))
+        if self._layout(task) != "folders":
+            return SourceSpec(kind="list", path=absolute(base / self._files(task)[split]))
         return SourceSpec(kind="folder", path=absolute(base / split))
 
     def _class_sources(self, task: str) -> list[SourceSpec]:
@@ -141,7 +160,7 @@ class VTABProtocol(Protocol):
 
     def _search_needs(self, task: str) -> None:
         missing = self._missing(task, SEARCH_SPLITS)
-        if missing and self._layout(task) == "lists":
+        if missing and self._layout(task) != "folders":
             base = self._task_dir(task)
             raise ProtocolError(
                 f"VTAB-1k {task}: the search stage (train800 -> val200) needs {' and '.join(missing)} in "
@@ -194,7 +213,7 @@ class VTABProtocol(Protocol):
                         augment=False,
                         eval_resize="direct",
                         interpolation="bilinear",
-                        group=VTAB_GROUP_OF[task],
+                        group=VTAB_GROUP_OF.get(task, "own"),
                         config_overrides=overrides,
                     )
                 )

@@ -127,7 +127,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     progress: bool = Field(True, description="Show a tqdm progress bar with loss and lr.")
     log_tensorboard: bool = Field(
-        False, description="Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`)."
+        False,
+        description=(
+            "Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`): train/, val/, method/ "
+            "per epoch, train/loss_step and lr per optimiser step, test/ after the test pass."
+        ),
     )
     log_nmi: bool = Field(
         False,
@@ -198,7 +202,10 @@ class TrainConfig(BaseModel):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is None and self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}); lower the warm-up "
+                f"(--train.warmup-epochs {self.epochs / 10:g}) or train longer"
+            )
         if self.decay_all and self.weight_decay_rule != "standard":
             raise ValueError(
                 f"decay_all=True and weight_decay_rule='{self.weight_decay_rule}' disagree; set only "
@@ -285,3 +292,16 @@ class EvaluationConfig(BaseModel):
         1000, ge=100, le=100_000, description="Resamples of the percentile bootstrap CI of the main metric."
     )
     ci_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")
+    calibration: Literal["checked", "always"] = Field(
+        "checked",
+        description=(
+            "'checked': keep the uncalibrated probabilities (with a warning, recorded as applied: false) when "
+            "validation has fewer than `calibration_min_per_class` images in a class or the fit sits at a "
+            "bound; 'always': apply the fit regardless."
+        ),
+    )
+    calibration_min_per_class: int = Field(
+        10,
+        ge=1,
+        description="Validation images per class (multi-label: positives and negatives) a fit needs.",
+    )

@@ -208,8 +208,10 @@ def _forward_all(
     num_workers: int = 0,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (float32, CPU) of every item, and the stacked targets when the items have them."""
+    """Logits (float32, CPU) of every item, and the stacked targets when the items have them; ``progress``
+    shows a bar over the batches on a terminal."""
     if device is not None:
         model.to(device)
     device = _model_device(model)
@@ -239,7 +241,10 @@ def _forward_all(
                 if cut
                 else _loader(data, batch_size, num_workers, device)
             )
-            for batch in batches:
+            bar = tqdm(
+                batches, desc="predicting", unit="batch", disable=None if progress else True, leave=False
+            )
+            for batch in bar:
                 images, target = _split_batch(batch)
                 with autocast():
                     images = images.to(device, non_blocking=True)
@@ -293,10 +298,18 @@ def predict_logits(
     device: torch.device | str | None = None,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration."""
+    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration;
+    ``progress`` shows a bar over the batches on a terminal."""
     return _forward_all(
-        model, data, batch_size=batch_size, device=device, prefix_cache=prefix_cache, precision=precision
+        model,
+        data,
+        batch_size=batch_size,
+        device=device,
+        prefix_cache=prefix_cache,
+        precision=precision,
+        progress=progress,
     )
 
 
@@ -391,6 +404,7 @@ def _train_epoch(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[dict[str, Any], int]:
     """One pass (stops early at ``last_step``); returns (row entries, global step after the epoch).
 
@@ -465,6 +479,8 @@ def _train_epoch(
             if aux is not None:
                 aux_sum += parts["aux_loss"] * n
                 aux_seen += n
+            for callback in callbacks:
+                callback.on_step(step, {"loss": parts["loss"], "lr": lr})
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
             if step >= last_step:
                 break
@@ -868,7 +884,14 @@ def fit(
             l2_grid=model.method.config.l2_grid,
             bins=ece_bins,
         )
-        row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
+        row = {
+            "epoch": 1,
+            "step": 0,
+            "probe_l2": probe.l2,
+            "probe_l2_rule": probe.rule,
+            **_scalars("val_", probe.val_metrics or {}),
+        }
+        logger.info("linear probe fitted by L-BFGS: L2 %.3g, %s", probe.l2, probe.rule)
         state.history = [jsonable({**row, "seconds": time.perf_counter() - started})]
         if writes:
             write_log(run_dir / LOG_FILE, state.history)
@@ -907,6 +930,7 @@ def fit(
                 autocast=autocast,
                 scaler=scaler,
                 channels_last=channels_last,
+                callbacks=callbacks,
             )
             method_info = model.method.on_epoch_end(model, epoch) or {}
             _check_finite_parameters(model, epoch)
