@@ -439,7 +439,11 @@ class PromptModel(nn.Module):
         return [wrapper.heads[adapter_name] for wrapper in self._heads]
 
     def get_classifier(self) -> nn.Module:
-        return self.method.classifier_of(self._adapter_heads(self.active_adapter)[0])
+        return self.method.classifier_of(self.adapter_head())
+
+    def adapter_head(self, adapter_name: str | None = None) -> nn.Module:
+        """The adapter's head (default: the active one's) as its method built it: an MLP head whole."""
+        return self._adapter_heads(self.active_adapter if adapter_name is None else adapter_name)[0]
 
     def extra_heads(self) -> list[nn.Module]:
         """The active adapter's classifiers besides the main one (a distilled ViT's distillation head)."""
