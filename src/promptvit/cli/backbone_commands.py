@@ -17,13 +17,15 @@ def backbones(
     method: Annotated[list[str] | None, typer.Option(help="only these methods (repeatable)")] = None,
 ) -> None:
     """List the backbone families and, for every method, ✓ or why it cannot run there (tried on tiny builds)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.family_support import family_support, markdown_table
 
-    rows = family_support(method or None)
-    console = Console()
+    try:
+        rows = family_support(method or None)
+    except USER_ERRORS as error:
+        fail(error)
     if markdown:
         typer.echo(markdown_table(rows))
         return

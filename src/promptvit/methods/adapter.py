@@ -62,6 +62,10 @@ class Adapter(Method):
             width = config.bottleneck_width(d)
             if width < 1:
                 raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
+            if width > d:  # wider than the block it runs beside: parameters without a bottleneck
+                raise ConfigError(
+                    f"adapter: bottleneck {width} is wider than block {index} ({d}); choose bottleneck <= {d}"
+                )
             parent, name = adapter.mlp_slot(index)
             layer = self.injections.layer(
                 parent, name, ParallelAdapterMlp, lambda mlp: ParallelAdapterMlp(mlp, self.routing)

@@ -11,6 +11,7 @@ across tasks, its frozen prefix) is declared here, never looked up by method nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -69,24 +70,49 @@ class MethodConfig:
 
 
 def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
-    """Reject obviously wrong types (e.g. a string for an int) with the option's name."""
+    """Reject wrong types (a string for an int, ``True`` for a count, NaN for a float) with the option's name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"option '{key}' of method '{method}' must be a finite number, got {value!r}")
+    if not _fits(value, hint):
+        raise ConfigError(f"option '{key}' of method '{method}' must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    """``list[int] | None`` as "a list of ints or None", ``int`` as "int"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin in (list, tuple):
+        items = [a for a in typing.get_args(hint) if a is not Ellipsis][:1]
+        if items and typing.get_origin(items[0]) is typing.Literal:
+            return f"a list of entries of {list(typing.get_args(items[0]))}"
+        return f"a list of {_describe(items[0])}s" if items else "a list"
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for option in allowed:
         base = typing.get_origin(option) or option
         if option is type(None) and value is None:
-            return
+            return True
         if base is typing.Literal and value in typing.get_args(option):
-            return
+            return True
         if base in (list, tuple) and isinstance(value, (list, tuple)):
-            return
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return
+            items = typing.get_args(option)[:1]  # list[int], tuple[int, ...]: every item an int
+            return not items or all(_fits(item, items[0]) for item in value)
+        if isinstance(value, bool) and base in (int, float):  # True is an int in Python, never a count here
+            continue
+        if base is float and isinstance(value, (int, float)):
+            return True
         if isinstance(base, type) and base not in (list, tuple) and isinstance(value, base):
-            return
-    raise ConfigError(f"option '{key}' of method '{method}' must be {hint}, got {value!r}")
+            return True
+    return False
 
 
 class Method(nn.Module):

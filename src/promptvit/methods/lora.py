@@ -116,6 +116,12 @@ class LoRA(Method):
             qkv = unwrap_base_layers(getattr(attn, "qkv", None) or nn.Identity())
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
+            if config.rank > qkv.in_features:  # B A would have more parameters than a full update, no more rank
+                raise ConfigError(
+                    f"lora: rank {config.rank} exceeds the width {qkv.in_features} of block {index}'s qkv; an "
+                    f"update of that size has rank at most {qkv.in_features}, choose rank <= {qkv.in_features} "
+                    "(--method.rank)"
+                )
             layer = self.injections.layer(
                 attn, "qkv", FusedLoRALinear, lambda module: FusedLoRALinear(module, self.routing)
             )
