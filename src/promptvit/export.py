@@ -243,7 +243,7 @@ def _write_merged_timm(model: PromptModel, info: dict[str, Any], out: Path, size
 
     images = _random_batch(size, 3, seed=0)
     expected = _reference_logits(model, images)
-    merged = bool(model.method.injections.entries("replace"))
+    merged = model.method.merges()
     plain = copy.deepcopy(model).merge_and_unload().cpu().eval()
     architecture, kwargs = _architecture(model)
     save_for_hf(plain, str(out), model_args=kwargs, safe_serialization=True)

@@ -10,6 +10,9 @@ with ``A_p`` (rank x in_features) Kaiming-uniform with ``a = sqrt(5)`` (peft's d
 not targeted pass through unchanged. The unmerged forward never builds the full weight update: it projects
 ``x`` to ``len(parts) * rank`` features once and adds them back through one block-structured B in a fused
 ``addmm``.
+
+Several adapters share one :class:`FusedLoRALinear` per projection, each with its own :class:`LoRAFactors`;
+a forward applies each adapter present in the batch to its own rows (peft's ``_mixed_batch_forward``).
 """
 
 from __future__ import annotations
@@ -21,50 +24,45 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.layers.base import TunerLayer
+from promptvit.layers.base import AdapterRouting, PerAdapter, TunerLayer
 
 
-class FusedLoRALinear(TunerLayer):
-    """A frozen fused ``nn.Linear`` (kept as ``base_layer``) plus LoRA updates on some of its output parts.
+class LoRAFactors(nn.Module):
+    """One adapter's update of a fused linear layer.
 
     Parameters: ``lora_A`` of shape (len(parts), rank, in_features) and ``lora_B`` of shape
     (len(parts), part_size, rank); row ``i`` of both belongs to part ``parts[i]`` (``parts`` is sorted).
-
-    ``merge()`` adds the update into ``base_layer.weight`` and the forward then skips the low-rank path;
-    ``unmerge()`` puts the frozen weight back. Both are idempotent (merging a merged layer does nothing). A/B are
-    never changed by merging, so saving them while merged stores the same (unmerged) factors.
     """
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        in_features: int,
+        part_size: int,
         parts: Sequence[int],
         rank: int,
         alpha: float,
         dropout: float = 0.0,
         num_parts: int = 3,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if base_layer.out_features % num_parts:
-            raise ValueError(
-                f"out_features {base_layer.out_features} is not divisible into {num_parts} parts"
-            )
         parts = sorted(parts)
         if not parts or len(set(parts)) != len(parts) or not all(0 <= p < num_parts for p in parts):
             raise ValueError(f"parts must be distinct indices in [0, {num_parts}), got {list(parts)}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.base_layer = base_layer
         self.parts = tuple(parts)
         self.num_parts = num_parts
-        self.part_size = base_layer.out_features // num_parts
+        self.part_size = part_size
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
         self.merged = False
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(len(parts), rank, base_layer.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(len(parts), self.part_size, rank, **factory))
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(len(parts), rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(len(parts), part_size, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
@@ -92,14 +90,8 @@ class FusedLoRALinear(TunerLayer):
                 rows.append(self.lora_B.new_zeros(self.part_size, n * rank))
         return torch.cat(rows)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            if self.training and torch.is_grad_enabled():
-                raise RuntimeError(
-                    "this LoRA layer is merged into its base weights; unmerge() before training"
-                )
-            return y
+    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + scaling * B A dropout(x)``, with ``y`` the frozen layer's output for ``x``."""
         n = len(self.parts)
         # (..., n * rank): one projection for all targeted parts.
         h = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1))
@@ -112,31 +104,88 @@ class FusedLoRALinear(TunerLayer):
         )
         return update.reshape(y.shape)
 
-    @torch.no_grad()
-    def _add_delta(self) -> None:
-        weight = self.base_layer.weight
-        rows = weight.view(self.num_parts, self.part_size, -1)
-        delta = self.delta_weight().to(weight.dtype)
-        for i, p in enumerate(self.parts):
-            rows[p].add_(delta[i])
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
-    def merge(self) -> None:
-        """Fold the update into the frozen weight; a no-op when already merged.
+
+class FusedLoRALinear(TunerLayer):
+    """A frozen fused ``nn.Linear`` (kept as ``base_layer``) plus each adapter's LoRA update (``lora``).
+
+    ``merge(name)`` adds an adapter's update into ``base_layer.weight`` and the forward then skips its
+    low-rank path; ``unmerge(name)`` puts the frozen weight back. Both are idempotent. The factors are never
+    changed by merging, so saving them while merged stores the same (unmerged) factors.
+    """
+
+    def __init__(
+        self, base_layer: nn.Linear, routing: AdapterRouting | None = None, num_parts: int = 3
+    ) -> None:
+        super().__init__(base_layer, routing)
+        if base_layer.out_features % num_parts:
+            raise ValueError(
+                f"out_features {base_layer.out_features} is not divisible into {num_parts} parts"
+            )
+        self.num_parts = num_parts
+        self.part_size = base_layer.out_features // num_parts
+        self.lora = PerAdapter()
+
+    def add_adapter(
+        self, name: str, parts: Sequence[int], rank: int, alpha: float, dropout: float = 0.0
+    ) -> LoRAFactors:
+        weight = self.base_layer.weight
+        factors = LoRAFactors(
+            self.base_layer.in_features,
+            self.part_size,
+            parts,
+            rank,
+            alpha,
+            dropout,
+            self.num_parts,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        self.lora[name] = factors
+        return factors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for name, rows in self.routing.groups(self.lora, x.shape[0]):
+            factors = self.lora[name]
+            if (
+                factors.merged
+            ):  # the update is in base_layer.weight (only while its adapter is the active one)
+                if self.training and torch.is_grad_enabled():
+                    raise RuntimeError(
+                        "this LoRA layer is merged into its base weights; unmerge() before training"
+                    )
+                continue
+            if rows is None:
+                y = factors.add_update(x, y)
+            else:
+                y = y.index_copy(0, rows, factors.add_update(x[rows], y[rows]))
+        return y
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name``'s update into the frozen weight; a no-op when already merged.
 
         The frozen weight is kept aside while merged, so ``unmerge`` gives it back bit for bit.
         """
-        if not self.merged:
-            self._unmerged_weight = self.base_layer.weight.detach().clone()
-            self._add_delta()
-            self.merged = True
+        factors = self.lora[name]
+        if factors.merged:
+            return
+        weight = self.base_layer.weight
+        self._unmerged_weight = weight.detach().clone()
+        rows = weight.view(self.num_parts, self.part_size, -1)
+        delta = factors.delta_weight().to(weight.dtype)
+        for i, p in enumerate(factors.parts):
+            rows[p].add_(delta[i])
+        factors.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerge(self, name: str) -> None:
         """Put the frozen weight back as it was before ``merge``; a no-op when not merged."""
-        if self.merged:
+        factors = self.lora[name]
+        if factors.merged:
             self.base_layer.weight.copy_(self._unmerged_weight)
             del self._unmerged_weight
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"parts={self.parts}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+            factors.merged = False

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +22,13 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, Geometry, classifier_name
 from promptvit.errors import ConfigError
-from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
+from promptvit.layers.base import (
+    AdapterRouting,
+    ForwardPlan,
+    Injections,
+    TunerLayer,
+    on_rows,
+)
 
 
 @dataclasses.dataclass
@@ -139,10 +145,38 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         self.geometry = geometry
-        #: every hook, replaced module and forward override this method put into the backbone
-        self.injections = Injections()
+        self.bind("default", Injections(), AdapterRouting(active="default"), ForwardPlan(), num_classes=0)
+
+    def bind(
+        self,
+        adapter_name: str,
+        ledger: Injections,
+        routing: AdapterRouting,
+        plan: ForwardPlan,
+        num_classes: int,
+    ) -> None:
+        """Make this method the adapter ``adapter_name`` of a model (``PromptModel`` calls it before ``attach``)."""
+        #: the name of the adapter this method is, in its model
+        self.adapter_name = adapter_name
+        #: every hook, replaced module and loop change this adapter put into the backbone (a view of the
+        #: model's ledger that names this adapter)
+        self.injections = ledger.for_adapter(adapter_name)
+        #: which adapter each sample of the current forward uses (shared with the model and its layers)
+        self.routing = routing
         #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
-        self.plan = ForwardPlan()
+        self.plan = plan
+        #: classes of this adapter's head
+        self.num_classes = num_classes
+        #: the backbone tensors this adapter tunes in place (the model fills it after ``attach``), and their
+        #: values while another adapter is active (None while this one is)
+        self.in_place: list[Any] = []
+        self.stash: list[torch.Tensor] | None = None
+
+    def on_own_rows(self, x: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``change`` applied to the samples of ``x`` this adapter serves in the current forward (all, some
+        in a mixed batch, or none): what a hook of the method does to stay out of other adapters' samples."""
+        groups = self.routing.groups((self.adapter_name,), x.shape[0])
+        return on_rows(x, groups[0][1], change) if groups else x
 
     @classmethod
     def supports(cls, adapter: BackboneAdapter) -> bool:
@@ -156,13 +190,27 @@ class Method(nn.Module):
         """Existing backbone parameters this method unfreezes (bias, norm, full, partial)."""
         return iter(())
 
+    def build_head(self, classifier: nn.Module) -> nn.Module:
+        """The adapter's head around the classifier the model made for it (an MLP head adds layers before)."""
+        return classifier
+
+    def classifier_of(self, head: nn.Module) -> nn.Module:
+        """The final classifier layer inside the adapter's head (counted as 'head' in parameter summaries)."""
+        return head
+
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        """The adapter's head with ``classifier`` as its final layer (``PromptModel.reset_classifier``)."""
+        return classifier
+
     def head_name(self, backbone: nn.Module) -> str:
-        """Dotted name of the final classifier layer (counted as 'head' in parameter summaries)."""
+        """Dotted name of the final classifier layer in artifact keys (``head``; ``head.2`` in an MLP head)."""
         return classifier_name(backbone)
 
     def modules_in_train_mode(self, backbone: nn.Module) -> Iterable[nn.Module]:
-        """Backbone modules put in train mode while training; by default the injected tuner layers."""
-        return (m for m in backbone.modules() if isinstance(m, TunerLayer))
+        """Backbone modules put in train mode while training; by default the tuner layers holding this adapter."""
+        return (
+            m for m in backbone.modules() if isinstance(m, TunerLayer) and self.adapter_name in m.adapter_names
+        )
 
     @classmethod
     def expected_num_parameters(cls, config: MethodConfig, geometry: Geometry) -> int | None:
@@ -189,8 +237,8 @@ class Method(nn.Module):
         Everything before it (``patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks[:l]``) is then
         frozen and deterministic (those modules stay in eval mode), so its output can be computed once per
         image and reused (``promptvit.cache``, ``TrainConfig.cache_prefix``). A method whose only change at
-        block ``l`` is a forward pre-hook on ``blocks[l]`` (an activation prompt, inserted tokens) may return
-        ``l``: ``PromptModel.forward_from_block`` runs that block's hooks.
+        block ``l`` is a change of its input in the block loop (an activation prompt, inserted tokens) may
+        return ``l``: ``PromptModel.forward_from_block`` runs the loop from block ``l`` on.
 
         ``geometry.depth`` means that all blocks, the final norm and the pooling are frozen: the cache then
         holds the pre-logit features (``forward_head(..., pre_logits=True)``) and only the classifier runs
@@ -221,14 +269,6 @@ class Method(nn.Module):
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """Called by the engine after each epoch (numbered from 1); returns numbers worth logging."""
         return {}
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
-        """The method's changes in a form the multi-task server applies per sample; ``None``: not batchable.
-
-        ``[]`` means nothing but the head changes. The server gathers each kind of change per sample, so a
-        new method that expresses itself in these kinds is served batched without touching the server.
-        """
-        return None
 
     def peft_form(self, backbone: nn.Module) -> PeftForm | None:
         """The method as a Hugging Face peft adapter, or None where peft has no equivalent (the default)."""

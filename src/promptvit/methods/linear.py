@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from torch import nn
-
 from promptvit.backbones import Geometry
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 SOLVERS = ("lbfgs", "sgd", "optimizer")
 
@@ -71,9 +69,6 @@ class Linear(SolvedHead, Method):
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return []
 
     @classmethod
     def expected_num_parameters(cls, config: LinearConfig, geometry: Geometry) -> int:

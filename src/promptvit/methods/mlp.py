@@ -7,8 +7,8 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for, classifier_name
-from promptvit.methods.base import BatchedChange, ConfigError, Method, register_method
+from promptvit.backbones import Geometry, classifier_name
+from promptvit.methods.base import ConfigError, Method, register_method
 from promptvit.methods.linear import HeadSolverConfig, SolvedHead
 
 
@@ -35,29 +35,31 @@ class MLP(SolvedHead, Method):
     paper = "MLP-k head (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
 
-    def attach(self, backbone: nn.Module) -> None:
+    def build_head(self, classifier: nn.Module) -> nn.Module:
+        """``num_layers - 1`` hidden layers of the feature width, then the classifier."""
         width = self.geometry.embed_dim
         act = {"relu": nn.ReLU, "gelu": nn.GELU}[self.config.activation]
         hidden = [
             layer for _ in range(self.config.num_layers - 1) for layer in (nn.Linear(width, width), act())
         ]
-        parent_name, _, child = classifier_name(backbone).rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        self.injections.replace(parent, child, nn.Sequential(*hidden, adapter_for(backbone).get_classifier()))
+        return nn.Sequential(*hidden, classifier)
+
+    def classifier_of(self, head: nn.Module) -> nn.Module:
+        return head[-1]
+
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        head[-1] = classifier  # the hidden layers stay
+        return head
 
     def head_name(self, backbone: nn.Module) -> str:
-        mlp_head = classifier_name(backbone)
-        return f"{mlp_head}.{len(backbone.get_submodule(mlp_head)) - 1}"
+        return f"{classifier_name(backbone)}.{2 * (self.config.num_layers - 1)}"
 
     def modules_in_train_mode(self, backbone: nn.Module) -> list[nn.Module]:
-        return [backbone.get_submodule(classifier_name(backbone))]
+        return []  # the head is put in train mode by the model
 
     def tuned_from_block(self) -> int:
         """Only the MLP head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return []
 
     @classmethod
     def expected_num_parameters(cls, config: MLPConfig, geometry: Geometry) -> int:
