@@ -530,6 +530,16 @@ class BackboneAdapter:
         """Layers between the last stage and the pooling that belong with the last stage."""
         return []
 
+    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """``stages[stage]``'s output for ``image_hw`` images as a (B, C, H, W) map of image positions.
+
+        Channels come first whatever the family's layout (timm's ``output_fmt``: Swin's stages give
+        (B, H, W, C)); a family that carries other rows in its maps (Swin's prompt rows) leaves them out.
+        """
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            return output.permute(0, 3, 1, 2)
+        return output
+
     @torch.no_grad()
     def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
         """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -50,6 +51,7 @@ from promptvit.backbones.base import (
 )
 from promptvit.backbones.geometry import Geometry
 from promptvit.backbones.vit import timm_attention_parts
+from promptvit.errors import BackboneError
 
 
 def prompt_logit_bias(bias: torch.Tensor, count: int, value: float = 0.0) -> torch.Tensor:
@@ -145,6 +147,19 @@ class SwinAdapter(BackboneAdapter):
 
     def after_stages(self) -> list[nn.Module]:
         return [self.model.norm]
+
+    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """The (B, H, W, C) map channels first, without the prompt rows packed under it."""
+        height, width = (math.ceil(n / p) for n, p in zip(image_hw, self.model.patch_embed.patch_size, strict=True))
+        for layer in self.stages[: stage + 1]:
+            if not isinstance(layer.downsample, nn.Identity):  # patch merging pads odd sizes
+                height, width = math.ceil(height / 2), math.ceil(width / 2)
+        if output.shape[2] != width or output.shape[1] < height:
+            raise BackboneError(
+                f"stage {stage}'s output {tuple(output.shape)} holds no {height}x{width} map of "
+                f"{image_hw[0]}x{image_hw[1]} images"
+            )
+        return super().stage_output_map(stage, output[:, :height], image_hw)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:

@@ -30,6 +30,7 @@ from promptvit.cli.output import (
     csv_options,
     fail,
     file_column_option,
+    guard_output,
     image_root_option,
     label_column_option,
     state,
@@ -683,8 +684,14 @@ for register in (
 
 
 def main() -> None:
+    guard_output()  # `promptvit ... | head`: a reader that leaves early ends promptvit quietly
     try:
-        app()
+        try:
+            app()
+        finally:  # what is still buffered fails here, inside the guard, not at exit
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume from the last checkpoint")
         sys.exit(130)
