@@ -140,7 +140,7 @@ def all_token_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
 
 def stage_map(model: nn.Module, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """A CNN stage's output as a (B, C, H, W) map of image positions, whatever the family's layout (Swin's
-    stages give (B, H, W, C)), method rows (Swin's prompt rows) left out: the adapter's ``stage_output_map``."""
+    stages give (B, H, W, C)): the adapter's ``stage_output_map``."""
     return adapter_for(backbone_of(model)).stage_output_map(stage, output, image_hw)
 
 
@@ -175,8 +175,14 @@ class BlockRecorder:
         out = output.detach()
         self.records[index] = self.on_block(index, x, out) if self.on_block else (x, out)
 
+    def _stage_done(self, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        self._hook(index, self.modules[index], (x,), output)
+
     def __enter__(self) -> BlockRecorder:
         self._keeping.enter_context(all_token_outputs(self.model))
+        plan = getattr(self.model, "plan", None)
+        if plan is not None:  # stages a family runs block by block (Swin's with prompts) report here
+            self._keeping.enter_context(plan.using(stage_outputs=self._stage_done))
         for index, module in enumerate(self.modules):
             self._handles.append(
                 module.register_forward_hook(lambda m, a, o, i=index: self._hook(i, m, a, o))

@@ -534,7 +534,7 @@ class BackboneAdapter:
         """``stages[stage]``'s output for ``image_hw`` images as a (B, C, H, W) map of image positions.
 
         Channels come first whatever the family's layout (timm's ``output_fmt``: Swin's stages give
-        (B, H, W, C)); a family that carries other rows in its maps (Swin's prompt rows) leaves them out.
+        (B, H, W, C)).
         """
         if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
             return output.permute(0, 3, 1, 2)

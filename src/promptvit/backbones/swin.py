@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -51,7 +50,6 @@ from promptvit.backbones.base import (
 )
 from promptvit.backbones.geometry import Geometry
 from promptvit.backbones.vit import timm_attention_parts
-from promptvit.errors import BackboneError
 
 
 def prompt_logit_bias(bias: torch.Tensor, count: int, value: float = 0.0) -> torch.Tensor:
@@ -148,19 +146,6 @@ class SwinAdapter(BackboneAdapter):
     def after_stages(self) -> list[nn.Module]:
         return [self.model.norm]
 
-    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """The (B, H, W, C) map channels first, without the prompt rows packed under it."""
-        height, width = (math.ceil(n / p) for n, p in zip(image_hw, self.model.patch_embed.patch_size, strict=True))
-        for layer in self.stages[: stage + 1]:
-            if not isinstance(layer.downsample, nn.Identity):  # patch merging pads odd sizes
-                height, width = math.ceil(height / 2), math.ceil(width / 2)
-        if output.shape[2] != width or output.shape[1] < height:
-            raise BackboneError(
-                f"stage {stage}'s output {tuple(output.shape)} holds no {height}x{width} map of "
-                f"{image_hw[0]}x{image_hw[1]} images"
-            )
-        return super().stage_output_map(stage, output[:, :height], image_hw)
-
     @property
     def blocks(self) -> Sequence[nn.Module]:
         """Every window-attention block, stage by stage (their widths grow from stage to stage)."""
@@ -214,13 +199,14 @@ class SwinAdapter(BackboneAdapter):
         x = tokens
         prompts = x.new_zeros(x.shape[0], 0, x.shape[-1])
         index = 0
-        for stage in self.model.layers:
+        for stage_index, stage in enumerate(self.model.layers):
             count = len(stage.blocks)
             inserting = plan is not None and any(plan.puts_in_prompts(index + i) for i in range(count))
             if not prompts.shape[1] and not inserting:
                 x = stage(x)  # no prompt anywhere in the stage: timm's own module (hooks, checkpointing)
                 index += count
                 continue
+            stage_input = x
             x = stage.downsample(x)
             if prompts.shape[1]:
                 prompts = self.merge_prompts(stage.downsample, prompts)
@@ -239,6 +225,7 @@ class SwinAdapter(BackboneAdapter):
                     else:
                         x, prompts = run(x, prompts)
                 index += 1
+            plan.stage_done(stage_index, stage_input, x)
         if not prompts.shape[1]:
             return x
         batch, height, width, channels = x.shape
