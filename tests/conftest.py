@@ -1,49 +1,16 @@
-"""Shared fixtures: tiny timm backbones that build in milliseconds."""
+"""Shared test setup and helpers on wrapped models (the tiny builds themselves are in tests/families.py)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-import pytest
 import torch
 
 # Two cores: one torch thread per test process keeps OpenMP from spinning against a parallel worker.
 torch.set_num_threads(int(os.environ.get("PROMPTVIT_TEST_THREADS", "1")))
 # `promptvit methods` keeps its rows in a cache folder: never the user's own during tests.
 os.environ.setdefault("PROMPTVIT_CACHE_DIR", tempfile.mkdtemp(prefix="promptvit-test-cache-"))
-
-from promptvit.backbones import create_backbone  # noqa: E402
-
-# name -> (timm architecture, build options, input size)
-TINY_BACKBONES = {
-    "vit_token": (
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2),
-        16,
-    ),
-    "vit_avg": (
-        "vit_tiny_patch16_224",
-        dict(
-            img_size=16,
-            patch_size=4,
-            embed_dim=24,
-            depth=3,
-            num_heads=3,
-            class_token=False,
-            global_pool="avg",
-        ),
-        16,
-    ),
-    "resnet": ("resnet10t", dict(), 32),
-}
-
-
-def build_tiny(kind: str, num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A tiny random-init backbone; the same seed gives the same weights."""
-    arch, options, _ = TINY_BACKBONES[kind]
-    torch.manual_seed(seed)
-    return create_backbone(arch, num_classes=num_classes, init_seed=seed, **options).eval()
 
 
 def logits_and_grads(model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -76,13 +43,3 @@ def without_readout(model):
     """
     model.plan.class_token_readout = False
     return model
-
-
-def tiny_input(kind: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    size = TINY_BACKBONES[kind][2]
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(params=sorted(TINY_BACKBONES))
-def backbone_kind(request: pytest.FixtureRequest) -> str:
-    return request.param

@@ -1,29 +1,51 @@
-"""Tiny random-init builds of every registered backbone family, plus medical-backbone shapes.
+"""The one table of tiny builds: every registered backbone family's ``tiny_builds``, plus medical-backbone shapes.
 
-``FAMILY_BUILDS`` is collected from the adapters' ``tiny_builds``, so a new family (one adapter module with
-its builds) joins every test that loops over it. ``MEDICAL_BUILDS`` keeps the architecture options of the
-pathology and ophthalmology backbones people wrap, at tiny widths and depths.
-name -> (timm architecture, build options, input size)
+``FAMILY_BUILDS`` is collected from the family adapters' ``tiny_builds`` (name -> (timm architecture, build
+options, input size)), so a new family (one adapter module with its builds) joins every test that loops over
+it. ``MEDICAL_BUILDS`` keeps the architecture options of the pathology and ophthalmology backbones people
+wrap, at tiny widths and depths; they are no family of their own (each is a build of a registered family).
+
+``build_tiny(name)`` makes a build, ``tiny_input(name)`` a batch of its images; ``method_cases()`` pairs every
+registered method with every build and says, from the method's own ``supports()``, whether it must wrap or
+be refused.
 """
 
 from __future__ import annotations
+
+import copy
+import functools
 
 import timm
 import torch
 from timm.layers import SwiGLUPacked
 
-from promptvit.backbones import create_backbone, registered_adapters
+import promptvit
+from promptvit.backbones import BackboneAdapter, adapter_for, create_backbone, registered_adapters
 
-FAMILY_BUILDS: dict[str, tuple[str, dict, int]] = {
-    name: build
-    for adapter in dict.fromkeys(registered_adapters().values())
-    for name, build in adapter.tiny_builds.items()
-    if timm.is_model(build[0])  # older timm releases lack some (DINOv3, RoPE ViTs)
-}
+Build = tuple[str, dict, int]  # timm architecture, build options, input size
+
+
+def family_adapters() -> list[type[BackboneAdapter]]:
+    """Every registered family adapter class, once, in registration order."""
+    return list(dict.fromkeys(registered_adapters().values()))
+
+
+def family_builds() -> dict[str, Build]:
+    """The tiny builds of every family registered now, that this timm release can make (older ones lack some
+    architectures: DINOv3, RoPE ViTs)."""
+    return {
+        name: build
+        for adapter in family_adapters()
+        for name, build in adapter.tiny_builds.items()
+        if timm.is_model(build[0])
+    }
+
+
+FAMILY_BUILDS: dict[str, Build] = family_builds()
 
 _VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
-_MEDICAL: dict[str, tuple[str, dict, int]] = {
+_MEDICAL: dict[str, Build] = {
     # RETFound: ViT-L/16, global average pooling (fc_norm), no class-token readout
     "retfound": ("vit_large_patch16_224", dict(img_size=16, patch_size=4, global_pool="avg", **_VIT), 16),
     # UNI: ViT-L/16, LayerScale, dynamic image size
@@ -61,10 +83,37 @@ def present(*names: str) -> list[str]:
     return [name for name in names if name in FAMILY_BUILDS]
 
 
-def build(table: dict[str, tuple[str, dict, int]], name: str, num_classes: int = 3, seed: int = 0):
-    """A tiny random-init backbone from ``table``; the same seed gives the same weights."""
-    arch, options, _ = table[name]
+def _table(name: str, table: dict[str, Build] | None) -> dict[str, Build]:
+    """``table``, or the builds of the families registered now (``FAMILY_BUILDS`` plus any registered later)."""
+    if table is not None:
+        return table
+    return FAMILY_BUILDS if name in FAMILY_BUILDS else family_builds()
+
+
+def build_tiny(
+    name: str, num_classes: int = 3, seed: int = 0, table: dict[str, Build] | None = None
+) -> torch.nn.Module:
+    """A tiny random-init backbone (default: a family build); the same seed gives the same weights."""
+    arch, options, _ = _table(name, table)[name]
+    torch.manual_seed(seed)
     return create_backbone(arch, num_classes=num_classes, init_seed=seed, **options).eval()
+
+
+def tiny_input(name: str, batch: int = 2, seed: int = 1, table: dict[str, Build] | None = None) -> torch.Tensor:
+    """A batch of random images of the size the build ``name`` takes."""
+    size = _table(name, table)[name][2]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def representatives() -> list[str]:
+    """One build per registered family: the first of its ``tiny_builds`` this timm version can make. Tests use
+    it where a check is about the family's code path rather than a build's options (say so in the test)."""
+    builds = family_builds()
+    return [
+        next(name for name in adapter.tiny_builds if name in builds)
+        for adapter in family_adapters()
+        if any(name in builds for name in adapter.tiny_builds)
+    ]
 
 
 def make_blocks_visible(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -82,6 +131,38 @@ def make_blocks_visible(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model
 
 
-def family_input(table: dict[str, tuple[str, dict, int]], name: str, batch: int = 2, seed: int = 1):
-    size = table[name][2]
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+# ---------------------------------------------------------------------- the method x build matrix
+
+
+@functools.cache
+def _visible_base(name: str, seed: int, table_key: str) -> torch.nn.Module:
+    table = MEDICAL_BUILDS if table_key == "medical" else None
+    return make_blocks_visible(build_tiny(name, seed=seed, table=table), seed)
+
+
+def visible_build(name: str, seed: int = 0, medical: bool = False) -> torch.nn.Module:
+    """A fresh copy of the build ``name`` with its blocks' maths visible (``make_blocks_visible``); the build
+    itself is made once per process (timm's random init is the slow part)."""
+    return copy.deepcopy(_visible_base(name, seed, "medical" if medical else "family"))
+
+
+def family_adapter(name: str, medical: bool = False) -> BackboneAdapter:
+    """The family adapter of the build ``name``."""
+    return adapter_for(_visible_base(name, 0, "medical" if medical else "family"))
+
+
+def supports(method: str, name: str, medical: bool = False) -> bool:
+    """Whether ``method`` declares (``Method.supports``) that it attaches to the family of build ``name``."""
+    return promptvit.get_method(method).supports(family_adapter(name, medical))
+
+
+def method_cases(
+    builds: list[str] | None = None, medical: bool = False
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(method, build) for every registered method on every build (default: every family's builds), split in
+    the pairs the method declares it supports (they must wrap and pass the checks) and the ones it refuses (the
+    wrap must raise a ConfigError that says why)."""
+    names = builds if builds is not None else sorted(family_builds())
+    pairs = [(method, name) for method in promptvit.available_methods() for name in names]
+    supported = [pair for pair in pairs if supports(*pair, medical=medical)]
+    return supported, [pair for pair in pairs if pair not in supported]

@@ -9,7 +9,7 @@ import torch
 
 import promptvit
 from promptvit.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
 
 @pytest.fixture
@@ -166,9 +166,9 @@ def test_moved_local_weights_tell_a_command_line_user_what_to_do(tmp_path) -> No
     from typer.testing import CliRunner
 
     from promptvit.cli import app
-    from tests.conftest import TINY_BACKBONES
+    from tests.families import FAMILY_BUILDS
 
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     save_file(build_tiny("vit_token", seed=9).state_dict(), str(tmp_path / "base.safetensors"))
     model = promptvit.wrap(
         promptvit.create_backbone(arch, weights=tmp_path / "base.safetensors", **options), "linear"

@@ -11,54 +11,38 @@ from promptvit.backbones import (
     BackboneError,
     adapter_for,
     attend,
-    create_backbone,
     register_adapter,
     registered_adapters,
+    unregister_adapter,
 )
 from promptvit.backbones.base import BackboneAdapter
-from promptvit.backbones.beit import BeitAdapter
-from promptvit.backbones.distilled import DistilledViTAdapter
-from promptvit.backbones.eva import EvaAdapter
-from promptvit.backbones.hierarchical import ConvNeXtAdapter
-from promptvit.backbones.swin import SwinAdapter
-from promptvit.backbones.swin_v2 import SwinV2Adapter
+from promptvit.backbones.vit import ViTAdapter
 from promptvit.layers.selected_tokens import class_token_row, drop_token_range
+from tests.families import build_tiny, family_adapter, present, representatives, tiny_input
 
-# One tiny random-init build per registered family: (timm name, build options, input size).
-TINY_FAMILIES = {
-    "VisionTransformer": (
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2, qk_norm=True),
-        16,
-    ),
-    "ResNet": ("resnet10t", dict(), 32),
-    "EfficientNet": ("tinynet_e", dict(), 32),
-    # the families of issue 14: their adapters' first tiny build
-    **{
-        adapter.family: next(iter(adapter.tiny_builds.values()))
-        for adapter in (EvaAdapter, BeitAdapter, DistilledViTAdapter, ConvNeXtAdapter, SwinAdapter, SwinV2Adapter)
-    },
-}
-FAMILIES = sorted({adapter.family for adapter in registered_adapters().values()})
-KINDS = {adapter.family: adapter.kind for adapter in registered_adapters().values()}
+#: one build per registered family (the first of its adapter's tiny_builds): these checks are about the
+#: family's code paths, which its other builds share
+FAMILIES = representatives()
+#: every build of the VisionTransformer family (class token or not, registers, attention pooling, q/k norms)
+VIT_BUILDS = present(*ViTAdapter.tiny_builds)
 
 
-def _build(family: str) -> tuple[nn.Module, torch.Tensor]:
-    name, options, size = TINY_FAMILIES[family]
-    model = create_backbone(name, num_classes=3, **options).eval()
-    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    return build_tiny(name), tiny_input(name, seed=0)
 
 
 def test_every_registered_family_has_a_tiny_build() -> None:
-    """A new family adapter must come with a tiny build here, so that every test below covers it."""
-    assert set(FAMILIES) == set(TINY_FAMILIES)
+    """A new family adapter must list tiny builds, so that every test looping over the families covers it."""
+    assert {adapter.family for adapter in registered_adapters().values()} == {
+        family_adapter(name).family for name in FAMILIES
+    }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_geometry_classifier_and_kind(family: str) -> None:
-    model, x = _build(family)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_geometry_classifier_and_kind(name: str) -> None:
+    model, x = _build(name)
     adapter = adapter_for(model)
-    assert adapter.family == family
+    assert name in adapter.tiny_builds
     geometry = adapter.geometry()
     assert geometry.kind == adapter.kind and geometry.architecture == type(model).__name__
     assert adapter.get_classifier() is model.get_submodule(adapter.classifier_name())
@@ -72,9 +56,9 @@ def test_geometry_classifier_and_kind(family: str) -> None:
     assert adapter.get_classifier() is replacement
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if KINDS[f] == "cnn"])
-def test_cnn_stages_and_activation_shapes(family: str) -> None:
-    model, x = _build(family)
+@pytest.mark.parametrize("name", [n for n in FAMILIES if family_adapter(n).kind == "cnn"])
+def test_cnn_stages_and_activation_shapes(name: str) -> None:
+    model, x = _build(name)
     adapter = adapter_for(model)
     assert adapter.kind == "cnn" and len(adapter.stages) == adapter.geometry().depth
     seen = []
@@ -105,32 +89,32 @@ def test_cnn_stages_and_activation_shapes(family: str) -> None:
         adapter.blocks  # noqa: B018
 
 
-def _vit() -> tuple[nn.Module, torch.Tensor]:
-    return _build("VisionTransformer")
-
-
-def test_vit_embed_blocks_norm_head_is_timms_forward() -> None:
-    model, x = _vit()
+@pytest.mark.parametrize("name", VIT_BUILDS)
+def test_vit_embed_blocks_norm_head_is_timms_forward(name: str) -> None:
+    model, x = _build(name)
     adapter = adapter_for(model)
     with torch.no_grad():
         tokens = adapter.embed(x)
         geometry = adapter.geometry()
         assert tokens.shape[1] == geometry.num_tokens == adapter.num_prefix_tokens + geometry.num_patches
-        assert adapter.num_prefix_tokens == 3 and adapter.prompt_position == 3  # class token + 2 registers
+        prefix = model.cls_token is not None
+        assert adapter.num_prefix_tokens == adapter.prompt_position == prefix + model.num_reg_tokens
         out = model.forward_head(adapter.final_norm(adapter.forward_blocks(tokens)))
         assert torch.equal(out, model(x))
         # the patch embedding's output is the patch tokens before any position embedding
         assert adapter.patch_embed(x).shape[1] == geometry.num_patches
 
 
-def test_vit_attention_parts_reproduce_timms_attention() -> None:
-    model, x = _vit()
+@pytest.mark.parametrize("name", VIT_BUILDS)
+def test_vit_attention_parts_reproduce_timms_attention(name: str) -> None:
+    model, x = _build(name)
     adapter = adapter_for(model)
+    attn = model.blocks[0].attn
     with torch.no_grad():
         h = model.blocks[0].norm1(adapter.embed(x))
         parts = adapter.attention(0)
-        assert parts.num_heads == 2 and parts.head_dim == 16 and parts.module is model.blocks[0].attn
-        torch.testing.assert_close(attend(parts, h), model.blocks[0].attn(h), rtol=1e-5, atol=1e-6)
+        assert (parts.num_heads, parts.head_dim, parts.module) == (attn.num_heads, attn.head_dim, attn)
+        torch.testing.assert_close(attend(parts, h), attn(h), rtol=1e-5, atol=1e-6)
         # probabilities by hand: softmax(q k^T * scale) with the q/k norms applied
         q, k, v = parts.heads(h)
         expected = ((q @ k.transpose(-2, -1)) * parts.head_dim**-0.5).softmax(-1)
@@ -139,9 +123,10 @@ def test_vit_attention_parts_reproduce_timms_attention() -> None:
         assert adapter.mlp_slot(1) == (model.blocks[1], "mlp")
 
 
-@pytest.mark.parametrize("select", [class_token_row, lambda t: drop_token_range(t, 1, 2)])
-def test_vit_selected_rows_equal_the_rows_of_the_full_block(select) -> None:
-    model, x = _vit()
+@pytest.mark.parametrize("name", VIT_BUILDS)
+@pytest.mark.parametrize("select", [class_token_row, lambda t: drop_token_range(t, 1, 2)], ids=["row0", "drop"])
+def test_vit_selected_rows_equal_the_rows_of_the_full_block(select, name: str) -> None:
+    model, x = _build(name)
     adapter = adapter_for(model)
     with torch.no_grad():
         tokens = adapter.embed(x)
@@ -152,7 +137,7 @@ def test_vit_selected_rows_equal_the_rows_of_the_full_block(select) -> None:
             rtol=1e-5,
             atol=1e-6,
         )
-    assert adapter.reads_class_token_only()
+    assert adapter.reads_class_token_only() == (model.global_pool == "token")
     model.reset_classifier(3, global_pool="avg")
     assert not adapter.reads_class_token_only()
 
@@ -176,6 +161,6 @@ def test_unregistered_models_are_refused_and_subclasses_can_register() -> None:
         with pytest.raises(ValueError, match="already has the adapter"):
             register_adapter(TinyNet)(TinyAdapter)
     finally:
-        from promptvit.backbones import base
-
-        del base._ADAPTERS[TinyNet]
+        unregister_adapter(TinyNet)
+    with pytest.raises(BackboneError, match="unsupported backbone TinyNet"):
+        adapter_for(TinyNet(nn.Linear(2, 2)))

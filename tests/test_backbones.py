@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import promptvit
 from promptvit.backbones import BackboneError, create_backbone, load_weights
-from tests.conftest import TINY_BACKBONES, build_tiny
+from tests.families import FAMILY_BUILDS, build_tiny
 
 
 def test_unreachable_hub_says_how_to_use_a_local_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +33,7 @@ def test_random_init_is_reproducible_from_the_seed() -> None:
 
 
 def test_local_safetensors_and_pth_weights(tmp_path) -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     source = build_tiny("vit_token", seed=7)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pth")
@@ -50,7 +50,7 @@ def test_weights_file_errors_name_the_file(tmp_path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BackboneError, match="bad.safetensors"):
         load_weights(model, tmp_path / "bad.safetensors")
-    save_file(build_tiny("vit_avg").state_dict(), str(tmp_path / "other.safetensors"))
+    save_file(build_tiny("vit_avg_no_cls").state_dict(), str(tmp_path / "other.safetensors"))
     with pytest.raises(BackboneError, match="does not match"):
         load_weights(model, tmp_path / "other.safetensors")
 
@@ -67,7 +67,7 @@ def test_a_pickle_with_code_is_refused(tmp_path) -> None:
 
 
 def test_geometry_of_cnn_and_vit() -> None:
-    vit = promptvit.geometry_of(build_tiny("vit_avg"))
+    vit = promptvit.geometry_of(build_tiny("vit_avg_no_cls"))
     assert (vit.kind, vit.num_prefix_tokens, vit.num_patches, vit.global_pool) == ("vit", 0, 16, "avg")
     assert promptvit.geometry_of(build_tiny("resnet")).kind == "cnn"
 

@@ -37,7 +37,7 @@ from promptvit.io import OutputError, atomic_write_text, exclusive_folder
 from promptvit.methods.base import ConfigError
 from promptvit.protocols.spec import ProtocolError
 from promptvit.protocols.sweep import load_sweep_config
-from tests.conftest import TINY_BACKBONES, build_tiny
+from tests.families import FAMILY_BUILDS, build_tiny
 
 EVAL = {
     "input_size": (3, 8, 8),
@@ -214,7 +214,7 @@ def run_cli(tmp: Path, config: dict, *extra: str):
 
 def base_config(tmp: Path) -> dict:
     return {
-        "backbone": {"name": "vit_tiny_patch16_224", "options": TINY_BACKBONES["vit_token"][1]},
+        "backbone": {"name": "vit_tiny_patch16_224", "options": FAMILY_BUILDS["vit_token"][1]},
         "data": {"kind": "folder", "path": str(folder(tmp, per_class=4)), "shots": 1},
         "train": {"epochs": 1, "progress": False},
         "output_dir": str(tmp / "runs"),
@@ -288,12 +288,12 @@ def saved_artifact(tmp: Path, kind: str = "vit_token") -> Path:
 
 def artifact_other_backbone(tmp: Path) -> None:
     raises(
-        ArtifactError, "depth", lambda: promptvit.load(saved_artifact(tmp), base_model=build_tiny("vit_avg"))
+        ArtifactError, "depth", lambda: promptvit.load(saved_artifact(tmp), base_model=build_tiny("vit_avg_no_cls"))
     )
 
 
 def artifact_other_input_size(tmp: Path) -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     bigger = create_backbone(arch, **{**options, "img_size": 32})
     raises(ArtifactError, "img_size", lambda: promptvit.load(saved_artifact(tmp), base_model=bigger))
 
@@ -334,7 +334,7 @@ class Payload:
 
 
 def backbone_pickle_refused_unless_allowed(tmp: Path) -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     state = dict(build_tiny("vit_token").state_dict())
     torch.save({"state_dict": state, "extra": Payload()}, tmp / "weights.pth")
     raises(
@@ -345,8 +345,8 @@ def backbone_pickle_refused_unless_allowed(tmp: Path) -> None:
 
 
 def backbone_weights_for_another_model(tmp: Path) -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
-    save_file(build_tiny("vit_avg").state_dict(), str(tmp / "w.safetensors"))
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
+    save_file(build_tiny("vit_avg_no_cls").state_dict(), str(tmp / "w.safetensors"))
     raises(
         BackboneError,
         "w.safetensors",

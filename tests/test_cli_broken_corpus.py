@@ -22,10 +22,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from promptvit.cli import app
-from tests.conftest import TINY_BACKBONES
 from tests.export.conftest import fake_hub  # noqa: F401 (a fixture: the Hub upload calls, offline)
+from tests.families import FAMILY_BUILDS
 
-TINY = TINY_BACKBONES["vit_token"][1]
+TINY = FAMILY_BUILDS["vit_token"][1]
 BROKEN = (
     "missing",
     "empty_file",

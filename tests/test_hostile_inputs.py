@@ -44,10 +44,10 @@ from promptvit.io import OutputError, atomic_write_text, check_output_path, load
 from promptvit.methods.base import ConfigError
 from promptvit.protocols.spec import ProtocolError
 from promptvit.protocols.sweep import load_sweep_config
-from tests.conftest import TINY_BACKBONES, build_tiny
+from tests.families import FAMILY_BUILDS, build_tiny
 
 runner = CliRunner()
-TINY = TINY_BACKBONES["vit_token"][1]
+TINY = FAMILY_BUILDS["vit_token"][1]
 EVAL = {
     "input_size": (3, 8, 8),
     "mean": (0.5,) * 3,

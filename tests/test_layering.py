@@ -12,28 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from promptvit.layering import LAYERS, SIBLINGS_APART
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "promptvit"
-
-# Top to bottom. A unit (a subpackage or a top-level module of promptvit) may import units of its own
-# layer and of the layers below it, never above. To add a module, put it in the row where it belongs.
-LAYERS: list[tuple[str, list[str]]] = [
-    ("package facade", ["__init__", "__main__"]),  # `import promptvit` re-exports; nothing inside imports it
-    ("command line", ["cli"]),
-    ("entry points", ["protocols", "demo"]),
-    ("run pipeline", ["experiment"]),
-    ("run config and run callbacks", ["run_config", "analysis_callbacks"]),
-    ("uses of a model", ["train", "serving", "analysis", "export", "family_support"]),
-    ("model and artifacts", ["model", "artifact", "cache"]),
-    ("methods", ["methods"]),
-    ("layers", ["layers"]),
-    ("backbones", ["backbones"]),
-    ("data and files", ["data", "evaluation", "io", "artifact_format", "hub", "recipes", "environment", "_version"]),  # data knows no model
-    ("errors", ["errors", "validation"]),
-]
-
-# Units of one layer that must not import each other either.
-SIBLINGS_APART: list[set[str]] = [{"train", "serving", "analysis"}, {"protocols", "demo"}]
 
 # The modules that run training import the run pipeline (promptvit.experiment); every other module reads run
 # configs and data from below it (run_config, backbones.spec, data.spec, environment).
@@ -111,7 +93,7 @@ LEVEL = {unit: index for index, (_, units) in enumerate(LAYERS) for unit in unit
 def test_every_unit_has_a_layer() -> None:
     units = {_unit(module) for module in MODULES}
     missing = sorted(units - set(LEVEL))
-    assert not missing, f"add {missing} to a row of LAYERS in {__file__}"
+    assert not missing, f"add {missing} to a row of LAYERS in src/promptvit/layering.py"
     stale = sorted(set(LEVEL) - units)
     assert not stale, f"LAYERS names units that no longer exist: {stale}"
 

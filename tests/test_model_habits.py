@@ -9,7 +9,7 @@ import torch
 
 import promptvit
 from promptvit.methods.base import TunerLayer, get_method
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
 
 def tuned(method: str, kind: str = "vit_token", **options) -> promptvit.PromptModel:
@@ -22,7 +22,7 @@ def tuned(method: str, kind: str = "vit_token", **options) -> promptvit.PromptMo
 
 @pytest.mark.parametrize(
     ("method", "kind"),
-    [("lora", "vit_token"), ("bias", "vit_token"), ("norm", "resnet"), ("full", "vit_avg")],
+    [("lora", "vit_token"), ("bias", "vit_token"), ("norm", "resnet"), ("full", "vit_avg_no_cls")],
 )
 def test_merge_and_unload_gives_a_plain_timm_model_computing_the_same_logits(method, kind):
     model = tuned(method, kind)

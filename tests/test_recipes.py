@@ -24,7 +24,7 @@ from promptvit.run_config import RunConfig
 from promptvit.train import TrainConfig
 from promptvit.train.optim import build_optimizer, build_scheduler, decay_group_of
 from tests.cli.test_cli import invoke, write_config, write_image_folder
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 # Expected values per recipe version, written out from the papers' code (docs/recipes.md), not from recipes.py.
 _VPT_TRAIN = dict(

@@ -22,13 +22,13 @@ from promptvit.backbones import adapter_for, attend
 from promptvit.backbones import swin as swin_module
 from promptvit.backbones.swin import SwinAdapter
 from promptvit.layers.prompted_attention import PromptedAttention
-from tests.families import FAMILY_BUILDS, build, family_input, make_blocks_visible
+from tests.families import FAMILY_BUILDS, build_tiny, make_blocks_visible, tiny_input
 
 FAMILIES = ["swin", "swinv2"]
 
 
 def _base(name: str, seed: int = 0) -> torch.nn.Module:
-    model = make_blocks_visible(build(FAMILY_BUILDS, name, num_classes=4, seed=seed), seed)
+    model = make_blocks_visible(build_tiny(name, num_classes=4, seed=seed), seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # position biases away from their (near) zero init, so that padding them shows
         for parameter_name, p in model.named_parameters():
@@ -145,7 +145,7 @@ def test_window_attention_parts_reproduce_timms_window_attention(name: str) -> N
         for b in adapter.blocks
     ]
     with torch.no_grad():
-        model(family_input(FAMILY_BUILDS, name, batch=3))
+        model(tiny_input(name, batch=3))
     for handle in handles:
         handle.remove()
     assert any(call.get("mask") is not None for _, _, call, _ in calls)  # a shifted block with several windows
@@ -163,7 +163,7 @@ def test_window_attention_parts_reproduce_timms_window_attention(name: str) -> N
 def test_prompted_block_is_the_authors_computation(name: str, block: int) -> None:
     model = _base(name)
     adapter = adapter_for(model)
-    x = _block_inputs(model, family_input(FAMILY_BUILDS, name, batch=2))[block]
+    x = _block_inputs(model, tiny_input(name, batch=2))[block]
     generator = torch.Generator().manual_seed(3)
     prompts = torch.randn(2, 3, x.shape[-1], generator=generator)  # different prompts per image
     module = adapter.blocks[block]
@@ -194,7 +194,7 @@ def test_prompts_change_only_their_windows_attention_inputs(name: str, monkeypat
         block.attn.qkv.register_forward_pre_hook(lambda m, a, i=index: attention_inputs.__setitem__(i, a[0]))
         for index, block in enumerate(adapter.blocks)
     ]
-    x = family_input(FAMILY_BUILDS, name, batch=2)
+    x = tiny_input(name, batch=2)
     with torch.no_grad():
         model(x)
     for handle in handles:
@@ -232,7 +232,7 @@ def test_zeroed_and_masked_out_prompts_leave_every_patch_token_as_timm_computes_
         return torch.cat([torch.full_like(bias[..., :count], float("-inf")), bias[..., count:]], dim=-1)
 
     monkeypatch.setattr(swin_module, "prompt_logit_bias", masked_out)
-    x = family_input(FAMILY_BUILDS, name, batch=2)
+    x = tiny_input(name, batch=2)
     with torch.no_grad():
         features = model.forward_features(x)  # (B, 1, prompts + patches, C): the final norm saw both
         expected = plain.forward_features(x)
@@ -249,7 +249,7 @@ def test_shallow_prompts_pass_patch_merging_and_reach_the_pooling(name: str, mon
     adapter = adapter_for(model.backbone)
     blocks, stages = adapter.blocks, adapter.stages
     calls = _record_prompted_blocks(monkeypatch)
-    x = family_input(FAMILY_BUILDS, name, batch=2)
+    x = tiny_input(name, batch=2)
     with torch.no_grad():
         features = model.forward_features(x)
     last_of_first_stage, first_of_next = stages[0].blocks[-1], stages[1].blocks[0]
@@ -273,7 +273,7 @@ def test_an_images_prediction_does_not_depend_on_the_rest_of_its_batch(name: str
     """Each image's prompts go only into its own windows (the authors' reshape pairs prompts and windows of
     different images once a batch holds several; docs/methods.md, VPT on Swin)."""
     model = promptvit.wrap(_base(name), "vpt", prompt_length=3, deep=False).eval()
-    x = family_input(FAMILY_BUILDS, name, batch=3)
+    x = tiny_input(name, batch=3)
     with torch.no_grad():
         together = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
@@ -301,7 +301,7 @@ def test_frozen_prompts_are_saved_and_loaded_with_the_artifact(tmp_path) -> None
     assert model.parameter_summary()["method"] == 0
     saved = set(model.tuned_state_dict())
     assert {f"method.prompts.{i}" for i in range(3)} <= saved  # buffers of each block's width
-    x = family_input(FAMILY_BUILDS, "swin")
+    x = tiny_input("swin")
     with torch.no_grad():
         expected = model(x)
     model.save_pretrained(tmp_path / "artifact")
@@ -318,7 +318,7 @@ def test_frozen_prompts_are_saved_and_loaded_with_the_artifact(tmp_path) -> None
 )
 @pytest.mark.parametrize("name", FAMILIES)
 def test_gradient_checkpointing_gives_the_same_logits_and_gradients(name: str) -> None:
-    x = family_input(FAMILY_BUILDS, name, batch=2)
+    x = tiny_input(name, batch=2)
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same prompts
@@ -338,7 +338,7 @@ def test_gradient_checkpointing_gives_the_same_logits_and_gradients(name: str) -
 @pytest.mark.parametrize("name", FAMILIES)
 def test_spt_prompts_are_tokens_their_block_receives(name: str) -> None:
     base = _base(name)
-    x = family_input(FAMILY_BUILDS, name, batch=3)
+    x = tiny_input(name, batch=3)
     received = [t.flatten(1, 2).reshape(-1, t.shape[-1]) for t in _block_inputs(copy.deepcopy(base), x)]
     model = promptvit.wrap(base, "spt", prompt_length=2)
     info = model.method.initialize_from_data(model, [(x, torch.zeros(3, dtype=torch.long))])
@@ -382,7 +382,7 @@ def test_ept_prompts_each_window_position_as_the_reference(name: str) -> None:
     with torch.no_grad():
         for layer in layers:  # prompt logits as large as SwinV2's (position bias up to 16): the gate is far from 1
             layer.prompts["default"].prompt.normal_(mean=15.0, std=1.0)
-        model(family_input(FAMILY_BUILDS, name, batch=2))
+        model(tiny_input(name, batch=2))
     for handle in handles:
         handle.remove()
     assert any(call.get("mask") is not None for _, _, call, _ in calls)
@@ -403,7 +403,7 @@ def test_ept_with_vanishing_prompts_is_timms_forward(name: str) -> None:
     with torch.no_grad():
         for prompt in model.method.attention_prompts():
             prompt.prompt.fill_(-60.0)
-        x = family_input(FAMILY_BUILDS, name)
+        x = tiny_input(name)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 

@@ -26,6 +26,7 @@ _EXPORTS = {
     "available_methods": "promptvit.methods",
     "get_method": "promptvit.methods",
     "register_method": "promptvit.methods",
+    "unregister_method": "promptvit.methods",
     "PromptModel": "promptvit.model",
     "wrap": "promptvit.model",
 }

@@ -27,10 +27,9 @@ from promptvit.analysis.attention import (
     prompt_attention_maps,
 )
 from promptvit.analysis.extract import TokenLayout
-from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, adapter_for, registered_adapters
+from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, adapter_for
 from promptvit.backbones.vit import timm_attention_parts
-from tests.conftest import build_tiny, tiny_input
-from tests.families import FAMILY_BUILDS, build, family_input
+from tests.families import FAMILY_BUILDS, build_tiny, family_adapter, method_cases, tiny_input
 
 GRID = (3, 4)
 N = GRID[0] * GRID[1]
@@ -108,20 +107,15 @@ class _Capture(nn.Module):
 
 
 # Every token family's tiny builds, from the adapters' registry: a new family is checked with no edit here.
-TOKEN_BUILDS = [
-    name
-    for adapter in dict.fromkeys(registered_adapters().values())
-    if adapter.kind == "vit"
-    for name in adapter.tiny_builds
-    if name in FAMILY_BUILDS
-]
-# Methods that attach to token models: prompts, EPT's prompted attention, LoRA's qkv, ... on every family.
-TOKEN_METHODS = [None, *(m for m in promptvit.available_methods() if "vit" in promptvit.get_method(m).supported_kinds)]
+TOKEN_BUILDS = [name for name in sorted(FAMILY_BUILDS) if family_adapter(name).kind == "vit"]
+# The plain model, and every method that attaches to it (prompts, EPT's prompted attention, LoRA's qkv, ...),
+# by the method's own supports()
+ATTENTION_CASES = [(None, name) for name in TOKEN_BUILDS] + method_cases(TOKEN_BUILDS)[0]
 
 
 @functools.cache
 def _family_base(name: str) -> nn.Module:
-    return build(FAMILY_BUILDS, name)
+    return build_tiny(name)
 
 
 def _nonzero(model: nn.Module) -> nn.Module:
@@ -192,13 +186,10 @@ def _attention_errors(model: nn.Module, images: torch.Tensor) -> list[float]:
     return errors
 
 
-@pytest.mark.parametrize("method", TOKEN_METHODS)
-@pytest.mark.parametrize("name", TOKEN_BUILDS)
+@pytest.mark.parametrize("method,name", ATTENTION_CASES)
 def test_attention_maps_are_the_models_own_probabilities(name: str, method: str | None) -> None:
-    if method is not None and not promptvit.get_method(method).supports(adapter_for(_family_base(name))):
-        pytest.skip(f"{method} does not attach to {name}")
     model = _family_model(name, method)
-    images = family_input(FAMILY_BUILDS, name, batch=3)
+    images = tiny_input(name, batch=3)
     assert max(_attention_errors(model, images)) < 2e-6
 
 
@@ -226,7 +217,7 @@ def test_the_check_fails_without_rotary_positions_or_relative_bias(monkeypatch) 
                 "attention_parts_from_call",
                 lambda self, i, f=family_parts, d=dropped: _without_positions(f(self, i), d),
             )
-            errors = _attention_errors(model, family_input(FAMILY_BUILDS, name, batch=3))
+            errors = _attention_errors(model, tiny_input(name, batch=3))
         if dropped:
             assert max(errors) > 1e-3, f"{name}: dropping {dropped} went unnoticed ({max(errors):.2e})"
         seen |= dropped
@@ -242,9 +233,9 @@ def test_attention_recorder_refuses_a_backbone_without_token_blocks() -> None:
     "kind,method,options",
     [
         ("vit_token", None, {}),
-        ("vit_avg", None, {}),
+        ("vit_avg_no_cls", None, {}),
         ("vit_token", "lora", {"rank": 2}),
-        ("vit_avg", "vpt", {"prompt_length": 2}),
+        ("vit_avg_no_cls", "vpt", {"prompt_length": 2}),
     ],
 )
 def test_recomputed_attention_equals_timm(kind: str, method: str | None, options: dict) -> None:

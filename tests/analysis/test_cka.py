@@ -20,7 +20,7 @@ from promptvit.analysis.cka import (
     prompt_patch_cka,
     rbf_cka,
 )
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
 
 def _x(n: int = 40, d: int = 6, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,9 @@ import pytest
 import promptvit
 from promptvit.analysis.efficiency import efficiency_portrait, efficiency_table, plot_efficiency
 from promptvit.backbones import create_backbone
-from tests.conftest import TINY_BACKBONES
+from tests.families import FAMILY_BUILDS
 
-ARCH, OPTIONS, SIZE = TINY_BACKBONES["vit_token"]
+ARCH, OPTIONS, SIZE = FAMILY_BUILDS["vit_token"]
 # picklable, so that the CPU memory probe can rebuild the backbone in a fresh process
 FACTORY = functools.partial(create_backbone, ARCH, **OPTIONS)
 

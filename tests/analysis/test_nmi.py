@@ -73,7 +73,7 @@ def test_block_input_nmi_uses_the_prompt_rows_per_image() -> None:
 def test_layer_nmi_of_a_prompted_vit_reads_block_inputs() -> None:
     import promptvit
     from promptvit.analysis.nmi import layer_nmi
-    from tests.conftest import build_tiny, tiny_input
+    from tests.families import build_tiny, tiny_input
 
     model = promptvit.wrap(
         build_tiny("vit_token"), "ap", num_classes=3, variant="concat", layer=1, prompt_length=3

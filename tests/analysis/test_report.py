@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import promptvit
 from promptvit.analysis import analyze, average_attention_distance, layer_cka, layer_nmi
 from promptvit.io import OUTPUT_MARKER, OutputError, output_folder
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 CLASSES = ["benign", "malignant", "other"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -104,7 +104,7 @@ def test_analyze_writes_every_view(tmp_path) -> None:
 
 
 def test_analyze_with_token_scale_cnn_and_multilabel(tmp_path) -> None:
-    ept = promptvit.wrap(build_tiny("vit_avg"), "ept", num_classes=3, prompt_length=3)
+    ept = promptvit.wrap(build_tiny("vit_avg_no_cls"), "ept", num_classes=3, prompt_length=3)
     cnn = promptvit.wrap(build_tiny("resnet"), "linear", num_classes=3)
     data = _dataset(n=8, multilabel=True)
     result = analyze(

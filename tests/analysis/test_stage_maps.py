@@ -15,7 +15,7 @@ from torch import nn
 import promptvit
 from promptvit.analysis import layer_representations
 from promptvit.backbones import adapter_for, registered_adapters
-from tests.families import FAMILY_BUILDS, build, family_input, make_blocks_visible
+from tests.families import FAMILY_BUILDS, build_tiny, make_blocks_visible, tiny_input
 
 # Every staged family's tiny builds, from the adapters' registry: a new family is checked with no edit here.
 STAGED = [
@@ -26,7 +26,7 @@ STAGED = [
     if name in FAMILY_BUILDS
 ]
 # Families that carry token prompts through their stages themselves (Swin).
-PROMPT_ROUTES = [name for name in STAGED if adapter_for(build(FAMILY_BUILDS, name)).routes_token_prompts]
+PROMPT_ROUTES = [name for name in STAGED if adapter_for(build_tiny(name)).routes_token_prompts]
 
 
 def _timm_stage_maps(model: nn.Module, images: torch.Tensor) -> dict[int, tuple[int, torch.Tensor]]:
@@ -49,8 +49,8 @@ def _timm_stage_maps(model: nn.Module, images: torch.Tensor) -> dict[int, tuple[
 
 @pytest.mark.parametrize("name", STAGED)
 def test_stage_representations_are_timms_feature_maps_pooled_per_channel(name: str) -> None:
-    model = build(FAMILY_BUILDS, name)
-    images = family_input(FAMILY_BUILDS, name, batch=3)
+    model = build_tiny(name)
+    images = tiny_input(name, batch=3)
     reps = layer_representations(model, images)
     reference = _timm_stage_maps(model, images)
     stages = adapter_for(model).stages
@@ -70,8 +70,8 @@ def test_prompt_tokens_stay_out_of_stage_representations(name: str) -> None:
     stage it equals the patch part of what the final norm receives as ``[prompts, patches]``, and the
     prompts changed it (compared with the same weights without them)."""
     length = 5
-    backbone = make_blocks_visible(build(FAMILY_BUILDS, name))
-    images = family_input(FAMILY_BUILDS, name, batch=3)
+    backbone = make_blocks_visible(build_tiny(name))
+    images = tiny_input(name, batch=3)
     plain = _timm_stage_maps(copy.deepcopy(backbone), images)
     model = promptvit.wrap(backbone, "vpt", num_classes=3, prompt_length=length, dropout=0.0)
     final_tokens: list[torch.Tensor] = []

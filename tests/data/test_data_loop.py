@@ -17,10 +17,10 @@ from promptvit.cli import app
 from promptvit.data import read_csv
 from promptvit.data.spec import DATA_KINDS, DataSpec, evaluation_samples, make_split, resolve_data_spec
 from promptvit.data.split_files import read_fewshot_folder
-from tests.conftest import TINY_BACKBONES
+from tests.families import FAMILY_BUILDS
 
 runner = CliRunner()
-TINY = TINY_BACKBONES["vit_token"][1]
+TINY = FAMILY_BUILDS["vit_token"][1]
 BACKBONE = ["--backbone", "vit_tiny_patch16_224", *(f"--backbone.{k}={v}" for k, v in TINY.items())]
 
 

@@ -17,10 +17,10 @@ from promptvit.cli import app
 from promptvit.data import DataError, read_csv, read_image_folder, read_label_list
 from promptvit.data.errors import DataWarning
 from promptvit.data.spec import DataSpec, make_split
-from tests.conftest import TINY_BACKBONES
+from tests.families import FAMILY_BUILDS
 
 runner = CliRunner()
-TINY = TINY_BACKBONES["vit_token"][1]
+TINY = FAMILY_BUILDS["vit_token"][1]
 
 
 def png(path: Path, value: int = 0) -> Path:

@@ -15,7 +15,7 @@ from promptvit.cli import app
 from promptvit.export import ATOL, RTOL, ExportError, export
 from promptvit.io import OUTPUT_MARKER, OutputError
 from promptvit.methods.base import get_method
-from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input
+from tests.families import FAMILY_BUILDS, build_tiny, supports, tiny_input
 
 runner = CliRunner()
 MERGEABLE = ["lora", "bias", "norm", "partial", "full", "linear"]
@@ -28,7 +28,7 @@ def tuned_artifact(tmp_path: Path, method: str, kind: str = "vit_token", **optio
     with torch.no_grad():
         for _, parameter in model.tuned_named_parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.2)
-    size = TINY_BACKBONES[kind][2]
+    size = FAMILY_BUILDS[kind][2]
     data_config = {"input_size": [3, size, size]}
     return model.save_pretrained(
         tmp_path / "artifact", class_names=["a", "b", "c"], multilabel=False, data_config=data_config
@@ -90,7 +90,7 @@ def test_merged_timm_checkpoint_loads_with_timm_and_gives_equal_logits(tmp_path,
     artifact = tuned_artifact(tmp_path, method)
     out = tmp_path / "timm"
     cli_export(artifact, out, "merged-timm")
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     images = tiny_input("vit_token", batch=4, seed=5)
     plain = timm.create_model(
         arch,
@@ -155,12 +155,7 @@ def test_a_refusal_lists_every_changed_block_or_says_how_many_more(tmp_path):
 
 def onnx_cases() -> list[tuple[str, str]]:
     """Every registered method, on the tiny ViT and, where it applies, on the tiny ResNet."""
-    cases = []
-    for name in promptvit.available_methods():
-        for kind in ("vit_token", "resnet"):
-            if get_method(name).supported_kinds.count("vit" if kind == "vit_token" else "cnn"):
-                cases.append((name, kind))
-    return cases
+    return [(name, kind) for name in promptvit.available_methods() for kind in ("vit_token", "resnet") if supports(name, kind)]
 
 
 @pytest.mark.parametrize(("method", "kind"), onnx_cases())

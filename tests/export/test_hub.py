@@ -16,8 +16,8 @@ import promptvit
 from promptvit.cli import app
 from promptvit.errors import HubError
 from tests.cli.test_cli import write_config, write_image_folder
-from tests.conftest import build_tiny, tiny_input
 from tests.export.conftest import COMMIT, populate_hub_cache
+from tests.families import build_tiny, tiny_input
 
 runner = CliRunner()
 

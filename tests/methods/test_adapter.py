@@ -14,7 +14,8 @@ import promptvit
 from promptvit.backbones import create_backbone
 from promptvit.layers.adapter import ParallelAdapterMlp
 from promptvit.methods.adapter import Adapter
-from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import FAMILY_BUILDS, build_tiny, tiny_input
 
 
 def _adapters(model) -> list[ParallelAdapterMlp]:
@@ -30,7 +31,7 @@ def _randomize_up(model, seed: int = 0) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 def test_zero_init_reproduces_timm_exactly(kind: str) -> None:
     base = build_tiny(kind)
     reference = copy.deepcopy(base)
@@ -45,7 +46,7 @@ def test_zero_init_reproduces_timm_exactly(kind: str) -> None:
         assert bottleneck.down.weight.abs().max() <= 1 / math.sqrt(model.geometry.embed_dim)
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 def test_block_output_matches_the_formula(kind: str) -> None:
     """x'' = x' + MLP(LN2(x')) + s * up(ReLU(down(LN2(x')))), with x' = x + Attn(LN1(x))."""
     scale = 0.7
@@ -99,7 +100,7 @@ def test_scale_option_is_respected() -> None:
 
 
 def test_bottleneck_overrides_reduction_and_layers_option() -> None:
-    base = build_tiny("vit_avg")  # d = 24, 3 blocks
+    base = build_tiny("vit_avg_no_cls")  # d = 24, 3 blocks
     names = set(base.state_dict())
     model = promptvit.wrap(base, "adapter", reduction=4, bottleneck=5, layers=[0, 2])
     layers = _adapters(model)
@@ -120,7 +121,7 @@ def test_bottleneck_overrides_reduction_and_layers_option() -> None:
 
 
 def test_frozen_mlp_stays_in_eval_mode_and_dropout_only_in_train_mode() -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     torch.manual_seed(0)
     base = create_backbone(arch, num_classes=3, proj_drop_rate=0.5, **options).eval()  # MLP has dropout
     model = promptvit.wrap(base, "adapter", num_classes=4, reduction=4, dropout=0.5)

@@ -11,9 +11,10 @@ import torch
 import promptvit
 from promptvit.backbones import cnn_stages
 from promptvit.layers.token_prompts import vpt_init_bound
-from tests.conftest import build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import build_tiny, tiny_input
 
-VITS = ["vit_token", "vit_avg"]
+VITS = ["vit_token", "vit_avg_no_cls"]
 
 
 def vit_b16(num_classes: int = 100) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def _record_unit_inputs(model: torch.nn.Module) -> dict[int, torch.Tensor]:
 
 CASES = [
     ("vit_token", {}, 16),
-    ("vit_avg", {}, 16),
+    ("vit_avg_no_cls", {}, 16),
     ("resnet", {"cnn_input_size": [32, 32]}, 32),
 ]
 

@@ -17,7 +17,7 @@ from promptvit.methods.da_vpt import (
     prompt_positives,
     proxy_anchor_loss,
 )
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
 ALPHA, POS, NEG = 32.0, 0.1, -0.1
 
@@ -116,7 +116,7 @@ def wrap(kind: str = "vit_token", classes: int = 6, **options) -> promptvit.Prom
     return promptvit.wrap(build_tiny(kind), "da_vpt", num_classes=classes, **options)
 
 
-@pytest.mark.parametrize("kind,guided", [("vit_token", [1]), ("vit_avg", [0, 2])])
+@pytest.mark.parametrize("kind,guided", [("vit_token", [1]), ("vit_avg_no_cls", [0, 2])])
 def test_prompt_layout_every_block_with_proxies_at_guided_blocks(kind: str, guided: list[int]) -> None:
     model = wrap(kind, guided_layers=guided, prompt_length=3).eval()
     depth = len(model.backbone.blocks)
@@ -144,13 +144,13 @@ def test_prompt_layout_every_block_with_proxies_at_guided_blocks(kind: str, guid
 
 
 def test_zero_prompt_length_prompts_only_the_guided_block() -> None:
-    model = wrap("vit_avg", prompt_length=0, guided_layers=[1]).eval()
+    model = wrap("vit_avg_no_cls", prompt_length=0, guided_layers=[1]).eval()
     assert model.method.other_prompts is None
     lengths = {}
     for i, block in enumerate(model.backbone.blocks):
         block.register_forward_hook(lambda m, args, out, i=i: lengths.__setitem__(i, args[0].shape[1]))
     with torch.no_grad(), model.all_token_outputs():
-        model(tiny_input("vit_avg"))
+        model(tiny_input("vit_avg_no_cls"))
     assert lengths == {0: 16, 1: 18, 2: 16}
     assert model.parameter_summary()["method"] == 2 * 24
 
@@ -313,9 +313,9 @@ def test_auxiliary_loss_is_the_formula_on_the_hooked_activations(anchor: str) ->
 
 
 def test_auxiliary_loss_averages_over_guided_layers_and_skips_cls_without_class_token() -> None:
-    model = wrap("vit_avg", classes=4, guided_layers=[1, 2], beta=1.0, lam=1.0)
+    model = wrap("vit_avg_no_cls", classes=4, guided_layers=[1, 2], beta=1.0, lam=1.0)
     model.train()
-    model(tiny_input("vit_avg", batch=3))
+    model(tiny_input("vit_avg_no_cls", batch=3))
     targets = torch.tensor([0, 1, 2])
     captured = {k: v.detach() for k, v in model.method._captured.items()}
     loss = model.method.auxiliary_loss(model, targets)
@@ -450,12 +450,12 @@ def test_vit_b16_parameter_counts(options: dict, expected: int) -> None:
 
 
 def test_spt_prompt_init_uses_the_tokens_of_each_block() -> None:
-    base = build_tiny("vit_avg")
+    base = build_tiny("vit_avg_no_cls")
     reference = copy.deepcopy(base)
     model = promptvit.wrap(
         base, "da_vpt", num_classes=4, prompt_length=16, num_proxy_prompts=4, prompt_init="spt"
     )
-    x = tiny_input("vit_avg", batch=1)
+    x = tiny_input("vit_avg_no_cls", batch=1)
     info = model.method.initialize_from_data(model, [(x, torch.tensor([1]))])
     assert info["spt_images"] == 1 and info["spt_tokens"] == 3 * 16
     tokens = {}
@@ -619,18 +619,18 @@ def test_l2_prompts_make_logits_and_loss_blind_to_the_prompt_scale() -> None:
 
 
 def test_prompt_mask_is_refused_where_attention_is_not_plain_softmax() -> None:
-    from tests.families import FAMILY_BUILDS, build
+    from tests.families import FAMILY_BUILDS
 
     names = [n for n in ("eva02", "vit_rope") if n in FAMILY_BUILDS]
     if not names:
         pytest.skip("no rotary-position family in this timm version")
     with pytest.raises(promptvit.ConfigError, match="prompt_mask recomputes the prompt rows of plain softmax .* off"):
-        promptvit.wrap(build(FAMILY_BUILDS, names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2, prompt_mask=True)
-    promptvit.wrap(build(FAMILY_BUILDS, names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2)  # unmasked is fine
+        promptvit.wrap(build_tiny(names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2, prompt_mask=True)
+    promptvit.wrap(build_tiny(names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2)  # unmasked is fine
 
 
 def test_negative_guided_layers_count_from_the_last_block() -> None:
-    model = wrap("vit_avg", guided_layers=[-1])  # 3 blocks
+    model = wrap("vit_avg_no_cls", guided_layers=[-1])  # 3 blocks
     assert model.method.guided == [2] and model.method.others == [0, 1]
-    lora = promptvit.wrap(build_tiny("vit_avg"), "lora", layers=[-2, -1])
+    lora = promptvit.wrap(build_tiny("vit_avg_no_cls"), "lora", layers=[-2, -1])
     assert model.method.guided == [2] and lora.method.tuned_from_block() == 1

@@ -20,7 +20,8 @@ from promptvit.layers.prompted_attention import (
     reference_prompted_attention,
 )
 from promptvit.methods.ept import EPTConfig
-from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import FAMILY_BUILDS, build_tiny, tiny_input
 
 CAT_WAYS = ("pure_cat", "multi_cat")
 ALL_WAYS = ("pure_cat", "multi_cat", "add", "multiply")
@@ -134,7 +135,7 @@ def test_concat_is_a_sigmoid_gate_on_plain_attention(way: str, d_p: int) -> None
     assert not torch.allclose(gated, u.softmax(-1) @ v, atol=1e-3), "the prompt should change the output"
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 def test_add_and_multiply_are_identity_at_init(kind: str) -> None:
     base = build_tiny(kind, num_classes=4)
     reference = copy.deepcopy(base)
@@ -154,7 +155,7 @@ def test_add_and_multiply_are_identity_at_init(kind: str) -> None:
 
 
 def test_shallow_prompts_only_block_zero() -> None:
-    base = build_tiny("vit_avg", num_classes=4)
+    base = build_tiny("vit_avg_no_cls", num_classes=4)
     original = [block.attn for block in base.blocks]
     model = promptvit.wrap(base, "ept", layers=[0], prompt_length=3).eval()
     blocks = model.backbone.blocks
@@ -169,7 +170,7 @@ def test_shallow_prompts_only_block_zero() -> None:
         for j, b in enumerate(blocks)
     ]
     with torch.no_grad():
-        model(tiny_input("vit_avg"))
+        model(tiny_input("vit_avg_no_cls"))
         assert not torch.allclose(original[0](seen[0][0]), seen[0][1], atol=1e-6)
         for j in (1, 2):
             assert torch.equal(original[j](seen[j][0]), seen[j][1])
@@ -193,7 +194,7 @@ def test_frozen_weights_keep_their_names_under_a_prefix() -> None:
 
 @pytest.mark.parametrize("layers", [[1, 2], [0, 1], [2], [2, 0]])
 def test_any_layer_set_gets_prompts_only_there(layers: list[int]) -> None:
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", layers=layers, prompt_length=3)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ept", layers=layers, prompt_length=3)
     prompted = {i for i, b in enumerate(model.backbone.blocks) if isinstance(b.attn, PromptedAttention)}
     assert prompted == set(layers)
     names = {n for n, _ in model.tuned_named_parameters() if not n.startswith("backbone.head.")}
@@ -213,7 +214,7 @@ def test_any_layer_set_gets_prompts_only_there(layers: list[int]) -> None:
 )
 def test_bad_layer_indices_are_refused(layers: list, match: str) -> None:
     with pytest.raises(promptvit.ConfigError, match=match):
-        promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", layers=layers)
+        promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ept", layers=layers)
 
 
 def test_bad_options_are_refused() -> None:
@@ -254,7 +255,7 @@ def test_parameter_count_at_vit_b16() -> None:
 
 
 def test_wrong_input_size_gives_a_clear_error() -> None:
-    arch, options, _ = TINY_BACKBONES["vit_token"]
+    arch, options, _ = FAMILY_BUILDS["vit_token"]
     base = promptvit.create_backbone(arch, num_classes=4, dynamic_img_size=True, **options)
     model = promptvit.wrap(base, "ept", prompt_length=3).eval()
     with torch.no_grad():
@@ -275,12 +276,12 @@ def test_sdpa_is_used_with_one_padded_key(monkeypatch: pytest.MonkeyPatch, way: 
         return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **kwargs)
 
     monkeypatch.setattr(prompted_attention, "scaled_dot_product_attention", spy)
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", way=way, prompt_length=37)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ept", way=way, prompt_length=37)
     for block in model.backbone.blocks:
         block.attn.base_layer.attn_drop.p = 0.25
     model.eval()
     with torch.no_grad():
-        model(tiny_input("vit_avg"))
+        model(tiny_input("vit_avg_no_cls"))
     assert len(calls) == 3  # one per prompted block
     n = 16
     for q_shape, k_shape, mask_shape, dropout_p in calls:
@@ -291,7 +292,7 @@ def test_sdpa_is_used_with_one_padded_key(monkeypatch: pytest.MonkeyPatch, way: 
             assert k_shape[-2] == n and (mask_shape is None) == (way == "multiply")
     calls.clear()
     model.train()
-    model(tiny_input("vit_avg")).sum().backward()
+    model(tiny_input("vit_avg_no_cls")).sum().backward()
     assert [c[3] for c in calls] == [0.25] * 3  # timm-style attention dropout, only in training
 
 
@@ -343,12 +344,12 @@ def _reference_sdpa(q, k, v, *, dropout_p: float = 0.0, **learned):
 @pytest.mark.parametrize("way", ["pure_cat", "multi_cat", "multiply"])
 def test_training_and_inference_run_under_a_flash_only_backend(monkeypatch: pytest.MonkeyPatch, way: str) -> None:
     """No float mask that requires grad: CPU flash attention accepts EPT; outputs and grads = the reference."""
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", way=way, prompt_length=5)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ept", way=way, prompt_length=5)
     with torch.no_grad():
         for block in model.backbone.blocks:
             param = next(iter(block.attn.prompts["default"].parameters()))
             param.normal_(0, 0.3 if way == "multiply" else 1.5, generator=torch.Generator().manual_seed(3))
-    x = tiny_input("vit_avg")
+    x = tiny_input("vit_avg_no_cls")
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         model.train()

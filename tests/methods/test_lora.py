@@ -12,7 +12,8 @@ import torch
 import promptvit
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.lora import LoRA, LoRAConfig
-from tests.conftest import build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import build_tiny, tiny_input
 
 QKV = ("q", "k", "v")
 
@@ -29,7 +30,7 @@ def _randomize_b(model, seed: int = 0) -> None:
             layer.lora["default"].lora_B.copy_(0.2 * torch.randn(layer.lora["default"].lora_B.shape, generator=generator))
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 @pytest.mark.parametrize("targets", [["q", "v"], ["q", "k", "v"], ["k"]])
 def test_zero_init_reproduces_timm_exactly(kind: str, targets: list[str]) -> None:
     base = build_tiny(kind)
@@ -72,7 +73,7 @@ def test_layer_matches_formula_on_chosen_parts_only() -> None:
 
 
 def test_frozen_names_gain_only_a_prefix_and_layers_option() -> None:
-    base = build_tiny("vit_avg")  # 3 blocks
+    base = build_tiny("vit_avg_no_cls")  # 3 blocks
     names = set(base.state_dict())
     model = promptvit.wrap(base, "lora", rank=2, layers=[1])
     wrapped = set(model.backbone.state_dict())
@@ -136,7 +137,7 @@ def _peft_reference(base, targets: list[str], rank: int, alpha: float, ours):
     return reference, pairs
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 @pytest.mark.parametrize("targets", [["q"], ["q", "v"], ["q", "k", "v"]])
 def test_matches_peft_unmerged_gradients_and_merged(kind: str, targets: list[str]) -> None:
     rank, alpha = 2, 5.0

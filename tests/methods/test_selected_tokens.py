@@ -12,9 +12,10 @@ from promptvit.backbones.vit import forward_block_rows as forward_selected_token
 from promptvit.backbones.vit import supports_selected_rows as supports_selected_tokens
 from promptvit.layers.selected_tokens import drop_token_range
 from promptvit.layers.token_prompts import TokenPrompts
-from tests.conftest import build_tiny, logits_and_grads, tiny_input
+from tests.conftest import logits_and_grads
+from tests.families import build_tiny, supports, tiny_input
 
-VITS = ["vit_token", "vit_avg"]
+VITS = ["vit_token", "vit_avg_no_cls"]
 
 
 def _timm_block(**options: object) -> Block:
@@ -76,7 +77,7 @@ def test_only_timms_own_block_and_attention_qualify() -> None:
 @pytest.mark.parametrize("way", ["pure_cat", "multi_cat", "add", "multiply"])
 def test_ept_selected_rows_equal_the_rows_of_its_full_forward(way: str) -> None:
     """EPT's learned tensors have one row per query token; the kept queries must take their own rows."""
-    model = promptvit.wrap(build_tiny("vit_avg"), "ept", prompt_length=3, way=way).double().eval()
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls"), "ept", prompt_length=3, way=way).double().eval()
     with torch.no_grad():  # zero-initialised ways would otherwise hide a wrong row selection
         for _, p in model.method.named_parameters():
             p.normal_(0.0, 0.5)
@@ -100,7 +101,7 @@ def _token_prompt_models(kind: str) -> list[promptvit.PromptModel]:
     models = []
     for name in promptvit.available_methods():
         method_class = promptvit.get_method(name)
-        if "vit" not in method_class.supported_kinds:
+        if not supports(name, kind):
             continue
         model = promptvit.wrap(build_tiny(kind), name, **method_class.test_options)
         if isinstance(model.method, TokenPrompts) and hasattr(model.method, "prompt_schedule"):
@@ -133,21 +134,21 @@ def test_skipping_prompt_outputs_changes_no_logit_or_gradient(kind: str) -> None
 
 
 def test_deep_vpt_skips_every_block_and_shallow_vpt_only_the_last() -> None:
-    deep = promptvit.wrap(build_tiny("vit_avg"), "vpt", prompt_length=2, deep=True)
-    shallow = promptvit.wrap(build_tiny("vit_avg"), "vpt", prompt_length=2, deep=False)
+    deep = promptvit.wrap(build_tiny("vit_avg_no_cls"), "vpt", prompt_length=2, deep=True)
+    shallow = promptvit.wrap(build_tiny("vit_avg_no_cls"), "vpt", prompt_length=2, deep=False)
     assert deep.method.prompt_output_skipping_blocks == {0, 1, 2}
     assert shallow.method.prompt_output_skipping_blocks == {2}  # blocks 1, 2 read block 0's prompt outputs
 
 
 def test_da_vpt_keeps_the_prompt_outputs_its_paper_anchor_reads() -> None:
     model = promptvit.wrap(
-        build_tiny("vit_avg"), "da_vpt", prompt_length=2, num_proxy_prompts=2, anchor="prompt_attn_out"
+        build_tiny("vit_avg_no_cls"), "da_vpt", prompt_length=2, num_proxy_prompts=2, anchor="prompt_attn_out"
     )
     assert not set(model.method.guided) & model.method.prompt_output_skipping_blocks
 
 
 def test_a_block_of_another_class_runs_its_own_forward() -> None:
-    backbone = build_tiny("vit_avg")
+    backbone = build_tiny("vit_avg_no_cls")
 
     class CustomBlock(Block):
         pass
@@ -155,7 +156,7 @@ def test_a_block_of_another_class_runs_its_own_forward() -> None:
     backbone.blocks[1].__class__ = CustomBlock
     model = promptvit.wrap(backbone, "vpt", prompt_length=2, deep=True).eval()
     assert model.method.prompt_output_skipping_blocks == {0, 2}
-    x = tiny_input("vit_avg")
+    x = tiny_input("vit_avg_no_cls")
     with torch.no_grad():
         fast = model(x)
         with model.method.keeping_prompt_outputs():

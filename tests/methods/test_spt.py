@@ -16,9 +16,9 @@ from promptvit.layers.prompt_init import (
     window_bounds,
 )
 from promptvit.layers.token_prompts import vpt_init_bound
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
-VITS = ["vit_token", "vit_avg"]
+VITS = ["vit_token", "vit_avg_no_cls"]
 
 
 def layer_tokens(vit: torch.nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -67,10 +67,10 @@ def test_prompts_are_the_tokens_of_their_layer(kind: str) -> None:
 
 
 def test_prompts_are_drawn_from_all_images() -> None:
-    base = build_tiny("vit_avg")
+    base = build_tiny("vit_avg_no_cls")
     reference = copy.deepcopy(base)
     model = promptvit.wrap(base, "spt", prompt_length=5)
-    x = tiny_input("vit_avg", batch=3)
+    x = tiny_input("vit_avg_no_cls", batch=3)
     model.method.initialize_from_data(model, [x[:2], x[2:]])  # bare image batches are accepted too
     expected = layer_tokens(reference, x)
     for layer in range(3):
@@ -109,8 +109,8 @@ def _batches(kind: str, count: int, batch: int = 2):
 @pytest.mark.parametrize("sampler", ["random", "mean_pool", "max_pool", "kmeans"])
 def test_seed_determines_the_prompts(sampler: str) -> None:
     def prompts(seed: int) -> torch.Tensor:
-        model = promptvit.wrap(build_tiny("vit_avg"), "spt", prompt_length=3, sampler=sampler, seed=seed)
-        model.method.initialize_from_data(model, _batches("vit_avg", 3))
+        model = promptvit.wrap(build_tiny("vit_avg_no_cls"), "spt", prompt_length=3, sampler=sampler, seed=seed)
+        model.method.initialize_from_data(model, _batches("vit_avg_no_cls", 3))
         return model.method.prompts.detach().clone()
 
     first = prompts(0)
@@ -132,10 +132,10 @@ def test_window_bounds_follow_the_code() -> None:
 @pytest.mark.parametrize("mode", ["mean", "max"])
 @pytest.mark.parametrize("k", [4, 5])
 def test_pooling_samplers_give_the_window_vectors(mode: str, k: int) -> None:
-    base = build_tiny("vit_avg")  # 16 patches: k=4 -> windows of 5 + the last token; k=5 -> 4x4 + all
+    base = build_tiny("vit_avg_no_cls")  # 16 patches: k=4 -> windows of 5 + the last token; k=5 -> 4x4 + all
     reference = copy.deepcopy(base)
     model = promptvit.wrap(base, "spt", prompt_length=k, sampler=f"{mode}_pool")
-    x = tiny_input("vit_avg", batch=1)
+    x = tiny_input("vit_avg_no_cls", batch=1)
     model.method.initialize_from_data(model, [x])
     tokens = layer_tokens(reference, x)
     for layer in range(3):
@@ -149,10 +149,10 @@ def test_pooling_samplers_give_the_window_vectors(mode: str, k: int) -> None:
 
 
 def test_kmeans_gives_k_centroids_of_the_tokens() -> None:
-    base = build_tiny("vit_avg")
+    base = build_tiny("vit_avg_no_cls")
     reference = copy.deepcopy(base)
     model = promptvit.wrap(base, "spt", prompt_length=3, sampler="kmeans", max_kmeans_tokens=10_000)
-    x = tiny_input("vit_avg", batch=4)
+    x = tiny_input("vit_avg_no_cls", batch=4)
     model.method.initialize_from_data(model, [x])
     tokens = layer_tokens(reference, x)
     for layer in range(3):
@@ -180,8 +180,8 @@ class CountingBatches:
 
 @pytest.mark.parametrize("sampler,cap", [("random", 3), ("max_pool", 3), ("kmeans", 6)])
 def test_memory_and_images_stay_bounded(sampler: str, cap: int) -> None:
-    model = promptvit.wrap(build_tiny("vit_avg"), "spt", prompt_length=3)
-    stream = CountingBatches("vit_avg", batches=50, batch=2)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls"), "spt", prompt_length=3)
+    stream = CountingBatches("vit_avg_no_cls", batches=50, batch=2)
     sample = sample_prompt_tokens(
         model, stream, [0, 1, 2], 3, sampler, max_images=5, max_kmeans_tokens=cap, seed=0
     )
@@ -190,8 +190,8 @@ def test_memory_and_images_stay_bounded(sampler: str, cap: int) -> None:
     assert sample.max_pool_rows <= cap  # k for random/pooling, max_kmeans_tokens for k-means
     assert [t.shape for t in sample.tokens] == [(3, 24)] * 3
 
-    spt = promptvit.wrap(build_tiny("vit_avg"), "spt", prompt_length=3, sampler=sampler, max_images=3)
-    stream = CountingBatches("vit_avg", batches=50, batch=2)
+    spt = promptvit.wrap(build_tiny("vit_avg_no_cls"), "spt", prompt_length=3, sampler=sampler, max_images=3)
+    stream = CountingBatches("vit_avg_no_cls", batches=50, batch=2)
     assert spt.method.initialize_from_data(spt, stream)["spt_images"] == 3 and stream.pulled == 4
 
 
@@ -282,10 +282,10 @@ def test_bad_options_are_refused(options: dict, message: str) -> None:
 @pytest.mark.parametrize("layer0_tokens", ["patch_embed", "pos_embed"])
 def test_layer0_tokens_before_or_after_the_position_embedding(layer0_tokens: str) -> None:
     """Official code: patch_embed output; the paper's eq. 1 (E_0 = PatchEmbed(x) + E_pos): after it."""
-    base = build_tiny("vit_avg")
+    base = build_tiny("vit_avg_no_cls")
     reference = copy.deepcopy(base)
     model = promptvit.wrap(base, "spt", prompt_length=3, layer0_tokens=layer0_tokens)
-    x = tiny_input("vit_avg", batch=1)
+    x = tiny_input("vit_avg_no_cls", batch=1)
     model.method.initialize_from_data(model, [x])
     with torch.no_grad():
         patches = reference.patch_embed(x)[0]

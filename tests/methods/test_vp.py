@@ -9,9 +9,10 @@ import timm
 import torch
 
 import promptvit
-from tests.conftest import build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import build_tiny, tiny_input
 
-VITS = ["vit_token", "vit_avg"]
+VITS = ["vit_token", "vit_avg_no_cls"]
 
 
 def vit_b16(num_classes: int = 100) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def test_counts() -> None:
     "kind,options",
     [
         ("vit_token", {}),
-        ("vit_avg", {}),
+        ("vit_avg_no_cls", {}),
         ("vit_token", {"mode": "pad", "pad_size": 3}),
         ("resnet", {"mode": "pad", "pad_size": 3, "cnn_input_size": [32, 32]}),
     ],

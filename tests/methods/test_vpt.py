@@ -16,9 +16,10 @@ from promptvit.layers.token_prompts import (
     strip_prompts,
     vpt_init_bound,
 )
-from tests.conftest import build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import build_tiny, tiny_input
 
-VITS = ["vit_token", "vit_avg"]
+VITS = ["vit_token", "vit_avg_no_cls"]
 
 
 def vit_b16(num_classes: int = 100) -> torch.nn.Module:
@@ -121,7 +122,7 @@ def test_prompts_are_stripped_before_norm_and_pooling(kind: str) -> None:
     assert seen["norm_in"].shape[1] == model.geometry.num_tokens
     with torch.no_grad():
         assert torch.equal(model.forward_head(features), logits)
-        if kind == "vit_avg":  # averages the patch tokens only (no prefix tokens, no prompts)
+        if kind == "vit_avg_no_cls":  # averages the patch tokens only (no prefix tokens, no prompts)
             pooled = model.backbone.fc_norm(features.mean(dim=1))
             torch.testing.assert_close(model.forward_head(features, pre_logits=True), pooled)
 

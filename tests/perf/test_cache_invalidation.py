@@ -14,14 +14,14 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 import promptvit
 from promptvit.cache import CacheError, PrefixCache, check_deterministic, item_keys
 from promptvit.train import TrainConfig, fit
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 from tests.perf.helpers import CLASSES, folder_dataset, write_pngs
 
 
 def _model(method: str = "ept", seed: int = 0, **options) -> promptvit.PromptModel:
     if method == "ept" and not options:
         options = {"layers": [1, 2], "prompt_length": 3}
-    return promptvit.wrap(build_tiny("vit_avg", num_classes=4, seed=seed), method, **options)
+    return promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4, seed=seed), method, **options)
 
 
 def test_prefix_key_follows_the_prefix_weights_only() -> None:

@@ -11,25 +11,25 @@ import promptvit
 from promptvit.cache import PrefixCache
 from promptvit.methods.base import available_methods
 from promptvit.train import TrainConfig, evaluate, fit
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 from tests.train.helpers import CLASSES, single_label_set
 
 # (backbone kind, method, options, expected cut); vit_token has 2 blocks, vit_avg 3, the resnet 4 stages
 CASES = [
     ("vit_token", "linear", {}, 2),
-    ("vit_avg", "linear", {}, 3),
-    ("vit_avg", "mlp", {}, 3),
+    ("vit_avg_no_cls", "linear", {}, 3),
+    ("vit_avg_no_cls", "mlp", {}, 3),
     ("vit_token", "partial", {"num_blocks": 1}, 1),
-    ("vit_avg", "partial", {"num_blocks": 1}, 2),
-    ("vit_avg", "partial", {"num_blocks": 2}, 1),
+    ("vit_avg_no_cls", "partial", {"num_blocks": 1}, 2),
+    ("vit_avg_no_cls", "partial", {"num_blocks": 2}, 1),
     ("vit_token", "ap", {"layer": 1}, 1),
-    ("vit_avg", "ap", {"layer": 1, "variant": "product"}, 1),
-    ("vit_avg", "ap", {"layer": 2, "variant": "concat", "prompt_length": 2}, 2),
+    ("vit_avg_no_cls", "ap", {"layer": 1, "variant": "product"}, 1),
+    ("vit_avg_no_cls", "ap", {"layer": 2, "variant": "concat", "prompt_length": 2}, 2),
     ("vit_token", "ept", {"layers": [1], "prompt_length": 3}, 1),
-    ("vit_avg", "ept", {"layers": [1, 2], "prompt_length": 3}, 1),
-    ("vit_avg", "ept", {"layers": [2], "way": "add"}, 2),
-    ("vit_avg", "lora", {"rank": 2, "layers": [1, 2]}, 1),
-    ("vit_avg", "adapter", {"reduction": 4, "layers": [2]}, 2),
+    ("vit_avg_no_cls", "ept", {"layers": [1, 2], "prompt_length": 3}, 1),
+    ("vit_avg_no_cls", "ept", {"layers": [2], "way": "add"}, 2),
+    ("vit_avg_no_cls", "lora", {"rank": 2, "layers": [1, 2]}, 1),
+    ("vit_avg_no_cls", "adapter", {"reduction": 4, "layers": [2]}, 2),
     ("resnet", "linear", {}, 4),
     ("resnet", "mlp", {}, 4),
 ]
@@ -63,12 +63,12 @@ def test_tuned_from_block_of_every_method() -> None:
         "da_vpt": 0,
     }
     for name in available_methods():
-        model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), name)
+        model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), name)
         assert model.method.tuned_from_block() == expected.get(name, 0), name
-    assert promptvit.wrap(build_tiny("vit_avg"), "partial", num_blocks=3).cache_cut() == 0
-    assert promptvit.wrap(build_tiny("vit_avg"), "ap", layer=2).cache_cut() == 2
-    assert promptvit.wrap(build_tiny("vit_avg"), "ept", layers=[2, 1]).cache_cut() == 1
-    assert promptvit.wrap(build_tiny("vit_avg"), "lora", layers=[2]).cache_cut() == 2
+    assert promptvit.wrap(build_tiny("vit_avg_no_cls"), "partial", num_blocks=3).cache_cut() == 0
+    assert promptvit.wrap(build_tiny("vit_avg_no_cls"), "ap", layer=2).cache_cut() == 2
+    assert promptvit.wrap(build_tiny("vit_avg_no_cls"), "ept", layers=[2, 1]).cache_cut() == 1
+    assert promptvit.wrap(build_tiny("vit_avg_no_cls"), "lora", layers=[2]).cache_cut() == 2
     # CNNs: only the pre-logit features
     assert promptvit.wrap(build_tiny("resnet"), "linear").cache_cut() == 4
     assert promptvit.wrap(build_tiny("resnet"), "partial").cache_cut() == 0
@@ -136,7 +136,7 @@ def _history(result) -> list[dict]:
 def test_fit_with_cache_equals_fit_without(tmp_path: Path, method: str, options: dict) -> None:
     runs = []
     for cache in (False, True):
-        model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), method, **options)
+        model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), method, **options)
         result = _fit(model, tmp_path / str(cache), cache_prefix=cache)
         runs.append((result, model.tuned_state_dict()))
     (plain, plain_state), (cached, cached_state) = runs
@@ -150,7 +150,7 @@ def test_fit_with_cache_equals_fit_without(tmp_path: Path, method: str, options:
 
 
 def test_methods_without_a_frozen_prefix_train_uncached_with_a_warning(tmp_path: Path) -> None:
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "bias")
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "bias")
     with pytest.warns(UserWarning, match="no frozen prefix"):
         result = _fit(model, tmp_path, cache_prefix=True, epochs=1)
     assert result.best_epoch == 1
@@ -162,7 +162,7 @@ def test_evaluating_several_methods_shares_the_prefix(tmp_path: Path) -> None:
     cache = PrefixCache(tmp_path / "cache")
     results = []
     for method, options in [("ept", {"layers": [1, 2], "prompt_length": 3}), ("ap", {"layer": 1})]:
-        model = _perturbed(promptvit.wrap(build_tiny("vit_avg", num_classes=4), method, **options))
+        model = _perturbed(promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), method, **options))
         cached = evaluate(
             model, test, multilabel=False, class_names=CLASSES, batch_size=8, prefix_cache=cache
         )
@@ -172,17 +172,17 @@ def test_evaluating_several_methods_shares_the_prefix(tmp_path: Path) -> None:
     assert cache.stats["computed"] == 20 and cache.stats["memory_hits"] == 20
     # a new process (empty memory) reads the entries from disk
     fresh = PrefixCache(tmp_path / "cache")
-    model = _perturbed(promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ap", layer=1))
+    model = _perturbed(promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ap", layer=1))
     assert evaluate(model, test, multilabel=False, class_names=CLASSES, prefix_cache=fresh) == results[1]
     assert fresh.stats == {"memory_hits": 0, "disk_hits": 20, "computed": 0}
 
 
 def test_a_second_run_reuses_the_disk_cache(tmp_path: Path) -> None:
     cache_dir = str(tmp_path / "cache")
-    first = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "linear", solver="sgd")
+    first = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "linear", solver="sgd")
     _fit(first, tmp_path / "a", cache_prefix=True, cache_dir=cache_dir, epochs=1)
     cache = PrefixCache(cache_dir)
-    second = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "mlp")  # same features, other head
+    second = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "mlp")  # same features, other head
     config = TrainConfig(epochs=2, lr=0.05, progress=False, cache_prefix=True)
     fit(
         second,

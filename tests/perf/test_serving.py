@@ -11,7 +11,7 @@ import torch
 import promptvit
 from promptvit.methods.base import ConfigError
 from promptvit.serving import MultiTaskModel
-from tests.conftest import build_tiny, tiny_input
+from tests.families import build_tiny, tiny_input
 
 SPECS = [
     ("linear", {}),
@@ -55,7 +55,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 def test_all_tasks_on_every_image_equal_per_task_inference(kind: str) -> None:
     base = build_tiny(kind, num_classes=3)
     models = _tasks(kind, base)

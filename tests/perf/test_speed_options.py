@@ -10,7 +10,8 @@ import torch
 
 import promptvit
 from promptvit.train import TrainConfig, fit
-from tests.conftest import build_tiny, tiny_input, without_readout
+from tests.conftest import without_readout
+from tests.families import build_tiny, tiny_input
 from tests.train.helpers import CLASSES, single_label_set
 
 METHODS = [
@@ -24,7 +25,7 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
+@pytest.mark.parametrize("kind", ["vit_token", "vit_avg_no_cls"])
 @pytest.mark.parametrize("method,options", METHODS)
 def test_grad_checkpointing_gives_the_same_gradients(kind: str, method: str, options: dict) -> None:
     results = []
@@ -45,8 +46,8 @@ def test_grad_checkpointing_gives_the_same_gradients(kind: str, method: str, opt
 
 
 def test_grad_checkpointing_in_forward_from_block() -> None:
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", layers=[1, 2], prompt_length=3)
-    x = tiny_input("vit_avg", batch=3)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), "ept", layers=[1, 2], prompt_length=3)
+    x = tiny_input("vit_avg_no_cls", batch=3)
     with torch.no_grad():
         prefix = model.forward_prefix(x, 1)
     grads = []
@@ -59,7 +60,7 @@ def test_grad_checkpointing_in_forward_from_block() -> None:
 
 
 def _fit(tmp_path: Path, name: str, method: str = "ept", **options):
-    model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), method, prompt_length=3)
+    model = promptvit.wrap(build_tiny("vit_avg_no_cls", num_classes=4), method, prompt_length=3)
     config = TrainConfig(epochs=2, lr=0.05, progress=False, **options)
     result = fit(
         model,

@@ -17,7 +17,7 @@ from promptvit.protocols.runner import execute
 from promptvit.protocols.spec import RunSpec
 from promptvit.protocols.splits import materialise
 from promptvit.run_config import RunConfig
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 from tests.protocols.helpers import tiny_base, write_image_folder
 
 

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import promptvit
 from promptvit.model import PromptModel
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 #: per-class colour offsets: linearly separable through the patch embedding of a random tiny ViT
 COLORS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]])

@@ -25,7 +25,7 @@ from promptvit.train import (
     fit,
     predict_scores,
 )
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 from tests.train.helpers import CLASSES, PoisonAfter, multi_label_set, single_label_set, tiny_model
 
 QUIET = dict(progress=False)

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 import promptvit
 from promptvit.train import TrainConfig, fit
 from promptvit.train.head_init import init_head
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 
 def _cnn_few_shot(n: int = 8, seed: int = 0) -> TensorDataset:

@@ -17,7 +17,7 @@ from promptvit.analysis.nmi import layer_nmi
 from promptvit.analysis_callbacks import NMILogger
 from promptvit.errors import ConfigError
 from promptvit.train import fit
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 
 def _data(n: int = 8) -> torch.utils.data.TensorDataset:

@@ -20,7 +20,7 @@ from promptvit.train.probe import (
     fit_logistic,
     sklearn_l2,
 )
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 
 
 def _blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

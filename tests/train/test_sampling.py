@@ -18,7 +18,7 @@ from promptvit.cache import CachedBatches
 from promptvit.errors import ConfigError
 from promptvit.train import TrainConfig, fit
 from promptvit.train.sampling import ClassBalancedBatches, balance_classes, batches_per_epoch
-from tests.conftest import build_tiny
+from tests.families import build_tiny, tiny_input
 
 
 class RecordingDataset(TensorDataset):
@@ -182,11 +182,9 @@ def test_the_frozen_prefix_ends_before_the_first_stochastic_block() -> None:
 
 def test_a_family_default_drop_path_stays_off_in_a_frozen_backbone() -> None:
     """timm builds Swin with drop_path_rate 0.1: not asked for by the options, so it stays off as before."""
-    from tests.families import FAMILY_BUILDS, build, family_input
-
-    model = promptvit.wrap(build(FAMILY_BUILDS, "swin"), "linear")
+    model = promptvit.wrap(build_tiny("swin"), "linear")
     assert any(isinstance(m, timm.layers.DropPath) and m.drop_prob > 0 for m in model.backbone.modules())
     model.train()
-    x = family_input(FAMILY_BUILDS, "swin")
+    x = tiny_input("swin")
     torch.testing.assert_close(model(x), model(x))
     assert model.cache_cut() == model.geometry.depth

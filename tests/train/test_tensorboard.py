@@ -9,7 +9,7 @@ import pytest
 
 import promptvit
 from promptvit.train import TrainConfig, fit
-from tests.conftest import build_tiny
+from tests.families import build_tiny
 from tests.train.helpers import CLASSES, single_label_set
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")

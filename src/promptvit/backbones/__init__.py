@@ -20,6 +20,7 @@ from promptvit.backbones.base import (
     register_adapter,
     registered_adapters,
     sdpa_core,
+    unregister_adapter,
     unwrap_base_layers,
 )
 from promptvit.backbones.creation import (
@@ -86,6 +87,7 @@ __all__ = [
     "rebuild_problem",
     "register_adapter",
     "registered_adapters",
+    "unregister_adapter",
     "sdpa_core",
     "set_classifier",
     "unwrap_base_layers",

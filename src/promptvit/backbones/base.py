@@ -652,6 +652,15 @@ def register_adapter(*model_classes: type) -> Callable[[type[BackboneAdapter]], 
     return decorate
 
 
+def unregister_adapter(*model_classes: type) -> None:
+    """Remove the adapters registered for these timm classes (the undo of ``register_adapter``)."""
+    missing = [cls.__name__ for cls in model_classes if cls not in _ADAPTERS]
+    if missing:
+        raise ValueError(f"no adapter is registered for {', '.join(missing)}")
+    for model_class in model_classes:
+        del _ADAPTERS[model_class]
+
+
 def registered_adapters() -> dict[type, type[BackboneAdapter]]:
     """timm model class -> adapter class, for every registered family."""
     return dict(_ADAPTERS)

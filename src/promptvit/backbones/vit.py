@@ -73,7 +73,7 @@ class ViTAdapter(TimmTokenAdapter):
     tiny_builds = {
         "vit_token": (
             "vit_tiny_patch16_224",
-            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2),
             16,
         ),
         "vit_avg_no_cls": (

@@ -1,4 +1,5 @@
-"""Tuning methods. Importing this package registers every built-in method."""
+"""Tuning methods: one module per method, the contract and registry in ``base``. Importing this package registers
+every built-in method."""
 
 from promptvit.methods import (  # noqa: F401  (registration)
     adapter,
@@ -21,12 +22,14 @@ from promptvit.methods.base import (
     Method,
     MethodConfig,
     PeftForm,
+    Rounding,
     TunerLayer,
     available_methods,
     baseline_method,
     get_method,
     methods_in_table_order,
     register_method,
+    unregister_method,
 )
 
 __all__ = [
@@ -34,10 +37,12 @@ __all__ = [
     "Method",
     "MethodConfig",
     "PeftForm",
+    "Rounding",
     "TunerLayer",
     "available_methods",
     "baseline_method",
     "get_method",
     "methods_in_table_order",
     "register_method",
+    "unregister_method",
 ]

@@ -40,6 +40,21 @@ class PeftForm:
     tensors: dict[str, torch.Tensor]
 
 
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """How far (absolute, on float32 logits) a method's output may move when the same maths runs in another
+    order; 0 means bit for bit. The shared test matrix compares with these, so a method states its own."""
+
+    #: the freshly wrapped model vs the plain backbone (methods with ``identity_at_init``)
+    at_init: float = 0.0
+    #: the method merged into the backbone weights vs unmerged (methods that ``merges()``)
+    merged: float = 0.0
+    #: a forward resumed from a cached frozen prefix (``forward_from_block``) vs the whole forward
+    cached: float = 1e-6
+    #: each sample of a mixed or served batch vs its adapter alone (per-sample selection sums in another order)
+    mixed_batch: float = 1e-5
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Options of one method. Subclasses add typed fields with defaults."""
@@ -141,6 +156,11 @@ class Method(nn.Module):
     identity_at_init: ClassVar[bool] = False
     #: options the shared test matrix uses to keep the method small (e.g. a short prompt)
     test_options: ClassVar[dict[str, Any]] = {}
+    #: float rounding the test matrix allows where the method computes the same maths in another order
+    rounding: ClassVar[Rounding] = Rounding()
+    #: whether ``expected_num_parameters`` counts timm's standard pre-norm ViT block (two LayerNorms, fused
+    #: qkv, two-layer MLP), so that it holds on backbones built of such blocks only
+    counts_standard_blocks: ClassVar[bool] = False
     #: row position in result tables (the built-ins follow EPT's Table 1, then the methods it lacks)
     table_rank: ClassVar[int] = 1000
     #: the reference other methods are compared with in reports (linear probing)
@@ -308,6 +328,13 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method '{cls.name}' is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister_method(name: str) -> type[Method]:
+    """Remove the method ``name`` from the registry (the undo of ``register_method``); returns its class."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY.pop(name)
 
 
 def get_method(name: str) -> type[Method]:

@@ -24,6 +24,7 @@ class Bias(Method):
     paper = "BitFit (Ben Zaken et al. 2022; baseline in VPT and EPT)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+    counts_standard_blocks = True
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         head = classifier_name(backbone) + "."

@@ -24,6 +24,7 @@ class Full(Method):
     paper = "full fine-tuning (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+    counts_standard_blocks = True
     trains_backbone = True
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for, unwrap_base_layers
 from promptvit.layers.lora import FusedLoRALinear, LoRAFactors
-from promptvit.methods.base import ConfigError, Method, MethodConfig, PeftForm, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, PeftForm, Rounding, register_method
 
 QKV = ("q", "k", "v")
 
@@ -92,6 +92,9 @@ class LoRA(Method):
     paper = "LoRA (Hu et al., ICLR 2022)"
     identity_at_init = True
     test_options = {"rank": 2}
+    # On EVA/BEiT/SwinV2 the wrapped qkv makes timm add the q/v biases as a separate sum (one more rounding
+    # than its fused F.linear); merging adds B A to W in float32 before the product instead of after it.
+    rounding = Rounding(at_init=1e-5, merged=1e-5)
 
     @classmethod
     def supports(cls, adapter: BackboneAdapter) -> bool:

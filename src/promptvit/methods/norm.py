@@ -27,6 +27,7 @@ class Norm(Method):
     paper = "LayerNorm/BatchNorm affine tuning (Basu et al. 2023; related to AP, Zhang et al.)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+    counts_standard_blocks = True
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         head = classifier_name(backbone)

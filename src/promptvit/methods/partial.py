@@ -29,6 +29,7 @@ class Partial(Method):
     paper = "Partial-k (Yosinski et al. 2014; baseline in VPT and EPT)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+    counts_standard_blocks = True
 
     def _tuned_modules(self, backbone: nn.Module) -> list[nn.Module]:
         k = self.config.num_blocks
