@@ -119,13 +119,14 @@ def representatives() -> list[str]:
 def make_blocks_visible(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """O(1) values for the scales that start (near) zero and hide what a block's attention and MLP do.
 
-    LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT) and SwinV2's residual post-norms at 0
-    (every block is then the identity); random-init tests that follow a block's maths need them visible.
+    LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT) and residual post-norms at 0 (SwinV2) or
+    1e-6 (res-post-norm ViTs in older timm): every block is then (nearly) the identity, and random-init tests
+    that follow a block's maths, or a prompt's gradient through the blocks, need them visible.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter_name, p in model.named_parameters():
-            post_norm = parameter_name.endswith(("norm1.weight", "norm2.weight")) and not p.any()
+            post_norm = parameter_name.endswith(("norm1.weight", "norm2.weight")) and p.abs().max() < 1e-3
             if post_norm or parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
     return model
