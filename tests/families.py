@@ -157,6 +157,16 @@ def supports(method: str, name: str, medical: bool = False) -> bool:
     return promptvit.get_method(method).supports(family_adapter(name, medical))
 
 
+def method_options(method: str, name: str) -> dict:
+    """The method's ``test_options`` (small prompts, low ranks) for build ``name``: an image-sized prompt (AP
+    and VP on a CNN) is sized for the images the build takes."""
+    options = dict(promptvit.get_method(method).test_options)
+    if "cnn_input_size" in options:
+        size = _table(name, None)[name][2]
+        options["cnn_input_size"] = [size, size]
+    return options
+
+
 def method_cases(
     builds: list[str] | None = None, medical: bool = False
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -25,6 +25,7 @@ from tests.families import (
     MEDICAL_BUILDS,
     family_adapter,
     method_cases,
+    method_options,
     present,
     supports,
     tiny_input,
@@ -35,8 +36,8 @@ METHODS = promptvit.available_methods()
 
 
 def _wrap(method: str, name: str, medical: bool = False) -> promptvit.PromptModel:
-    cls = promptvit.get_method(method)
-    return promptvit.wrap(visible_build(name, medical=medical), method, num_classes=4, **cls.test_options)
+    options = promptvit.get_method(method).test_options if medical else method_options(method, name)
+    return promptvit.wrap(visible_build(name, medical=medical), method, num_classes=4, **options)
 
 
 def _step(model: promptvit.PromptModel, x: torch.Tensor) -> None:

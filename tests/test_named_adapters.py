@@ -15,7 +15,15 @@ import torch
 import promptvit
 from promptvit.artifact import ArtifactError
 from promptvit.methods.base import ConfigError
-from tests.families import FAMILY_BUILDS, build_tiny, family_adapter, method_cases, tiny_input, visible_build
+from tests.families import (
+    FAMILY_BUILDS,
+    build_tiny,
+    family_adapter,
+    method_cases,
+    method_options,
+    tiny_input,
+    visible_build,
+)
 
 METHODS = promptvit.available_methods()
 #: every registered method on every family's builds, split by the method's own supports()
@@ -24,14 +32,6 @@ SUPPORTED, REFUSED = method_cases()
 
 def _fresh(name: str) -> torch.nn.Module:
     return visible_build(name)  # LayerScale near 1 (timm starts some at 1e-5, which would hide the blocks' maths)
-
-
-def _options(method: str, name: str) -> dict:
-    options = dict(promptvit.get_method(method).test_options)
-    if "cnn_input_size" in options:  # prompts sized for the images this build sees
-        size = FAMILY_BUILDS[name][2]
-        options["cnn_input_size"] = [size, size]
-    return options
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def _check_mixed(model: promptvit.PromptModel, names: list[str], x: torch.Tensor
 @pytest.mark.parametrize("method,name", SUPPORTED)
 def test_mixed_batch_equals_each_adapter_alone(method: str, name: str) -> None:
     """Two adapters of one method (one layer, two entries) and a linear probe share a batch."""
-    options = _options(method, name)
+    options = method_options(method, name)
     model = promptvit.wrap(_fresh(name), method, num_classes=4, adapter_name="a", **options)
     model.add_adapter("b", method, num_classes=4, **options)
     model.add_adapter("probe", "linear", num_classes=4)
@@ -153,7 +153,7 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(method: str, name: str) ->
     with torch.no_grad():
         before = model(x)
     with pytest.raises(ConfigError, match=f"method '{method}'"):
-        model.add_adapter("refused", method, num_classes=4, **_options(method, name))
+        model.add_adapter("refused", method, num_classes=4, **method_options(method, name))
     assert list(model.adapters) == ["default"]
     with torch.no_grad():
         assert torch.equal(model(x), before)
@@ -166,7 +166,7 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(method: str, name: str) ->
 def test_set_delete_and_disable_adapter_are_exact(method: str, name: str) -> None:
     """Adding, using and deleting another adapter leaves the first one's logits bit for bit; inside
     disable_adapter() the backbone is timm's own, whatever adapters are attached."""
-    options = _options(method, name)
+    options = method_options(method, name)
     base = _fresh(name)
     reference = copy.deepcopy(base)
     x = tiny_input(name, batch=2)

@@ -31,6 +31,7 @@ from tests.families import (
     family_adapter,
     family_builds,
     method_cases,
+    method_options,
     representatives,
     tiny_input,
     visible_build,
@@ -39,18 +40,9 @@ from tests.families import (
 SUPPORTED, REFUSED = method_cases()
 
 
-def matrix_options(method: str, name: str) -> dict:
-    """The method's ``test_options``, with an image-sized prompt sized for the images this build takes."""
-    options = dict(promptvit.get_method(method).test_options)
-    if "cnn_input_size" in options:
-        size = tiny_input(name, batch=1).shape[-1]
-        options["cnn_input_size"] = [size, size]
-    return options
-
-
 def _wrap(method: str, name: str, base: torch.nn.Module | None = None) -> promptvit.PromptModel:
     base = visible_build(name) if base is None else base
-    return promptvit.wrap(base, method, num_classes=4, **matrix_options(method, name))
+    return promptvit.wrap(base, method, num_classes=4, **method_options(method, name))
 
 
 def _train_a_little(model: promptvit.PromptModel, name: str, steps: int = 2) -> None:
@@ -150,7 +142,7 @@ def check_identity_at_init(method: str, name: str) -> None:
     base = visible_build(name)
     base.reset_classifier(4)
     reference = copy.deepcopy(base)
-    model = promptvit.wrap(base, method, **matrix_options(method, name)).eval()
+    model = promptvit.wrap(base, method, **method_options(method, name)).eval()
     x = tiny_input(name, batch=4)
     with torch.no_grad():
         expected = reference(x)
