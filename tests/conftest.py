@@ -69,6 +69,16 @@ def tiny_input(kind: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The timm registry sweep takes minutes: it runs only when its marker is selected (``-m registry``)."""
+    if "registry" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the timm registry sweep runs with -m registry (as CI does)")
+    for item in items:
+        if "registry" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=sorted(TINY_BACKBONES))
 def backbone_kind(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -29,11 +29,21 @@ METHODS = promptvit.available_methods()
 # (method, build) -> words of the reason it is refused. Everything else must wrap and train.
 _TOKEN_METHODS = ("vpt", "spt", "da_vpt", "ept")
 _BLOCK_METHODS = ("lora", "adapter")  # change only modules inside transformer blocks: Swin's too
+_CNNS = ("resnet", "tinynet", "convnext")
+_GENERIC = ("densenet", "regnet")  # timm's contract alone: the generic adapter names the adapter it lacks
 REFUSED: dict[tuple[str, str], str] = {
-    **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in ("resnet", "tinynet", "convnext")},
+    **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in _CNNS},
     # Swin's own reason: windows, not one token sequence
     **{(m, "swin"): "supports vit backbones.*attends within windows" for m in _TOKEN_METHODS},
-    **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in ("resnet", "tinynet", "convnext")},
+    **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in _CNNS},
+    **{
+        (m, b): "supports vit backbones.*has no family adapter.*needs a (DenseNet|RegNet) family adapter"
+        for m in (*_TOKEN_METHODS, *_BLOCK_METHODS)
+        for b in _GENERIC
+    },
+    # SAM's windowed 2-D token map, MaxViT's windows and grids, CoAtNet's maps between convolutions
+    **{(m, "samvit"): "supports vit backbones.*windows of a 2-D token map" for m in _TOKEN_METHODS},
+    **{(m, b): "supports vit backbones.*windows and grids" for m in _TOKEN_METHODS for b in ("maxvit", "coatnet")},
 }
 # EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
 # which rounds once more than timm's fused call: identity at init holds up to that rounding there.

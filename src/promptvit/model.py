@@ -140,6 +140,8 @@ class PromptModel(nn.Module):
             return 0
         if self.geometry.kind != "vit" and cut != depth:
             return 0
+        if cut == depth and not self.adapter.head_reads_pre_logits():
+            return 0
         return cut
 
     def _check_cut(self, block: int) -> None:

@@ -5,8 +5,21 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, vit  # noqa: F401  (registration)
+from promptvit.backbones import (  # noqa: F401  (registration)
+    beit,
+    cnn,
+    distilled,
+    eva,
+    generic,
+    hierarchical,
+    maxxvit,
+    naflexvit,
+    relpos,
+    sam,
+    vit,
+)
 from promptvit.backbones.base import (
+    NORM_LAYERS,
     AttentionParts,
     BackboneAdapter,
     BackboneError,
@@ -59,6 +72,7 @@ def set_classifier(model: nn.Module, module: nn.Module) -> None:
 
 
 __all__ = [
+    "NORM_LAYERS",
     "AttentionParts",
     "PartsFromCall",
     "BackboneAdapter",

@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import timm.layers
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +32,22 @@ Select = Callable[[torch.Tensor], torch.Tensor]
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads. Where the parts
 #: carry a ``logit_bias`` it is passed as the keyword ``logit_bias`` too.
 AttentionCore = Callable[..., torch.Tensor]
+
+
+#: normalisation layers, whose affine parameters norm tuning tunes: torch's and timm's own (those an older
+#: timm release lacks are left out)
+NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    layer
+    for layer in (
+        nn.LayerNorm,  # timm's LayerNorm, LayerNorm2d and their Act/Fp32 variants derive from it
+        nn.GroupNorm,
+        nn.modules.batchnorm._BatchNorm,  # timm's BatchNormAct2d too
+        nn.modules.instancenorm._InstanceNorm,
+        getattr(nn, "RMSNorm", None),
+        *(getattr(timm.layers, name, None) for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d")),
+    )
+    if layer is not None
+)
 
 
 def all_rows(tokens: torch.Tensor) -> torch.Tensor:
@@ -225,6 +242,11 @@ class BackboneAdapter:
         """Logits from :meth:`pre_logits`' output: ``classify(pre_logits(x)) == model(x)``."""
         return self.get_classifier()(features)
 
+    def head_reads_pre_logits(self) -> bool:
+        """Whether the logits are :meth:`classify` of :meth:`pre_logits`, so the pre-logit features can be
+        cached and a head fitted on them; false where the head also reads other activations."""
+        return True
+
     def input_module(self) -> nn.Module:
         """The first module that sees the images (a pixel prompt is added at its input)."""
         raise self._unsupported("input module")
@@ -321,6 +343,11 @@ class BackboneAdapter:
         """
         raise self._unsupported("fused qkv projection")
 
+    def qkv_head_first(self, block: int) -> int:
+        """0 where the output of :meth:`qkv_slot`'s projection is ``[q | k | v]``; the number of heads where it
+        holds the heads one after another, each ``[q | k | v]`` (timm's ``head_first`` attention)."""
+        return 0
+
     def prepare_inserted_tokens(self, injections: Any) -> None:
         """Record in ``injections`` (a method's ledger) the changes that let blocks take inserted tokens.
 
@@ -351,27 +378,56 @@ class BackboneAdapter:
         """Layers between the last stage and the pooling that belong with the last stage."""
         return []
 
+    def last_stages(self, count: int) -> list[nn.Module]:
+        """What tuning the last ``count`` stages tunes: those stages and the layers after them."""
+        return [*self.stages[-count:], *self.after_stages()]
+
     @torch.no_grad()
     def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
-        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""
-        shapes: list[tuple[int, ...]] = []
+        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros.
+
+        A BackboneError names a stage that does not run exactly once on one tensor per forward (a module
+        list the model iterates, a stage called per branch): an activation prompt there would not apply once.
+        """
         stages = self.stages
-        handles = [
-            stage.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[1:])))
-            for stage in stages
-        ]
+        seen: dict[int, list[Any]] = {id(stage): [] for stage in stages}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            seen[id(module)].append(args[0] if args else None)
+
         reference = next(self.model.parameters())
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            self.model.forward_features(
-                torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
-            )
-        finally:
-            self.model.train(was_training)
-            for handle in handles:
-                handle.remove()
-        return shapes[: len(stages)]
+        images = torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
+        probe_forward_features(self.model, images, stages, record)
+        shapes = []
+        for index, stage in enumerate(stages):
+            inputs = seen[id(stage)]
+            if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+                runs = (
+                    "never runs in forward_features" if not inputs
+                    else f"runs {len(inputs)} times per forward" if len(inputs) > 1
+                    else f"takes a {type(inputs[0]).__name__}, not one activation tensor"
+                )
+                raise BackboneError(
+                    f"stage {index} ({type(stage).__name__}) of {type(self.model).__name__} {runs}, so no "
+                    "prompt can be added at its input"
+                )
+            shapes.append(tuple(inputs[0].shape[1:]))
+        return shapes
+
+
+def probe_forward_features(
+    model: nn.Module, images: torch.Tensor, modules: Sequence[nn.Module], pre_hook: Callable[..., Any]
+) -> None:
+    """One eval-mode ``forward_features(images)`` with ``pre_hook`` on ``modules``; the model is left as it was."""
+    was_training = model.training
+    handles = [module.register_forward_pre_hook(pre_hook) for module in modules]
+    try:
+        model.eval()
+        model.forward_features(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 class TimmTokenAdapter(BackboneAdapter):
@@ -423,7 +479,7 @@ class TimmTokenAdapter(BackboneAdapter):
             global_pool=model.global_pool,
             dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
             class_token=getattr(model, "cls_token", None) is not None,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+            pos_embed_len=model.pos_embed.shape[1] if getattr(model, "pos_embed", None) is not None else 0,
         )
 
 

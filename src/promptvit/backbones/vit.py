@@ -58,6 +58,16 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
     )
 
 
+def mlp_hidden_width(mlp: nn.Module) -> int:
+    """Hidden width of any MLP timm builds: ``Mlp``, ``GluMlp``/``SwiGLUPacked`` (``fc1`` packs the value and
+    the gate) or ``SwiGLU`` (``fc1_x`` and ``fc1_g``, e.g. AIMv2)."""
+    mlp = unwrap_base_layers(mlp)
+    if hasattr(mlp, "fc1_x"):
+        return int(mlp.fc1_x.out_features)
+    width = int(mlp.fc1.out_features)
+    return width // 2 if getattr(mlp, "chunk_dim", None) is not None else width
+
+
 def _optional(module: nn.Module, name: str) -> nn.Module:
     part = getattr(module, name, None)
     return part if part is not None else nn.Identity()
@@ -121,7 +131,7 @@ class ViTAdapter(TimmTokenAdapter):
         attn = self.attention(0)
         return self.token_geometry(
             num_heads=attn.num_heads,
-            mlp_hidden=unwrap_base_layers(block.mlp).fc1.out_features,
+            mlp_hidden=mlp_hidden_width(block.mlp),
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
         )
 

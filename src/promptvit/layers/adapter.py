@@ -52,7 +52,11 @@ class Bottleneck(nn.Module):
 
 
 class ParallelAdapterMlp(TunerLayer):
-    """A frozen MLP (kept as ``base_layer``) plus a scaled parallel bottleneck: ``mlp(x) + s * adapter(x)``."""
+    """A frozen MLP (kept as ``base_layer``) plus a scaled parallel bottleneck: ``mlp(x) + s * adapter(x)``.
+
+    An MLP of 1x1 convolutions (timm's ``ConvMlp``: CoAtNet, MaxViT's NCHW blocks) reads (B, C, H, W) maps; the
+    bottleneck then acts on the channels at every position.
+    """
 
     def __init__(
         self, base_layer: nn.Module, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.0
@@ -63,8 +67,11 @@ class ParallelAdapterMlp(TunerLayer):
         self.base_layer = base_layer
         self.adapter = Bottleneck(dim, bottleneck, dropout, **factory)
         self.scale = scale
+        self.channels_first = isinstance(getattr(base_layer, "fc1", None), nn.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return self.base_layer(x) + self.scale * self.adapter(x.movedim(1, -1)).movedim(-1, 1)
         return self.base_layer(x) + self.scale * self.adapter(x)
 
     def extra_repr(self) -> str:

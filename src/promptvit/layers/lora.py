@@ -10,6 +10,11 @@ with ``A_p`` (rank x in_features) Kaiming-uniform with ``a = sqrt(5)`` (peft's d
 not targeted pass through unchanged. The unmerged forward never builds the full weight update: it projects
 ``x`` to ``len(parts) * rank`` features once and adds them back through one block-structured B in a fused
 ``addmm``.
+
+Two layouts of timm's fused projections are covered besides the plain ``[q | k | v]`` linear: a 1x1
+convolution on (B, C, H, W) maps (CoAtNet's ``Attention2d``), the same linear map applied at every position,
+and the ``head_first`` layout (MaxViT, CoAtNet), whose output holds the heads one after another, each
+``[q | k | v]`` of width ``head_dim``: part ``p`` is then the rows ``p`` of every head.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from promptvit.layers.base import TunerLayer
 
 
 class FusedLoRALinear(TunerLayer):
-    """A frozen fused ``nn.Linear`` (kept as ``base_layer``) plus LoRA updates on some of its output parts.
+    """A frozen fused ``nn.Linear`` or 1x1 ``nn.Conv2d`` (kept as ``base_layer``) plus LoRA updates on some of
+    its output parts.
 
     Parameters: ``lora_A`` of shape (len(parts), rank, in_features) and ``lora_B`` of shape
     (len(parts), part_size, rank); row ``i`` of both belongs to part ``parts[i]`` (``parts`` is sorted).
+    ``heads`` > 0 says the output is laid out head by head, each head ``[part_0 | part_1 | ...]``.
 
     ``merge()`` adds the update into ``base_layer.weight`` and the forward then skips the low-rank path;
     ``unmerge()`` puts the frozen weight back. Both are idempotent (merging a merged layer does nothing). A/B are
@@ -37,17 +44,23 @@ class FusedLoRALinear(TunerLayer):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Linear | nn.Conv2d,
         parts: Sequence[int],
         rank: int,
         alpha: float,
         dropout: float = 0.0,
         num_parts: int = 3,
+        heads: int = 0,
     ) -> None:
         super().__init__()
-        if base_layer.out_features % num_parts:
+        self.conv = isinstance(base_layer, nn.Conv2d)
+        if self.conv and (base_layer.kernel_size != (1, 1) or base_layer.groups != 1):
+            raise ValueError("only a 1x1 convolution without groups is a linear map of the channels")
+        out_features, in_features = base_layer.weight.shape[:2]
+        if out_features % (num_parts * max(heads, 1)):
             raise ValueError(
-                f"out_features {base_layer.out_features} is not divisible into {num_parts} parts"
+                f"out_features {out_features} is not divisible into {num_parts} parts"
+                + (f" of {heads} heads" if heads else "")
             )
         parts = sorted(parts)
         if not parts or len(set(parts)) != len(parts) or not all(0 <= p < num_parts for p in parts):
@@ -57,13 +70,14 @@ class FusedLoRALinear(TunerLayer):
         self.base_layer = base_layer
         self.parts = tuple(parts)
         self.num_parts = num_parts
-        self.part_size = base_layer.out_features // num_parts
+        self.heads = heads
+        self.part_size = out_features // num_parts
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
         self.merged = False
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(len(parts), rank, base_layer.in_features, **factory))
+        self.lora_A = nn.Parameter(torch.empty(len(parts), rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(len(parts), self.part_size, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
@@ -80,8 +94,9 @@ class FusedLoRALinear(TunerLayer):
         return torch.matmul(self.lora_B, self.lora_A) * self.scaling
 
     def stacked_lora_B(self) -> torch.Tensor:
-        """All parts' B as one (out_features, len(parts) * rank) matrix: block ``(p, i)`` is ``B_i`` if part
-        ``p`` is ``parts[i]``, zero elsewhere, so one matmul applies every part's update to its own rows."""
+        """All parts' B as one (out_features, len(parts) * rank) matrix, rows in the output's order: block
+        ``(p, i)`` is ``B_i`` if part ``p`` is ``parts[i]``, zero elsewhere, so one matmul applies every part's
+        update to its own rows."""
         n, rank = len(self.parts), self.rank
         rows = []
         for p in range(self.num_parts):
@@ -90,7 +105,10 @@ class FusedLoRALinear(TunerLayer):
                 rows.append(F.pad(self.lora_B[i], (i * rank, (n - 1 - i) * rank)))
             else:
                 rows.append(self.lora_B.new_zeros(self.part_size, n * rank))
-        return torch.cat(rows)
+        stacked = torch.cat(rows)
+        if self.heads:  # part-major rows -> head-major rows
+            stacked = stacked.view(self.num_parts, self.heads, -1, n * rank).transpose(0, 1).reshape(-1, n * rank)
+        return stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -101,6 +119,9 @@ class FusedLoRALinear(TunerLayer):
                 )
             return y
         n = len(self.parts)
+        if self.conv:  # the same maps at every position of the (B, C, H, W) input
+            h = F.conv2d(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1, 1, 1))
+            return y + self.scaling * F.conv2d(h, self.stacked_lora_B()[:, :, None, None])
         # (..., n * rank): one projection for all targeted parts.
         h = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1))
         # y + scaling * h @ B^T in one fused addmm (a few zero blocks cost less than per-part products).
@@ -115,8 +136,13 @@ class FusedLoRALinear(TunerLayer):
     @torch.no_grad()
     def _add_delta(self) -> None:
         weight = self.base_layer.weight
-        rows = weight.view(self.num_parts, self.part_size, -1)
         delta = self.delta_weight().to(weight.dtype)
+        if self.heads:  # (heads, parts, head_dim, in): part p of every head
+            rows = weight.view(self.heads, self.num_parts, -1, delta.shape[-1])
+            for i, p in enumerate(self.parts):
+                rows[:, p].add_(delta[i].view(self.heads, -1, delta.shape[-1]))
+            return
+        rows = weight.view(self.num_parts, self.part_size, -1)
         for i, p in enumerate(self.parts):
             rows[p].add_(delta[i])
 
@@ -139,4 +165,5 @@ class FusedLoRALinear(TunerLayer):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"parts={self.parts}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        heads = f", heads={self.heads}" if self.heads else ""
+        return f"parts={self.parts}{heads}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"

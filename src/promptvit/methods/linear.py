@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import Geometry, adapter_for
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
 
@@ -44,6 +44,17 @@ class SolvedHead:
     def fits_head_to_convergence(self) -> bool:
         return self.config.solver == "lbfgs"
 
+    def check_solver(self, backbone: nn.Module) -> None:
+        """The L-BFGS fit needs a linear head on the pre-logit features; refuse it for any other head."""
+        adapter = adapter_for(backbone)
+        if self.fits_head_to_convergence() and not (
+            adapter.head_reads_pre_logits() and isinstance(adapter.get_classifier(), nn.Linear)
+        ):
+            raise ConfigError(
+                f"{self.config.method_label}: solver 'lbfgs' fits a linear head on the pre-logit features, and the "
+                f"classifier of {type(backbone).__name__} is not one; use solver 'optimizer'"
+            )
+
 
 @dataclasses.dataclass
 class LinearConfig(HeadSolverConfig):
@@ -59,6 +70,9 @@ class Linear(SolvedHead, Method):
     paper = "linear probing (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+
+    def attach(self, backbone: nn.Module) -> None:
+        self.check_solver(backbone)
 
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""

@@ -106,9 +106,15 @@ class LoRA(Method):
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = getattr(attn, "qkv", None)
-            if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
-                raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
-            layer = FusedLoRALinear(qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
+            heads = adapter.qkv_head_first(index)
+            try:
+                layer = FusedLoRALinear(
+                    qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout, heads=heads
+                )
+            except (ValueError, AttributeError):
+                raise ConfigError(
+                    f"lora: block {index} has no fused qkv (an nn.Linear or 1x1 nn.Conv2d into q, k and v) to adapt"
+                ) from None
             self.injections.replace(attn, "qkv", layer)
             self._blocks.append(index)
             self._lora_layers.append(layer)

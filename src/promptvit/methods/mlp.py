@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 from torch import nn
 
 from promptvit.backbones import Geometry, adapter_for, classifier_name
+from promptvit.layers.token_prompts import reference_device_dtype
 from promptvit.methods.base import BatchedChange, ConfigError, Method, register_method
 from promptvit.methods.linear import HeadSolverConfig, SolvedHead
 
@@ -36,14 +38,20 @@ class MLP(SolvedHead, Method):
     supported_kinds = ("vit", "cnn")
 
     def attach(self, backbone: nn.Module) -> None:
+        self.check_solver(backbone)
         width = self.geometry.embed_dim
         act = {"relu": nn.ReLU, "gelu": nn.GELU}[self.config.activation]
+        classifier = adapter_for(backbone).get_classifier()
+        # a 1x1-convolution classifier (DLA, DPN, BiT) reads (B, C, 1, 1) maps: its hidden layers do too
+        device, dtype = reference_device_dtype(classifier)
+        factory = {"device": device, "dtype": dtype}
+        layer = functools.partial(nn.Conv2d, kernel_size=1) if isinstance(classifier, nn.Conv2d) else nn.Linear
         hidden = [
-            layer for _ in range(self.config.num_layers - 1) for layer in (nn.Linear(width, width), act())
+            module for _ in range(self.config.num_layers - 1) for module in (layer(width, width, **factory), act())
         ]
         parent_name, _, child = classifier_name(backbone).rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        self.injections.replace(parent, child, nn.Sequential(*hidden, adapter_for(backbone).get_classifier()))
+        self.injections.replace(parent, child, nn.Sequential(*hidden, classifier))
 
     def head_name(self, backbone: nn.Module) -> str:
         mlp_head = classifier_name(backbone)

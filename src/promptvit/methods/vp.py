@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.token_prompts import reference_device_dtype
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
@@ -116,7 +116,11 @@ class VP(Method):
         self.pad_down = self._new(3, pad, width, device=device, dtype=dtype)
         self.pad_left = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
         self.pad_right = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
-        self.injections.pre_hook(adapter_for(backbone).input_module(), self._add_pad_prompt)
+        try:
+            input_module = adapter_for(backbone).input_module()
+        except BackboneError as error:
+            raise ConfigError(f"vp: {error}") from None
+        self.injections.pre_hook(input_module, self._add_pad_prompt)
 
     def frame(self) -> torch.Tensor:
         """The (3, H, W) pixel prompt: the learned border around a zero centre."""
