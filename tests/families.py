@@ -67,6 +67,21 @@ def build(table: dict[str, tuple[str, dict, int]], name: str, num_classes: int =
     return create_backbone(arch, num_classes=num_classes, init_seed=seed, **options).eval()
 
 
+def make_blocks_visible(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """O(1) values for the scales that start (near) zero and hide what a block's attention and MLP do.
+
+    LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT) and SwinV2's residual post-norms at 0
+    (every block is then the identity); random-init tests that follow a block's maths need them visible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            post_norm = parameter_name.endswith(("norm1.weight", "norm2.weight")) and not p.any()
+            if post_norm or parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def family_input(table: dict[str, tuple[str, dict, int]], name: str, batch: int = 2, seed: int = 1):
     size = table[name][2]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

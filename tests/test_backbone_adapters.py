@@ -20,11 +20,13 @@ from promptvit.backbones.beit import BeitAdapter
 from promptvit.backbones.distilled import DistilledViTAdapter
 from promptvit.backbones.eva import EvaAdapter
 from promptvit.backbones.generic import GenericAdapter
-from promptvit.backbones.hierarchical import ConvNeXtAdapter, SwinAdapter
+from promptvit.backbones.hierarchical import ConvNeXtAdapter
 from promptvit.backbones.maxxvit import MaxxVitAdapter
 from promptvit.backbones.naflexvit import NaFlexVitAdapter
 from promptvit.backbones.relpos import RelPosViTAdapter
 from promptvit.backbones.sam import SAMAdapter
+from promptvit.backbones.swin import SwinAdapter
+from promptvit.backbones.swin_v2 import SwinV2Adapter
 from promptvit.layers.selected_tokens import class_token_row, drop_token_range
 
 # One tiny random-init build per registered family: (timm name, build options, input size).
@@ -45,6 +47,7 @@ TINY_FAMILIES = {
             DistilledViTAdapter,
             ConvNeXtAdapter,
             SwinAdapter,
+            SwinV2Adapter,
             GenericAdapter,
             RelPosViTAdapter,
             SAMAdapter,

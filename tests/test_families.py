@@ -22,7 +22,7 @@ from promptvit.artifact import ArtifactError
 from promptvit.backbones import adapter_for
 from promptvit.layers.lora import FusedLoRALinear
 from promptvit.methods.base import ConfigError
-from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, present
+from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS, build, family_input, make_blocks_visible, present
 
 METHODS = promptvit.available_methods()
 
@@ -33,17 +33,20 @@ _CNNS = ("resnet", "tinynet", "convnext")
 _GENERIC = ("densenet", "regnet")  # timm's contract alone: the generic adapter names the adapter it lacks
 REFUSED: dict[tuple[str, str], str] = {
     **{(m, b): "supports vit backbones" for m in _TOKEN_METHODS for b in _CNNS},
-    # Swin's own reason: windows, not one token sequence
-    **{(m, "swin"): "supports vit backbones.*attends within windows" for m in _TOKEN_METHODS},
+    # Swin's own reason: no class token, prompts in every window
+    **{("da_vpt", b): "supports vit backbones.*no class token" for b in ("swin", "swinv2")},
     **{(m, b): "supports vit backbones" for m in _BLOCK_METHODS for b in _CNNS},
     **{
         (m, b): "supports vit backbones.*has no family adapter.*needs a (DenseNet|RegNet) family adapter"
         for m in (*_TOKEN_METHODS, *_BLOCK_METHODS)
         for b in _GENERIC
     },
-    # SAM's windowed 2-D token map, MaxViT's windows and grids, CoAtNet's maps between convolutions
-    **{(m, "samvit"): "supports vit backbones.*windows of a 2-D token map" for m in _TOKEN_METHODS},
-    **{(m, b): "supports vit backbones.*windows and grids" for m in _TOKEN_METHODS for b in ("maxvit", "coatnet")},
+    # SAM's windowed 2-D token map, MaxViT's windows and grids, CoAtNet's maps between convolutions: no
+    # token prompts; EPT (which runs on transformer blocks) needs attention parts these families do not give
+    **{(m, "samvit"): "supports vit backbones.*windows of a 2-D token map" for m in ("vpt", "spt", "da_vpt")},
+    **{(m, b): "supports vit backbones.*windows and grids" for m in ("vpt", "spt", "da_vpt") for b in ("maxvit", "coatnet")},
+    ("ept", "samvit"): "ept: .*decomposed relative positions",
+    **{("ept", b): "ept: .*splits q, k and v head by head" for b in ("maxvit", "coatnet")},
 }
 # EVA-02 and BEiT add q/v biases inside F.linear; LoRA and DA-VPT switch them to timm's separate bias sum,
 # which rounds once more than timm's fused call: identity at init holds up to that rounding there.
@@ -59,15 +62,8 @@ PLAIN_BLOCKS = {"vit_token", "vit_avg_no_cls", "deit_distilled"}
 @functools.cache
 def _base(table_name: str, name: str, seed: int = 0) -> torch.nn.Module:
     table = FAMILY_BUILDS if table_name == "family" else MEDICAL_BUILDS
-    model = build(table, name, num_classes=3, seed=seed)
-    # LayerScale starts at 1e-5 (DINOv2/v3, UNI, Virchow2, RoPE ViT): it would hide almost everything the
-    # attention and MLP do, so give it O(1) values and every check sees the blocks' maths.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, p in model.named_parameters():
-            if parameter_name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
-    return model
+    # so that every check sees the blocks' maths (LayerScale, SwinV2's post-norms)
+    return make_blocks_visible(build(table, name, num_classes=3, seed=seed), seed)
 
 
 def _fresh(name: str, seed: int = 0, table: str = "family") -> torch.nn.Module:
@@ -493,8 +489,8 @@ def test_serving_equals_per_task_inference_on_every_family(name: str) -> None:
 )
 def test_forward_from_a_cached_cut_equals_the_forward(method: str, options: dict, name: str) -> None:
     """The cache's cuts (embedding + frozen blocks, or the pre-logit features) keep each family's maths."""
-    if adapter_for(_base("family", name)).kind != "vit" and method == "vpt":
-        pytest.skip("token prompts need a token family")
+    if method == "vpt" and not adapter_for(_base("family", name)).supports_token_prompts:
+        pytest.skip("token prompts need a token family or a route for them")
     if method == "ap" and adapter_for(_base("family", name)).kind == "cnn":
         size = FAMILY_BUILDS[name][2]
         options = {**options, "cnn_input_size": [size, size]}  # a CNN's prompt is sized for the input

@@ -140,6 +140,36 @@ def test_temporary_allowances_are_still_needed() -> None:
     assert not unused, f"delete these entries of TEMPORARY_ALLOWANCES, the imports are gone: {unused}"
 
 
+def _registers_an_adapter(path: Path) -> bool:
+    """Whether the module defines a class decorated with ``@register_adapter(...)`` (a backbone family)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return any(
+        isinstance(decorator, ast.Call) and ast.unparse(decorator.func).endswith("register_adapter")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        for decorator in node.decorator_list
+    )
+
+
+FAMILY_MODULES = {
+    module for module, path in MODULES.items() if _unit(module) == "backbones" and _registers_an_adapter(path)
+}
+
+
+def test_families_are_reached_through_the_adapter_interface_only() -> None:
+    """Above ``backbones/`` (layers, methods, analysis, ...) a family is reached through ``adapter_for`` and the
+    ``BackboneAdapter`` interface (``promptvit.backbones``, ``backbones.base``), never by importing its module:
+    what a family computes differently (rotary positions, relative position bias) then cannot be bypassed."""
+    assert {"promptvit.backbones.vit", "promptvit.backbones.eva"} <= FAMILY_MODULES  # the detection works
+    bad = sorted(
+        f"{module} imports {imported}"
+        for module, imports in GRAPH.items()
+        if _unit(module) != "backbones"
+        for imported in imports & FAMILY_MODULES
+    )
+    assert not bad, "import the adapter interface (promptvit.backbones), not a family module:\n" + "\n".join(bad)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one node (Tarjan)."""
     index: dict[str, int] = {}

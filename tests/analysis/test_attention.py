@@ -1,7 +1,11 @@
-"""Attention extraction against timm's own (non-fused) attention; distance measures on constructed patterns."""
+"""Attention extraction against timm's own (non-fused) attention on every token family; distance measures on
+constructed patterns."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import itertools
 import math
 
@@ -17,15 +21,16 @@ from promptvit.analysis.attention import (
     capture_attention,
     cls_attention_map,
     cls_attention_share,
-    find_attention_module,
     layer_attention_distance,
     plot_attention_distance,
     plot_attention_maps,
     prompt_attention_maps,
-    recompute_attention,
 )
-from promptvit.analysis.extract import TokenLayout, all_token_outputs, eval_mode
+from promptvit.analysis.extract import TokenLayout
+from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, adapter_for, registered_adapters
+from promptvit.backbones.vit import timm_attention_parts
 from tests.conftest import build_tiny, tiny_input
+from tests.families import FAMILY_BUILDS, build, family_input
 
 GRID = (3, 4)
 N = GRID[0] * GRID[1]
@@ -102,17 +107,135 @@ class _Capture(nn.Module):
         return x
 
 
-def _timm_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    backbone = getattr(model, "backbone", model)
-    captures = []
-    for block in backbone.blocks:
-        attn = find_attention_module(block.attn)
-        attn.fused_attn = False
-        attn.attn_drop = _Capture()
-        captures.append(attn.attn_drop)
-    with torch.no_grad(), eval_mode(model), all_token_outputs(model):  # every attention row runs
-        model(images)
-    return [c.seen[-1] for c in captures]
+# Every token family's tiny builds, from the adapters' registry: a new family is checked with no edit here.
+TOKEN_BUILDS = [
+    name
+    for adapter in dict.fromkeys(registered_adapters().values())
+    if adapter.kind == "vit"
+    for name in adapter.tiny_builds
+    if name in FAMILY_BUILDS
+]
+# Methods that attach to token models: prompts, EPT's prompted attention, LoRA's qkv, ... on every family.
+TOKEN_METHODS = [None, *(m for m in promptvit.available_methods() if "vit" in promptvit.get_method(m).supported_kinds)]
+
+
+@functools.cache
+def _family_base(name: str) -> nn.Module:
+    return build(FAMILY_BUILDS, name)
+
+
+def _nonzero(model: nn.Module) -> nn.Module:
+    """Every parameter timm (or a method) starts at zero gets random values (q/v biases, BEiT's relative
+    position bias table, LoRA's B), LayerScale O(1) values: the attention then depends on all of them."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] in ("gamma", "gamma_1", "gamma_2"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _family_model(name: str, method: str | None) -> nn.Module:
+    model = copy.deepcopy(_family_base(name))
+    if method is not None:
+        model = promptvit.wrap(model, method, num_classes=3, **promptvit.get_method(method).test_options)
+    return _nonzero(model)
+
+
+class _TimmProbabilities:
+    """The probabilities timm's own attention modules compute in a forward (unfused path, read at attn_drop).
+
+    Where a method layer replaced the module (EPT), timm's module under it is called on the input and
+    arguments the layer received.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.captures: list[_Capture] = []
+        self.replaced: dict[int, tuple[nn.Module, tuple, dict]] = {}
+        for index, block in enumerate(getattr(model, "backbone", model).blocks):
+            family = block.attn
+            while hasattr(family, "base_layer"):
+                family = family.base_layer
+            family.fused_attn = False
+            family.attn_drop = _Capture()
+            self.captures.append(family.attn_drop)
+            if family is not block.attn:
+                block.attn.register_forward_pre_hook(
+                    lambda m, a, k, i=index, f=family: self.replaced.__setitem__(i, (f, a, k)), with_kwargs=True
+                )
+
+    def probabilities(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for family, args, kwargs in self.replaced.values():
+                family(*args, **kwargs)
+        return [capture.seen[-1] for capture in self.captures]
+
+
+def _attention_errors(model: nn.Module, images: torch.Tensor) -> list[float]:
+    """Per block, the largest difference between the recorded maps and the model's own probabilities.
+
+    A layer's ``attention_weights`` (EPT) are compared after renormalising each row: EPT's prompt columns
+    only add to the softmax denominator, so the rows are timm's probabilities times the EPT gate.
+    """
+    reference = _TimmProbabilities(model)
+    records = capture_attention(model, images)
+    errors = []
+    for record, expected in zip(records, reference.probabilities(), strict=True):
+        probs = record.probs
+        if record.source == "attention_weights":
+            probs = probs / probs.sum(-1, keepdim=True)
+            torch.testing.assert_close(record.token_scale, record.probs.sum(-1))
+        assert probs.shape == expected.shape
+        errors.append((probs - expected).abs().max().item())
+    return errors
+
+
+@pytest.mark.parametrize("method", TOKEN_METHODS)
+@pytest.mark.parametrize("name", TOKEN_BUILDS)
+def test_attention_maps_are_the_models_own_probabilities(name: str, method: str | None) -> None:
+    if method is not None and not promptvit.get_method(method).supports(adapter_for(_family_base(name))):
+        pytest.skip(f"{method} does not attach to {name}")
+    model = _family_model(name, method)
+    images = family_input(FAMILY_BUILDS, name, batch=3)
+    assert max(_attention_errors(model, images)) < 2e-6
+
+
+def _without_positions(parts_from_call: PartsFromCall, dropped: set[str]) -> PartsFromCall:
+    def parts(attn: nn.Module, call: dict) -> AttentionParts:
+        full = parts_from_call(attn, call)
+        dropped.update(term for term in ("rotate", "logit_bias") if getattr(full, term) is not None)
+        return dataclasses.replace(full, rotate=None, logit_bias=None)
+
+    return parts
+
+
+def test_the_check_fails_without_rotary_positions_or_relative_bias(monkeypatch) -> None:
+    """Recorded maps that ignore the family's rotary positions or relative position bias (the bug of reading
+    plain ViT parts) fail the check above, on every build whose attention has them; both kinds are covered."""
+    seen: set[str] = set()
+    for name in TOKEN_BUILDS:
+        model = _family_model(name, None)
+        adapter_class = type(adapter_for(model))
+        family_parts = adapter_class.attention_parts_from_call
+        dropped: set[str] = set()
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                adapter_class,
+                "attention_parts_from_call",
+                lambda self, i, f=family_parts, d=dropped: _without_positions(f(self, i), d),
+            )
+            errors = _attention_errors(model, family_input(FAMILY_BUILDS, name, batch=3))
+        if dropped:
+            assert max(errors) > 1e-3, f"{name}: dropping {dropped} went unnoticed ({max(errors):.2e})"
+        seen |= dropped
+    assert seen == {"rotate", "logit_bias"}
+
+
+def test_attention_recorder_refuses_a_backbone_without_token_blocks() -> None:
+    with pytest.raises(BackboneError, match="no token blocks"):
+        AttentionRecorder(build_tiny("resnet"))
 
 
 @pytest.mark.parametrize(
@@ -133,12 +256,13 @@ def test_recomputed_attention_equals_timm(kind: str, method: str | None, options
                 if "lora_B" in name:
                     nn.init.normal_(p, std=0.5)
     images = tiny_input(kind, batch=3)
+    reference = _TimmProbabilities(model)
     records = capture_attention(model, images)
-    expected = _timm_attention(model, images)
+    expected = reference.probabilities()
     assert len(records) == len(expected)
-    for record, reference in zip(records, expected, strict=True):
+    for record, probs in zip(records, expected, strict=True):
         assert record.source == "recomputed" and record.token_scale is None
-        torch.testing.assert_close(record.probs, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(record.probs, probs, rtol=1e-5, atol=1e-6)
     if method == "vpt":
         layout = TokenLayout.from_count(records[0].probs.shape[-1], 0, (4, 4))
         assert layout.num_prompts == model.method.config.prompt_length
@@ -154,10 +278,10 @@ class _Cooperating(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         return self.base_layer(x)
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * recompute_attention(self.base_layer, x)
+    def attention_weights(self, x: torch.Tensor, **call) -> torch.Tensor:
+        return 0.5 * timm_attention_parts(self.base_layer).probabilities(x)
 
-    def token_scale(self, x: torch.Tensor) -> torch.Tensor:
+    def token_scale(self, x: torch.Tensor, **call) -> torch.Tensor:
         return torch.full(x.shape[:1] + (self.base_layer.num_heads, x.shape[1]), 0.25)
 
 

@@ -154,5 +154,5 @@ def test_attention_layer_without_attention_is_skipped(tmp_path) -> None:
     result = analyze(
         model, _dataset(), out_dir=tmp_path / "a", class_names=CLASSES, max_samples=4, tsne=False
     )
-    assert "no timm Attention" in result["skipped"]["attention:linear"]
+    assert "its attention cannot be recomputed" in result["skipped"]["attention:linear"]
     assert result["files"] == ["calibration.png", "reliability.png", "analysis.json"]

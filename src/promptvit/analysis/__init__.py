@@ -22,12 +22,10 @@ from promptvit.analysis.attention import (
     capture_attention,
     cls_attention_map,
     cls_attention_share,
-    find_attention_module,
     layer_attention_distance,
     plot_attention_distance,
     plot_attention_maps,
     prompt_attention_maps,
-    recompute_attention,
 )
 from promptvit.analysis.calibration import (
     calibration_view,
@@ -66,7 +64,6 @@ __all__ = [
     "efficiency_portrait",
     "efficiency_table",
     "extract_features",
-    "find_attention_module",
     "joint_distribution",
     "layer_attention_distance",
     "layer_cka",
@@ -87,7 +84,6 @@ __all__ = [
     "prompt_patch_cka",
     "prompt_patch_nmi",
     "rbf_cka",
-    "recompute_attention",
     "scatter_stats",
     "tsne_embedding",
 ]

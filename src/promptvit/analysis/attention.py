@@ -1,18 +1,21 @@
-"""Attention of timm ViTs (wrapped or not): extraction, average attention distance, CLS/prompt maps.
+"""Attention of token backbones (wrapped or not): extraction, average attention distance, CLS/prompt maps.
 
-Extraction (``AttentionRecorder``, ``capture_attention``): a forward pre-hook on every ``block.attn``
-captures that module's input (and ``attn_mask``/``is_causal``) and, per module:
+Extraction (``AttentionRecorder``, ``capture_attention``) goes through the backbone adapter only: a forward
+pre-hook on every block's attention (``adapter.attention_slot``) sees that module's input and keyword
+arguments (Eva's rotary table ``rope``, Beit's ``shared_rel_pos_bias``, ``attn_mask``/``is_causal``) and,
+per module:
 
-1. if it exposes ``attention_weights(x) -> (B, H, N, N)`` (an injected method layer that changes the
+1. if it exposes ``attention_weights(x, **call) -> (B, H, N, N)`` (an injected method layer that changes the
    attention), that is used (source ``"attention_weights"``);
-2. otherwise the probabilities are recomputed as timm computes them without fused attention,
-   ``softmax((q * scale) @ k^T [+ mask])`` with ``q, k`` from the module's ``qkv`` (called as a module, so
-   a LoRA ``qkv`` or forward hooks on it, such as DA-VPT's key/value bias, take part), ``q_norm``,
-   ``k_norm``, ``num_heads`` and ``scale`` (source ``"recomputed"``). When
-   ``block.attn`` is a wrapper without ``attention_weights``, the timm ``Attention`` found inside it (an
-   attribute such as ``base_layer``) is used (source ``"recomputed_inner"``): whatever the wrapper changes
-   in the attention is then *not* reflected;
-3. if it exposes ``token_scale(x) -> (B, H, N)`` (EPT's patch-wise scale/gate), that is returned too.
+2. otherwise the probabilities are recomputed from the family's parts for that call,
+   ``adapter.attention_parts_from_call(i)(attention, call).probabilities(x, mask)``: q and k from the
+   module's ``qkv`` (called as a module, so a LoRA ``qkv`` or forward hooks on it, such as DA-VPT's
+   key/value bias, take part), its q/v biases, q/k norms and rotary positions, plus the family's logit bias
+   (Beit's relative position bias, padded for inserted prompt tokens), i.e. ``softmax(scale q k^T + bias
+   [+ mask])`` as the family computes it (source ``"recomputed"``). When the attention slot holds a wrapper
+   without ``attention_weights``, the family's module under it (its ``base_layer``) is used (source
+   ``"recomputed_inner"``): whatever the wrapper changes in the attention is then *not* reflected;
+3. if it exposes ``token_scale(x, **call) -> (B, H, N)`` (EPT's patch-wise scale/gate), that is returned too.
 
 The forward itself runs unchanged (fused or not); recomputation happens in the hook under ``no_grad``.
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,37 +59,7 @@ from promptvit.analysis.extract import (
     iterate_batches,
     model_device,
 )
-from promptvit.backbones.vit import timm_attention_parts
-
-_RECOMPUTE_API = ("qkv", "num_heads", "scale")
-
-
-def _recomputable(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in _RECOMPUTE_API) and isinstance(
-        getattr(module, "qkv", None), nn.Module
-    )
-
-
-def find_attention_module(module: nn.Module) -> nn.Module | None:
-    """The module to recompute attention from: ``module`` itself if it is a fused-qkv attention, else one
-    held by it (direct children first, then any descendant)."""
-    if _recomputable(module):
-        return module
-    for candidates in (module.children(), module.modules()):
-        for sub in candidates:
-            if _recomputable(sub):
-                return sub
-    return None
-
-
-def recompute_attention(
-    attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-) -> torch.Tensor:
-    """Softmax attention probabilities (B, H, N, N), float32, of a timm fused-qkv attention for input x."""
-    if is_causal:
-        n = x.shape[1]
-        attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
-    return timm_attention_parts(attn).probabilities(x, attn_mask)
+from promptvit.backbones import BackboneError, PartsFromCall, adapter_for, unwrap_base_layers
 
 
 @dataclasses.dataclass
@@ -97,11 +71,32 @@ class LayerAttention:
     source: str  # "attention_weights" | "recomputed" | "recomputed_inner"
 
 
+def _call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The input ``x`` and every other argument of one attention call by name (positional ones named by the
+    module's ``forward`` signature); the call's own ``kwargs`` are not changed."""
+    call = dict(kwargs)
+    if len(args) > 1:
+        names = list(inspect.signature(module.forward).parameters)[1 : len(args)]
+        call.update(zip(names, args[1:], strict=True))
+    return (args[0] if args else call.pop("x")), call
+
+
+def _split_mask(x: torch.Tensor, call: dict[str, Any]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The call's attention mask (``is_causal`` as a lower-triangular boolean mask) and the other arguments."""
+    rest = {name: value for name, value in call.items() if name not in ("attn_mask", "is_causal")}
+    mask = call.get("attn_mask")
+    if call.get("is_causal", False):
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril_()
+    return mask, rest
+
+
 class AttentionRecorder:
     """Context manager: records every block's attention during the forwards run inside it.
 
     ``on_layer(block_index, LayerAttention)`` may reduce the record on the fly (its return value is stored
     in ``records[block_index]``), which keeps memory at one layer's probabilities for big models.
+    BackboneError where the backbone has no token blocks or a block's attention can be neither asked nor
+    recomputed.
     """
 
     def __init__(
@@ -110,42 +105,47 @@ class AttentionRecorder:
         on_layer: Callable[[int, LayerAttention], Any] | None = None,
         blocks: Sequence[int] | None = None,
     ) -> None:
-        backbone = backbone_of(model)
-        if not hasattr(backbone, "blocks"):
-            raise TypeError(f"{type(backbone).__name__} has no transformer blocks to read attention from")
+        adapter = adapter_for(backbone_of(model))
+        if adapter.kind != "vit":
+            raise BackboneError(
+                f"{type(adapter.model).__name__} ({adapter.family}) has no token blocks to read attention from"
+            )
         self.model = model
-        self.blocks = list(range(len(backbone.blocks))) if blocks is None else list(blocks)
-        self.modules = {i: backbone.blocks[i].attn for i in self.blocks}
+        self.blocks = list(range(len(adapter.blocks))) if blocks is None else list(blocks)
+        self.modules: dict[int, nn.Module] = {}
         self.on_layer = on_layer
         self.records: dict[int, Any] = {}
         self._handles: list[Any] = []
-        self._inner: dict[int, nn.Module] = {}
+        self._parts: dict[int, PartsFromCall] = {}
         self._keeping = contextlib.ExitStack()
-        for index, module in self.modules.items():
+        for index in self.blocks:
+            parent, name = adapter.attention_slot(index)
+            module = self.modules[index] = getattr(parent, name)
             if callable(getattr(module, "attention_weights", None)):
                 continue
-            inner = find_attention_module(module)
-            if inner is None:
-                raise TypeError(
-                    f"block {index}: {type(module).__name__} exposes no attention_weights(x) and holds no timm "
-                    "Attention to recompute the attention from"
-                )
-            self._inner[index] = inner
+            try:
+                parts = adapter.attention_parts_from_call(index)
+                parts(unwrap_base_layers(module), {})
+            except BackboneError as error:
+                raise BackboneError(
+                    f"block {index}: {type(module).__name__} exposes no attention_weights(x) and its attention "
+                    f"cannot be recomputed: {error}"
+                ) from error
+            self._parts[index] = parts
 
     def _hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["x"]
-        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-        causal = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+        x, call = _call_arguments(module, args, kwargs)
         with torch.no_grad():
-            if index in self._inner:
-                inner = self._inner[index]
-                probs = recompute_attention(inner, x, mask, causal)
+            if index in self._parts:
+                inner = unwrap_base_layers(module)
+                mask, rest = _split_mask(x, call)
+                probs = self._parts[index](inner, rest).probabilities(x, mask)
                 source = "recomputed" if inner is module else "recomputed_inner"
             else:
-                probs = module.attention_weights(x).float()
+                probs = module.attention_weights(x, **call).float()
                 source = "attention_weights"
             scale_fn = getattr(module, "token_scale", None)
-            token_scale = scale_fn(x).float() if callable(scale_fn) else None
+            token_scale = scale_fn(x, **call).float() if callable(scale_fn) else None
         record = LayerAttention(probs=probs.detach(), token_scale=token_scale, source=source)
         self.records[index] = self.on_layer(index, record) if self.on_layer else record
 

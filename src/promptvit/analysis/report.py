@@ -55,6 +55,7 @@ from promptvit.analysis.extract import (
 )
 from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
 from promptvit.analysis.reliability import reliability_view
+from promptvit.backbones import BackboneError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.io import atomic_write_text
 
@@ -78,8 +79,8 @@ DEFINITIONS = {
     "attention_distance": (
         "per head: mean over query patches of sum_j a_ij d(i,j) over key patches, with prefix and prompt tokens "
         "removed and each row renormalised over patch keys; d = Euclidean distance between patch centres in "
-        "input pixels; averaged over images. Attention recomputed from each block's qkv unless the attention "
-        "layer exposes attention_weights(x)."
+        "input pixels; averaged over images. Attention recomputed from the family's attention parts (rotary "
+        "positions, relative position bias included) unless the attention layer exposes attention_weights(x)."
     ),
     "attention_maps": (
         "CLS (or prompt) query's attention probabilities on the patch keys, averaged over heads, on the patch "
@@ -249,7 +250,7 @@ def _collect(
     if vit:
         try:
             recorders.append(attn_mod.AttentionRecorder(model, on_layer))
-        except TypeError as error:  # an attention layer that can be neither asked nor recomputed
+        except BackboneError as error:  # an attention layer that can be neither asked nor recomputed
             state.attention_error = str(error)
     with torch.no_grad(), eval_mode(model), contextlib.ExitStack() as stack:
         for recorder in recorders:

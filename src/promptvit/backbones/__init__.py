@@ -16,6 +16,8 @@ from promptvit.backbones import (  # noqa: F401  (registration)
     naflexvit,
     relpos,
     sam,
+    swin,
+    swin_v2,
     vit,
 )
 from promptvit.backbones.base import (
@@ -23,6 +25,7 @@ from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
     BackboneError,
+    InsertedTokens,
     PartsFromCall,
     TimmTokenAdapter,
     adapter_class_for,
@@ -79,6 +82,7 @@ __all__ = [
     "TimmTokenAdapter",
     "BackboneError",
     "Geometry",
+    "InsertedTokens",
     "adapter_class_for",
     "adapter_for",
     "all_rows",

@@ -78,8 +78,9 @@ class AttentionParts:
     Families whose attention is not plain fill the optional fields: ``qkv_bias`` is added to the fused
     projection's output (EVA/BEiT keep their q/v biases outside the qkv module), ``rotate`` is applied to q
     and k after their norms (rotary positions), ``logit_bias`` is added to the scaled logits, broadcastable
-    to (B, H, N, N) (BEiT's relative position bias). Tensors there are read per call (see
-    :class:`PartsFromCall`).
+    to (B, H, N, N) (BEiT's relative position bias), or with one entry per window, (W, H, N, N), where the
+    batch holds the W windows of each image in turn (Swin's shifted-window mask, see :func:`bias_for_batch`).
+    Tensors there are read per call (see :class:`PartsFromCall`).
     """
 
     module: nn.Module
@@ -133,13 +134,23 @@ class AttentionParts:
         q, k, _ = self.heads(x)
         logits = ((q * self.scale) @ k.transpose(-2, -1)).float()
         if self.logit_bias is not None:
-            logits = logits + self.logit_bias.float()
+            logits = logits + bias_for_batch(self.logit_bias, logits.shape[0]).float()
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
                 logits = logits + attn_mask.float()
         return logits.softmax(dim=-1)
+
+
+def bias_for_batch(bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """A logit bias for a batch of ``batch`` rows: a per-window bias (W, H, N, N), W dividing the batch and
+    neither 1 nor the batch, is repeated over the images (their windows come one image after the other)."""
+    if bias.dim() == 4 and bias.shape[0] not in (1, batch):
+        if batch % bias.shape[0]:
+            raise ValueError(f"a bias for {bias.shape[0]} windows does not fit a batch of {batch} windows")
+        bias = bias.repeat(batch // bias.shape[0], 1, 1, 1)
+    return bias
 
 
 def attend(
@@ -160,7 +171,8 @@ def attend(
     if parts.logit_bias is None:
         out = core(select(q), k, v, parts.sdpa_scale, dropout_p)
     else:  # the bias rows belong to the query rows
-        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(parts.logit_bias))
+        bias = bias_for_batch(parts.logit_bias, q.shape[0])
+        out = core(select(q), k, v, parts.sdpa_scale, dropout_p, logit_bias=select(bias))
     out = parts.norm(out.transpose(1, 2).flatten(2))
     if parts.gate is not None:
         out = out * parts.gate(select(x)).sigmoid()
@@ -170,6 +182,23 @@ def attend(
 #: ``parts(attention module, keyword arguments of one call) -> AttentionParts``: how a module that replaces
 #: a block's attention reads its parts at each call (rotary tables and shared biases arrive as arguments)
 PartsFromCall = Callable[[nn.Module, dict[str, Any]], AttentionParts]
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertedTokens:
+    """A method's inserted tokens (prompts), for a family that carries them through its blocks itself (Swin).
+
+    ``lengths``: block -> tokens it puts in, dropping the ones in the stream (a later block's 0 only drops);
+    ``tokens(block, x)``: those tokens, (B, L, block width), given the block's input ``x``; ``enabled()``:
+    whether they go in at all (off for a prompt-free pass); ``skip_unread(block)``: whether the block may
+    leave out the outputs of tokens the next block drops. Bound methods of the method, so a deep copy of a
+    wrapped model calls its own copy.
+    """
+
+    lengths: dict[int, int]
+    tokens: Callable[[int, torch.Tensor], torch.Tensor]
+    enabled: Callable[[], bool]
+    skip_unread: Callable[[int], bool]
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -267,6 +296,26 @@ class BackboneAdapter:
         """Token width of ``blocks[block]`` (the same for every block of a plain ViT)."""
         return self.geometry().embed_dim
 
+    def attention_tokens(self, block: int) -> int:
+        """Tokens one attention call of ``blocks[block]`` sees without prompts (a window's, on Swin)."""
+        return self.geometry().num_tokens
+
+    #: whether the family carries inserted tokens through its blocks itself (:meth:`route_token_prompts`)
+    routes_token_prompts: ClassVar[bool] = False
+
+    @property
+    def supports_token_prompts(self) -> bool:
+        """Whether prompt tokens can go into the blocks: one token sequence, or the family's own route."""
+        return self.kind == "vit" or self.routes_token_prompts
+
+    def route_token_prompts(self, injections: Any, tokens: InsertedTokens) -> None:
+        """Record in ``injections`` (a method's ledger) the changes that carry ``tokens`` through the blocks.
+
+        For families whose blocks do not take one token sequence (Swin's windows); token models take the
+        prompts into their sequence (:mod:`promptvit.layers.token_prompts`) and need none of this.
+        """
+        raise self._unsupported("route for prompt tokens")
+
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches (class, distillation, register tokens)."""
@@ -284,6 +333,11 @@ class BackboneAdapter:
     def patch_embed(self) -> nn.Module:
         """The module whose output is the patch tokens before any position embedding."""
         raise self._unsupported("patch embedding")
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of one patch token (what VPT's initialisation bound is computed from)."""
+        return tuple(self.patch_embed.patch_size)
 
     @property
     def final_norm(self) -> nn.Module:
@@ -308,15 +362,14 @@ class BackboneAdapter:
         """``(parent, attribute)`` holding the attention module of ``blocks[block]`` (to replace it)."""
         raise self._unsupported("attention")
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
-        """How a module put in place of ``blocks[block]``'s attention reads its parts at each call.
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        """How ``blocks[block]``'s attention reads its parts at each call: ``parts(attention, call)``.
 
-        ``None`` (the default): the attention takes no position arguments and the plain parts of
-        :meth:`attention` hold for every call (its BackboneError says why a family has none). Families
-        whose attention rotates q/k or adds a bias given as a call argument (Eva, Beit) return a function.
+        ``attention`` is the family's own module (under any injected wrapper) and ``call`` the keyword
+        arguments it receives, so rotary tables (Eva) and shared relative position biases (Beit) take part.
+        What an injected attention (EPT) and the attention analysis use: their softmax is then the model's.
         """
-        self.attention(block)
-        return None
+        raise self._unsupported("attention parts")
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the MLP of ``blocks[block]``."""

@@ -144,7 +144,7 @@ class BeitAdapter(TimmTokenAdapter):
             "it has no plain attention parts"
         )
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
         return relative_bias_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:

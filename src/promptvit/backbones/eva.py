@@ -182,7 +182,7 @@ class EvaAdapter(TimmTokenAdapter):
         self._check_fused_qkv(attn)
         return timm_attention_parts(attn)
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
         rotary_attention_parts(unwrap_base_layers(self.model.blocks[block].attn), {})  # refuses unfused qkv
         return rotary_attention_parts
 

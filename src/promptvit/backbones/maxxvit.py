@@ -19,7 +19,13 @@ from timm.models import maxxvit
 from timm.models.maxxvit import MaxxVit
 from torch import nn
 
-from promptvit.backbones.base import BackboneError, register_adapter, unwrap_base_layers
+from promptvit.backbones.base import (
+    AttentionParts,
+    BackboneError,
+    PartsFromCall,
+    register_adapter,
+    unwrap_base_layers,
+)
 from promptvit.backbones.generic import GenericAdapter
 
 #: MaxxVit's transformer blocks: an attention and an MLP each (the parallel one of MaxxViT-v2 runs two
@@ -82,6 +88,19 @@ class MaxxVitAdapter(GenericAdapter):
                 "attention side by side, each on half the channels; LoRA adapts one fused qkv per block"
             )
         return unwrap_base_layers(module.attn)
+
+    def attention(self, block: int) -> AttentionParts:
+        raise self._no_attention_parts()
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        raise self._no_attention_parts()
+
+    def _no_attention_parts(self) -> BackboneError:
+        return BackboneError(
+            f"{type(self.model).__name__}'s attention splits q, k and v head by head over windows, grids or "
+            "whole maps and adds a relative position bias inside its rel_pos module, which promptvit does not "
+            "re-compute"
+        )
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         return self._attention(block), "qkv"  # called as a module in every MaxxVit attention

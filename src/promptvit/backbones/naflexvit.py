@@ -162,6 +162,10 @@ class NaFlexVitAdapter(TimmTokenAdapter):
         """The projection's norm: its output is the (B, N, d) patch tokens before any position embedding."""
         return self.model.embeds.norm
 
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.embeds.patch_size)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.model.embeds(images)
         return self.model.norm_pre(tokens)
@@ -204,7 +208,7 @@ class NaFlexVitAdapter(TimmTokenAdapter):
             )
         return masked_attention_parts(self._attention_module(block), {})
 
-    def attention_parts_from_call(self, block: int) -> PartsFromCall | None:
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
         masked_attention_parts(self._attention_module(block), {})  # refuses what it cannot read
         return masked_attention_parts
 

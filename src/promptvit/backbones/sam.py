@@ -16,7 +16,13 @@ from typing import Any
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
 
-from promptvit.backbones.base import register_adapter, unwrap_base_layers
+from promptvit.backbones.base import (
+    AttentionParts,
+    BackboneError,
+    PartsFromCall,
+    register_adapter,
+    unwrap_base_layers,
+)
 from promptvit.backbones.generic import GenericAdapter
 
 
@@ -54,6 +60,18 @@ class SAMAdapter(GenericAdapter):
     @property
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.blocks
+
+    def attention(self, block: int) -> AttentionParts:
+        raise self._no_attention_parts()
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        raise self._no_attention_parts()
+
+    def _no_attention_parts(self) -> BackboneError:
+        return BackboneError(
+            f"{type(self.model).__name__}'s attention adds decomposed relative positions (rel_pos_h, rel_pos_w) "
+            "over each window of its 2-D map, which promptvit does not re-compute"
+        )
 
     def block_width(self, block: int) -> int:
         return self.model.embed_dim  # the neck narrows the features after the blocks

@@ -18,6 +18,7 @@ from torch import nn
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneError,
+    PartsFromCall,
     Select,
     TimmTokenAdapter,
     attend,
@@ -66,6 +67,11 @@ def mlp_hidden_width(mlp: nn.Module) -> int:
         return int(mlp.fc1_x.out_features)
     width = int(mlp.fc1.out_features)
     return width // 2 if getattr(mlp, "chunk_dim", None) is not None else width
+
+
+def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
+    return timm_attention_parts(attn)
 
 
 def _optional(module: nn.Module, name: str) -> nn.Module:
@@ -150,6 +156,10 @@ class ViTAdapter(TimmTokenAdapter):
 
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))
+
+    def attention_parts_from_call(self, block: int) -> PartsFromCall:
+        self.attention(block)  # refuses an attention that is not timm's fused-qkv one
+        return plain_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         return unwrap_base_layers(self.model.blocks[block].attn), "qkv"

@@ -182,7 +182,10 @@ class LayerTokenCatcher:
         self._maybe_stop(0)
 
     def _record_block_input(self, layer: int, module: nn.Module, args: tuple) -> None:
-        self.tokens[layer] = args[0][:, self.num_prefix_tokens :]
+        tokens = args[0]
+        if tokens.dim() == 4:  # a (B, H, W, C) map (Swin): its tokens in raster order
+            tokens = tokens.flatten(1, 2)
+        self.tokens[layer] = tokens[:, self.num_prefix_tokens :]
         self._maybe_stop(layer)
 
     def run(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -293,10 +296,6 @@ class PromptTokenSample:
     tokens_seen: int  # (image, token) pairs fed to the sampler, over all layers
     seconds: float
     max_pool_rows: int  # the largest per-layer pool held while streaming
-
-    def stacked(self) -> torch.Tensor:
-        """(layers, k, d) when every layer has the same k."""
-        return torch.stack(self.tokens)
 
     def info(self, prefix: str = "spt_") -> dict[str, Any]:
         return {

@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
 from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, all_rows, attend
-from promptvit.backbones.vit import timm_attention_parts
 from promptvit.layers.base import TunerLayer
 
 Way = Literal["pure_cat", "multi_cat", "add", "multiply"]
@@ -185,11 +184,6 @@ def _sdpa_with_lse_key(
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=s)[..., :dim]
 
 
-def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
-    """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
-    return timm_attention_parts(attn)
-
-
 class PromptedAttention(TunerLayer):
     """Replaces a timm ``Attention``; the frozen original is kept as ``base_layer``.
 
@@ -201,23 +195,23 @@ class PromptedAttention(TunerLayer):
     * ``multiply``: ``temperature`` of shape (num_tokens, 1), zeros; logits are multiplied by ``1 + t``.
 
     Inputs must have exactly ``num_tokens`` tokens (the prompt has one row per token position).
-    ``parts_from_call`` (from the backbone adapter) reads the family's parts from each call's arguments
-    (Eva's rotary table, Beit's shared bias); by default, timm's plain ``Attention`` parts.
+    ``parts_from_call`` (the backbone adapter's ``attention_parts_from_call``) reads the family's parts from
+    each call's arguments (Eva's rotary table, Beit's shared bias).
     """
 
     def __init__(
         self,
         base_layer: nn.Module,
         *,
+        parts_from_call: PartsFromCall,
         num_tokens: int,
         way: Way = "pure_cat",
         prompt_length: int = 100,
         init_std: float = 0.02,
         img_size: tuple[int, int] | None = None,
-        parts_from_call: PartsFromCall | None = None,
     ) -> None:
         super().__init__()
-        self.parts_from_call = parts_from_call or plain_attention_parts
+        self.parts_from_call = parts_from_call
         try:
             self.parts_from_call(base_layer, {})
         except BackboneError as error:

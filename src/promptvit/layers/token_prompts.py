@@ -5,6 +5,10 @@ prefix tokens at the input of some block, deep variants swap the previous block'
 prompts at later blocks, and all prompts are removed again before the final norm, so that ``global_pool``
 (``'token'`` reads CLS, ``'avg'`` averages patches only) and the head see the usual sequence.
 
+A family whose blocks do not take one token sequence carries the prompts itself (Swin: a copy in every
+window, see :mod:`promptvit.backbones.swin`); the hooks then hand it the schedule and the prompts
+(``BackboneAdapter.route_token_prompts``), and the final norm sees what that family's route gives it.
+
 Prompt outputs that nobody reads are not computed: in a block whose prompt outputs the next block replaces
 (deep prompts) or the final norm strips, prompts act as keys and values only and the block outputs the other
 tokens (:mod:`promptvit.layers.selected_tokens`; timm's plain ``Block`` only, others run in full). The result
@@ -31,7 +35,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-from promptvit.backbones import adapter_for
+from promptvit.backbones import InsertedTokens, adapter_for
 from promptvit.layers.base import BatchedChange, ForwardPlan
 from promptvit.layers.selected_tokens import drop_token_range
 
@@ -49,6 +53,28 @@ def init_vpt_uniform_(
     """Fill ``prompts`` in place from ``U(-v, v)`` with VPT's bound; returns it."""
     bound = vpt_init_bound(patch_size, embed_dim)
     return prompts.uniform_(-bound, bound)
+
+
+class BlockPrompts(nn.Module):
+    """Prompt tensors of blocks of different widths (Swin's stages widen): ``self[i]`` is block i's (L, d_i).
+
+    Parameters, or buffers when the prompts stay fixed (saved with the model either way), named ``0, 1, ...``.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], *, trainable: bool = True) -> None:
+        super().__init__()
+        self.count = len(tensors)
+        for index, tensor in enumerate(tensors):
+            if trainable:
+                self.register_parameter(str(index), nn.Parameter(tensor))
+            else:
+                self.register_buffer(str(index), tensor)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return getattr(self, str(index))
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def expand_prompts(prompts: torch.Tensor, batch: int, dropout: nn.Module | None = None) -> torch.Tensor:
@@ -108,7 +134,9 @@ class TokenPromptHooks:
     drops the prompt tokens currently in the stream (the previous listed block's outputs) and inserts its own;
     unlisted blocks pass prompt tokens through; ``backbone.norm`` receives the sequence without prompts.
     A length of 0 at a later block only drops the previous prompts.
-    ``without_token_prompts()`` switches the hooks off for a prompt-free forward (SPT's data init).
+    ``without_token_prompts()`` switches the hooks off for a prompt-free forward (SPT's data init). A family
+    that routes prompts itself (``adapter.routes_token_prompts``, Swin) gets the same schedule and prompts
+    and carries them through its blocks its way.
     """
 
     num_prefix_tokens: int
@@ -139,7 +167,9 @@ class TokenPromptHooks:
         adapter = adapter_for(backbone)
         depth = len(adapter.blocks)
         if blocks[0] < 0 or blocks[-1] >= depth:
-            raise ValueError(f"prompted blocks {blocks} out of range for a ViT with {depth} blocks")
+            raise ValueError(f"prompted blocks {blocks} out of range for a backbone with {depth} blocks")
+        self._adapter = [adapter]  # a list: not a submodule
+        self._keep_prompt_outputs = frozenset(keep_prompt_outputs)
         #: block -> (prompt tokens in the stream before it, tokens it puts in)
         self.prompt_schedule = {}
         #: block -> prompt tokens in the stream at its input, for every block from the first prompted one
@@ -149,14 +179,23 @@ class TokenPromptHooks:
             if block in lengths:
                 self.prompt_schedule[block] = (in_stream, int(lengths[block]))
                 in_stream = int(lengths[block])
-                self.injections.pre_hook(
-                    adapter.blocks[block], functools.partial(self._insert_token_prompts, block)
-                )
             self.prompts_in_block[block] = in_stream
-        # the family's hooks that give inserted tokens no position (rotary, relative bias)
-        adapter.prepare_inserted_tokens(self.injections)
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
+        #: whether the family carries the prompts through its blocks itself (Swin's windows)
+        self.prompts_routed = adapter.routes_token_prompts
+        if self.prompts_routed:
+            self.prompt_output_skipping_blocks = frozenset()
+            routed = {block: int(length) for block, length in lengths.items()}
+            adapter.route_token_prompts(
+                self.injections,
+                InsertedTokens(routed, self.block_prompts, self._token_prompts_on, self._may_skip_prompt_outputs),
+            )
+            return
+        for block in self.prompt_schedule:
+            self.injections.pre_hook(adapter.blocks[block], functools.partial(self._insert_token_prompts, block))
+        # the family's hooks that give inserted tokens no position (rotary, relative bias)
+        adapter.prepare_inserted_tokens(self.injections)
         self.injections.pre_hook(adapter.final_norm, self._strip_token_prompts)
         #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
         self.prompt_output_skipping_blocks = frozenset(
@@ -167,7 +206,6 @@ class TokenPromptHooks:
             and block not in keep_prompt_outputs
             and adapter.supports_selected_rows(block)
         )
-        self._adapter = [adapter]  # a list: not a submodule
         for block in self.prompt_output_skipping_blocks:
             module = adapter.blocks[block]
             # An instance attribute, so the module (its name, weights and hooks) stays timm's own.
@@ -176,8 +214,11 @@ class TokenPromptHooks:
             )
 
     @torch.no_grad()
-    def token_prompt_change(self) -> BatchedChange:
-        """The inserted prompts of every block (eval mode: no dropout) for batched multi-task serving."""
+    def token_prompt_change(self) -> BatchedChange | None:
+        """The inserted prompts of every block (eval mode: no dropout) for batched multi-task serving; None
+        where the family routes the prompts itself (served per task)."""
+        if self.prompts_routed:
+            return None
         probe = torch.zeros(1, self.geometry.num_tokens, self.geometry.embed_dim)
         tensors = {}
         for block, (_, length) in self.prompt_schedule.items():
@@ -190,6 +231,13 @@ class TokenPromptHooks:
             schedule=dict(self.prompt_schedule),
             prompts_at_norm=self.prompts_at_norm,
         )
+
+    def _token_prompts_on(self) -> bool:
+        return self.plan.token_prompts
+
+    def _may_skip_prompt_outputs(self, block: int) -> bool:
+        """Whether ``block`` may leave out prompt outputs that nothing reads (a routing family asks)."""
+        return self.plan.token_prompts and self.plan.skip_prompt_outputs and block not in self._keep_prompt_outputs
 
     def _skipping(self, block: int) -> bool:
         """Whether ``block`` currently outputs no prompt tokens."""

@@ -33,6 +33,11 @@ set of block indices works (e.g. the deepest k for the depth ablation).
 
 Resolution: the prompt rows follow the token count of the model as built (``geometry.img_size``); inputs of
 another size, including with ``dynamic_img_size``, raise an error naming both token counts.
+
+Swin and SwinV2 (docs/methods.md, "VPT on Swin", EPT): the prompted attention is each block's window attention,
+so the prompt has one row per position of a window and every window of the block shares it; the logits
+``u`` include the relative position bias and, in shifted blocks, the shift mask (the prompt columns get
+neither). ``layers`` counts blocks across the stages; ``relative_length`` is refused (no single patch count).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import BackboneError, Geometry, adapter_for
+from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
 from promptvit.layers.prompted_attention import WAYS, PromptedAttention
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
@@ -81,6 +86,11 @@ class EPTConfig(MethodConfig):
 def _prompt_length(config: EPTConfig, geometry: Geometry) -> int:
     if config.relative_length is None:
         return config.prompt_length
+    if geometry.num_patches == 0:
+        raise ConfigError(
+            f"ept: relative_length converts with the patch count of a ViT, which {geometry.architecture} does not "
+            "have (its attention sees windows of different sizes per stage); give prompt_length instead"
+        )
     length = round(config.relative_length * geometry.embed_dim / geometry.num_patches)
     if length < 1:
         raise ConfigError(
@@ -90,8 +100,7 @@ def _prompt_length(config: EPTConfig, geometry: Geometry) -> int:
     return length
 
 
-def _layer_indices(config: EPTConfig, geometry: Geometry) -> list[int]:
-    depth = geometry.depth
+def _layer_indices(config: EPTConfig, depth: int) -> list[int]:
     if config.layers is None:
         return list(range(depth))
     bad = [i for i in config.layers if not 0 <= i < depth]
@@ -113,12 +122,17 @@ class EPT(Method):
 
     def __init__(self, config: EPTConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
-        self.layer_indices = _layer_indices(config, geometry)
         # d_p only matters for the concatenating ways ("add" and "multiply" have no prompt columns).
         self.prompt_length = _prompt_length(config, geometry) if config.way.endswith("_cat") else 0
 
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        """Token models, and families whose blocks are transformer blocks (Swin's window attention)."""
+        return adapter.kind == "vit" or adapter.has_transformer_blocks
+
     def attach(self, backbone: nn.Module) -> None:
         adapter = adapter_for(backbone)
+        self.layer_indices = _layer_indices(self.config, len(adapter.blocks))
         for index in self.layer_indices:
             try:  # the family's rotary positions and relative position bias take part (Eva, Beit)
                 parts_from_call = adapter.attention_parts_from_call(index)
@@ -128,7 +142,7 @@ class EPT(Method):
             try:
                 layer = PromptedAttention(
                     getattr(parent, name),
-                    num_tokens=self.geometry.num_tokens,
+                    num_tokens=adapter.attention_tokens(index),  # a window's tokens on Swin
                     way=self.config.way,
                     prompt_length=self.prompt_length,
                     init_std=self.config.init_std,
@@ -168,7 +182,7 @@ class EPT(Method):
     def expected_num_parameters(cls, config: EPTConfig, geometry: Geometry) -> int | None:
         if geometry.kind != "vit":
             return None
-        layers = len(_layer_indices(config, geometry))
+        layers = len(_layer_indices(config, geometry.depth))
         n = geometry.num_tokens
         if config.way == "add":
             return layers * n * n

@@ -11,6 +11,9 @@ Layer-0 tokens: the official code samples ``patch_embed``'s output, before the p
 (``layer0_tokens="patch_embed"``, the default); the paper's eq. 1 calls the position-embedded tokens E_0,
 which reads as after it (``layer0_tokens="pos_embed"``). The two disagree; both are offered.
 
+On Swin the prompts take VPT's route through the windows and layer ``i``'s tokens are block ``i``'s input
+map in raster order (docs/methods.md, "VPT on Swin").
+
 Recipes of the paper: deep ``prompt_length=20`` (the default here), shallow ``prompt_length=100``.
 ``frozen_prompts=True`` is the paper's ablation where only the head is trained after the data init.
 """
@@ -70,7 +73,6 @@ class SPT(VPT):
     table_rank = 12
     config_class = SPTConfig
     paper = "SPT: Self-Prompt Tuning (Wang et al., ICML 2024)"
-    supported_kinds = ("vit",)
     test_options = {"prompt_length": 2}
     needs_data_init = True
 
@@ -93,7 +95,8 @@ class SPT(VPT):
             seed=config.seed,
             layer0=config.layer0_tokens,
         )
-        self.prompts.copy_(sample.stacked().to(self.prompts.device, self.prompts.dtype))
+        for block, rows in enumerate(sample.tokens):
+            self.prompts[block].copy_(rows.to(self.prompts[block].device, self.prompts[block].dtype))
         info = sample.info("spt_")
         info["spt_seconds"] = round(time.perf_counter() - started, 4)
         info["spt_sampler"] = config.sampler

@@ -6,6 +6,10 @@ prompt outputs before each block i >= 1; prompts are initialised ``U(-v, v)`` wi
 ``v = sqrt(6 / (3 p^2 + d))``; prompt dropout (0.1 in the paper runs) is applied at every insertion and is
 the only dropout active while training (the frozen backbone stays in eval mode). The prompts are removed
 before the final norm, so ``global_pool='token'`` reads CLS and ``'avg'`` averages the patch tokens only.
+
+On Swin (docs/methods.md, "VPT on Swin") the prompts go into every window of a block, their width is the
+block's stage width (one (L, d_i) tensor per prompted block, ``prompts[i]``), ``d`` in the bound is the
+first stage's width for every stage, and the head averages prompts and patches, as the authors' code does.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry
+from promptvit.backbones import BackboneAdapter, Geometry, adapter_for
 from promptvit.layers.token_prompts import (
+    BlockPrompts,
     TokenPromptHooks,
     expand_prompts,
     init_vpt_uniform_,
@@ -61,37 +66,36 @@ class VPT(TokenPromptHooks, Method):
         self.num_prefix_tokens = geometry.num_prefix_tokens
         self.prompt_dropout = nn.Dropout(config.dropout)
 
-    @property
-    def num_prompted_blocks(self) -> int:
-        return self.geometry.depth if self.config.deep else 1
+    @classmethod
+    def supports(cls, adapter: BackboneAdapter) -> bool:
+        return adapter.supports_token_prompts
 
     def attach(self, backbone: nn.Module) -> None:
+        adapter = adapter_for(backbone)
         device, dtype = reference_device_dtype(backbone)
-        prompts = torch.empty(
-            self.num_prompted_blocks,
-            self.config.prompt_length,
-            self.geometry.embed_dim,
-            device=device,
-            dtype=dtype,
-        )
-        self.init_prompts(prompts)
-        if self.config.frozen_prompts:
-            self.register_buffer("prompts", prompts)
-        else:
-            self.prompts = nn.Parameter(prompts)
-        self.register_token_prompt_hooks(
-            backbone, {block: self.config.prompt_length for block in range(self.num_prompted_blocks)}
-        )
-
-    def init_prompts(self, prompts: torch.Tensor) -> None:
-        """Initialise the (blocks, L, d) prompt tensor in place (subclasses may override)."""
-        init_vpt_uniform_(prompts, self.geometry.patch_size, self.geometry.embed_dim)
+        #: the blocks that put in prompts: every block (deep) or the first
+        self.num_prompted_blocks = len(adapter.blocks) if self.config.deep else 1
+        widths = [adapter.block_width(block) for block in range(self.num_prompted_blocks)]
+        # VPT's bound from the patch size and the width of the first block's tokens (Swin: for every stage)
+        bound = (adapter.patch_size, widths[0])
+        length = self.config.prompt_length
+        if len(set(widths)) == 1:  # (blocks, L, d), one draw for all
+            prompts = init_vpt_uniform_(torch.empty(len(widths), length, widths[0], device=device, dtype=dtype), *bound)
+            if self.config.frozen_prompts:
+                self.register_buffer("prompts", prompts)
+            else:
+                self.prompts = nn.Parameter(prompts)
+        else:  # one (L, d_i) tensor per block
+            tensors = [init_vpt_uniform_(torch.empty(length, w, device=device, dtype=dtype), *bound) for w in widths]
+            self.prompts = BlockPrompts(tensors, trainable=not self.config.frozen_prompts)
+        self.register_token_prompt_hooks(backbone, {block: length for block in range(self.num_prompted_blocks)})
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts[block], x.shape[0], self.prompt_dropout)
 
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return [self.token_prompt_change()]
+    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
+        change = self.token_prompt_change()
+        return None if change is None else [change]
 
     @classmethod
     def prompted_depth(cls, config: VPTConfig, depth: int) -> int | None:
@@ -101,5 +105,7 @@ class VPT(TokenPromptHooks, Method):
     def expected_num_parameters(cls, config: VPTConfig, geometry: Geometry) -> int | None:
         if config.frozen_prompts:
             return 0
+        if geometry.kind != "vit":  # Swin: one width per stage, not in the geometry
+            return None
         blocks = geometry.depth if config.deep else 1
         return blocks * config.prompt_length * geometry.embed_dim
