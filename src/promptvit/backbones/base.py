@@ -435,13 +435,22 @@ class BackboneAdapter:
         """What tuning the last ``count`` stages tunes: those stages and the layers after them."""
         return [*self.stages[-count:], *self.after_stages()]
 
-    @torch.no_grad()
     def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
-        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros.
+        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""
+        inputs = self._stage_inputs(img_size)
+        return [self._stage_input_shape(index, seen) for index, seen in enumerate(inputs)]
 
-        A BackboneError names a stage that does not run exactly once on one tensor per forward (a module
-        list the model iterates, a stage called per branch): an activation prompt there would not apply once.
+    def stage_input_shape(self, img_size: tuple[int, int], stage: int) -> tuple[int, ...]:
+        """(C, H, W) of ``stages[stage]``'s input for ``img_size`` images (one probing forward of zeros).
+
+        A BackboneError says so where the stage does not run exactly once on one tensor per forward (a module
+        list the model iterates, a stage called per branch): a prompt at its input would not apply once.
         """
+        return self._stage_input_shape(stage, self._stage_inputs(img_size)[stage])
+
+    @torch.no_grad()
+    def _stage_inputs(self, img_size: tuple[int, int]) -> list[list[Any]]:
+        """The first argument of every call of every stage in one probing forward of a zero image."""
         stages = self.stages
         seen: dict[int, list[Any]] = {id(stage): [] for stage in stages}
 
@@ -451,21 +460,23 @@ class BackboneAdapter:
         reference = next(self.model.parameters())
         images = torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
         probe_forward_features(self.model, images, stages, record)
-        shapes = []
-        for index, stage in enumerate(stages):
-            inputs = seen[id(stage)]
-            if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
-                runs = (
-                    "never runs in forward_features" if not inputs
-                    else f"runs {len(inputs)} times per forward" if len(inputs) > 1
-                    else f"takes a {type(inputs[0]).__name__}, not one activation tensor"
-                )
-                raise BackboneError(
-                    f"stage {index} ({type(stage).__name__}) of {type(self.model).__name__} {runs}, so no "
-                    "prompt can be added at its input"
-                )
-            shapes.append(tuple(inputs[0].shape[1:]))
-        return shapes
+        return [seen[id(stage)] for stage in stages]
+
+    def _stage_input_shape(self, index: int, inputs: list[Any]) -> tuple[int, ...]:
+        if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+            return tuple(inputs[0].shape[1:])
+        runs = (
+            "never runs in forward_features"
+            if not inputs
+            else f"runs {len(inputs)} times per forward"
+            if len(inputs) > 1
+            else f"takes a {type(inputs[0]).__name__}, not one activation tensor"
+        )
+        stage = self.stages[index]
+        raise BackboneError(
+            f"stage {index} ({type(stage).__name__}) of {type(self.model).__name__} {runs}, so no prompt can be "
+            "added at its input"
+        )
 
 
 def probe_forward_features(

@@ -113,6 +113,12 @@ class ViTAdapter(TimmTokenAdapter):
             dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
             16,
         ),
+        # AIMv2: timm's SwiGLU MLP (fc1_x and fc1_g), RMSNorm, no class token, average pooling
+        "vit_aimv2": (
+            "aimv2_large_patch14_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
         "vit_no_embed_class_qk_norm_avgmax": (
             "vit_tiny_patch16_224",
             dict(

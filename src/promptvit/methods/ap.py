@@ -126,12 +126,11 @@ class AP(TokenPromptHooks, Method):
     ) -> tuple[int, ...]:
         """(C, H, W) of the prompted stage's input for one zero image of the configured size."""
         try:
-            shapes = adapter_for(backbone).stage_input_shapes(
-                image_size(self.geometry, self.config.cnn_input_size)
+            return adapter_for(backbone).stage_input_shape(
+                image_size(self.geometry, self.config.cnn_input_size), self.config.layer
             )
         except BackboneError as error:
             raise ConfigError(f"ap: {error}") from None
-        return shapes[self.config.layer]
 
     def _prompt_activation(self, module: nn.Module, args: tuple) -> tuple:
         z = args[0]

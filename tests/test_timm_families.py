@@ -1,0 +1,345 @@
+"""Every timm model: the generic adapter, the MLPs timm builds, the layouts of timm's fused projections, and
+the families that keep their own position maths (VisionTransformerRelPos, NaFlexVit).
+
+The method matrix (tests/test_families.py) runs every method on the tiny builds of every family, the generic
+adapter's included; this file pins what it cannot see: the refusals, which modules are tuned, and the maths
+against references written out here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import GluMlp, Mlp, SwiGLU, SwiGLUPacked
+from torch import nn
+
+import promptvit
+from promptvit.backbones import BackboneError, adapter_for, create_backbone
+from promptvit.backbones.generic import GenericAdapter
+from promptvit.layers.adapter import ParallelAdapterMlp
+from promptvit.layers.lora import FusedLoRALinear
+from promptvit.methods.base import ConfigError
+from tests.families import FAMILY_BUILDS, build, family_input, present
+
+METHODS = promptvit.available_methods()
+
+
+def _step(model: promptvit.PromptModel, x: torch.Tensor) -> set[str]:
+    """One SGD step on random targets; the names of the tuned tensors it moved."""
+    before = {n: p.detach().clone() for n, p in model.tuned_named_parameters()}
+    model.train()
+    optimizer = torch.optim.SGD([p for _, p in model.tuned_named_parameters()], lr=0.5)
+    F.cross_entropy(model(x), torch.arange(x.shape[0]) % 4).backward()
+    optimizer.step()
+    model.eval()
+    return {n for n, p in model.tuned_named_parameters() if not torch.equal(before[n], p)}
+
+
+# ---------------------------------------------------------------------- every MLP timm builds, in a ViT
+
+#: timm MLP -> the hidden width promptvit reads for mlp_ratio 2 at width 32 (GLUs pack value and gate in fc1)
+MLPS = {"Mlp": (Mlp, 64), "GluMlp": (GluMlp, 32), "SwiGLU": (SwiGLU, 64), "SwiGLUPacked": (SwiGLUPacked, 32)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mlp", sorted(MLPS))
+def test_every_mlp_timm_builds_runs_every_vit_method(mlp: str, method: str) -> None:
+    """timm's SwiGLU (AIMv2) has fc1_x and fc1_g, no fc1: it used to stop every method with an AttributeError."""
+    layer, hidden = MLPS[mlp]
+    base = create_backbone(
+        "vit_tiny_patch16_224", num_classes=3, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+        mlp_ratio=2, mlp_layer=layer,
+    )
+    model = promptvit.wrap(base, method, num_classes=4, **promptvit.get_method(method).test_options)
+    assert model.geometry.mlp_hidden == hidden
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    moved = _step(model, x)
+    head = f"backbone.{model.head_name}."
+    if model.parameter_summary()["method"]:
+        assert any(not n.startswith(head) for n in moved), f"{method} on a {mlp} ViT: no method tensor moved"
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_norm_tuning_tunes_rms_norms() -> None:
+    """AIMv2 normalises with timm's RmsNorm (weight only): norm tuning tunes exactly those weights."""
+    if "vit_aimv2" not in FAMILY_BUILDS:
+        pytest.skip("this timm has no AIMv2")
+    base = build(FAMILY_BUILDS, "vit_aimv2")
+    rms = {f"backbone.{n}.weight" for n, m in base.named_modules() if type(m).__name__ == "RmsNorm"}
+    model = promptvit.wrap(base, "norm", num_classes=4)
+    tuned = {n for n, _ in model.tuned_named_parameters() if not n.startswith(f"backbone.{model.head_name}.")}
+    assert rms and tuned == rms
+
+
+# ---------------------------------------------------------------------- the generic adapter
+
+
+def test_a_torchvision_model_is_refused_as_one() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    with pytest.raises(BackboneError, match=r"ResNet: it is a torchvision model \(torchvision\.models\.resnet\)"):
+        promptvit.wrap(torchvision.models.resnet18(weights=None), "linear", num_classes=3)
+
+
+def _densenet() -> nn.Module:
+    return build(FAMILY_BUILDS, "densenet")
+
+
+def test_generic_stages_are_feature_info_and_partial_tunes_from_the_kth_last_one_on() -> None:
+    """DenseNet's feature_info skips its transitions and last dense block (the final norm stands for it):
+    tuning the last two stages tunes dense block 3 and everything after it up to the head."""
+    model = _densenet()
+    adapter = adapter_for(model)
+    assert type(adapter) is GenericAdapter
+    names = {id(m): n for n, m in model.named_modules()}
+    assert [names[id(s)] for s in adapter.stages] == [i["module"] for i in model.feature_info]
+    assert adapter.geometry().depth == len(model.feature_info)
+    wrapped = promptvit.wrap(model, "partial", num_classes=4, num_blocks=2)
+    tuned = {n.removeprefix("backbone.") for n, _ in wrapped.tuned_named_parameters()}
+    order = [n for n, _ in model.named_parameters()]
+    first = order.index(next(n for n in order if n.startswith("features.denseblock3.")))
+    assert tuned == set(order[first:]), "from denseblock3 on, head included"
+    assert any(n.startswith("features.transition3.") for n in tuned)
+    assert any(n.startswith("features.denseblock4.") for n in tuned)
+
+
+def test_mobilenetv3_heads_read_the_width_of_its_conv_head() -> None:
+    """MobileNetV3's conv_head widens its last stage (num_features 288 -> 1024 here): an MLP head reads 1024."""
+    base = create_backbone("mobilenetv3_small_050", num_classes=3).eval()
+    width = base.get_classifier().in_features
+    assert base.num_features != width
+    model = promptvit.wrap(base, "mlp", num_classes=4)
+    assert model.geometry.embed_dim == width
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_a_conv_classifier_is_cached_and_gets_a_conv_mlp_head() -> None:
+    """DLA's classifier is a 1x1 convolution on (B, C, 1, 1): the cached pre-logit path reshapes for it, an MLP
+    head is made of 1x1 convolutions, and the L-BFGS head fit (a linear head on features) is refused."""
+    base = create_backbone("dla46x_c", num_classes=3).eval()
+    assert isinstance(base.get_classifier(), nn.Conv2d)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4).eval()
+    cut = model.cache_cut()
+    assert cut == model.geometry.depth > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_from_block(model.forward_prefix(x, cut), cut), model(x))
+    mlp = promptvit.wrap(copy.deepcopy(base), "mlp", num_classes=4).eval()
+    head = mlp.backbone.get_submodule(mlp.head_name.rpartition(".")[0])
+    assert [type(m) for m in head if isinstance(m, (nn.Linear, nn.Conv2d))] == [nn.Conv2d] * 3
+    assert _step(mlp, x)
+    with pytest.raises(ConfigError, match="solver 'lbfgs' fits a linear head"):
+        promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4, solver="lbfgs")
+
+
+class TwoBranchNet(nn.Module):
+    """A model that keeps timm's contract with one head per branch, averaged (as CrossVit does), and a
+    feature_info stage the forward never calls: the generic adapter must not cache or fit its head on the
+    concatenated pre-logit features, and must refuse an activation prompt at that stage."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.branches = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)])
+        self.num_classes = num_classes
+        self.head = nn.ModuleList([nn.Linear(8, num_classes), nn.Linear(8, num_classes)])
+        self.feature_info = [dict(module="stem", num_chs=8, reduction=2), dict(module="branches", num_chs=16)]
+        self.pretrained_cfg = {"classifier": ["head.0", "head.1"], "input_size": (3, 16, 16)}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.ModuleList([nn.Linear(8, num_classes), nn.Linear(8, num_classes)])
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        return [branch(x) for branch in self.branches]
+
+    def forward_head(self, xs: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        pooled = [x.mean((2, 3)) for x in xs]
+        if pre_logits:
+            return torch.cat(pooled, dim=1)
+        return torch.stack([head(p) for head, p in zip(self.head, pooled, strict=True)]).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def test_heads_that_do_not_read_the_pre_logit_features_are_neither_cached_nor_fitted_on_them() -> None:
+    base = TwoBranchNet()
+    adapter = adapter_for(base)
+    assert type(adapter) is GenericAdapter and not adapter.head_reads_pre_logits()
+    model = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4)
+    assert model.cache_cut() == 0
+    assert {id(p) for p in model.backbone.head.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match="solver 'lbfgs'"):
+        promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4, solver="lbfgs")
+    with pytest.raises(ConfigError, match=r"stage 1 \(ModuleList\) of TwoBranchNet never runs in forward_features"):
+        promptvit.wrap(copy.deepcopy(base), "ap", num_classes=4, layer=1)
+    ap = promptvit.wrap(copy.deepcopy(base), "ap", num_classes=4, layer=0)  # the stem runs once on the images
+    assert _step(ap, torch.randn(4, 3, 16, 16))
+
+
+def test_token_methods_on_the_generic_adapter_name_the_family_adapter_it_lacks() -> None:
+    with pytest.raises(ConfigError, match="TwoBranchNet has no family adapter.*needs a TwoBranchNet family adapter"):
+        promptvit.wrap(TwoBranchNet(), "vpt", num_classes=4)
+
+
+# ---------------------------------------------------------------------- timm's fused-projection layouts
+
+
+def _rows(part: int, heads: int, head_dim: int, num_heads: int) -> list[int]:
+    """Output rows of q (0), k (1) or v (2): [q | k | v], or head by head [q_h | k_h | v_h] (head_first)."""
+    if not heads:
+        return list(range(part * num_heads * head_dim, (part + 1) * num_heads * head_dim))
+    return [h * 3 * head_dim + part * head_dim + j for h in range(num_heads) for j in range(head_dim)]
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1x1"])
+@pytest.mark.parametrize("head_first", [False, True], ids=["qkv", "head_first"])
+def test_lora_updates_exactly_the_rows_of_its_parts(conv: bool, head_first: bool) -> None:
+    num_heads, head_dim, width = 2, 4, 6
+    out = 3 * num_heads * head_dim
+    torch.manual_seed(0)
+    base = nn.Conv2d(width, out, 1) if conv else nn.Linear(width, out)
+    layer = FusedLoRALinear(copy.deepcopy(base), [0, 2], rank=2, alpha=4.0, heads=num_heads if head_first else 0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, width, 3, 3) if conv else torch.randn(2, 5, width)
+    weight = base.weight.detach().reshape(out, width).clone()
+    for i, part in enumerate((0, 2)):  # W_p += (alpha / r) B_p A_p on exactly the rows of part p
+        weight[_rows(part, head_first, head_dim, num_heads)] += 2.0 * layer.lora_B[i].detach() @ layer.lora_A[i].detach()
+    channels_last = x.movedim(1, -1) if conv else x
+    expected = F.linear(channels_last, weight, base.bias.detach())
+    expected = expected.movedim(-1, 1) if conv else expected
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected)
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, base.weight)
+
+
+def test_the_adapter_runs_beside_a_1x1_conv_mlp_on_every_position() -> None:
+    mlp = timm.layers.ConvMlp(8, 16)
+    layer = ParallelAdapterMlp(mlp, dim=8, bottleneck=2, scale=0.5)
+    with torch.no_grad():
+        layer.adapter.up.weight.normal_()
+    x = torch.randn(2, 8, 3, 3)
+    at_each_position = layer.adapter(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), mlp(x) + 0.5 * at_each_position)
+
+
+@pytest.mark.parametrize("name", present("maxvit", "coatnet"))
+def test_maxxvit_lora_merged_equals_unmerged(name: str) -> None:
+    """MaxViT's channels-last linear qkv and CoAtNet's 1x1-conv qkv, both head_first: LoRA reaches the logits,
+    and its merged weights compute what its low-rank path computes."""
+    model = promptvit.wrap(build(FAMILY_BUILDS, name), "lora", num_classes=4, rank=2).eval()
+    assert all(layer.heads for layer in model.method._lora_layers)
+    x = family_input(FAMILY_BUILDS, name)
+    with torch.no_grad():
+        initial = model(x)
+        for n, p in model.tuned_named_parameters():
+            if "lora_" in n:
+                p.add_(0.3 * torch.randn_like(p))
+        unmerged = model(x)
+        model.merge()
+        merged = model(x)
+    assert not torch.allclose(unmerged, initial, atol=1e-4)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_maxvit_attention_is_refused_by_lora_with_the_reason() -> None:
+    if not timm.is_model("maxvit_tiny_pm_256"):
+        pytest.skip("this timm has no parallel MaxViT")
+    with torch.device("meta"):
+        base = timm.create_model("maxvit_tiny_pm_256")
+    with pytest.raises(ConfigError, match="runs a window and a grid attention side by side"):
+        promptvit.wrap(base, "lora", num_classes=4)
+
+
+# ---------------------------------------------------------------------- VisionTransformerRelPos
+
+
+@pytest.mark.parametrize("name", present("vit_relpos", "vit_srelpos"))
+def test_relpos_prompts_get_zero_bias_and_patches_keep_theirs(name: str, monkeypatch) -> None:
+    plain = build(FAMILY_BUILDS, name)
+    with torch.no_grad():  # a bias table away from its zero init, so that a shifted bias shows
+        for n, p in plain.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_()
+    prompted = promptvit.wrap(copy.deepcopy(plain), "vpt", prompt_length=3, deep=True).eval()
+    masks: list[torch.Tensor] = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    x = family_input(FAMILY_BUILDS, name)
+    with torch.no_grad():
+        plain(x)
+        without = list(masks)
+        masks.clear()
+        with prompted.all_token_outputs():
+            prompted(x)
+    prefix = plain.num_prefix_tokens
+    n = plain.patch_embed.num_patches + prefix
+    kept = torch.tensor([*range(prefix), *range(prefix + 3, n + 3)])  # prefix, then the patches after 3 prompts
+    assert len(masks) == len(without) == len(plain.blocks)
+    for bias, bias_plain in zip(masks, without, strict=True):
+        assert bias.shape[-1] == n + 3 and bias_plain.abs().sum() > 0
+        assert torch.equal(bias[..., kept[:, None], kept], bias_plain)
+        prompts = slice(prefix, prefix + 3)
+        assert not bias[..., prompts, :].any() and not bias[..., :, prompts].any()
+
+
+# ---------------------------------------------------------------------- NaFlexVit
+
+
+def _naflex_batch(images: torch.Tensor, patch: int, padded: int) -> dict[str, torch.Tensor]:
+    """timm's NaFlex input for ``images``: patches, (y, x) coordinates and validity; the last ``padded``
+    patches of sample 1 are padding (invalid, filled with noise)."""
+    from timm.models.naflexvit import batch_patchify
+
+    patches, (rows, cols) = batch_patchify(images, (patch, patch))
+    coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    valid = torch.ones(patches.shape[:2], dtype=torch.bool)
+    patches = patches.clone()
+    if padded:
+        valid[1, -padded:] = False
+        patches[1, -padded:] = torch.randn(padded, patches.shape[-1])
+    return {"patches": patches, "patch_coord": coords.expand(images.shape[0], -1, -1), "patch_valid": valid}
+
+
+@pytest.mark.parametrize("name", present("naflexvit_siglip", "naflexvit_gap", "naflexvit_rope"))
+@pytest.mark.parametrize("method", ["vpt", "lora"])
+def test_naflex_batches_keep_their_masks_and_positions_with_prompts(name: str, method: str) -> None:
+    """Prompts are valid prefix tokens in every sample: a fully valid NaFlex batch gives the image's logits,
+    and a padded patch changes nothing, whatever it holds (its mask row and column stay masked)."""
+    base = build(FAMILY_BUILDS, name)
+    with torch.no_grad():  # LayerScale at 1 instead of 1e-5, so that the blocks' attention shows
+        for n, p in base.named_parameters():
+            if n.endswith(("ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")):
+                p.fill_(1.0)
+    model = promptvit.wrap(base, method, num_classes=4, **promptvit.get_method(method).test_options).eval()
+    with torch.no_grad():
+        for _, p in model.tuned_named_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = family_input(FAMILY_BUILDS, name)
+    patch = model.adapter.patch_size[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(_naflex_batch(x, patch, 0)), model(x), rtol=1e-4, atol=1e-5)
+        first = model(_naflex_batch(x, patch, padded=3))
+        second = model(_naflex_batch(x, patch, padded=3))  # other noise in the padded patches
+    torch.testing.assert_close(first, second)
+    assert not torch.allclose(first[1], model(x)[1], atol=1e-4)  # three fewer patches: another sample
