@@ -260,10 +260,14 @@ def test_maxxvit_lora_merged_equals_unmerged(name: str) -> None:
 def test_parallel_maxvit_attention_is_refused_by_lora_with_the_reason() -> None:
     if not timm.is_model("maxvit_tiny_pm_256"):
         pytest.skip("this timm has no parallel MaxViT")
-    with torch.device("meta"):
-        base = timm.create_model("maxvit_tiny_pm_256")
+    base = create_backbone(
+        "maxvit_tiny_pm_256", embed_dim=(16, 32), depths=(1, 1), block_type=("PM",) * 2, stem_width=(8, 8),
+        transformer_dim_head=4, transformer_window_size=(2, 2), transformer_grid_size=(2, 2), img_size=32,
+    )
     with pytest.raises(ConfigError, match="runs a window and a grid attention side by side"):
-        promptvit.wrap(base, "lora", num_classes=4)
+        promptvit.wrap(copy.deepcopy(base), "lora", num_classes=4)
+    adapter = promptvit.wrap(base, "adapter", num_classes=4)  # its MLP takes a parallel adapter all the same
+    assert _step(adapter, torch.randn(4, 3, 32, 32))
 
 
 # ---------------------------------------------------------------------- VisionTransformerRelPos

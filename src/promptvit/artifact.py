@@ -20,7 +20,7 @@ from promptvit.artifact_format import (
     save_artifact,
     update_artifact_config,
 )
-from promptvit.backbones import Geometry, create_backbone, geometry_of
+from promptvit.backbones import Geometry, adapter_for, create_backbone, geometry_of
 from promptvit.errors import ArtifactError, BackboneError
 from promptvit.io import file_sha256
 from promptvit.methods.base import get_method
@@ -72,7 +72,7 @@ def load(
     if base_model is None:
         base_model = _rebuild_base(config, directory)
     saved = Geometry.from_dict(config["geometry"])
-    base_model.reset_classifier(config["num_classes"])
+    adapter_for(base_model).reset_classifier(config["num_classes"])
     actual = geometry_of(base_model)
     differences = {k: (v, getattr(actual, k)) for k, v in saved.to_dict().items() if v != getattr(actual, k)}
     if differences:

@@ -96,6 +96,13 @@ class PromptModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Outputs of the head: a linear or 1x1-conv classifier's width (timm 1.0.9's ``reset_classifier``
+        leaves ``num_classes`` behind on some models, e.g. RegNet and SAM's ViT), else timm's ``num_classes``."""
+        head = self.get_classifier()
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.Conv2d):
+            return head.out_channels
         return self.backbone.num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -438,7 +445,7 @@ def wrap(
     )
     original_buffers = {id(b) for b in model.buffers()}
     if num_classes is not None:
-        model.reset_classifier(num_classes)
+        adapter.reset_classifier(num_classes)
     if model.num_classes < 1:
         raise ConfigError("the model has no classifier (num_classes=0); pass num_classes to wrap()")
     source = backbone_source(model)

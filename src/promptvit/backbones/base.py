@@ -257,6 +257,12 @@ class BackboneAdapter:
         """Every module that maps features to logits (two for a distilled ViT); all are tuned as the head."""
         return [self.get_classifier()]
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head of ``num_classes`` through timm's ``reset_classifier``; ``num_classes`` follows it (older
+        timm releases leave it behind on some models, e.g. SAM's ViT in 1.0.9)."""
+        self.model.reset_classifier(num_classes)
+        self.model.num_classes = num_classes
+
     def set_classifier(self, module: nn.Module) -> None:
         """Replace the classifier module in place."""
         parent_name, _, child = self.classifier_name().rpartition(".")
