@@ -187,6 +187,25 @@ def test_heads_that_do_not_read_the_pre_logit_features_are_neither_cached_nor_fi
     assert _step(ap, torch.randn(4, 3, 16, 16))
 
 
+@pytest.mark.parametrize("name", ["deit_distilled", "two_branch"])
+def test_unload_puts_back_every_module_reset_classifier_replaced(name: str) -> None:
+    """timm's reset_classifier builds more than the classifier anew (a distilled ViT's second head, every
+    branch head): disable_adapter and unload put all of it back."""
+    base = build(FAMILY_BUILDS, name) if name in FAMILY_BUILDS else TwoBranchNet().eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(x)
+    model = promptvit.wrap(base, "linear", num_classes=5).eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+        with model.disable_adapter():
+            assert torch.equal(model(x), expected)
+    unloaded = model.unload()
+    after = unloaded.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_token_methods_on_the_generic_adapter_name_the_family_adapter_it_lacks() -> None:
     with pytest.raises(ConfigError, match="TwoBranchNet has no family adapter.*needs a TwoBranchNet family adapter"):
         promptvit.wrap(TwoBranchNet(), "vpt", num_classes=4)

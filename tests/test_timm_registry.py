@@ -3,7 +3,8 @@
 For each timm module, every model class it registers is built at its smallest architecture (parameters
 counted on the ``meta`` device), randomly initialised, wrapped with ``linear`` and run forward and backward at
 its default input size; where the logits come from the pre-logit features alone, the cached path
-(``forward_prefix`` then ``forward_from_block``) must give them too. A class is left out only when it is
+(``forward_prefix`` then ``forward_from_block``) must give them too, and ``unload`` must give back the
+backbone's own state. A class is left out only when it is
 named below with its reason. This takes minutes, so it runs only when asked for: ``pytest -m registry``
 (CI does, on the newest timm). The README's registry table is checked against ``promptvit backbones --all``
 here as well.
@@ -48,6 +49,7 @@ def test_linear_runs_on_the_smallest_architecture_of_every_class(module: str) ->
         if timm_class.name in TOO_LARGE:
             continue
         base = create_backbone(timm_class.smallest)
+        state = {k: v.clone() for k, v in base.state_dict().items()}
         if timm_class.name in NO_CLASSIFIER:
             with pytest.raises(BackboneError, match="has no get_classifier"):
                 promptvit.wrap(base, "linear", num_classes=3)
@@ -67,7 +69,10 @@ def test_linear_runs_on_the_smallest_architecture_of_every_class(module: str) ->
                 torch.testing.assert_close(
                     model.forward_from_block(model.forward_prefix(x, cut), cut), model(x), rtol=1e-4, atol=1e-5
                 )
-        del base, model, logits
+        unloaded = model.unload()  # the pre-wrap backbone again, head and all (reset_classifier replaced it)
+        after = unloaded.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+        del base, model, logits, unloaded, state, after
         gc.collect()
 
 

@@ -54,7 +54,8 @@ def _kind_refusal(method: str, base: torch.nn.Module) -> str | None:
     if cls.supports(adapter):
         return None
     why = adapter.kind_note or f"this family is a {geometry_of(base).kind} (stages of feature maps)"
-    return f"needs a {' or '.join(cls.supported_kinds)} backbone; {why}"
+    # the generic adapter's note names the model's class: one note for all of them
+    return f"needs a {' or '.join(cls.supported_kinds)} backbone; {why}".replace(type(base).__name__, "<class>")
 
 
 def _try(method: str, base: torch.nn.Module, size: int) -> str:
@@ -101,7 +102,7 @@ def family_support(methods: list[str] | None = None) -> list[FamilySupport]:
         cells = {m: _summary({n: _try(m, base, size) for n, (base, size) in bases.items()}) for m in methods}
         builds = tuple(adapter.tiny_builds[name][0] for name in bases)
         rows.append(FamilySupport(adapter.family, tuple(sorted(classes)), builds, cells))
-    return rows
+    return sorted(rows, key=lambda row: row.family == "Generic")  # the fallback last
 
 
 def markdown_table(rows: list[FamilySupport]) -> str:

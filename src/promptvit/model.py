@@ -30,7 +30,9 @@ from promptvit.methods.base import ConfigError, Method, MethodConfig, make_confi
 class _Original:
     """What ``wrap`` changed in the backbone outside the method's ledger, to give it back unchanged."""
 
-    head: nn.Module  # the classifier module before wrap
+    #: what ``reset_classifier`` replaced (dotted name -> the module before wrap): the classifier, and whatever
+    #: else timm builds anew with it (pooling, a distillation head, a head's norm); empty when the head is kept
+    replaced: dict[str, nn.Module]
     num_classes: int
     requires_grad: list[tuple[nn.Parameter, bool]]
     #: backbone parameters tuned in place (bias, norm, partial, full; the head when it is kept) and buffers
@@ -40,7 +42,7 @@ class _Original:
     def __deepcopy__(self, memo: dict[int, Any]) -> _Original:
         # The saved values are never written to, so copies of a model (best-epoch snapshots) share them.
         return _Original(
-            head=copy.deepcopy(self.head, memo),
+            replaced={name: copy.deepcopy(module, memo) for name, module in self.replaced.items()},
             num_classes=self.num_classes,
             requires_grad=[(copy.deepcopy(p, memo), flag) for p, flag in self.requires_grad],
             weights=[(copy.deepcopy(t, memo), saved) for t, saved in self.weights],
@@ -318,21 +320,22 @@ class PromptModel(nn.Module):
     @torch.no_grad()
     def _swap_original(self) -> Callable[[], None]:
         """Put the pre-wrap head and weights in; returns the function that puts the tuned ones back."""
-        original, adapter, backbone = self._original, self.adapter, self.backbone
-        tuned_head, tuned_classes = adapter.get_classifier(), backbone.num_classes
+        original, backbone = self._original, self.backbone
+        tuned_classes = backbone.num_classes
+        tuned_modules = {name: _submodule(backbone, name) for name in original.replaced}
         tuned = [(p, p.detach().clone()) for p, _ in original.weights]
         for parameter, saved in original.weights:
             parameter.copy_(saved)
-        if tuned_head is not original.head:
-            adapter.set_classifier(original.head)
+        for name, module in original.replaced.items():
+            _set_submodule(backbone, name, module)
         backbone.num_classes = original.num_classes
 
         @torch.no_grad()
         def restore() -> None:
             for parameter, value in tuned:
                 parameter.copy_(value)
-            if tuned_head is not original.head:
-                adapter.set_classifier(tuned_head)
+            for name, module in tuned_modules.items():
+                _set_submodule(backbone, name, module)
             backbone.num_classes = tuned_classes
 
         return restore
@@ -402,6 +405,16 @@ class PromptModel(nn.Module):
         return push_to_hub(self, repo_id, **options)
 
 
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    parent, _, child = name.rpartition(".")
+    return getattr(root.get_submodule(parent) if parent else root, child, None)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module | None) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def wrap(
     model: nn.Module,
     method: str | MethodConfig = "linear",
@@ -439,13 +452,13 @@ def wrap(
             f"not {geometry.architecture} ({geometry.kind})" + (f": {adapter.kind_note}" if adapter.kind_note else "")
         )
     original = _Original(
-        head=model.get_submodule(classifier_name(model)),
+        replaced={},
         num_classes=model.num_classes,
         requires_grad=[(p, p.requires_grad) for p in model.parameters()],
     )
     original_buffers = {id(b) for b in model.buffers()}
     if num_classes is not None:
-        adapter.reset_classifier(num_classes)
+        original.replaced = adapter.reset_classifier(num_classes)
     if model.num_classes < 1:
         raise ConfigError("the model has no classifier (num_classes=0); pass num_classes to wrap()")
     source = backbone_source(model)

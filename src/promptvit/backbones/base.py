@@ -257,11 +257,23 @@ class BackboneAdapter:
         """Every module that maps features to logits (two for a distilled ViT); all are tuned as the head."""
         return [self.get_classifier()]
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int) -> dict[str, nn.Module]:
         """A new head of ``num_classes`` through timm's ``reset_classifier``; ``num_classes`` follows it (older
-        timm releases leave it behind on some models, e.g. SAM's ViT in 1.0.9)."""
+        timm releases leave it behind on some models, e.g. SAM's ViT in 1.0.9).
+
+        Returns what timm replaced, dotted name -> the module before (outermost ones only): the classifier and
+        whatever timm builds anew with it (a pooling layer, a distillation head, a head's norm or MLP).
+        """
+        before = dict(self.model.named_modules())
         self.model.reset_classifier(num_classes)
         self.model.num_classes = num_classes
+        after = dict(self.model.named_modules())
+        changed = [name for name, module in before.items() if name and after.get(name) is not module]
+        return {
+            name: before[name]
+            for name in changed
+            if not any(name.startswith(f"{outer}.") for outer in changed)
+        }
 
     def set_classifier(self, module: nn.Module) -> None:
         """Replace the classifier module in place."""
