@@ -60,13 +60,15 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
 
 
 def mlp_hidden_width(mlp: nn.Module) -> int:
-    """Hidden width of any MLP timm builds: ``Mlp``, ``GluMlp``/``SwiGLUPacked`` (``fc1`` packs the value and
-    the gate) or ``SwiGLU`` (``fc1_x`` and ``fc1_g``, e.g. AIMv2)."""
-    mlp = unwrap_base_layers(mlp)
-    if hasattr(mlp, "fc1_x"):
-        return int(mlp.fc1_x.out_features)
-    width = int(mlp.fc1.out_features)
-    return width // 2 if getattr(mlp, "chunk_dim", None) is not None else width
+    """Hidden width of any MLP timm builds: what its output projection, its last linear layer, reads.
+
+    ``Mlp`` (``fc1``, ``fc2``), ``GluMlp``/``SwiGLUPacked`` (``fc1`` packs the value and the gate, ``fc2`` reads
+    the value), ``SwiGLU`` (``fc1_x``, ``fc1_g``, e.g. AIMv2), ViTamin's ``GeGluMlp`` (``w0``, ``w1``, ``w2``).
+    """
+    linears = [m for m in unwrap_base_layers(mlp).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BackboneError(f"{type(mlp).__name__} has no linear layer: it is not an MLP promptvit can read")
+    return int(linears[-1].in_features)
 
 
 def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
