@@ -190,12 +190,15 @@ def _wraps(method: str, base: torch.nn.Module) -> str:
 
 
 def registry_support(
-    methods: list[str] | None = None, progress: Callable[[TimmClass], None] | None = None
+    methods: list[str] | None = None,
+    progress: Callable[[TimmClass], None] | None = None,
+    module: str | None = None,
 ) -> list[ClassSupport]:
-    """One row per model class of timm's registry: every method wrapped on its smallest architecture (meta)."""
+    """One row per model class of timm's registry (or of one timm ``module``): every method wrapped on its
+    smallest architecture (meta)."""
     methods = methods or available_methods()
     rows = []
-    for timm_class in timm_model_classes():
+    for timm_class in timm_model_classes(module):
         if progress is not None:
             progress(timm_class)
         base = _build_on_meta(timm_class.smallest)
