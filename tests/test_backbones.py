@@ -70,3 +70,25 @@ def test_geometry_of_cnn_and_vit() -> None:
     vit = promptvit.geometry_of(build_tiny("vit_avg"))
     assert (vit.kind, vit.num_prefix_tokens, vit.num_patches, vit.global_pool) == ("vit", 0, 16, "avg")
     assert promptvit.geometry_of(build_tiny("resnet")).kind == "cnn"
+
+
+def test_an_unreachable_hub_is_not_retried(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Without HF_HUB_OFFLINE and without a network, the download runs in offline mode (cache only), so the
+    good error comes at once instead of after about a minute of retries."""
+    import timm.models._hub as timm_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    modes = []
+    download = timm_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        modes.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", recording)
+    with pytest.raises(BackboneError, match=r"--weights path/to/weights.safetensors"):
+        create_backbone("vit_tiny_patch16_224.augreg_in21k", pretrained=True)
+    assert modes and all(modes)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored afterwards

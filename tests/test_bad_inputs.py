@@ -380,7 +380,7 @@ def nan_loss(tmp: Path) -> None:
 
     images = torch.full((4, 3, 16, 16), float("nan"))
     data = torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 0, 1]))
-    model = promptvit.wrap(build_tiny("vit_token"), "linear", num_classes=2)
+    model = promptvit.wrap(build_tiny("vit_token"), "linear", num_classes=2, solver="sgd")
     raises(
         TrainingError,
         "epoch 1, optimiser step 1",

@@ -24,6 +24,7 @@ OLD_HOMES = [
     ("promptvit.train", "ResumeError", RuntimeError),
     ("promptvit.protocols", "ProtocolError", ValueError),
     ("promptvit.export", "ExportError", ValueError),
+    ("promptvit.hub", "HubError", ValueError),
 ]
 
 

@@ -401,7 +401,7 @@ def artifact_future_format(tmp: Path) -> None:
 
 def artifact_unknown_method(tmp: Path) -> None:
     directory = _edit_config(tmp, method="prefix_magic")
-    raises(ConfigError, "unknown method 'prefix_magic'", lambda: promptvit.load(directory))
+    raises(ArtifactError, r"adapter_config.json is damaged .*unknown method 'prefix_magic'", lambda: promptvit.load(directory))
 
 
 def artifact_weights_missing(tmp: Path) -> None:

@@ -119,8 +119,8 @@ def test_mobilenetv3_heads_read_the_width_of_its_conv_head() -> None:
 
 
 def test_a_conv_classifier_is_cached_and_gets_a_conv_mlp_head() -> None:
-    """DLA's classifier is a 1x1 convolution on (B, C, 1, 1): the cached pre-logit path reshapes for it, an MLP
-    head is made of 1x1 convolutions, and the L-BFGS head fit (a linear head on features) is refused."""
+    """DLA's classifier is a 1x1 convolution on (B, C, 1, 1): the cached pre-logit path reshapes for it, and an
+    MLP head is made of 1x1 convolutions."""
     base = create_backbone("dla46x_c", num_classes=3).eval()
     assert isinstance(base.get_classifier(), nn.Conv2d)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -133,8 +133,6 @@ def test_a_conv_classifier_is_cached_and_gets_a_conv_mlp_head() -> None:
     head = mlp.backbone.get_submodule(mlp.head_name.rpartition(".")[0])
     assert [type(m) for m in head if isinstance(m, (nn.Linear, nn.Conv2d))] == [nn.Conv2d] * 3
     assert _step(mlp, x)
-    with pytest.raises(ConfigError, match="solver 'lbfgs' fits a linear head"):
-        promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4, solver="lbfgs")
 
 
 class TwoBranchNet(nn.Module):
@@ -179,8 +177,9 @@ def test_heads_that_do_not_read_the_pre_logit_features_are_neither_cached_nor_fi
     model = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4)
     assert model.cache_cut() == 0
     assert {id(p) for p in model.backbone.head.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
-    with pytest.raises(ConfigError, match="solver 'lbfgs'"):
-        promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4, solver="lbfgs")
+    with pytest.warns(UserWarning, match="L-BFGS cannot fit it on them; it is trained by the run's optimiser"):
+        fallback = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4)  # solver lbfgs by default
+    assert fallback.config.solver == "sgd" and not fallback.method.fits_head_to_convergence()
     with pytest.raises(ConfigError, match=r"stage 1 \(ModuleList\) of TwoBranchNet never runs in forward_features"):
         promptvit.wrap(copy.deepcopy(base), "ap", num_classes=4, layer=1)
     ap = promptvit.wrap(copy.deepcopy(base), "ap", num_classes=4, layer=0)  # the stem runs once on the images
@@ -366,3 +365,31 @@ def test_naflex_batches_keep_their_masks_and_positions_with_prompts(name: str, m
         second = model(_naflex_batch(x, patch, padded=3))  # other noise in the padded patches
     torch.testing.assert_close(first, second)
     assert not torch.allclose(first[1], model(x)[1], atol=1e-4)  # three fewer patches: another sample
+
+
+def test_lbfgs_fits_a_conv_classifier_as_the_linear_map_it_is(tmp_path) -> None:
+    """linear's default solver fits DLA's 1x1-conv head on the pre-logit features: scikit-learn-style logistic
+    regression on those features gives the same weights."""
+    from torch.utils.data import TensorDataset
+
+    from promptvit.train import TrainConfig, fit
+    from promptvit.train.probe import extract_features, fit_logistic
+
+    model = promptvit.wrap(create_backbone("dla46x_c", num_classes=3), "linear", l2_grid=[1.0])
+    assert model.method.fits_head_to_convergence()
+    images = torch.randn(18, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(18) % 3
+    train = TensorDataset(images, labels)
+    fit(model, train, None, config=TrainConfig(epochs=2, device="cpu", progress=False), run_dir=tmp_path,
+        class_names=["a", "b", "c"], multilabel=False)
+    features, targets = extract_features(model, train, batch_size=64, device=torch.device("cpu"))
+    weight, bias = fit_logistic(features, targets, 3, 1.0)
+    head = model.get_classifier()
+    torch.testing.assert_close(head.weight.double().reshape(3, -1), weight, rtol=0, atol=1e-4)
+    # softmax ignores a shift of every bias (its mean never moves: the fit starts from timm's random conv bias)
+    centred = head.bias.double() - head.bias.double().mean()
+    torch.testing.assert_close(centred, bias - bias.mean(), rtol=0, atol=1e-4)
+    with torch.no_grad():  # and the model's probabilities are that regression's
+        torch.testing.assert_close(
+            model.eval()(images).double().softmax(-1), (features @ weight.T + bias).softmax(-1), rtol=0, atol=1e-4
+        )

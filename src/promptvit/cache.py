@@ -51,7 +51,7 @@ import os
 import random
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -708,13 +708,17 @@ class CachedBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         pin_memory: bool = False,
+        batch_sampler: Iterable[list[int]] | None = None,
     ) -> None:
         self.outputs = outputs
         self.targets = targets
         self.pin_memory = pin_memory
-        self.indices = DataLoader(
-            range(outputs.shape[0]), batch_size=batch_size, shuffle=shuffle, generator=generator
-        )
+        if batch_sampler is not None:  # fixed index batches (the class-balanced sampler)
+            self.indices = DataLoader(range(outputs.shape[0]), batch_sampler=batch_sampler)
+        else:
+            self.indices = DataLoader(
+                range(outputs.shape[0]), batch_size=batch_size, shuffle=shuffle, generator=generator
+            )
 
     def __len__(self) -> int:
         return len(self.indices)

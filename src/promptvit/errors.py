@@ -8,6 +8,14 @@ This module is the bottom of the import graph: it imports nothing from promptvit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def listed(items: Iterable[object], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: a list named in a one-line message."""
+    names = [str(item) for item in items]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
 
 class PromptvitError(Exception):
     """Base of every error promptvit raises for something the user can fix."""
@@ -34,6 +42,10 @@ class DataError(PromptvitError, ValueError):
 
 class ArtifactError(PromptvitError, ValueError):
     """An artifact is missing, unreadable, or does not fit the backbone it is loaded on."""
+
+
+class HubError(ArtifactError):
+    """The Hugging Face Hub cannot be reached, refuses access, or holds no such repository (nor does the cache)."""
 
 
 class OutputError(PromptvitError, OSError):

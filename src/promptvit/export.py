@@ -5,17 +5,23 @@ model is loaded back through the target tool (peft, timm, onnxruntime) and its l
 the PromptModel's on a random batch. The comparison and its tolerance are recorded in ``export.json``
 beside the files. How our LoRA maps onto peft's is described in ``docs/export.md``.
 
-- ``peft``: LoRA only. Every adapted ``qkv`` gets a peft LoRA on the whole fused ``nn.Linear`` whose rank is
+- ``peft``: methods with a peft form (LoRA: ``Method.peft_form``), with a README. Every adapted ``qkv`` gets a peft LoRA on the whole fused ``nn.Linear`` whose rank is
   ``len(targets) * rank``: A stacks the parts' A matrices, B is block structured (each part's B on its own
   rows, zeros on the rows of parts that are not targeted), ``lora_alpha = alpha * len(targets)`` keeps the
   scale ``alpha / rank``. The classifier is a ``modules_to_save`` entry.
 - ``merged-timm``: methods whose effect lives in the backbone's own weights (or merges into them) become a
-  ``model.safetensors`` + ``config.json`` folder in timm's Hub layout.
+  ``model.safetensors`` + ``config.json`` folder in timm's Hub layout (``PromptModel.merge_and_unload`` of a
+  copy); ``config.json`` carries the artifact's preprocessing and trained input size, its classes, and the
+  base's licence and tag where they apply.
 - ``onnx``: every method; merged first where the method can merge. Dynamic batch size.
+
+A format the method cannot take is refused in one sentence naming why and the formats that work
+(:func:`formats_for`). No exported file names a path of the machine that wrote it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -26,11 +32,11 @@ import timm
 import torch
 from torch import nn
 
-from promptvit.artifact import ArtifactError, load, read_artifact_config
+from promptvit.artifact import default_data_config, load, read_artifact_config, resolve_artifact_dir
+from promptvit.backbones import origin_of
 from promptvit.errors import ExportError
+from promptvit.hub import local_folder, peft_card, portable_config, without_local_paths
 from promptvit.io import atomic_write_text
-from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import TunerLayer
 from promptvit.model import PromptModel
 
 FORMATS = ("peft", "onnx", "merged-timm")
@@ -61,17 +67,18 @@ def export(
     _check_out(out)
     model, info = _resolve(source, base_model)
     model.eval()
+    _check_format(model, format)
     if input_size is None:
-        input_size = tuple(info.get("data_config", {}).get("input_size", [3, *model.geometry.img_size])[1:])
+        input_size = tuple(info["data_config"]["input_size"][1:])
     writer = {"peft": _write_peft, "merged-timm": _write_merged_timm, "onnx": _write_onnx}[format]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        record = writer(model, staging, tuple(input_size))
+        record = writer(model, info, staging, tuple(input_size))
         record = {
             "format": format,
             "method": model.method.name,
-            "base_model": model.source,
+            "base_model": portable_config(info)["base_model"],
             "num_classes": model.num_classes,
             "input_size": [3, *input_size],
             **{k: info[k] for k in ("class_names", "multilabel", "data_config") if k in info},
@@ -99,16 +106,37 @@ def _check_out(out: Path) -> None:
 
 
 def _resolve(source: str | Path | PromptModel, base_model: nn.Module | None) -> tuple[PromptModel, dict]:
+    """The model and its artifact config (for a PromptModel, what ``save_pretrained`` would write)."""
     if isinstance(source, PromptModel):
-        return source, {}
-    path = Path(source)
-    for candidate in (path, path / "artifact"):
-        try:
-            info = read_artifact_config(candidate)
-        except ArtifactError:
-            continue
-        return load(candidate, base_model), info
-    raise ArtifactError(f"{path} is neither an artifact folder nor a run folder with artifact/ inside")
+        return source, {
+            "method": source.method.name,
+            "base_model": source.source,
+            "num_classes": source.num_classes,
+            "class_names": [f"class_{i}" for i in range(source.num_classes)],
+            "multilabel": False,
+            "data_config": default_data_config(source),
+        }
+    folder = resolve_artifact_dir(local_folder(source))
+    return load(folder, base_model), read_artifact_config(folder)
+
+
+def formats_for(model: PromptModel) -> list[str]:
+    """The export formats that work for this model's method."""
+    formats = ["peft"] if model.method.has_peft_form() else []
+    if model.merge_problem() is None:
+        formats.append("merged-timm")
+    return [*formats, "onnx"]
+
+
+def _check_format(model: PromptModel, format: str) -> None:
+    working = formats_for(model)
+    if format in working:
+        return
+    why = "Hugging Face peft has no equivalent of it" if format == "peft" else model.merge_problem()
+    raise ExportError(
+        f"method '{model.method.name}' cannot be exported as {format}: {why}; formats that work for it: "
+        f"{', '.join(working)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -146,85 +174,59 @@ def _compare(expected: torch.Tensor, actual: torch.Tensor, what: str) -> float:
 # ---------------------------------------------------------------------------------------- plain timm
 
 
-def _plain_state(model: PromptModel) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The backbone's tensors under timm's own names, and the names that have no place in a plain model.
-
-    An injected tuner layer keeps the layer it wraps as ``base_layer``; that level is dropped from the name.
-    """
-    state, extra = {}, []
-    tuner_names = [n for n, m in model.backbone.named_modules() if isinstance(m, TunerLayer)]
-    for name, tensor in model.backbone.state_dict().items():
-        plain = name.replace(".base_layer.", ".")
-        owner = next((t for t in tuner_names if name.startswith(t + ".")), None)
-        if owner is not None and plain == name:  # a tensor of the tuner layer itself (lora_A, adapter, ...)
-            extra.append(name)
-        else:
-            state[plain] = tensor.detach().cpu()
-    return state, extra
-
-
 def _architecture(model: PromptModel) -> tuple[str, dict[str, Any]]:
+    """timm's architecture name and the build options of the backbone, with the tuned head's size."""
     source = model.source
     if not source.get("name"):
         raise ExportError("the model records no timm architecture name; build it with create_backbone")
-    kwargs = {k: v for k, v in source.get("kwargs", {}).items() if k != "num_classes"}
+    skip = ("num_classes", "pretrained_cfg_overlay")
+    kwargs = {k: v for k, v in (source.get("kwargs") or {}).items() if k not in skip}
     return source["name"].split(".")[0], {**kwargs, "num_classes": model.num_classes}
 
 
-def _plain_model(model: PromptModel) -> nn.Module:
-    """A fresh timm model of the same architecture holding the backbone's current (unmerged) tensors."""
-    architecture, kwargs = _architecture(model)
-    plain = timm.create_model(architecture, pretrained=False, **kwargs)
-    state, _ = _plain_state(model)
-    try:
-        plain.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ExportError(
-            f"the tuned backbone does not fit a plain timm '{architecture}' with {kwargs}: "
-            f"{str(error).splitlines()[-1].strip()}"
-        ) from error
-    return plain.eval()
+def _timm_config(model: PromptModel, info: dict[str, Any], path: Path) -> None:
+    """timm's ``config.json`` made to describe these weights: the trained preprocessing and input size, the
+    classes, and the base's tag and licence only where the weights still descend from timm's Hub weights."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    cfg = config.setdefault("pretrained_cfg", {})
+    for key in ("file", "url", "hf_hub_id", "hf_hub_filename", "test_input_size", "test_crop_pct", "test_pool_size"):
+        cfg.pop(key, None)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    cfg.update({k: v for k, v in info["data_config"].items() if k in keys})
+    base = info.get("base_model") or {}
+    name = str(base.get("name") or "")
+    cfg["tag"] = name.partition(".")[2] or None if origin_of(base) == "hub" else None
+    cfg["license"] = base.get("license") or "unknown"
+    cfg["num_classes"] = config["num_classes"] = model.num_classes
+    config["label_names"] = [str(n) for n in info["class_names"]]
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    config["pretrained_cfg"] = cfg
+    atomic_write_text(path, json.dumps(without_local_paths(config), indent=2) + "\n")
 
 
-def _not_mergeable(model: PromptModel, why: str) -> ExportError:
-    return ExportError(
-        f"method '{model.method.name}' cannot be written as a plain timm checkpoint: {why}; "
-        "export it with --format onnx, or keep the promptvit artifact"
-    )
-
-
-def _write_merged_timm(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[str, Any]:
+def _write_merged_timm(model: PromptModel, info: dict[str, Any], out: Path, size: tuple[int, int]) -> dict[str, Any]:
     from timm.models import save_for_hf
 
-    own = [n for n in model.tuned_state_dict() if not n.startswith("backbone.")]
-    if own:
-        raise _not_mergeable(model, f"it adds its own tensors ({', '.join(own[:3])})")
-    hooked = [n for n, m in model.backbone.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    if hooked:
-        raise _not_mergeable(model, f"it changes the forward of {', '.join(hooked[:3])} through hooks")
     images = _random_batch(size, 3, seed=0)
     expected = _reference_logits(model, images)
-    merged = _merge(model)
-    try:
-        layers = [n for n, m in model.backbone.named_modules() if isinstance(m, TunerLayer)]
-        if layers and not merged:
-            raise _not_mergeable(model, f"its layers ({', '.join(layers[:3])}) do not merge")
-        try:
-            plain = _plain_model(model)
-        except ExportError as error:
-            raise _not_mergeable(model, str(error)) from error
-    finally:
-        if merged:
-            model.unmerge()
+    merged = bool(model.method.injections.entries("replace"))
+    plain = copy.deepcopy(model).merge_and_unload().cpu().eval()
     architecture, kwargs = _architecture(model)
     save_for_hf(plain, str(out), model_args=kwargs, safe_serialization=True)
+    _timm_config(model, info, out / "config.json")
     # Load it back the way the README shows: timm's own loader with the file as the pretrained weights.
-    loaded = timm.create_model(
-        architecture,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=model.num_classes),
-        **kwargs,
-    ).eval()
+    try:
+        loaded = timm.create_model(
+            architecture,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=model.num_classes),
+            **kwargs,
+        ).eval()
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ExportError(
+            f"timm cannot load the merged checkpoint as '{architecture}' with {kwargs} "
+            f"({(str(error).splitlines() or [''])[0]}); keep the promptvit artifact or export to onnx"
+        ) from error
     with torch.no_grad():
         diff = _compare(expected, loaded(images), "the timm checkpoint")
     return {
@@ -248,53 +250,29 @@ def _merge(model: PromptModel) -> bool:
 # ---------------------------------------------------------------------------------------- peft
 
 
-def _write_peft(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[str, Any]:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _write_peft(model: PromptModel, info: dict[str, Any], out: Path, size: tuple[int, int]) -> dict[str, Any]:
+    from peft import PeftModel
 
-    layers = {n: m for n, m in model.backbone.named_modules() if isinstance(m, FusedLoRALinear)}
-    if not layers:
-        raise ExportError(
-            f"--format peft exports LoRA artifacts; method '{model.method.name}' has no LoRA layers "
-            "(use --format onnx or merged-timm)"
-        )
-    first = next(iter(layers.values()))
-    shapes = {(m.parts, m.rank, m.alpha, m.num_parts) for m in layers.values()}
-    if len(shapes) != 1:
-        raise ExportError(f"LoRA layers with different parts/rank/alpha cannot share one peft config: {shapes}")
-    if any(m.merged for m in layers.values()):
+    if getattr(model.method, "merged", False):
         raise ExportError("the LoRA layers are merged into the backbone; unmerge() before exporting to peft")
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    num_targets = len(first.parts)
     images = _random_batch(size, 3, seed=0)
     expected = _reference_logits(model, images)
-    config = LoraConfig(
-        r=num_targets * first.rank,
-        lora_alpha=first.alpha * num_targets,  # peft scales by lora_alpha / r: alpha / rank, as ours
-        lora_dropout=dropout,
-        target_modules=sorted(layers),
-        modules_to_save=[model.head_name],
-        bias="none",
-        init_lora_weights=False,
-    )
-    peft_model = get_peft_model(_plain_model(model), config)
-    # Set after wrapping: peft resets it from the model, which a timm model does not name.
-    peft_model.peft_config["default"].base_model_name_or_path = model.source.get("name")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            target = peft_model.base_model.model.get_submodule(name)
-            target.lora_A["default"].weight.copy_(layer.lora_A.reshape(num_targets * layer.rank, -1))
-            target.lora_B["default"].weight.copy_(layer.stacked_lora_B())
-    peft_model.save_pretrained(str(out), save_embedding_layers=False)  # a ViT has no vocabulary to check
-    # Load it back as a user would: a plain timm model of the same weights, then PeftModel.from_pretrained.
-    loaded = PeftModel.from_pretrained(_plain_model(model), str(out)).eval()
+    model.save_peft_adapter(out)
+    adapter = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    atomic_write_text(out / "adapter_config.json", json.dumps(without_local_paths(adapter), indent=2) + "\n")
+    atomic_write_text(out / "README.md", peft_card(portable_config(info)))
+    # Load it back as a user would: the same timm backbone with a head of the right size, then peft's loader.
+    base = copy.deepcopy(model).unload()
+    base.reset_classifier(model.num_classes)
+    loaded = PeftModel.from_pretrained(base.cpu(), str(out)).eval()
     with torch.no_grad():
         diff = _compare(expected, loaded(images), "the peft adapter")
     return {
-        "files": ["adapter_config.json", "adapter_model.safetensors"],
-        "target_modules": sorted(layers),
-        "modules_to_save": [model.head_name],
-        "peft_rank": config.r,
-        "peft_lora_alpha": config.lora_alpha,
+        "files": ["adapter_config.json", "adapter_model.safetensors", "README.md"],
+        "target_modules": adapter["target_modules"],
+        "modules_to_save": adapter["modules_to_save"],
+        "peft_rank": adapter["r"],
+        "peft_lora_alpha": adapter["lora_alpha"],
         "max_abs_diff": diff,
     }
 
@@ -302,7 +280,7 @@ def _write_peft(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[st
 # ---------------------------------------------------------------------------------------- onnx
 
 
-def _write_onnx(model: PromptModel, out: Path, size: tuple[int, int]) -> dict[str, Any]:
+def _write_onnx(model: PromptModel, info: dict[str, Any], out: Path, size: tuple[int, int]) -> dict[str, Any]:
     import warnings
 
     try:

@@ -6,24 +6,44 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
+from promptvit.artifact_format import (
+    CONFIG_FILE,
+    load_tuned_state,
+    read_artifact_config,
+    read_artifact_weights,
+    resolve_artifact_dir,
+    save_artifact,
+)
 from promptvit.backbones import (
+    BackboneError,
     Geometry,
     adapter_for,
     backbone_source,
+    base_model_call,
     body_parameters,
     classifier_name,
+    find_weights_file,
+    geometry_of,
+    origin_of,
+    rebuild_backbone,
+    rebuild_problem,
     weights_fingerprint,
 )
+from promptvit.errors import ArtifactError, listed
+from promptvit.hub import local_folder
+from promptvit.io import atomic_write
 from promptvit.layers.base import ForwardPlan, Injections
 from promptvit.layers.selected_tokens import class_token_row
-from promptvit.methods.base import ConfigError, Method, MethodConfig, make_config
+from promptvit.methods.base import ConfigError, Method, MethodConfig, get_method, make_config
 
 
 @dataclasses.dataclass
@@ -131,6 +151,38 @@ class PromptModel(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_submodule(self.head_name)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, trainable head with ``num_classes`` outputs (timm's ``reset_classifier``); a head the method
+        built (an MLP head) keeps its hidden layers and gets a new last layer."""
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if self.head_name == classifier_name(self.backbone):
+            replaced = self.adapter.reset_classifier(num_classes)
+            if self._original is not None:  # disable/unload put the pre-wrap modules back
+                for name, module in replaced.items():
+                    self._original.replaced.setdefault(name, module)
+        else:
+            last = self.get_classifier()
+            parent, _, child = self.head_name.rpartition(".")
+            setattr(
+                self.backbone.get_submodule(parent),
+                child,
+                nn.Linear(last.in_features, num_classes, device=last.weight.device, dtype=last.weight.dtype),
+            )
+            self.backbone.num_classes = num_classes
+        for head in [self.get_classifier(), *self.extra_heads()]:
+            head.requires_grad_(True)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's timm ``pretrained_cfg`` (preprocessing, licence...), as on a timm model."""
+        return self.backbone.pretrained_cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
     # ------------------------------------------------------------------ frozen-prefix caching
 
     def cache_cut(self) -> int:
@@ -147,11 +199,15 @@ class PromptModel(nn.Module):
             )
         if self.method.trains_backbone:
             return 0
-        if self.geometry.kind != "vit" and cut != depth:
-            return 0
         if cut == depth and not self.adapter.head_reads_pre_logits():
-            return 0
-        return cut
+            return 0  # the logits need more than the pre-logit features (generic adapter: branch heads...)
+        random = {id(m) for m in _stochastic_depth(self.backbone)}
+        if self.geometry.kind != "vit":
+            return cut if cut == depth and not random else 0
+        # Stochastic depth trains with the model (see ``train``): the prefix ends before its first such block.
+        blocks = self.adapter.blocks
+        random_blocks = [i for i, b in enumerate(blocks) if any(id(m) in random for m in b.modules())]
+        return min([cut, *random_blocks])
 
     def _check_cut(self, block: int) -> None:
         depth = self.geometry.depth
@@ -257,13 +313,19 @@ class PromptModel(nn.Module):
     update_batchnorm_stats: bool = False
 
     def train(self, mode: bool = True) -> PromptModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them.
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics fixed) unless the method tunes them;
+        stochastic depth that the build options ask for (``backbone.options.drop_path_rate`` > 0) trains with
+        the model.
 
         BatchNorm layers stay in eval mode (their pretrained running statistics in use and unchanged) even
         in tuned modules, unless ``update_batchnorm_stats``; their affine weights still train.
         """
         self.training = mode
         self.backbone.eval()
+        # Stochastic depth asked for through the backbone options (timm's drop_path_rate) acts in training
+        # whatever the method, as in DA-VPT's and SPT's code.
+        for module in _stochastic_depth(self.backbone):
+            module.train(mode)
         for module in self._modules_in_train_mode():
             module.train(mode)
             if mode and not self.update_batchnorm_stats:
@@ -322,12 +384,14 @@ class PromptModel(nn.Module):
         """Put the pre-wrap head and weights in; returns the function that puts the tuned ones back."""
         original, backbone = self._original, self.backbone
         tuned_classes = backbone.num_classes
-        tuned_modules = {name: _submodule(backbone, name) for name in original.replaced}
+        # outer modules first, so that a module recorded inside another lands in the right one
+        names = sorted(original.replaced, key=lambda name: name.count("."))
+        tuned_modules = {name: _submodule(backbone, name) for name in names}
         tuned = [(p, p.detach().clone()) for p, _ in original.weights]
         for parameter, saved in original.weights:
             parameter.copy_(saved)
-        for name, module in original.replaced.items():
-            _set_submodule(backbone, name, module)
+        for name in names:
+            _set_submodule(backbone, name, original.replaced[name])
         backbone.num_classes = original.num_classes
 
         @torch.no_grad()
@@ -392,17 +456,160 @@ class PromptModel(nn.Module):
     def unmerge(self) -> None:
         self.method.unmerge()
 
-    def save_pretrained(self, directory: str | Path, **extra: Any) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (tuned parameters only)."""
-        from promptvit.artifact_format import save_artifact
+    def merge_problem(self) -> str | None:
+        """Why the method cannot be folded into the backbone's own weights, or None when it can (then
+        :meth:`merge_and_unload` and the merged-timm export work)."""
+        own = [n for n in self.tuned_state_dict() if not n.startswith("backbone.")]
+        if own:
+            return f"it adds tensors of its own ({listed(own)})"
+        names = {id(m): n for n, m in self.backbone.named_modules()}
+        injections = self.method.injections
+        hooked = [e.module for kind in ("pre_hook", "hook", "forward") for e in injections.entries(kind)]
+        if hooked:
+            return f"it changes the forward of {listed(dict.fromkeys(names.get(id(m), '?') for m in hooked))}"
+        replaced = [f"{names.get(id(e.module), '?')}.{e.name}".lstrip(".") for e in injections.entries("replace")]
+        if replaced and not self.method.merges():
+            return f"its layers in {listed(replaced)} do not fold into the backbone's weights"
+        return None
 
+    def merge_and_unload(self) -> nn.Module:
+        """The plain timm backbone with the method folded into its weights and the tuned head (peft's
+        ``merge_and_unload``); ``ConfigError`` where the method does not live in the backbone's weights.
+
+        The ``PromptModel`` cannot run afterwards; :meth:`unload` gives the untouched backbone instead.
+        """
+        if self._original is None:
+            raise RuntimeError("this model was not made by wrap(); nothing to merge and unload")
+        problem = self.merge_problem()
+        if problem is not None:
+            raise ConfigError(
+                f"method '{self.method.name}' cannot be merged into the backbone: {problem}; unload() gives "
+                "the backbone back without it, and an ONNX export keeps it"
+            )
+        if self.method.injections.entries("replace"):
+            self.merge()
+        self._plan_injections.deactivate()
+        self.method.injections.deactivate()  # merged layers give back their base layers, now holding the sum
+        backbone = self.backbone
+        for parameter, flag in self._original.requires_grad:
+            parameter.requires_grad_(flag)
+        del backbone.promptvit_wrapped
+        self._original = None
+        self.backbone = nn.Identity()
+        self.adapter = None
+        return backbone
+
+    def save_pretrained(self, directory: str | Path, **extra: Any) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (tuned parameters only).
+
+        The config records how the backbone was built (``self.source``); where that record cannot rebuild it
+        (weights of unknown origin), a warning says so and ``load`` will need ``base_model=``.
+        """
+        problem = rebuild_problem(self.source)
+        if problem is not None:
+            warnings.warn(
+                f"{directory}: the backbone cannot be rebuilt from the artifact ({problem}); loading it needs "
+                f"base_model={base_model_call(self.source)} with the weights it was trained on. Build the "
+                "backbone with promptvit.create_backbone (Hub name, local weights file or init_seed) to record it",
+                stacklevel=2,
+            )
         return save_artifact(self, directory, **extra)
 
+    def save_peft_adapter(self, directory: str | Path) -> Path:
+        """Write the method as a Hugging Face peft adapter (``adapter_config.json``, ``adapter_model.safetensors``):
+        ``PeftModel.from_pretrained(<the timm base with num_classes outputs>, directory)`` then computes these
+        logits. ``ConfigError`` where peft has no equivalent of the method."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        form = self.method.peft_form(self.backbone)
+        if form is None:
+            raise ConfigError(f"method '{self.method.name}' has no Hugging Face peft equivalent")
+        names = {id(m): n for n, m in self.backbone.named_modules()}
+        heads = [self.head_name, *(names[id(m)] for m in self.extra_heads())]
+        config = LoraConfig(**form.config, modules_to_save=heads, init_lora_weights=False)
+        config.base_model_name_or_path = self.source.get("name")
+        tensors = {f"base_model.model.{n}": t for n, t in form.tensors.items()}
+        for head in heads:
+            for name, tensor in self.backbone.get_submodule(head).state_dict().items():
+                tensors[f"base_model.model.{head}.{name}"] = tensor.detach()
+        directory = Path(directory)
+        config.save_pretrained(str(directory))
+        state = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        return directory
+
     def push_to_hub(self, repo_id: str, **options: Any) -> str:
-        """Upload the artifact and a model card to the Hugging Face Hub; see :func:`promptvit.hub.push_to_hub`."""
+        """Upload the artifact and a model card to the Hugging Face Hub (a LoRA also as a peft adapter in
+        ``peft/``); see :func:`promptvit.hub.push_to_hub`."""
         from promptvit.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, base_model: nn.Module | None = None, *, check_weights: bool = True
+    ) -> PromptModel:
+        """Load an artifact: a folder, a run folder or ``hf-hub:ORG/NAME[@revision]`` (online or from the cache).
+
+        The backbone is rebuilt from the artifact's record of how it was built, or ``base_model`` (a plain timm
+        model) is used; it must have the geometry the artifact was trained on and, unless
+        ``check_weights=False``, the same weights (compared by fingerprint). ``ArtifactError`` says what differs.
+        """
+        directory = resolve_artifact_dir(local_folder(source))
+        config = read_artifact_config(directory)
+        weights_path, state = read_artifact_weights(directory, config)
+        try:
+            saved = Geometry.from_dict(config["geometry"]).to_dict()
+            method_cls = get_method(config["method"])
+            method_config = method_cls.config_class.from_dict(config["method_config"], method=method_cls.name)
+        except ValueError as error:  # ConfigError too
+            raise ArtifactError(
+                f"{directory / CONFIG_FILE} is damaged or from a promptvit with other methods ({error}); re-save it"
+            ) from error
+        given = base_model is not None
+        if base_model is None:
+            base_model = _rebuild_base(config, directory)
+        adapter_for(base_model).reset_classifier(config["num_classes"])
+        actual = geometry_of(base_model).to_dict()
+        differences = [f"{k}: artifact {v} vs model {actual[k]}" for k, v in saved.items() if v != actual[k]]
+        if differences:
+            raise ArtifactError(f"{directory} was trained on another backbone geometry ({', '.join(differences)})")
+        model = wrap(base_model, method_config)
+        if check_weights and config["base_fingerprint"] != model.base_fingerprint:
+            raise ArtifactError(
+                f"{directory} was trained on other backbone weights (fingerprint {config['base_fingerprint']} "
+                f"vs {model.base_fingerprint} of the {'given' if given else 'rebuilt'} model, base "
+                f"'{config['base_model'].get('name')}'). Load it with "
+                f"base_model={base_model_call(config['base_model'])} holding the weights it was trained on "
+                "(check_weights=False skips this check)"
+            )
+        load_tuned_state(model, state, str(weights_path))
+        return model
+
+
+def _rebuild_base(config: dict[str, Any], directory: Path) -> nn.Module:
+    """The backbone an artifact records (:mod:`promptvit.backbones.source`), or an ``ArtifactError`` saying what to do."""
+    record = config["base_model"]
+    problem = rebuild_problem(record)
+    if problem is not None:
+        raise ArtifactError(
+            f"{directory} cannot rebuild its backbone: {problem}. Load it from Python with "
+            f"base_model={base_model_call(record)} holding the weights it was trained on"
+        )
+    weights_file = None
+    if origin_of(record) == "file":
+        weights_file = find_weights_file(record, directory)
+        if weights_file is None:
+            name = Path(record["weights"]).name
+            raise ArtifactError(
+                f"the backbone weights file {record['weights']} named in {directory / CONFIG_FILE} is not there: "
+                f"copy it back, or to {directory / name}, or set base_model.weights in that file to where it is now"
+            )
+    try:
+        return rebuild_backbone(record, weights_file)
+    except BackboneError as error:
+        raise ArtifactError(f"cannot rebuild the backbone of {directory}: {error}") from error
 
 
 def _submodule(root: nn.Module, name: str) -> nn.Module | None:
@@ -430,8 +637,7 @@ def wrap(
         method: a registered method name (see ``available_methods()``) or a method config object.
         num_classes: size of a new classifier head; ``None`` keeps the model's own head.
         base_model_name: timm name (with pretrained tag) recorded in saved artifacts so that ``load``
-            can rebuild the backbone; defaults to what ``create_backbone`` recorded, else timm's
-            ``pretrained_cfg`` name.
+            can rebuild the backbone; by default read from the model (:mod:`promptvit.backbones.source`).
         **options: the method's options, e.g. ``prompt_length=20, deep=True`` for ``vpt``.
     """
     if isinstance(model, PromptModel):
@@ -457,15 +663,15 @@ def wrap(
         requires_grad=[(p, p.requires_grad) for p in model.parameters()],
     )
     original_buffers = {id(b) for b in model.buffers()}
+    # The head is new or replaced per task, so only the body identifies the backbone.
+    fingerprint = weights_fingerprint(body_parameters(model))
+    source = backbone_source(model, fingerprint)  # read before the head changes (num_classes is an option)
+    if base_model_name is not None:
+        source["name"] = base_model_name
     if num_classes is not None:
         original.replaced = adapter.reset_classifier(num_classes)
     if model.num_classes < 1:
         raise ConfigError("the model has no classifier (num_classes=0); pass num_classes to wrap()")
-    source = backbone_source(model)
-    if base_model_name is not None:
-        source["name"] = base_model_name
-    # The head is new or replaced per task, so only the body identifies the backbone.
-    fingerprint = weights_fingerprint(body_parameters(model))
     model.requires_grad_(False)
     tuner = method_cls(config, geometry)
     tuner.attach(model)
@@ -482,3 +688,15 @@ def wrap(
     model.promptvit_wrapped = True
     wrapped.train(model.training)
     return wrapped
+
+
+def _stochastic_depth(backbone: nn.Module) -> list[nn.Module]:
+    """timm's DropPath modules of ``backbone`` that drop something, when its build options asked for them.
+
+    Only an explicit ``drop_path_rate`` (``create_backbone``'s record, ``backbone.options``) counts: a
+    family's own default rate (timm builds Swin with 0.1) stays off in a frozen backbone, as it always was.
+    """
+    options = getattr(backbone, "promptvit_source", {}).get("kwargs", {})
+    if not options.get("drop_path_rate"):
+        return []
+    return [m for m in backbone.modules() if isinstance(m, DropPath) and m.drop_prob > 0]

@@ -483,6 +483,8 @@ class MultiTaskModel(nn.Module):
 def _stored_calibration(directory: str | Path) -> Any:
     from promptvit.artifact import read_artifact_config
     from promptvit.evaluation.calibration import artifact_calibration
+    from promptvit.hub import local_folder
 
+    directory = local_folder(directory)
     info = read_artifact_config(directory)
     return artifact_calibration(info, directory), bool(info.get("multilabel"))

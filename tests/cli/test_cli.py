@@ -170,5 +170,21 @@ def test_prefix_cache_gives_the_same_run(tmp_path: Path) -> None:
 def test_prefix_cache_refuses_random_augmentation(tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data")
     config = write_config(tmp_path, data)
-    result = invoke("train", "--config", str(config), "--method", "linear", "--train.cache-prefix", "true")
+    # (linear's default L-BFGS probe fits unaugmented features: the optimiser-trained head is refused)
+    args = ("--method", "linear", "--method.solver", "sgd", "--train.cache-prefix", "true")
+    result = invoke("train", "--config", str(config), *args)
     assert result.exit_code == 2 and "augment" in result.output
+
+
+def test_a_shorter_epochs_scales_the_configs_warm_up_and_says_so(tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=8)
+    config = write_config(tmp_path, data, method="bias", epochs=20, warmup_epochs=2)
+    result = invoke("train", "--config", str(config), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "warm-up is scaled by the same factor to 0.1 epochs" in " ".join(result.output.split())
+    recorded = yaml.safe_load((tmp_path / "runs" / "bias-3shot-seed0" / "config.yaml").read_text())["train"]
+    assert (recorded["epochs"], recorded["warmup_epochs"]) == (1, 0.1)
+    # a warm-up given on the command line is the user's: too long, it is refused with the fix
+    again = invoke("train", "--config", str(config), "--epochs", "1", "--train.warmup-epochs", "2", "--name", "x")
+    assert again.exit_code == 2 and "warmup_epochs (2.0) exceeds epochs (1)" in again.output
+    assert "--train.warmup-epochs" in again.output

@@ -25,13 +25,19 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     seen_rows = []
     original = clinical.fit_calibration
 
-    def recording(logits, targets, multilabel):
+    def recording(logits, targets, multilabel, **options):
         seen_rows.append(logits.shape[0])
-        return original(logits, targets, multilabel)
+        return original(logits, targets, multilabel, **options)
 
     clinical.fit_calibration = recording
     try:
-        result = invoke("train", "--config", str(write_config(tmp, data)), "--seed", "0")
+        # two validation images per class: the checked default would keep T = 1 (tested below); these tests
+        # are about how a fitted calibration travels, so it is applied
+        config = write_config(tmp, data)
+        raw = yaml.safe_load(config.read_text())
+        raw["evaluation"] = {"calibration": "always"}
+        config.write_text(yaml.safe_dump(raw))
+        result = invoke("train", "--config", str(config), "--seed", "0")
     finally:
         clinical.fit_calibration = original
     assert result.exit_code == 0, result.output
@@ -162,3 +168,37 @@ def test_the_evaluation_section_sets_bins_threshold_rule_and_interval(tmp_path: 
     assert one["ece"] == pytest.approx(one["mce"])
     bad = invoke("train", "--config", str(config), "--seed", "1", "--evaluation.ece-bins", "0")
     assert bad.exit_code != 0 and "ece_bins" in bad.output and "Traceback" not in bad.output
+
+
+def test_calibration_on_two_images_per_class_keeps_t_1_with_a_warning(tmp_path: Path, caplog) -> None:
+    """The default (checked) calibration on a 2-per-class validation set: T = 1, a warning, applied: false in
+    metrics.json and in the artifact; eval then scores the raw probabilities and says why."""
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=10)
+    with caplog.at_level("WARNING", logger="promptvit"):
+        result = invoke("train", "--config", str(write_config(tmp_path, data)), "--seed", "0")
+    assert result.exit_code == 0, result.output
+    assert any("calibration not applied" in r.getMessage() for r in caplog.records)
+    run = tmp_path / "runs" / "linear-3shot-seed0"
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    stored = read_artifact_config(run / "artifact")["calibration"]
+    for entry in (test["calibration"], stored):
+        assert entry["temperature"] == 1.0 and entry["applied"] is False
+        assert "2 images in its smallest class" in entry["reason"]
+    assert test["calibrated"]["nll"] == pytest.approx(test["nll"])  # the identity
+    evaluated = invoke("eval", str(run), "--json")
+    assert json.loads(evaluated.output)["calibrated"] is False
+    shown = invoke("eval", str(run))
+    assert "not applied" in shown.output and "sensitivity" in shown.output
+
+
+def test_a_temperature_at_its_bound_is_not_applied() -> None:
+    from promptvit.evaluation.calibration import fit_calibration
+
+    targets = torch.arange(40) % 2
+    logits = torch.zeros(40, 2)
+    logits[torch.arange(40), targets] = 0.01  # almost no signal but always right: T runs to its lower bound
+    checked = fit_calibration(logits, targets, False)
+    assert not checked.applied and checked.temperature == 1.0 and "bound" in checked.reason
+    assert checked.fitted["temperature"] == pytest.approx(0.05, rel=0.02)
+    forced = fit_calibration(logits, targets, False, checked=False)
+    assert forced.applied and forced.temperature == pytest.approx(0.05, rel=0.02)

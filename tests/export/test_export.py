@@ -77,7 +77,10 @@ def test_peft_export_of_a_method_without_lora_is_refused(tmp_path):
     artifact = tuned_artifact(tmp_path, "bias")
     result = runner.invoke(app, ["export", str(artifact), "--format", "peft", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
-    assert "exports LoRA artifacts; method 'bias' has no LoRA layers" in result.output
+    assert (
+        "method 'bias' cannot be exported as peft: Hugging Face peft has no equivalent of it; formats that "
+        "work for it: merged-timm, onnx" in " ".join(result.output.split())
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -117,14 +120,36 @@ def test_merged_timm_checkpoint_of_a_cnn(tmp_path):
         assert_close(plain(images), reference_logits(artifact, images))
 
 
-@pytest.mark.parametrize("method", ["vpt", "adapter", "mlp"])
-def test_merged_timm_refuses_methods_that_do_not_live_in_timm_weights(tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "why"),
+    [
+        ("vpt", "it adds tensors of its own (method.prompt"),
+        ("ept", "its layers in blocks.0.attn, blocks.1.attn do not fold into the backbone's weights"),
+        ("adapter", "its layers in blocks.0.mlp, blocks.1.mlp do not fold into the backbone's weights"),
+        ("mlp", "its layers in head do not fold into the backbone's weights"),
+    ],
+)
+def test_merged_timm_refuses_methods_that_do_not_live_in_timm_weights(tmp_path, method, why):
     artifact = tuned_artifact(tmp_path, method)
     result = runner.invoke(app, ["export", str(artifact), "-f", "merged-timm", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
-    assert f"method '{method}' cannot be written as a plain timm checkpoint" in result.output
-    assert "--format onnx" in result.output
+    line = " ".join(result.output.split())
+    assert f"method '{method}' cannot be exported as merged-timm: {why}" in line, line
+    assert line.count("error:") == 1 and "Traceback" not in line
+    # Only the formats that work are named.
+    assert line.split("formats that work for it: ")[1].startswith("onnx")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_refusal_lists_every_changed_block_or_says_how_many_more(tmp_path):
+    options = {"depth": 6}
+    model = promptvit.wrap(
+        promptvit.create_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, num_heads=2, **options),
+        "adapter",
+        num_classes=2,
+    )
+    with pytest.raises(ExportError, match=r"blocks.0.mlp, blocks.1.mlp, blocks.2.mlp and 3 more do not fold"):
+        export(model, tmp_path / "x", "merged-timm")
 
 
 def onnx_cases() -> list[tuple[str, str]]:

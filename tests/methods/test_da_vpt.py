@@ -487,7 +487,10 @@ def test_deepcopy_after_a_training_forward_and_state_round_trip(tmp_path) -> Non
         (dict(prompt_length=-1), "prompt_length"),
         (dict(num_proxy_prompts=0), "num_proxy_prompts"),
         (dict(guided_layers=[5]), "layers"),
+        (dict(guided_layers=[-3]), r"layers \[-3\] do not exist; .* \(or -2..-1\)"),
+        (dict(guided_layers=[-1, 1]), "name the same block twice"),
         (dict(guided_layers=[]), "layers"),
+        (dict(prompt_norm="layer"), "prompt_norm"),
         (dict(anchor="cls"), "anchor"),
         (dict(bias_set="all"), "bias_set"),
         (dict(beta=-1.0), "beta"),
@@ -497,3 +500,133 @@ def test_deepcopy_after_a_training_forward_and_state_round_trip(tmp_path) -> Non
 def test_bad_options_are_refused(options: dict, message: str) -> None:
     with pytest.raises(promptvit.ConfigError, match=message):
         wrap(**options)
+
+
+# ------------------------------------------------- the released CUB config: prompt norm (vpt_norm) and mask
+
+
+def authors_forward(model, images: torch.Tensor, *, norm: bool, mask: bool):
+    """DA-VPT's PromptVisionTransformer.forward_features written out on the tiny ViT (models/vpt.py + attn.py).
+
+    Before every block the input is rebuilt as ``[x_cls, vpt_norm(prompts_l), x_img]`` (``vpt_norm`` l2:
+    ``F.normalize(p, dim=-1, eps=1e-6)``); with ``mask`` the scaled logits of rows ``1..L`` get -inf on columns
+    ``0..L`` (CLS and prompts). Returns the logits (final norm, CLS, head) and each block's pre-projection
+    attention output.
+    """
+    backbone, method = model.backbone, model.method
+    x = backbone._pos_embed(backbone.patch_embed(images))
+    num_img = x.shape[1] - 1
+    attn_outs = []
+    for index, blk in enumerate(backbone.blocks):
+        if index in method.guided:
+            prompts = method.proxy_prompts[method.guided.index(index)]
+        else:
+            prompts = method.other_prompts[method.others.index(index)]
+        if norm:
+            prompts = torch.nn.functional.normalize(prompts, dim=-1, eps=1e-6)
+        x = torch.cat([x[:, :1], prompts.expand(x.shape[0], -1, -1), x[:, -num_img:]], dim=1)
+        batch, tokens, dim = x.shape
+        heads = blk.attn.num_heads
+        qkv = blk.attn.qkv(blk.norm1(x)).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        logits = (q @ k.transpose(-2, -1)) * blk.attn.scale
+        length = prompts.shape[0]
+        if mask:
+            logits[:, :, 1 : 1 + length, 0 : 1 + length] = float("-inf")
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        attn_outs.append(out)
+        x = x + blk.attn.proj(out)
+        x = x + blk.mlp(blk.norm2(x))
+    return backbone.head(backbone.norm(x)[:, 0]), attn_outs
+
+
+def _scaled_prompts(model, factor: float) -> None:
+    with torch.no_grad():
+        for tensor in (model.method.proxy_prompts, model.method.other_prompts):
+            tensor.mul_(factor)
+
+
+@pytest.mark.parametrize("norm,mask", [(False, False), (True, False), (False, True), (True, True)])
+def test_prompt_norm_and_mask_match_the_authors_forward(norm: bool, mask: bool) -> None:
+    model = wrap(prompt_length=3, guided_layers=[1], prompt_norm="l2" if norm else "none", prompt_mask=mask)
+    _scaled_prompts(model, 40.0)  # far from unit norm
+    images = tiny_input("vit_token", batch=3)
+    inputs = {}
+    for i, block in enumerate(model.backbone.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+    model.eval()
+    with torch.no_grad():
+        expected, _ = authors_forward(model, images, norm=norm, mask=mask)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+        # the mask changes only the prompts' own rows, which every block replaces: the logits do not move
+        torch.testing.assert_close(authors_forward(model, images, norm=norm, mask=not mask)[0], expected)
+        _scaled_prompts(model, 1e-4)  # tiny prompts: LayerNorm's epsilon makes their scale (hence the norm) count
+        small, _ = authors_forward(model, images, norm=norm, mask=mask)
+        torch.testing.assert_close(model(images), small, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(small, expected, atol=1e-4) is norm
+    rows = [inputs[0][:, 1:4].norm(dim=-1), inputs[1][:, 1:3].norm(dim=-1)]  # 3 prompts, then 2 proxies
+    assert all(torch.allclose(r, torch.ones_like(r)) for r in rows) is norm
+
+
+def test_l2_prompts_get_gradients_tangent_to_their_sphere() -> None:
+    """Through p / |p| the model depends on a prompt's direction only, so every gradient is orthogonal to it.
+
+    Without the norm the prompt still enters through LayerNorm (scale-free but for its epsilon): small prompts,
+    whose variance is near the epsilon, then get radial gradients too.
+    """
+    for norm, tangent in (("l2", True), ("none", False)):
+        model = wrap(classes=4, num_proxy_prompts=3, prompt_norm=norm, beta=0.0, lam=0.0).train()
+        _scaled_prompts(model, 0.01)  # per-element variance ~3e-8, below LayerNorm's epsilon (1e-6)
+        targets = torch.tensor([0, 1, 2, 3])
+        torch.nn.functional.cross_entropy(model(tiny_input("vit_token", batch=4)), targets).backward()
+        for tensor in (model.method.proxy_prompts, model.method.other_prompts):
+            radial = (tensor.grad * tensor.detach()).sum(-1) / tensor.detach().norm(dim=-1)
+            ratio = radial.abs().max() / tensor.grad.norm(dim=-1).max()
+            assert bool(ratio < 1e-5) is tangent and (tangent or ratio > 0.05), (norm, float(ratio))
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_paper_anchor_reads_the_masked_prompt_rows(mask: bool) -> None:
+    """anchor="prompt_attn_out": the attention output at the guided prompts, over patches only with the mask."""
+    model = wrap(
+        classes=4, num_proxy_prompts=3, guided_layers=[1], anchor="prompt_attn_out", prompt_norm="l2", prompt_mask=mask
+    )
+    images = tiny_input("vit_token", batch=4)
+    model.train()
+    model(images)
+    captured = model.method._captured[("attn", 0)].detach()
+    with torch.no_grad():
+        _, attn_outs = authors_forward(model, images, norm=True, mask=mask)
+    torch.testing.assert_close(captured, attn_outs[1][:, 1:4], rtol=1e-5, atol=1e-6)
+    _, unmasked = authors_forward(model, images, norm=True, mask=not mask)
+    assert not torch.allclose(captured, unmasked[1][:, 1:4].detach(), atol=1e-4)
+
+
+def test_l2_prompts_make_logits_and_loss_blind_to_the_prompt_scale() -> None:
+    model = wrap(classes=4, num_proxy_prompts=3, prompt_norm="l2", beta=1.0, lam=1.0).train()
+    images, targets = tiny_input("vit_token", batch=4), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    logits, loss = model(images), model.method.auxiliary_loss(model, targets)
+    _scaled_prompts(model, 7.0)
+    torch.testing.assert_close(model(images), logits, rtol=1e-5, atol=1e-5)
+    assert model.method.auxiliary_loss(model, targets).item() == pytest.approx(loss.item(), rel=1e-5)
+    inserted = model.method.block_prompts(1, images)  # what block 1 receives: unit rows
+    torch.testing.assert_close(inserted.norm(dim=-1), torch.ones(4, 3))
+
+
+def test_prompt_mask_is_refused_where_attention_is_not_plain_softmax() -> None:
+    from tests.families import FAMILY_BUILDS, build
+
+    names = [n for n in ("eva02", "vit_rope") if n in FAMILY_BUILDS]
+    if not names:
+        pytest.skip("no rotary-position family in this timm version")
+    with pytest.raises(promptvit.ConfigError, match="prompt_mask recomputes the prompt rows of plain softmax .* off"):
+        promptvit.wrap(build(FAMILY_BUILDS, names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2, prompt_mask=True)
+    promptvit.wrap(build(FAMILY_BUILDS, names[0]), "da_vpt", prompt_length=2, num_proxy_prompts=2)  # unmasked is fine
+
+
+def test_negative_guided_layers_count_from_the_last_block() -> None:
+    model = wrap("vit_avg", guided_layers=[-1])  # 3 blocks
+    assert model.method.guided == [2] and model.method.others == [0, 1]
+    lora = promptvit.wrap(build_tiny("vit_avg"), "lora", layers=[-2, -1])
+    assert model.method.guided == [2] and lora.method.tuned_from_block() == 1

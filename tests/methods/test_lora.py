@@ -284,7 +284,7 @@ def test_deepcopy_keeps_merge_working_on_the_copy() -> None:
         ({"targets": ["x"]}, "targets"),
         ({"targets": []}, "targets"),
         ({"targets": ["q", "q"]}, "targets"),
-        ({"layers": [-1]}, "layers"),
+        ({"layers": [-5]}, "layers"),  # negative indices count from the end; -5 does not exist
         ({"layers": [0, 0]}, "layers"),
         ({"layers": []}, "layers"),
         ({"rank": "8"}, "rank"),

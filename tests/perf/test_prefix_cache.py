@@ -179,7 +179,7 @@ def test_evaluating_several_methods_shares_the_prefix(tmp_path: Path) -> None:
 
 def test_a_second_run_reuses_the_disk_cache(tmp_path: Path) -> None:
     cache_dir = str(tmp_path / "cache")
-    first = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "linear")
+    first = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "linear", solver="sgd")
     _fit(first, tmp_path / "a", cache_prefix=True, cache_dir=cache_dir, epochs=1)
     cache = PrefixCache(cache_dir)
     second = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "mlp")  # same features, other head

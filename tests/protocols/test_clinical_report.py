@@ -96,7 +96,7 @@ def test_calibration_table_before_after_and_ci() -> None:
     row = next(r for r in table.rows if r[0] == "linear")
     mean = statistics.fmean(LINEAR)
     half = stats.t.ppf(0.975, 5) * statistics.stdev(LINEAR) / len(LINEAR) ** 0.5
-    assert row[2] == f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+    assert row[2] == f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}] t"
     assert row[3] == "7.00"  # every per-run bootstrap CI is 7 points wide
     assert row[4] == f"{statistics.fmean(10.0 + s for s in range(6)):.2f} → 4.00"
     assert row[8] == f"{statistics.median(1.5 + s for s in range(6)):.2f}"
@@ -160,3 +160,32 @@ def test_the_report_states_the_runs_own_evaluation_settings(tmp_path: Path) -> N
     assert "200 resamples" in notes and "3/4 bins" in notes
     assert any("80% CI width" in column for column in table.columns)
     assert write_report(LoadedRecords(records=rows), tmp_path).markdown.is_file()
+
+
+def test_an_interval_over_two_draws_stays_within_0_and_100() -> None:
+    """Two accuracy draws far apart: a t interval would read [-6.9, 116.6]; the bootstrap stays in range."""
+    from promptvit.protocols.stats import mean_interval
+
+    two = [
+        rec(
+            m,
+            "pneumonia",
+            10,
+            s,
+            seed,
+            protocol="fewshot",
+            metric="accuracy",
+            metrics=_clinical(s, 10, 4, seed),
+        )
+        for m in ("linear",)
+        for seed, s in enumerate((45.0, 64.72))
+    ]
+    row = next(r for r in _table(build_tables(two), "calibration before").rows if r[0] == "linear")
+    low, high = (float(x) for x in row[2].split("[")[1].split("]")[0].split(","))
+    assert 0 <= low <= high <= 100 and row[2].endswith("bootstrap")
+    assert (low, high) == (45.0, 64.72)  # the bootstrap of a 2-draw mean spans the two draws
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([45.0, 64.72]) / 2**0.5
+    assert statistics.fmean([45.0, 64.72]) - half < 0  # what the t interval would have said
+    near_top = mean_interval([99.0, 100.0, 92.0])  # a t interval would cross 100
+    assert near_top["method"] == "bootstrap" and 92.0 <= near_top["low"] <= near_top["high"] <= 100.0
+    assert mean_interval([70.0, 72.0, 71.0])["method"] == "t"

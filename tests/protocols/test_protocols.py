@@ -110,6 +110,8 @@ def test_vtab_specs_follow_vpt(tmp_path: Path) -> None:
         "cifar100/test"
     )
     assert spec.epoch_selection == "last" and spec.evaluate_on == "test" and not spec.augment
+    # the recorded config says what the run does: rerunning config.yaml must not augment either
+    assert spec.config.data.augment is False and all(not s.config.data.augment for s in final)
     assert spec.eval_resize == "direct" and spec.metric == "accuracy" and spec.group == "natural"
     assert spec.config.backbone.mean == [0.485, 0.456, 0.406] and spec.config.backbone.std == [
         0.229,
@@ -162,6 +164,18 @@ def test_fewshot_specs_and_hashes(tmp_path: Path) -> None:
     # a search run and the final run with the same training share the run folder
     search = protocol.run_specs(tiny_base(), method="linear", stage="search")[0]
     assert config_hash(search) != config_hash(spec) and train_hash(search) == train_hash(spec)
+
+
+def test_a_run_spec_augments_as_its_config_says(tmp_path: Path) -> None:
+    """The unit and the base config both decide; the spec and its recorded config agree, with or without a recipe."""
+    for recipe in ("vpt-vtab", None):
+        spec = VTABProtocol(root=str(tmp_path), tasks=["dtd"], recipe=recipe).run_specs(tiny_base())[0]
+        assert spec.augment is False and spec.config.data.augment is False
+    fgvc = dict(root=str(tmp_path), datasets=["cub"], layout="folder", seeds=[0])
+    assert FGVCProtocol(**fgvc).run_specs(tiny_base())[0].config.data.augment is True
+    base = {**tiny_base(), "data": {"augment": False}}
+    spec = FGVCProtocol(**fgvc, recipe=None).run_specs(base)[0]
+    assert spec.augment is False and spec.config.data.augment is False  # before: the run augmented anyway
 
 
 def test_vtab_search_and_final_train_differently(tmp_path: Path) -> None:

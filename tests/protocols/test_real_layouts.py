@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from promptvit.protocols import (
     materialise,
 )
 
-from .helpers import tiny_base, write_vtab_root
+from .helpers import save_image, tiny_base, write_vtab_root
 from .layouts import write_fgvc_json, write_medfmc_baseline, write_vtab_lists
 
 
@@ -82,12 +83,46 @@ def test_list_reader_errors_name_file_and_line(tmp_path: Path) -> None:
     assert read_label_list(tmp_path / "l.txt").items[0].path == str(tmp_path / "a b.jpg")
     with pytest.raises(DataError, match="label 3 is not among"):
         read_label_list(tmp_path / "l.txt", class_names=["0", "1"])
-    (tmp_path / "t.json").write_text('{"a.jpg": "1"}')
-    with pytest.raises(DataError, match="class ids must be integers"):
+    (tmp_path / "t.json").write_text('{"a.jpg": null}')
+    with pytest.raises(DataError, match=r"entry 1 \('a.jpg'\) has label None; class ids must be numbers or strings"):
+        read_fgvc_json(tmp_path / "t.json", check_files=False)
+    (tmp_path / "t.json").write_text('{"a.jpg": 2, "b.jpg": "cat"}')
+    with pytest.raises(DataError, match="entry 2 has a text class id while others are numbers"):
         read_fgvc_json(tmp_path / "t.json", check_files=False)
     (tmp_path / "t.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="holds a list"):
         read_fgvc_json(tmp_path / "t.json")
+
+
+@pytest.mark.parametrize(
+    ("ids", "names", "classes"),
+    [
+        # text ids, sorted
+        (["Sooty", "Black_footed", "Laysan"], ["Sooty", "Black_footed", "Laysan"], ["Black_footed", "Laysan", "Sooty"]),
+        ([10, -1, 3], ["10", "-1", "3"], ["-1", "3", "10"]),  # numbers in numeric order, negatives too
+        ([2.0, 0.5, 1], ["2", "0.5", "1"], ["0.5", "1", "2"]),  # 2.0 is the class 2
+    ],
+)
+def test_fgvc_json_takes_any_sortable_class_id(
+    tmp_path: Path, ids: list, names: list[str], classes: list[str]
+) -> None:
+    """VPT's JSONDataset sorts the ids of a split (json_dataset.py:60); any sortable JSON value is an id."""
+    base = tmp_path / "CUB_200_2011"
+    for split, members in {"train": [0, 1, 2], "val": [0, 1], "test": [1, 2]}.items():  # val lacks a class
+        entries = {}
+        for i in members:
+            rel = f"c{i}/{split}.jpg"
+            save_image(base / "images" / rel, i, len(ids), i)
+            entries[rel] = ids[i]
+        (base / f"{split}.json").write_text(json.dumps(entries))
+    protocol = FGVCProtocol(root=str(tmp_path), datasets=["cub"], seeds=[0], check_num_classes=False)
+    protocol.check()
+    split = materialise(protocol.run_specs(tiny_base(), stage="search")[0])
+    assert split.train.class_names == classes == split.val.class_names
+    for part in (split.train, split.val):
+        assert {Path(s.path).parent.name: classes[s.label] for s in part.items} == {
+            f"c{i}": names[i] for i in range(3) if any(Path(s.path).parent.name == f"c{i}" for s in part.items)
+        }
 
 
 def test_vtab_copy_without_search_files(tmp_path: Path) -> None:

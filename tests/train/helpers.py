@@ -41,7 +41,9 @@ def multi_label_set(n: int, seed: int, absent: int | None = None) -> TensorDatas
 def tiny_model(
     method: str = "linear", num_classes: int = 4, seed: int = 0, kind: str = "vit_token"
 ) -> PromptModel:
-    return promptvit.wrap(build_tiny(kind, num_classes=num_classes, seed=seed), method)
+    # the engine's epochs are what these tests train: linear by the optimiser, not its L-BFGS default
+    options = {"solver": "sgd"} if method == "linear" else {}
+    return promptvit.wrap(build_tiny(kind, num_classes=num_classes, seed=seed), method, **options)
 
 
 class PoisonAfter(Dataset):

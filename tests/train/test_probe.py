@@ -12,7 +12,14 @@ from torch.utils.data import TensorDataset
 
 import promptvit
 from promptvit.train import TrainConfig, fit
-from promptvit.train.probe import extract_features, fit_lbfgs_probe, fit_logistic
+from promptvit.train.probe import (
+    DEFAULT_L2_GRID,
+    MIN_VAL_PER_CLASS_TO_CHOOSE,
+    extract_features,
+    fit_lbfgs_probe,
+    fit_logistic,
+    sklearn_l2,
+)
 from tests.conftest import build_tiny
 
 
@@ -98,3 +105,62 @@ def test_l2_ties_on_the_metric_go_to_the_lower_val_loss() -> None:
     )
     assert [metric for _, metric in result.path] == [100.0, 100.0]
     assert result.l2 == 1e-3
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_default_linear_probe_equals_scikit_learn_c1(classes: int, tmp_path: Path) -> None:
+    """No solver, no grid, a small val set: `linear` is scikit-learn's LogisticRegression(C=1) on the features."""
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=classes), "linear")
+    assert model.method.fits_head_to_convergence()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(60) % classes
+    images = torch.randn(60, 3, 16, 16, generator=g) + 0.4 * labels[:, None, None, None].float()
+    train, val = TensorDataset(images[:30], labels[:30]), TensorDataset(images[30:36], labels[30:36])
+    config = TrainConfig(epochs=3, device="cpu", progress=False)
+    names = [f"c{i}" for i in range(classes)]
+    result = fit(model, train, val, config=config, run_dir=tmp_path, class_names=names, multilabel=False)
+    assert "C = 1" in result.history[0]["probe_l2_rule"]
+    features, targets = extract_features(model, train, batch_size=64, device=torch.device("cpu"))
+    test_features, _ = extract_features(
+        model, TensorDataset(images[36:], labels[36:]), batch_size=64, device=torch.device("cpu")
+    )
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(features.numpy(), targets.numpy())
+    with torch.no_grad():
+        ours = model.eval()(images[36:]).argmax(1).numpy()
+    np.testing.assert_array_equal(ours, reference.predict(test_features.numpy()))
+    # the same optimum, not only the same decisions: the probabilities agree
+    with torch.no_grad():
+        probs = torch.softmax(model(images[36:]).double(), 1).numpy()
+    np.testing.assert_allclose(probs, reference.predict_proba(test_features.numpy()), atol=1e-4)
+
+
+def test_the_l2_strength_is_chosen_on_val_only_when_val_is_large_enough() -> None:
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear")
+    labels = torch.arange(40 + 2 * MIN_VAL_PER_CLASS_TO_CHOOSE) % 2
+    images = torch.randn(len(labels), 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    images += 0.5 * labels[:, None, None, None].float()
+    train, val = TensorDataset(images[:40], labels[:40]), TensorDataset(images[40:], labels[40:])
+    kwargs = {
+        "multilabel": False,
+        "select": "accuracy",
+        "class_names": ["a", "b"],
+        "device": torch.device("cpu"),
+    }
+    small = fit_lbfgs_probe(model, train, TensorDataset(images[40:60], labels[40:60]), **kwargs)
+    assert small.l2 == sklearn_l2(40, 2, False) == 2 / 40 and "fewer than" in small.rule
+    assert [l2 for l2, _ in small.path] == [2 / 40]
+    large = fit_lbfgs_probe(model, train, val, **kwargs)
+    assert len(large.path) == len(DEFAULT_L2_GRID) and "chosen on val" in large.rule
+    alone = fit_lbfgs_probe(model, train, None, **kwargs)
+    assert alone.l2 == 2 / 40 and "no validation set" in alone.rule
+
+
+def test_non_finite_features_stop_the_probe(tmp_path: Path) -> None:
+    from promptvit.train import TrainingError
+
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=2), "linear")
+    data = TensorDataset(torch.full((4, 3, 16, 16), float("nan")), torch.tensor([0, 1, 0, 1]))
+    config = TrainConfig(epochs=1, device="cpu", progress=False)
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        fit(model, data, None, config=config, run_dir=tmp_path, class_names=["a", "b"], multilabel=False)
+    assert not (tmp_path / "artifact").exists()

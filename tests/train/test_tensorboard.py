@@ -39,8 +39,21 @@ def test_tensorboard_holds_the_epoch_metrics_and_the_methods_values(tmp_path: Pa
     logged = scalars(tmp_path / "tensorboard")
     with open(tmp_path / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    for key in ("train_loss", "val_accuracy", "val_loss", "lr", "method_loss_patch", "method_beta"):
-        assert [step for step, _ in logged[key]] == [1, 2], key
+    tags = {
+        "train_loss": "train/loss",
+        "val_accuracy": "val/accuracy",
+        "val_loss": "val/loss",
+        "method_loss_patch": "method/loss_patch",
+        "method_beta": "method/beta",
+    }
+    for key, tag in tags.items():
+        assert [step for step, _ in logged[tag]] == [1, 2], key
         # TensorBoard stores float32: compare with the CSV's float64 at that precision.
-        assert [value for _, value in logged[key]] == pytest.approx([float(r[key]) for r in rows], rel=1e-6)
-    assert "method_mapping" not in logged  # text (the class -> prompt mapping) stays in log.csv only
+        assert [value for _, value in logged[tag]] == pytest.approx([float(r[key]) for r in rows], rel=1e-6)
+    assert "method/mapping" not in logged  # text (the class -> prompt mapping) stays in log.csv only
+    assert not {"epoch", "step", "seconds", "train/seconds"} & set(logged)  # bookkeeping is not a curve
+    # per optimiser step (16 images, batch 8: 2 steps an epoch): the loss and the learning rate
+    assert [step for step, _ in logged["train/loss_step"]] == [1, 2, 3, 4]
+    assert [step for step, _ in logged["lr"]] == [1, 2, 3, 4]
+    per_epoch = [sum(v for _, v in logged["train/loss_step"][i : i + 2]) / 2 for i in (0, 2)]
+    assert per_epoch == pytest.approx([float(r["train_loss"]) for r in rows], rel=1e-5)  # equal batches

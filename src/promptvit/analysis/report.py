@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from promptvit.analysis import attention as attn_mod
 from promptvit.analysis._plotting import colour, new_figure, safe_name, save_figure
@@ -184,7 +185,7 @@ class _RunState:
 
 def _collect(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Any],
     *,
     num_map_images: int,
     map_layers: Sequence[int] | None,
@@ -329,6 +330,7 @@ def analyze(
     debiased_cka: bool = False,
     calibrations: Mapping[str, Any] | None = None,
     reliability_bins: int = DEFAULT_BINS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run every applicable view (module docstring), write PNGs and ``analysis.json`` to ``out_dir``.
 
@@ -345,6 +347,7 @@ def analyze(
         calibrations: model name -> a stored ``Calibration`` (or None): the reliability diagram then also
             draws the calibrated probabilities.
         reliability_bins: equal-width bins of the reliability diagram and its ECE.
+        progress: show progress bars (on a terminal): the batches per model, then the views.
     Returns:
         the content of ``analysis.json``.
     """
@@ -366,10 +369,11 @@ def analyze(
 
     states: dict[str, _RunState] = {}
     labels: list[int] = []
+    hidden = None if progress else True  # tqdm's disable=None: shown on a terminal, silent in logs
     for run_name, run_model in runs.items():
         states[run_name], labels = _collect(
             run_model,
-            loader,
+            tqdm(loader, desc=f"analysing {run_name}", unit="batch", disable=hidden, leave=False),
             num_map_images=num_map_images,
             map_layers=map_layers,
             num_prompt_maps=num_prompt_maps,
@@ -399,7 +403,14 @@ def analyze(
     }
     views, skipped, files = result["views"], result["skipped"], result["files"]
 
+    stages = tqdm(total=6, desc="figures", unit="view", disable=hidden, leave=False)
+
+    def stage(name: str) -> None:
+        stages.set_postfix_str(name, refresh=False)
+        stages.update()
+
     # calibration
+    stage("feature calibration" + (" and t-SNE" if tsne else ""))
     feature_runs = {n: (torch.cat(s.features).numpy(), label_array) for n, s in states.items()}
     views["calibration"] = plot_calibration(
         feature_runs, class_names, out / "calibration.png", seed=seed, tsne=tsne
@@ -407,6 +418,7 @@ def analyze(
     files.append("calibration.png")
 
     # reliability of the predicted probabilities, as trained and with the stored calibration
+    stage("reliability")
     curves = {}
     multilabel = torch.cat(states[main_name].targets).ndim == 2  # multi-hot targets: sigmoid probabilities
     for n, s in states.items():
@@ -427,6 +439,7 @@ def analyze(
             skipped[f"attention:{n}"] = states[n].attention_error
 
     # attention distance
+    stage("attention")
     if attention_runs:
         distance = {}
         shares = {}
@@ -485,6 +498,7 @@ def analyze(
         views["attention_maps"] = maps_view
 
     # prompt/patch NMI and CKA
+    stage("NMI and prompt CKA")
     nmi_curves = {}
     prompt_cka = {}
     for n in vit_runs:
@@ -519,6 +533,7 @@ def analyze(
         views["cka_prompts_patches"] = {"debiased": debiased_cka, "matrix": prompt_cka}
 
     # layer CKA between the main model and each comparison model
+    stage("layer CKA")
     if len(runs) > 1:
         layer_cka: dict[str, Any] = {}
         main_reps = [_stack(chunks) for chunks in states[main_name].layer_reps]
@@ -544,6 +559,8 @@ def analyze(
         skipped["cka_layers"] = "no comparison model (pass compare={...})"
 
     # token scale exposed by cooperating attention layers
+    stage("token scale")
+    stages.close()
     scale_curves = {}
     for n in attention_runs:
         s = states[n]

@@ -39,12 +39,20 @@ from promptvit.backbones.base import (
     unwrap_base_layers,
 )
 from promptvit.backbones.creation import (
-    backbone_source,
+    body_parameters,
     create_backbone,
     load_weights,
     weights_fingerprint,
 )
 from promptvit.backbones.geometry import Geometry
+from promptvit.backbones.source import (
+    backbone_source,
+    base_model_call,
+    find_weights_file,
+    origin_of,
+    rebuild_backbone,
+    rebuild_problem,
+)
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -61,12 +69,6 @@ def geometry_of(model: nn.Module) -> Geometry:
 def cnn_stages(model: nn.Module) -> list[nn.Module]:
     """The stages of a timm CNN: ResNet ``layer1..4`` or EfficientNet-style ``blocks``."""
     return adapter_for(model).stages
-
-
-def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Named parameters outside every classifier module: what identifies a backbone's weights."""
-    heads = {id(p) for module in adapter_for(model).classifier_modules() for p in module.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) not in heads}
 
 
 def set_classifier(model: nn.Module, module: nn.Module) -> None:
@@ -88,13 +90,18 @@ __all__ = [
     "all_rows",
     "attend",
     "backbone_source",
+    "base_model_call",
     "body_parameters",
     "classifier_name",
     "cnn_stages",
     "create_backbone",
+    "find_weights_file",
     "geometry_of",
     "is_vit",
     "load_weights",
+    "origin_of",
+    "rebuild_backbone",
+    "rebuild_problem",
     "register_adapter",
     "registered_adapters",
     "sdpa_core",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptvit.backbones.geometry import Geometry
-from promptvit.errors import BackboneError
+from promptvit.errors import BackboneError, listed
 
 Select = Callable[[torch.Tensor], torch.Tensor]
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads. Where the parts
@@ -217,6 +217,32 @@ def classifier_name(model: nn.Module) -> str:
     raise BackboneError(f"cannot find the classifier module of {type(model).__name__}")
 
 
+def size_option(size: tuple[int, ...]) -> int | list[int]:
+    """A timm size option as written by hand: ``32`` for (32, 32), else the list."""
+    return size[0] if len(set(size)) == 1 else list(size)
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The ``mlp_ratio`` for which timm builds an MLP ``hidden`` wide (``int(width * mlp_ratio)``)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def build_structure(architecture: str, options: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(architecture, **options)`` without weights: on the meta device, or on the CPU with
+    the global RNG untouched where the constructor reads tensor values (timm < 1.0.10)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(architecture, pretrained=False, **options)
+    except (RuntimeError, NotImplementedError) as error:
+        if "meta" not in str(error):
+            raise
+    with torch.random.fork_rng(devices=[]):
+        return timm.create_model(architecture, pretrained=False, **options)
+
+
 class BackboneAdapter:
     """The interface between one timm model family and everything above it.
 
@@ -297,6 +323,66 @@ class BackboneAdapter:
     def input_module(self) -> nn.Module:
         """The first module that sees the images (a pixel prompt is added at its input)."""
         raise self._unsupported("input module")
+
+    # ------------------------------------------------------------------ rebuilding
+
+    #: options of :meth:`observed_options` that follow from others (an MLP ratio from a width): dropped from
+    #: :meth:`build_options` when the rebuild matches without them
+    derived_options: ClassVar[tuple[str, ...]] = ()
+
+    def observed_options(self) -> dict[str, Any]:
+        """``timm.create_model`` options as this model's modules show them, defaults included.
+
+        Families add what changes their geometry or weights (image and patch size, depth, width, heads, prefix
+        tokens, pooling, window size...); the generic answer is the classifier size.
+        """
+        return {"num_classes": int(self.model.num_classes)}
+
+    def build_options(self, architecture: str) -> dict[str, Any]:
+        """The options that make ``timm.create_model(architecture, **options)`` this model's architecture.
+
+        The observed options that differ from a default build of ``architecture``, verified by
+        :meth:`rebuild_mismatch`; ``BackboneError`` says what cannot be rebuilt.
+        """
+        observed = self.observed_options()
+        default = type(self)(build_structure(architecture, {})).observed_options()
+        options = {k: v for k, v in observed.items() if k == "num_classes" or default.get(k) != v}
+        fewer = {k: v for k, v in options.items() if k not in self.derived_options}
+        if fewer != options and self.rebuild_mismatch(architecture, fewer) is None:
+            return fewer
+        problem = self.rebuild_mismatch(architecture, options)
+        if problem is not None:
+            raise BackboneError(problem)
+        return options
+
+    def rebuild_mismatch(self, architecture: str, options: dict[str, Any]) -> str | None:
+        """Why ``timm.create_model(architecture, **options)`` would not have this model's architecture, or None.
+
+        Built on the meta device (no weights) and compared by state-dict names and shapes, geometry and
+        :meth:`observed_options`.
+        """
+        call = f"timm.create_model({architecture!r}{''.join(f', {k}={v!r}' for k, v in options.items())})"
+        try:
+            rebuilt = build_structure(architecture, options)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+            return f"{call} fails ({(str(error).splitlines() or [type(error).__name__])[0]})"
+        if type(rebuilt) is not type(self.model):
+            return f"{call} builds a {type(rebuilt).__name__}, not a {type(self.model).__name__}"
+        own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        differences = [
+            f"{k}: {own.get(k, 'absent')} vs {new.get(k, 'absent')}"
+            for k in sorted(own.keys() | new.keys())
+            if own.get(k) != new.get(k)
+        ]
+        other = type(self)(rebuilt)
+        mine, theirs = self.geometry().to_dict(), other.geometry().to_dict()
+        differences += [f"{k}: {v} vs {theirs[k]}" for k, v in mine.items() if theirs[k] != v]
+        mine, theirs = self.observed_options(), other.observed_options()
+        differences += [f"{k}: {v} vs {theirs.get(k)}" for k, v in mine.items() if theirs.get(k) != v]
+        if differences:
+            return f"{call} differs from the model ({listed(differences)})"
+        return None
 
     # ------------------------------------------------------------------ token models
 
@@ -542,6 +628,24 @@ class TimmTokenAdapter(BackboneAdapter):
 
     def mlp_slot(self, block: int) -> tuple[nn.Module, str]:
         return self.model.blocks[block], "mlp"
+
+    derived_options = ("mlp_ratio",)
+
+    def observed_options(self) -> dict[str, Any]:
+        """The options every timm token model takes under these names (families add their own)."""
+        geometry = self.geometry()
+        return {
+            **super().observed_options(),
+            "img_size": size_option(geometry.img_size),
+            "patch_size": size_option(geometry.patch_size),
+            "embed_dim": geometry.embed_dim,
+            "depth": geometry.depth,
+            "num_heads": geometry.num_heads,
+            "mlp_ratio": mlp_ratio(geometry.mlp_hidden, geometry.embed_dim),
+            "qkv_bias": geometry.qkv_bias,
+            "global_pool": geometry.global_pool,
+            "dynamic_img_size": geometry.dynamic_img_size,
+        }
 
     def token_geometry(self, *, num_heads: int, mlp_hidden: int, qkv_bias: bool) -> Geometry:
         """The geometry every timm token model states the same way; the family gives what it reads itself."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import timm
 import torch
 from torch import nn
 
-from promptvit.backbones.base import BackboneError, classifier_name
+from promptvit.backbones.base import BackboneError, adapter_class_for, adapter_for, classifier_name
+from promptvit.hub import offline_unless_reachable
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor], samples_per_tensor: int = 4096) -> str:
@@ -47,10 +49,12 @@ def create_backbone(
     """
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    download = pretrained and weights is None
     try:
-        with torch.random.fork_rng(devices=[]):
+        # Unreachable Hub: timm's download answers from the cache at once instead of retrying for a minute.
+        with torch.random.fork_rng(devices=[]), offline_unless_reachable() if download else nullcontext():
             torch.manual_seed(init_seed)
-            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+            model = timm.create_model(name, pretrained=download, **kwargs)
     except RuntimeError as error:  # timm raises RuntimeError for unknown names
         raise BackboneError(f"cannot build timm model '{name}': {error}") from error
     except TypeError as error:  # a build option the architecture does not take
@@ -65,25 +69,41 @@ def create_backbone(
         ) from error
     if weights is not None:
         load_weights(model, weights, allow_pickle=allow_pickle)
-    # How this model was built, so that a saved artifact can rebuild the same backbone.
-    model.promptvit_source = {
-        "name": name,
-        "pretrained": bool(pretrained or weights is not None),
-        "weights": str(Path(weights).resolve()) if weights is not None else None,
-        "init_seed": init_seed,
-        # num_classes stays: at random init it changes how the RNG is consumed, hence the body's weights.
-        "kwargs": dict(kwargs),
-    }
+    model.promptvit_source = _creation_record(model, name, pretrained, weights, init_seed, kwargs)
     return model
 
 
-def backbone_source(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model``: recorded by ``create_backbone``, else read from timm's pretrained config."""
-    if hasattr(model, "promptvit_source"):
-        return dict(model.promptvit_source)
+def _creation_record(
+    model: nn.Module, name: str, pretrained: bool, weights: str | Path | None, init_seed: int, kwargs: dict
+) -> dict[str, Any]:
+    """How ``create_backbone`` built ``model`` (the record ``promptvit.backbones.source`` documents)."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or None
-    return {"name": name, "pretrained": False, "weights": None, "kwargs": {}}
+    record: dict[str, Any] = {"name": name, "pretrained": bool(pretrained or weights is not None), "weights": None}
+    if weights is not None:
+        record.update(origin="file", weights=str(Path(weights).resolve()), weights_loader="promptvit")
+    elif pretrained and overlay.get("file"):
+        record.update(origin="file", weights=str(Path(overlay.pop("file")).resolve()), weights_loader="timm")
+    elif pretrained:
+        tagged = ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")]))
+        record.update(origin="hub", name=tagged or name, hub_id=cfg.get("hf_hub_id"), license=cfg.get("license"))
+    else:
+        record["origin"] = "random"
+    options = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    if overlay:
+        options["pretrained_cfg_overlay"] = overlay
+    # num_classes stays: at random init it changes how the RNG is consumed, hence the body's weights.
+    record.update(init_seed=init_seed, kwargs=options)
+    # Weights changed after this (trained in place, loaded over) make the record stale: wrap() compares.
+    if adapter_class_for(model) is not None:
+        record["fingerprint"] = weights_fingerprint(body_parameters(model))
+    return record
+
+
+def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters outside every classifier module: what identifies a backbone's weights."""
+    heads = {id(p) for module in adapter_for(model).classifier_modules() for p in module.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in heads}
 
 
 def load_weights(model: nn.Module, path: str | Path, *, allow_pickle: bool = False) -> None:

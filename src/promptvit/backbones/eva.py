@@ -142,6 +142,16 @@ class EvaAdapter(TimmTokenAdapter):
             qkv_bias=has_bias,
         )
 
+    def observed_options(self) -> dict[str, Any]:
+        model = self.model
+        reference = getattr(getattr(model, "rope", None), "ref_feat_shape", None)
+        return {
+            **super().observed_options(),
+            "class_token": model.cls_token is not None,
+            "num_reg_tokens": model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0,
+            "ref_feat_shape": list(reference) if reference is not None else None,
+        }
+
     def _tokens_and_rope(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         model = self.model
         x, rope = model._pos_embed(model.patch_embed(images))

@@ -44,7 +44,28 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Geometry:
-        data = dict(data)
-        data["img_size"] = tuple(data["img_size"])
-        data["patch_size"] = tuple(data["patch_size"])
-        return cls(**data)
+        """The geometry a dict records (an artifact's ``geometry``); ``ValueError`` names a missing, unknown or
+        mistyped field."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown geometry field(s) {unknown}")
+        values = {}
+        for name, field in fields.items():
+            if name not in data:
+                if field.default is dataclasses.MISSING:
+                    raise ValueError(f"geometry field '{name}' is missing")
+                continue
+            value = data[name]
+            if field.type == "tuple[int, int]":
+                if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+                    raise ValueError(f"geometry {name} must be two integers, got {value!r}")
+                value = tuple(value)
+            elif not (_is_int(value) if field.type == "int" else isinstance(value, {"str": str, "bool": bool}[field.type])):
+                raise ValueError(f"geometry {name} must be of type {field.type}, got {value!r}")
+            values[name] = value
+        return cls(**values)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

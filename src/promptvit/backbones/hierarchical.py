@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
@@ -15,6 +17,14 @@ class ConvNeXtAdapter(CNNAdapter):
 
     family = "ConvNeXt"
     tiny_builds = {"convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)), 32)}
+
+    def observed_options(self) -> dict[str, Any]:
+        stages = self.stages
+        return {
+            **super().observed_options(),
+            "depths": [len(stage.blocks) for stage in stages],
+            "dims": [int(info["num_chs"]) for info in self.model.feature_info[: len(stages)]],
+        }
 
     def input_module(self) -> nn.Module:
         return self.model.stem

@@ -42,7 +42,9 @@ from promptvit.backbones.base import (
     PartsFromCall,
     all_rows,
     attend,
+    mlp_ratio,
     register_adapter,
+    size_option,
     unwrap_base_layers,
 )
 from promptvit.backbones.geometry import Geometry
@@ -123,6 +125,24 @@ class SwinAdapter(BackboneAdapter):
             patch_size=(1, 1),
             global_pool=str(model.global_pool),
         )
+
+    derived_options = ("mlp_ratio",)
+
+    def observed_options(self) -> dict[str, Any]:
+        first = [unwrap_base_layers(stage.blocks[0]) for stage in self.stages]
+        embed_dim = int(self.model.patch_embed.proj.out_channels)
+        hidden = unwrap_base_layers(first[0].mlp).fc1.out_features
+        return {
+            **super().observed_options(),
+            "img_size": size_option(tuple(self.model.patch_embed.img_size)),
+            "patch_size": size_option(tuple(self.model.patch_embed.patch_size)),
+            "window_size": size_option(tuple(first[0].window_size)),
+            "embed_dim": embed_dim,
+            "depths": [len(stage.blocks) for stage in self.stages],
+            "num_heads": [int(unwrap_base_layers(block.attn).num_heads) for block in first],
+            "mlp_ratio": mlp_ratio(hidden, embed_dim),
+            "global_pool": str(self.model.global_pool),
+        }
 
     def input_module(self) -> nn.Module:
         return self.model.patch_embed

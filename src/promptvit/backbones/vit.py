@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 from torch import nn
 
 from promptvit.backbones.base import (
@@ -148,6 +148,20 @@ class ViTAdapter(TimmTokenAdapter):
             mlp_hidden=mlp_hidden_width(block.mlp),
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
         )
+
+    def observed_options(self) -> dict[str, Any]:
+        model = self.model
+        q_norm = getattr(unwrap_base_layers(model.blocks[0].attn), "q_norm", None)
+        return {
+            **super().observed_options(),
+            "class_token": model.cls_token is not None,
+            "reg_tokens": int(model.num_reg_tokens),
+            "no_embed_class": bool(model.no_embed_class),
+            "qk_norm": q_norm is not None and not isinstance(q_norm, nn.Identity),
+            "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+            # LayerScale or not (its values come with the weights; a canonical value keeps defaults equal)
+            "init_values": 1e-5 if isinstance(getattr(model.blocks[0], "ls1", None), LayerScale) else None,
+        }
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -18,7 +19,17 @@ from rich.table import Table
 from promptvit.cli.backbone_commands import register_backbone_commands
 from promptvit.cli.data_commands import register_data_commands
 from promptvit.cli.export_commands import register_export_commands
-from promptvit.cli.output import USER_ERRORS, console, fail, state
+from promptvit.cli.output import (
+    DATA_KIND_HELP,
+    USER_ERRORS,
+    console,
+    csv_options,
+    fail,
+    file_column_option,
+    image_root_option,
+    label_column_option,
+    state,
+)
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 from promptvit.cli.protocol_commands import register_protocol_commands
 
@@ -75,11 +86,36 @@ def _run_config(
             highlight=False,
             markup=False,
         )
-    raw = apply_overrides(raw, shortcuts)
-    raw = apply_overrides(raw, parse_extra_args(extra))
+    overrides = {**shortcuts, **parse_extra_args(extra)}
+    planned = copy.deepcopy(raw)  # what the config (and recipe) would train, for the warm-up below
+    raw = apply_overrides(raw, overrides)
     if recipe:  # beneath the config file and the command line: only what they leave unset
         raw = apply_recipe(raw, recipe)
+        planned = apply_recipe(planned, recipe)
+    if overrides.get("train.epochs") is not None and overrides.get("train.warmup_epochs") is None:
+        _shorten_warmup(raw, planned)
     return RunConfig.model_validate(raw)
+
+
+def _shorten_warmup(raw: dict[str, Any], planned: dict[str, Any]) -> None:
+    """``--epochs`` shorter than the config's warm-up: scale the warm-up by the same factor, and say so."""
+    from promptvit.train import TrainConfig
+
+    train, before = raw.get("train") or {}, planned.get("train") or {}
+    defaults = TrainConfig.model_fields
+    warmup = train.get("warmup_epochs", defaults["warmup_epochs"].default)
+    epochs, was = train.get("epochs"), before.get("epochs", defaults["epochs"].default)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (warmup, epochs, was))
+    if not numbers or warmup <= epochs or was <= 0:
+        return
+    scaled = round(warmup * epochs / was, 3)
+    train["warmup_epochs"] = scaled
+    console.print(
+        f"note: --epochs {epochs} is shorter than the config's warm-up of {warmup} epochs (of {was}); the "
+        f"warm-up is scaled by the same factor to {scaled:g} epochs (set --train.warmup-epochs to choose)",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command(context_settings=EXTRA)
@@ -92,9 +128,18 @@ def train(
     weights: Annotated[Path | None, typer.Option(help="local backbone weights (.safetensors/.pth)")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="download hub weights for --backbone")] = None,
     method: Annotated[str | None, typer.Option(help="tuning method (see `promptvit methods`)")] = None,
-    data: Annotated[str | None, typer.Option(help="image folder, CSV, MedFMC root or .npz")] = None,
-    data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
-    dataset: Annotated[str | None, typer.Option(help="MedFMC dataset: chest, colon or endo")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="image folder, CSV, .npz, a `data fewshot` folder or K-shot split, MedFMC root"),
+    ] = None,
+    data_kind: Annotated[str | None, typer.Option(help=DATA_KIND_HELP)] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="MedFMC data set (chest, colon, endo...) or a `data fewshot --format medfmc` name"),
+    ] = None,
+    image_root: Annotated[str | None, image_root_option()] = None,
+    file_column: Annotated[str | None, file_column_option()] = None,
+    label_column: Annotated[str | None, label_column_option()] = None,
     shots: Annotated[int | None, typer.Option(help="K shots per class")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (split and training)")] = None,
     epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
@@ -107,7 +152,7 @@ def train(
 ) -> None:
     """Train one method on one few-shot split. Any option can be overridden as --section.option VALUE,
     e.g. --method.prompt-length 100 --train.lr 0.01."""
-    from promptvit.experiment import run_experiment
+    from promptvit.experiment import resolved_data, run_experiment
 
     shortcuts = {
         "backbone.name": backbone,
@@ -117,6 +162,9 @@ def train(
         "data.path": data,
         "data.kind": data_kind,
         "data.dataset": dataset,
+        "data.image_root": image_root,
+        "data.file_column": file_column,
+        "data.label_column": label_column,
         "data.shots": shots,
         "train.seed": seed,
         "train.epochs": epochs,
@@ -125,7 +173,7 @@ def train(
     }
     run_config = None
     try:
-        run_config = _run_config(config, shortcuts, ctx.args, recipe)
+        run_config = resolved_data(_run_config(config, shortcuts, ctx.args, recipe))
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
@@ -150,20 +198,31 @@ def _interrupted(run_dir: Path | None) -> None:
 
 
 def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
-    table = Table(title=f"run {run_dir}")
-    table.add_column("split")
-    table.add_column("metrics")
-    for split in ("val", "test"):
-        values = metrics.get(split) or metrics.get(f"{split}_metrics") or {}
-        shown = ", ".join(
-            f"{k} {v:.2f}" for k, v in values.items() if isinstance(v, float) and k != "loss"
-        ) + (f" (n={values['num_samples']})" if "num_samples" in values else "")
-        table.add_row(split, shown)
-    console.print(table)
-    console.print(f"selection: {metrics.get('selection', '')}")
+    from promptvit.cli.clinical_tables import print_clinical
+
+    val = metrics.get("val") or {}
+    shown = ", ".join(
+        f"{k} {v:.2f}"
+        for k, v in val.items()
+        if k in ("accuracy", "balanced_accuracy", "auc", "map") and isinstance(v, float)
+    )
+    console.print(escape(f"run {run_dir}"), style="bold", highlight=False)
+    console.print(escape(f"val (n = {val.get('num_samples', '?')}): {shown or '—'}"), highlight=False)
+    console.print(escape(f"selection: {metrics.get('selection', '')}"), highlight=False)
+    if metrics.get("test"):
+        print_clinical(metrics["test"], "test")
     if metrics.get("backbone_init") == "random":
         console.print(RANDOM_BACKBONE_WARNING, style="bold yellow", highlight=False, markup=False)
-    console.print(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}")
+    console.print(
+        escape(f"artifact: {run_dir / 'artifact'}  metrics: {run_dir / 'metrics.json'}"), highlight=False
+    )
+
+
+def _local(address: Path) -> Path:
+    """A folder, a run folder or ``hf-hub:ORG/NAME[@revision]`` (downloaded, or from the Hub cache) as a folder."""
+    from promptvit.hub import local_folder
+
+    return local_folder(str(address))
 
 
 def _load_for_inference(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -181,62 +240,98 @@ def _inputs(*paths: str | Path | None) -> list[Path]:
 
 
 def _labelled_dataset(
-    run_or_artifact: Path, data: str | None, data_kind: str | None, extra: list[str], info: dict[str, Any]
-) -> Any:
-    """The images to evaluate or analyse: ``--data`` (all of it), else the run's own test split."""
+    run_or_artifact: Path,
+    data: str | None,
+    data_kind: str | None,
+    extra: list[str],
+    info: dict[str, Any],
+    csv: dict[str, str] | None = None,
+) -> tuple[Any, Any, Any]:
+    """The images to evaluate or analyse: ``--data`` (its test split, or all of it when it has none), else
+    the run's own test split; with the data's spec (None where unknown) and the run config (or None)."""
     from promptvit.data import ImageDataset, build_transforms
-    from promptvit.experiment import DataSpec, load_samples, make_split
+    from promptvit.experiment import DataSpec, RunConfig, evaluation_samples, make_split, resolve_data_spec
 
+    run_config = None
+    if (run_or_artifact / "config.yaml").is_file():
+        try:
+            run_config = RunConfig.model_validate(read_yaml(run_or_artifact / "config.yaml"))
+        except USER_ERRORS:  # an old or edited config: scoring does not need it
+            run_config = None
     if data is None and data_kind != "digits":
-        run_config = run_or_artifact / "config.yaml"
-        if not run_config.is_file():
+        if not (run_or_artifact / "config.yaml").is_file():
             raise typer.BadParameter(
                 "give --data (an artifact folder has no run config to take a test split from)"
             )
         from promptvit.data.manifest import SPLIT_FILES, recorded_samples
 
+        spec = run_config.data if run_config is not None else None
         if (run_or_artifact / SPLIT_FILES).is_file():
             samples = recorded_samples(run_or_artifact / SPLIT_FILES, "test")
         else:  # a run from before split files were recorded: the split is drawn again
-            raw = read_yaml(run_config)
+            raw = read_yaml(run_or_artifact / "config.yaml")
             samples = make_split(DataSpec.model_validate(raw["data"]), raw["train"]["seed"]).test
     else:
-        raw = apply_overrides({"path": data, "kind": data_kind or "folder"}, parse_extra_args(extra))
-        samples = load_samples(DataSpec.model_validate(raw))
+        given = {"path": data, "kind": data_kind or "auto", **(csv or {})}
+        raw = apply_overrides(given, {k.removeprefix("data."): v for k, v in parse_extra_args(extra).items()})
+        spec = resolve_data_spec(DataSpec.model_validate(raw))
+        samples = evaluation_samples(spec)
     if samples.class_names != info["class_names"]:
         raise ValueError(
             f"the data's classes {samples.class_names} differ from the artifact's {info['class_names']}; "
             "evaluate on data with the artifact's classes (an artifact saved from Python names them with "
             "save_pretrained(folder, class_names=[...]))"
         )
-    return ImageDataset(samples, build_transforms(info["data_config"], train=False))
+    dataset = ImageDataset(samples, build_transforms(info["data_config"], train=False))
+    return dataset, spec, run_config
 
 
 @app.command("eval", context_settings=EXTRA)
 def eval_(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     data: Annotated[
-        str | None, typer.Option(help="dataset to evaluate on (default: the run's test split)")
+        str | None,
+        typer.Option(
+            help="data to evaluate on: its test split, or every image (default: the run's test split)"
+        ),
     ] = None,
-    data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
+    data_kind: Annotated[str | None, typer.Option(help=DATA_KIND_HELP)] = None,
+    image_root: Annotated[str | None, image_root_option()] = None,
+    file_column: Annotated[str | None, file_column_option()] = None,
+    label_column: Annotated[str | None, label_column_option()] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print every metric as JSON instead of tables")
+    ] = False,
     uncalibrated: Annotated[
         bool, typer.Option("--uncalibrated", help="score the raw probabilities, not the stored calibration")
     ] = False,
     bins: Annotated[int, typer.Option(min=1, max=1000, help="bins of ECE, equal-mass ECE and MCE")] = 15,
 ) -> None:
-    """Evaluate a trained artifact on a labelled dataset (every image in it) or on its run's test split
-    (exactly the files the run recorded; changed or vanished files are reported)."""
+    """Evaluate a trained artifact on its run's test split (exactly the files the run recorded; changed or
+    vanished files are reported) or on --data. Prints the main metric and AUC with bootstrap CIs,
+    sensitivity/specificity/PPV/NPV at the stored threshold, and the probabilities raw -> calibrated."""
     from promptvit.artifact import resolve_artifact_dir
+    from promptvit.cli.clinical_tables import print_clinical
     from promptvit.io import atomic_write_text, check_output_path
-    from promptvit.train.clinical import evaluate_artifact
+    from promptvit.train.clinical import evaluate_artifact, sample_groups
 
     try:
+        run_or_artifact = _local(run_or_artifact)
         if out:
             check_output_path(out, protected=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
-        dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
+        csv_given = csv_options(image_root, file_column, label_column)
+        dataset, spec, run_config = _labelled_dataset(
+            run_or_artifact, data, data_kind, ctx.args, info, csv_given
+        )
+        groups, group_rule = sample_groups(dataset.samples, spec)
+        main_metric = None
+        if run_config is not None:
+            main_metric = run_config.train.select_metric
+            if main_metric == "loss":
+                main_metric = None
         metrics = evaluate_artifact(
             model,
             dataset,
@@ -244,17 +339,26 @@ def eval_(
             resolve_artifact_dir(run_or_artifact),
             calibrated=not uncalibrated,
             bins=bins,
+            main_metric=main_metric,
+            groups=groups,
+            group_rule=group_rule,
+            options=run_config.evaluation if run_config is not None else None,
+            progress=not as_json,
         )
         if out:
             atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
     except (*USER_ERRORS, ValueError) as error:
         fail(error)
-    console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    scored = "its recorded test split" if data is None else f"{data} ({spec.kind if spec else 'data'})"
+    print_clinical(metrics, f"{run_or_artifact} on {scored}")
 
 
 @app.command()
 def predict(
-    artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
+    artifact: Annotated[Path, typer.Argument(help="artifact folder, run folder or hf-hub:ORG/NAME")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
@@ -272,6 +376,7 @@ def predict(
     from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
+        artifact = _local(artifact)
         check_output_path(out, protected=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
@@ -317,12 +422,16 @@ def predict(
 @app.command(context_settings=EXTRA)
 def analyze(
     ctx: typer.Context,
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder or artifact folder")],
+    run_or_artifact: Annotated[Path, typer.Argument(help="run folder, artifact folder or hf-hub:ORG/NAME")],
     out: Annotated[Path, typer.Option(help="folder for the figures and analysis.json")],
     data: Annotated[
-        str | None, typer.Option(help="dataset to analyse (default: the run's test split)")
+        str | None,
+        typer.Option(help="data to analyse: its test split, or every image (default: the run's test split)"),
     ] = None,
-    data_kind: Annotated[str | None, typer.Option(help="folder, csv, medfmc, npz or digits")] = None,
+    data_kind: Annotated[str | None, typer.Option(help=DATA_KIND_HELP)] = None,
+    image_root: Annotated[str | None, image_root_option()] = None,
+    file_column: Annotated[str | None, file_column_option()] = None,
+    label_column: Annotated[str | None, label_column_option()] = None,
     compare: Annotated[
         list[Path] | None, typer.Option(help="other runs/artifacts to compare (repeatable)")
     ] = None,
@@ -335,13 +444,24 @@ def analyze(
     from promptvit.evaluation.calibration import artifact_calibration
     from promptvit.io import check_output_path
 
+    name = run_or_artifact.name
     try:
-        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *(compare or [])))
+        run_or_artifact = _local(run_or_artifact)
+        compare = [_local(path) for path in compare or []]
+        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *compare))
         model, info = _load_for_inference(run_or_artifact)
-        dataset = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info)
-        loaded = {path.name: (path, _load_for_inference(path)) for path in compare or []}
+        csv_given = csv_options(image_root, file_column, label_column)
+        dataset, _, _ = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info, csv_given)
+        loaded = {path.name: (path, _load_for_inference(path)) for path in compare}
         others = {name: model_info[0] for name, (_, model_info) in loaded.items()}
-        calibrations = {run_or_artifact.name: artifact_calibration(info, run_or_artifact)}
+        console.print(
+            escape(
+                f"analysing {min(max_samples, len(dataset))} of {len(dataset)} images (seed {seed}) with "
+                f"{1 + len(loaded)} model(s); t-SNE and attention maps take a while"
+            ),
+            highlight=False,
+        )
+        calibrations = {name: artifact_calibration(info, run_or_artifact)}
         calibrations.update(
             {name: artifact_calibration(model_info[1], path) for name, (path, model_info) in loaded.items()}
         )
@@ -353,9 +473,10 @@ def analyze(
             max_samples=max_samples,
             seed=seed,
             compare=others or None,
-            name=run_or_artifact.name,
+            name=name,
             calibrations=calibrations,
             reliability_bins=bins,
+            progress=True,
         )
     except (*USER_ERRORS, ValueError) as error:
         fail(error)

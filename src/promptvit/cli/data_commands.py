@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+
+from promptvit.cli.output import (
+    USER_ERRORS,
+    console,
+    csv_options,
+    fail,
+    file_column_option,
+    image_root_option,
+    label_column_option,
+)
 
 data_app = typer.Typer(help="Check a data set, write K-shot split files.", no_args_is_help=True)
 
@@ -20,11 +31,20 @@ def check(
         Path, typer.Argument(help="data folder (VTAB-1k task, FGVC data set, MedFMC data set...) or CSV")
     ],
     kind: Annotated[
-        str, typer.Option(help="auto, vtab, fgvc, medfmc, lists, splits (train/ val/ test/), folder or csv")
+        str,
+        typer.Option(
+            "--kind",
+            "--data-kind",
+            help="auto, fewshot (a `data fewshot` folder), vtab, fgvc, medfmc, lists (train.txt/val.txt/"
+            "test.txt), splits (train/ val/ test/), folder, csv or npz",
+        ),
     ] = "auto",
     dataset: Annotated[
         str | None, typer.Option(help="MedFMC data set when the folder name does not say")
     ] = None,
+    image_root: Annotated[str | None, image_root_option()] = None,
+    file_column: Annotated[str | None, file_column_option()] = None,
+    label_column: Annotated[str | None, label_column_option()] = None,
     input_size: Annotated[
         int, typer.Option(help="model input size; smaller images are reported (0: off)")
     ] = 224,
@@ -33,30 +53,36 @@ def check(
 ) -> None:
     """Read a data set the way training would and report classes, counts and problems.
     Exit code 0 only when nothing blocks training (1: blocking problems, 2: unreadable data set)."""
-    from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.data.check import check_splits, read_layout
 
     try:
-        report = check_splits(read_layout(path, kind, dataset), input_size=input_size or None)
+        layout = read_layout(path, kind, dataset, **csv_options(image_root, file_column, label_column))
+        report = check_splits(layout, input_size=input_size or None)
     except USER_ERRORS as error:
         fail(error)
     blocking = report.blocking(strict)
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "ok": not blocking}, indent=2))
     else:
-        console.print(report.summary_line(), highlight=False)
+        console.print(escape(report.summary_line()), highlight=False)
         for name, info in report.splits.items():
             balance = info["balance"]
+            per_class = (
+                ", ".join(f"{c} {n}" for c, n in info["counts"].items())
+                if len(info["counts"]) <= 10
+                else f"{balance['min']}..{balance['max']}"
+            )
             console.print(
-                f"  {name}: {info['images']} images, {info['classes_present']}/{info['classes']} classes, "
-                f"per class {balance['min']}..{balance['max']}"
-                + (f" (ratio {balance['ratio']})" if balance["ratio"] else ""),
+                escape(
+                    f"  {name}: {info['images']} images, {info['classes_present']}/{info['classes']} classes, "
+                    f"per class {per_class}" + (f" (ratio {balance['ratio']})" if balance["ratio"] else "")
+                ),
                 highlight=False,
             )
         for problem in report.problems:
             style = "bold red" if problem.severity == "error" else "yellow"
             console.print(
-                f"[{style}]{problem.severity}[/] {problem.code}: {problem.message}", highlight=False
+                f"[{style}]{problem.severity}[/] {problem.code}: {escape(problem.message)}", highlight=False
             )
         console.print("ok: nothing blocks training" if not blocking else f"{len(blocking)} blocking problems")
     if blocking:
@@ -75,11 +101,16 @@ def fewshot(
     name: Annotated[str, typer.Option(help="data set name in the MedFMC file names")] = "data",
     test_fraction: Annotated[float, typer.Option(help="test share per class")] = 0.3,
     val_per_class: Annotated[int, typer.Option(help="at most this many val images per class")] = 20,
-    file_column: Annotated[str, typer.Option(help="CSV: file column")] = "file",
-    label_column: Annotated[str, typer.Option(help="CSV: label column")] = "label",
+    image_root: Annotated[str | None, image_root_option()] = None,
+    file_column: Annotated[str | None, file_column_option()] = None,
+    label_column: Annotated[str | None, label_column_option()] = None,
+    group_column: Annotated[
+        str | None,
+        typer.Option(help="CSV: patient/lesion/study column; a group's images stay in one of train, val, test"),
+    ] = None,
 ) -> None:
-    """Write K-shot train/val/test split files with a seed, so your own data set gets benchmark-style lists."""
-    from promptvit.cli.output import USER_ERRORS, console, fail
+    """Write K-shot train/val/test split files with a seed, so your own data set gets benchmark-style lists
+    (`promptvit data check OUT` checks them all, `promptvit train --data OUT --shots K` trains on one draw)."""
     from promptvit.data import DataError, read_csv, read_image_folder
     from promptvit.data.split_files import write_fewshot_files
 
@@ -92,7 +123,9 @@ def fewshot(
                 f"--shots and --seeds take comma-separated integers, got {shots!r} and {seeds!r}"
             ) from None
         if path.suffix.lower() == ".csv":
-            samples = read_csv(path, file_column=file_column, label_column=label_column)
+            samples = read_csv(path, **csv_options(image_root, file_column, label_column), group_column=group_column)
+        elif group_column is not None:
+            raise DataError(f"--group-column reads a CSV column; {path} is an image folder")
         else:
             samples = read_image_folder(path)
         written = write_fewshot_files(
@@ -107,7 +140,9 @@ def fewshot(
         )
     except USER_ERRORS as error:
         fail(error)
-    console.print(f"wrote {len(written)} {fmt} split files to {out} (see {out / 'README.txt'})")
+    console.print(
+        escape(f"wrote {len(written)} {fmt} split files to {out} (see {out / 'README.txt'})"), highlight=False
+    )
 
 
 def register_data_commands(app: typer.Typer) -> None:

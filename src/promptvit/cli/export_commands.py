@@ -12,7 +12,7 @@ import typer
 
 
 def export(
-    artifact: Annotated[Path, typer.Argument(help="artifact folder (or run folder)")],
+    artifact: Annotated[Path, typer.Argument(help="artifact folder, run folder or hf-hub:ORG/NAME")],
     format: Annotated[str, typer.Option("--format", "-f", help="peft, onnx or merged-timm")],
     out: Annotated[Path, typer.Option(help="new (or empty) folder for the exported files")],
 ) -> None:
@@ -21,7 +21,9 @@ def export(
     from promptvit.export import ExportError, export
 
     try:
-        record = export(artifact, out, format)
+        # loading the backbone, tracing (ONNX) and the check run a while: a spinner on a terminal
+        with console.status(f"exporting to {format}: loading the model, writing, checking the logits ..."):
+            record = export(artifact, out, format)
     except (*USER_ERRORS, ExportError) as error:
         fail(error)
     tolerance = record["tolerance"]
@@ -33,19 +35,44 @@ def export(
 
 
 def push(
-    run_or_artifact: Annotated[Path, typer.Argument(help="run folder (artifact + metrics + recipe) or artifact")],
+    run_or_artifact: Annotated[
+        Path, typer.Argument(help="run folder (artifact + metrics + recipe) or artifact")
+    ],
     repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME")],
     private: Annotated[bool, typer.Option(help="create the repository as private")] = False,
+    license: Annotated[
+        str | None, typer.Option(help="licence of the model (a Hub licence id); default: unknown")
+    ] = None,
 ) -> None:
-    """Upload an artifact with a model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    """Upload an artifact with a model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`);
+    a method peft can express (LoRA) also goes in as a peft adapter in peft/."""
     from promptvit.cli.output import USER_ERRORS, console, fail
-    from promptvit.hub import push_to_hub
+    from promptvit.hub import push_to_hub, repo_id_of
 
     try:
-        url = push_to_hub(run_or_artifact, repo, private=private)
+        repo_id = repo_id_of(repo)
+        url = push_to_hub(
+            run_or_artifact,
+            repo_id,
+            private=private,
+            license=license,
+            peft_model=_peft_model(run_or_artifact),
+        )
     except (*USER_ERRORS, OSError) as error:
         fail(error)
-    console.print(f"pushed to {url}; load with promptvit.load(\"hf-hub:{repo}\")", highlight=False)
+    console.print(
+        f'pushed to {url}; load with promptvit.load("hf-hub:{repo_id}")', highlight=False, markup=False
+    )
+
+
+def _peft_model(run_or_artifact: Path) -> object:
+    """The tuned model where its method has a peft form (its repository then holds peft/ too), else None."""
+    from promptvit.artifact import load, read_artifact_config
+    from promptvit.methods import get_method
+
+    if not get_method(read_artifact_config(run_or_artifact)["method"]).has_peft_form():
+        return None
+    return load(run_or_artifact)
 
 
 def register_export_commands(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""What every verb shares: the console, the ``--debug`` switch and the one-line report of a user error.
+"""What every verb shares: the console, the ``--debug`` switch, the one-line report of a user error and the
+options of every verb that reads a data set (the same names and meaning everywhere).
 
 Verb modules import from here (never from each other), so ``app`` can register them without a cycle.
 """
@@ -38,3 +39,27 @@ def fail(error: BaseException) -> NoReturn:
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )
     raise typer.Exit(code=2)
+
+
+DATA_KIND_HELP = (
+    "the data's layout, detected unless given: folder, csv, npz, fewshot (a `data fewshot` folder), lists "
+    "(train.txt/val.txt/test.txt), splits (train/ val/ test/ folders), vtab, fgvc, medfmc or digits"
+)
+
+
+def image_root_option() -> object:
+    return typer.Option(help="CSV: the folder its file names are relative to (default: the CSV's folder)")
+
+
+def file_column_option() -> object:
+    return typer.Option(help="CSV: the column of file names (default: file)")
+
+
+def label_column_option() -> object:
+    return typer.Option(help="CSV: the column of labels (default: label)")
+
+
+def csv_options(image_root: str | None, file_column: str | None, label_column: str | None) -> dict[str, str]:
+    """The CSV options given on the command line, as ``data.*`` keys of a run config."""
+    given = {"image_root": image_root, "file_column": file_column, "label_column": label_column}
+    return {k: v for k, v in given.items() if v is not None}

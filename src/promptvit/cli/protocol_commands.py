@@ -99,7 +99,10 @@ def sweep(
 
 
 def report(
-    results: Annotated[list[Path], typer.Argument(help="results folder(s) or .jsonl record files")],
+    results: Annotated[
+        list[Path],
+        typer.Argument(help="sweep results folder(s), .jsonl record files, or `promptvit train` run folders"),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for report.md/.html, plots")],
     title: Annotated[str, typer.Option(help="report title")] = "promptvit benchmark report",
     plots: Annotated[bool, typer.Option(help="draw plots (matplotlib)")] = True,
@@ -107,7 +110,8 @@ def report(
         str | None, typer.Option(help="also show paired differences to this method (besides linear)")
     ] = None,
 ) -> None:
-    """Render paper-style tables (Markdown, HTML, CSV) and plots from run records."""
+    """Render paper-style tables (Markdown, HTML, CSV) and plots from sweep records or from plain run
+    folders (one run, or a folder of runs such as runs/)."""
     from promptvit.protocols import ProtocolError, load_records, write_report
 
     try:
@@ -115,7 +119,7 @@ def report(
         if not loaded.records:
             raise ProtocolError(
                 f"no run records in {', '.join(map(str, results))} ({len(loaded.failures)} failed attempts); "
-                "give a sweep's results folder or its .jsonl record files"
+                "give a sweep's results folder, its .jsonl record files, or promptvit train run folders"
             )
         rendered = write_report(loaded, out, title=title, plots=plots, reference=reference)
     except (*USER_ERRORS, FileNotFoundError) as error:

@@ -7,8 +7,10 @@
   them to the task_adaptation registry names and the TFDS data sets.
 * FGVC (the split files released with VPT): per data set ``train.json``, ``val.json`` and ``test.json``,
   each one JSON object ``{"image/path.jpg": class_id, ...}``; the paths are relative to an image folder
-  that depends on the data set (:data:`FGVC_FOLDERS`). Class ids need not start at 0: they are mapped to
-  contiguous indices in numeric order over all splits, as VPT's reader does within a split.
+  that depends on the data set (:data:`FGVC_FOLDERS`). A class id is any sortable JSON value, as VPT's reader
+  sorts them (``json_dataset.py:60``): integers (need not start at 0, may be negative), other numbers or
+  strings, but not numbers and strings mixed. The ids are mapped to contiguous indices in sorted order over
+  all splits (numbers numerically, strings in natural order), as VPT's reader does within a split.
 
 Both readers return :class:`LabeledSamples` whose class names are the label values as strings, so a
 split that lacks a class still maps every other label to the same index as its sibling splits (pass
@@ -18,13 +20,21 @@ split that lacks a class still maps every other label to the same index as its s
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from promptvit.data.errors import DataError
-from promptvit.data.sources import LabeledSamples, Sample, _check_files_exist, _require_file
+from promptvit.data.sources import (
+    MAX_CLASSES,
+    LabeledSamples,
+    Sample,
+    _check_files_exist,
+    _require_file,
+    read_text_lines,
+)
 
 
 @dataclass(frozen=True)
@@ -118,10 +128,15 @@ FGVC_FOLDERS: dict[str, FGVCFolder] = {
 }
 
 
-def _label_names(source: str, labels: list[tuple[int, int]], class_names: Sequence[str] | None) -> list[str]:
-    """Class names for integer labels: the given list (every label must be in it) or the sorted values."""
+Label = int | float | str
+
+
+def _label_names(
+    source: str, labels: list[tuple[int, Label]], class_names: Sequence[str] | None
+) -> list[str]:
+    """Class names for the labels: the given list (every label must be in it) or the sorted values."""
     if class_names is None:
-        return [str(v) for v in sorted({label for _, label in labels})]
+        return [str(v) for v in sorted({label for _, label in labels})]  # type: ignore[type-var]
     names = list(class_names)
     known = set(names)
     unknown = [(line, label) for line, label in labels if str(label) not in known]
@@ -136,7 +151,7 @@ def _label_names(source: str, labels: list[tuple[int, int]], class_names: Sequen
 
 def _samples(
     source: str,
-    rows: list[tuple[int, str, int]],
+    rows: list[tuple[int, str, Label]],
     image_root: Path,
     class_names: Sequence[str] | None,
     check_files: bool,
@@ -170,28 +185,41 @@ def read_label_list(
     root = Path(image_root) if image_root is not None else list_path.parent
     source = str(list_path)
     rows: list[tuple[int, str, int]] = []
-    with open(list_path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            parts = text.rsplit(maxsplit=1)
-            label = _int_label(parts[1]) if len(parts) == 2 else None
-            if label is None:
-                raise DataError(
-                    f"{source}, line {number}: cannot parse {text!r}; expected 'relative/path.jpg LABEL' "
-                    "with an integer class index (the VTAB-1k list format)"
-                )
-            rows.append((number, parts[0], label))
+    for number, line in enumerate(read_text_lines(list_path), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = text.rsplit(maxsplit=1)
+        label = _int_label(parts[1]) if len(parts) == 2 else None
+        if label is None:
+            raise DataError(
+                f"{source}, line {number}: cannot parse {text!r}; expected 'relative/path.jpg LABEL' "
+                "with an integer class index (the VTAB-1k list format)"
+            )
+        if label >= MAX_CLASSES:
+            raise DataError(
+                f"{source}, line {number}: label {label} is not a class index (more than {MAX_CLASSES:,} "
+                "classes); a typo? Fix the label"
+            )
+        rows.append((number, parts[0], label))
     return _samples(source, rows, root, class_names, check_files)
 
 
 def _int_label(text: str) -> int | None:
-    try:
-        value = int(text)
-    except ValueError:
+    if not text.isdigit():  # int() would also take '+1', '1_000' and other digits than 0-9
         return None
-    return value if value >= 0 else None
+    return int(text) if text.isascii() else None
+
+
+def _fgvc_class_id(value: object) -> Label | None:
+    """A JSON value as a class id (whole floats as integers, so 3 and 3.0 are one class), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return int(value) if value.is_integer() else value
+    return value
 
 
 def read_fgvc_json(
@@ -200,7 +228,7 @@ def read_fgvc_json(
     class_names: Sequence[str] | None = None,
     check_files: bool = True,
 ) -> LabeledSamples:
-    """Read one of VPT's FGVC split files: a JSON object mapping image paths to integer class ids.
+    """Read one of VPT's FGVC split files: a JSON object mapping image paths to class ids (module docstring).
 
     Paths are relative to ``image_root`` (default: the JSON's folder). ``line`` of each sample is its
     1-based position in the object, which is what an error can point at.
@@ -218,12 +246,20 @@ def read_fgvc_json(
         raise DataError(
             f'{source} holds a {type(data).__name__}; expected an object {{"path.jpg": class_id}}'
         )
-    rows = []
-    for number, (rel, label) in enumerate(data.items(), start=1):
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+    rows: list[tuple[int, str, Label]] = []
+    for number, (rel, value) in enumerate(data.items(), start=1):
+        label = _fgvc_class_id(value)
+        if label is None:
             raise DataError(
-                f"{source}: entry {number} ({rel!r}) has label {label!r}; class ids must be integers >= 0"
+                f"{source}: entry {number} ({rel!r}) has label {value!r}; class ids must be numbers or strings"
             )
         rows.append((number, rel, label))
+    kinds = {isinstance(label, str) for _, _, label in rows}
+    if len(kinds) > 1:
+        first_text = next(n for n, _, label in rows if isinstance(label, str))
+        raise DataError(
+            f"{source}: entry {first_text} has a text class id while others are numbers; VPT sorts the ids, so "
+            "they must all be numbers or all text. Fix the JSON"
+        )
     root = Path(image_root) if image_root is not None else json_path.parent
     return _samples(source, rows, root, class_names, check_files)

@@ -17,6 +17,7 @@ files in two parts unless duplicates are explicitly allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -27,23 +28,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from promptvit.data.benchmarks import FGVC_FOLDERS, VTAB_LIST_FILES, read_fgvc_json, read_label_list
+from promptvit.data.benchmarks import (
+    FGVC_FOLDERS,
+    VTAB_LIST_FILES,
+    VTAB_NAMES,
+    read_fgvc_json,
+    read_label_list,
+    vtab_task,
+)
 from promptvit.data.errors import DataError
 from promptvit.data.fewshot import FewShotSplit
 from promptvit.data.sources import (
     LabeledSamples,
+    Sample,
+    npz_split_names,
     read_csv,
     read_image_folder,
     read_medfmc_list,
+    read_npz,
 )
+from promptvit.data.split_files import VTAB_LISTS, is_fewshot_folder, read_fewshot_folder
 from promptvit.io import file_sha256
 
 _SHOWN = 5  # examples quoted per problem
 
-LAYOUTS = ("auto", "vtab", "fgvc", "medfmc", "lists", "splits", "folder", "csv")
-_GENERIC_LISTS = ("train", "val", "trainval", "test")  # what ``promptvit data fewshot --format vtab`` writes
+LAYOUTS = ("auto", "fewshot", "vtab", "fgvc", "medfmc", "lists", "splits", "folder", "csv", "npz")
 
 
 @dataclass
@@ -131,36 +143,71 @@ def _medfmc_file(base: Path, names: tuple[str, ...]) -> Path | None:
     return next((base / n for n in names if (base / n).is_file()), None)
 
 
-def detect_layout(path: Path) -> str:
+def detect_layout(path: str | os.PathLike[str]) -> str:
+    """The layout of the data at ``path`` (one of :data:`LAYOUTS` but 'auto'), from the files it holds."""
+    path = Path(path)
     if path.is_file():
-        if path.suffix.lower() == ".csv":
-            return "csv"
-        raise DataError(f"{path}: data check reads a folder or a .csv file; give the folder that holds it")
+        if path.suffix.lower() in (".csv", ".npz"):
+            return path.suffix.lower()[1:]
+        raise DataError(
+            f"{path}: give a data folder, a .csv or a .npz file (this is a {path.suffix or 'file'})"
+        )
     if not path.is_dir():
-        raise DataError(f"data not found: {path}")
+        raise DataError(f"data not found: {path}. Check the path (relative paths are from {os.getcwd()}).")
+    if is_fewshot_folder(path):
+        return "fewshot"
     if (path / "train.json").is_file():
         return "fgvc"
     if _medfmc_file(path, _MEDFMC_POOL) and _medfmc_file(path, _MEDFMC_TEST) and (path / "images").is_dir():
         return "medfmc"
-    if _list_files(path) or all((path / s).is_dir() for s in ("train800val200", "test")):
-        return "vtab"
+    # before VTAB-1k: both have a test.txt, only a VTAB-1k copy has train800*.txt
     if (path / "train.txt").is_file() and (path / "test.txt").is_file():
         return "lists"
+    if _list_files(path) or all((path / s).is_dir() for s in ("train800val200", "test")):
+        return "vtab"
     if (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
         return "splits"
     return "folder"
 
 
-def read_layout(path: str | os.PathLike[str], kind: str = "auto", dataset: str | None = None) -> Layout:
-    """Read the data set at ``path`` (see the module docstring); ``kind`` forces a layout."""
+def _vtab_classes(base: Path) -> list[str] | None:
+    """The class indices of a VTAB-1k task folder named after its task ('cifar', 'dtd'...), else None."""
+    try:
+        return [str(i) for i in range(VTAB_NAMES[vtab_task(base.name)].num_classes)]
+    except DataError:
+        return None
+
+
+def read_layout(
+    path: str | os.PathLike[str],
+    kind: str = "auto",
+    dataset: str | None = None,
+    *,
+    image_root: str | None = None,
+    file_column: str = "file",
+    label_column: str = "label",
+) -> Layout:
+    """Read the data set at ``path`` (see the module docstring); ``kind`` forces a layout. The CSV options
+    apply to a ``.csv``."""
     base = Path(path)
     if kind not in LAYOUTS:
         raise DataError(f"unknown data layout '{kind}'; expected one of {', '.join(LAYOUTS)}")
     kind = detect_layout(base) if kind == "auto" else kind
-    if kind == "vtab":
+    if kind == "fewshot":
+        folder, draw = read_fewshot_folder(base)
+        if draw is None:
+            splits, wanted = folder.all_splits()
+        else:
+            files = folder.draw_files(*draw)
+            splits = {part: folder._list(file) for part, file in files.items()}
+            wanted = [("train", "val"), ("train", "test"), ("val", "test"), ("trainval", "test")]
+    elif kind == "vtab":
         present = _list_files(base)
+        classes = _vtab_classes(base)  # a known task: every label must be one of its classes
         if present:
-            splits = {name: read_label_list(base / VTAB_LIST_FILES[name]) for name in present}
+            splits = {
+                name: read_label_list(base / VTAB_LIST_FILES[name], class_names=classes) for name in present
+            }
         else:
             splits = {s: read_image_folder(base / s) for s in VTAB_LIST_FILES if (base / s).is_dir()}
         wanted = [
@@ -187,9 +234,7 @@ def read_layout(path: str | os.PathLike[str], kind: str = "auto", dataset: str |
         splits = {split: read_medfmc_list(file, name, base / "images") for split, file in files.items()}
         wanted = [(split, "test") for split in splits if split != "test"]
     elif kind == "lists":
-        splits = {
-            s: read_label_list(base / f"{s}.txt") for s in _GENERIC_LISTS if (base / f"{s}.txt").is_file()
-        }
+        splits = read_lists_folder(base)
         wanted = [("train", "val"), ("train", "test"), ("val", "test"), ("trainval", "test")]
     elif kind == "splits":
         splits = {s: read_image_folder(base / s) for s in ("train", "val", "test") if (base / s).is_dir()}
@@ -197,13 +242,57 @@ def read_layout(path: str | os.PathLike[str], kind: str = "auto", dataset: str |
     elif kind == "folder":
         splits = {"all": read_image_folder(base)}
         wanted = []
+    elif kind == "npz":
+        splits = {s: read_npz(base, s) for s in npz_split_names(base)}
+        wanted = [("train", "val"), ("train", "test"), ("val", "test")]
     else:
-        splits = {"all": read_csv(base)}
+        splits = {
+            "all": read_csv(base, image_root=image_root, file_column=file_column, label_column=label_column)
+        }
         wanted = []
     if not splits:
         raise DataError(f"{base}: no splits found for the '{kind}' layout")
     pairs = [(a, b) for a, b in wanted if a in splits and b in splits]
     return Layout(kind=kind, splits=splits, pairs=pairs)
+
+
+def read_lists_folder(base: Path) -> dict[str, LabeledSamples]:
+    """``train.txt``, ``val.txt``, ``trainval.txt`` and ``test.txt`` of a folder (``relative/path label``
+    lines), with one class list over all of them (a split that lacks a class keeps the others' indices)."""
+    files = {s: base / f"{s}.txt" for s in VTAB_LISTS if (base / f"{s}.txt").is_file()}
+    # without class names, read_label_list names the classes by their label values: take the union
+    values = {int(n) for file in files.values() for n in read_label_list(file, check_files=False).class_names}
+    names = [str(v) for v in sorted(values)]
+    return {s: read_label_list(file, class_names=names) for s, file in files.items()}
+
+
+def align_classes(splits: dict[str, LabeledSamples]) -> dict[str, LabeledSamples]:
+    """The splits relabelled to one class list, the union of theirs (a split may lack a class).
+
+    Numeric class names (the label values of list and JSON files) are ordered by value, others by name.
+    Multi-label splits must already share one class list.
+    """
+    parts = list(splits.values())
+    if all(p.class_names == parts[0].class_names for p in parts):
+        return splits
+    if any(p.multilabel for p in parts):
+        raise DataError(
+            "the splits' classes differ: " + "; ".join(f"{n}: {p.class_names}" for n, p in splits.items())
+        )
+    names = sorted({n for p in parts for n in p.class_names})
+    if all(n.isdigit() for n in names):
+        names.sort(key=int)
+    return {
+        name: dataclasses.replace(
+            part,
+            items=[
+                dataclasses.replace(s, label=names.index(part.class_names[s.label]))  # type: ignore[index]
+                for s in part.items
+            ],
+            class_names=names,
+        )
+        for name, part in splits.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------- checking
@@ -234,6 +323,24 @@ def inspect_files(paths: Iterable[str], workers: int = 8) -> dict[str, FileInfo]
     unique = sorted(set(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(unique, pool.map(inspect_file, unique), strict=True))
+
+
+def _ident(part: LabeledSamples, sample: Sample) -> str:
+    """How a sample is named in the report: its normalised path, or ``source#row`` for an array row."""
+    return os.path.normpath(sample.path) if sample.path else f"{part.source}#{sample.array_index}"
+
+
+def inspect_rows(part: LabeledSamples) -> dict[str, FileInfo]:
+    """:class:`FileInfo` of every array row of an in-memory split (``.npz``): content hash and size."""
+    if part.arrays is None:
+        return {}
+    infos = {}
+    for sample in part.items:
+        if sample.path is None:
+            row = np.ascontiguousarray(part.arrays[sample.array_index])
+            digest = hashlib.sha256(str(row.shape).encode() + row.tobytes()).hexdigest()
+            infos[_ident(part, sample)] = FileInfo(digest, (row.shape[1], row.shape[0]), None)
+    return infos
 
 
 def _label_names(samples: LabeledSamples, label: Any) -> tuple[str, ...]:
@@ -273,8 +380,8 @@ def cross_split_duplicates(
     """Blocking problems: a file listed in both splits of a pair, or identical contents in both."""
     problems = []
     for a, b in pairs:
-        paths_a = {os.path.normpath(s.path) for s in splits[a].items if s.path}
-        paths_b = {os.path.normpath(s.path) for s in splits[b].items if s.path}
+        paths_a = {_ident(splits[a], s) for s in splits[a].items}
+        paths_b = {_ident(splits[b], s) for s in splits[b].items}
         shared = paths_a & paths_b
         if shared:
             problems.append(
@@ -314,6 +421,8 @@ def check_splits(layout: Layout, input_size: int | None = 224, workers: int = 8)
     """Inspect every file of ``layout`` once and report (see the module docstring)."""
     files = [os.path.normpath(s.path) for part in layout.splits.values() for s in part.items if s.path]
     infos = inspect_files(files, workers)
+    for part in layout.splits.values():
+        infos.update(inspect_rows(part))
     problems: list[Problem] = []
 
     bad = {p: i.error for p, i in infos.items() if i.error}
@@ -331,10 +440,10 @@ def check_splits(layout: Layout, input_size: int | None = 224, workers: int = 8)
     files_by_digest: dict[str, set[str]] = defaultdict(set)
     for part in layout.splits.values():
         for sample in part.items:
-            info = infos.get(os.path.normpath(sample.path)) if sample.path else None
+            info = infos.get(_ident(part, sample))
             if info and info.digest and not info.error:
                 labels_by_digest[info.digest].add(_label_names(part, sample.label))
-                files_by_digest[info.digest].add(os.path.normpath(sample.path))  # type: ignore[arg-type]
+                files_by_digest[info.digest].add(_ident(part, sample))
     conflicting = [
         d for d, labels in labels_by_digest.items() if len(labels) > 1 and len(files_by_digest[d]) > 1
     ]
@@ -435,7 +544,12 @@ def guard_duplicates(split: FewShotSplit, allow: bool) -> dict[str, str]:
     """
     parts = {"train": split.train, "val": split.val, "test": split.test}
     paths = sorted(
-        {os.path.normpath(s.path) for p in parts.values() for s in p.items if s.path and os.path.isfile(s.path)}
+        {
+            os.path.normpath(s.path)
+            for p in parts.values()
+            for s in p.items
+            if s.path and os.path.isfile(s.path)
+        }
     )
     if not paths:
         return {}

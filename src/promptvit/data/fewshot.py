@@ -3,10 +3,14 @@
 Two protocols are supported:
 
 * MedFMC: the official ``*_K-shot_train_expE.txt`` files (or :func:`sample_medfmc_k_shot`, which
-  re-implements the benchmark generator with a seed), validation = trainval minus train
-  (:func:`holdout_validation`), test = ``test_WithLabel.txt``; see :func:`load_medfmc_split`.
+  re-implements the benchmark generator with a seed), validation = trainval minus train and minus the
+  other images of the training studies (:func:`holdout_validation`), test = ``test_WithLabel.txt``; see
+  :func:`load_medfmc_split`.
 * Generic (any folder/CSV/npz): a seeded stratified test split, K images per class drawn from the
   rest, validation from what is left; see :func:`make_few_shot_split`.
+
+Samples with a ``group`` (patient, study, slide, lesion) never straddle train, val and test
+(docs/protocols-and-recipes.md, "Groups in your own data").
 
 All sampling uses ``random.Random(seed)`` over sorted candidates, so a seed gives the same draw on
 every machine and Python version.
@@ -28,6 +32,7 @@ from promptvit.data.sources import (
     MEDFMC_SINGLE_LABEL,
     LabeledSamples,
     Sample,
+    medfmc_group,
     medfmc_split_files,
     read_medfmc_list,
 )
@@ -46,6 +51,15 @@ class FewShotSplit:
         return "\n".join(
             f"{name}: {part.summary()}"
             for name, part in (("train", self.train), ("val", self.val), ("test", self.test))
+        )
+
+
+def check_classifiable(samples: LabeledSamples) -> None:
+    """A single-label data set needs two classes to train a classifier on; one class is a ``DataError``."""
+    if not samples.multilabel and samples.num_classes < 2:
+        raise DataError(
+            f"{samples.source} has one class ({samples.class_names[0]!r}); a classifier needs at least two. "
+            "Add a class (one sub-folder or label per class), or check the path and label column"
         )
 
 
@@ -120,24 +134,22 @@ def _in_class(sample: Sample, c: int, multilabel: bool) -> bool:
 
 
 def _endo_study(sample: Sample) -> str:
-    return sample.file_name[:18]
+    return medfmc_group("endo", sample.file_name)  # type: ignore[return-value]
 
 
 def _colon_study(sample: Sample) -> str:
-    return sample.file_name[:-9]
+    return medfmc_group("colon", sample.file_name)  # type: ignore[return-value]
 
 
 def _neojaundice_study(sample: Sample) -> str:
-    return sample.file_name[:4]  # '0012-1.png': three photos per baby share the first four characters
+    # '0012-1.png': three photos per baby share the first four characters
+    return medfmc_group("neojaundice", sample.file_name)  # type: ignore[return-value]
 
 
 def study_of(sample: Sample, dataset: str | None) -> str | None:
-    """MedFMC's study (endo) or slide (colon) id of an image, read from its file name; None elsewhere."""
-    if dataset == "endo":
-        return _endo_study(sample)
-    if dataset == "colon":
-        return _colon_study(sample)
-    return None
+    """MedFMC's study (endo), slide (colon) or baby (neojaundice) id of an image, read from its file name;
+    None elsewhere."""
+    return medfmc_group(dataset, sample.file_name) if dataset is not None else None
 
 
 def sample_medfmc_k_shot(samples: LabeledSamples, k: int, seed: int, dataset: str | None) -> LabeledSamples:
@@ -196,14 +208,20 @@ def _stratum_name(samples: LabeledSamples, stratum: int) -> str:
     return samples.class_names[stratum] if stratum < samples.num_classes else "(all-negative)"
 
 
-def _keys_by_stratum(samples: LabeledSamples) -> dict[int, list[str]]:
-    """Distinct file keys per stratum (first-seen order), so duplicates can never straddle a split."""
-    keys_by_stratum: dict[int, list[str]] = defaultdict(list)
-    seen: set[str] = set()
+def _keys_by_stratum(
+    samples: LabeledSamples, key: Callable[[Sample], str] = lambda s: s.key
+) -> dict[int, list[str]]:
+    """Distinct unit keys per stratum (first-seen order), so a unit can never straddle a split.
+
+    A unit is a file (``key`` default; duplicates of it go together) or a group (``Sample.group_key``); a
+    unit's stratum is the most common one among its items (ties: the first seen), which for a file is its own.
+    """
+    strata_of: dict[str, list[int]] = {}
     for sample, stratum in zip(samples.items, _strata(samples), strict=True):
-        if sample.key not in seen:
-            seen.add(sample.key)
-            keys_by_stratum[stratum].append(sample.key)
+        strata_of.setdefault(key(sample), []).append(stratum)
+    keys_by_stratum: dict[int, list[str]] = defaultdict(list)
+    for unit, strata in strata_of.items():  # dicts keep first-seen order
+        keys_by_stratum[max(dict.fromkeys(strata), key=strata.count)].append(unit)
     return keys_by_stratum
 
 
@@ -218,7 +236,9 @@ def stratified_split(
 
     Give ``test_fraction`` (each class contributes round(fraction * n), at least 1 and leaving at
     least 1) or ``test_per_class`` (single-label only: exactly that many per class). Items are
-    split by file, so a file listed twice never ends up on both sides.
+    split by file, so a file listed twice never ends up on both sides, or, where samples carry a
+    ``group`` (patient, study, lesion), by group: the counts are then groups, each in the class most of
+    its images have.
     """
     if (test_fraction is None) == (test_per_class is None):
         raise DataError("give exactly one of test_fraction and test_per_class")
@@ -229,7 +249,7 @@ def stratified_split(
             raise DataError(f"{samples.source} is multi-label; use test_fraction instead of test_per_class")
         if test_per_class < 1:
             raise DataError(f"test_per_class must be at least 1, got {test_per_class}")
-    keys_by_stratum = _keys_by_stratum(samples)
+    keys_by_stratum = _keys_by_stratum(samples, lambda s: s.group_key)
     rng = random.Random(seed)
     test_keys: set[str] = set()
     problems = []
@@ -249,8 +269,8 @@ def stratified_split(
             f"{samples.source}: a test split needs {need} images per class so that some remain for "
             "training, but " + ", ".join(problems) + ". Lower the test size or drop the class."
         )
-    rest = [s for s in samples.items if s.key not in test_keys]
-    test = [s for s in samples.items if s.key in test_keys]
+    rest = [s for s in samples.items if s.group_key not in test_keys]
+    test = [s for s in samples.items if s.group_key in test_keys]
     return (
         samples.subset(rest, f"{samples.source} (train pool, seed {seed})"),
         samples.subset(test, f"{samples.source} (test, seed {seed})"),
@@ -258,11 +278,13 @@ def stratified_split(
 
 
 def holdout_validation(trainval: LabeledSamples, train: LabeledSamples) -> LabeledSamples:
-    """Validation set = ``trainval`` minus every file in ``train``.
+    """Validation set = ``trainval`` minus every file in ``train`` and every image of a training group.
 
     Replaces the official MedFMC chest/endo val files, which contain most of their own train
     images (the benchmark generator's exclusion never matched), so selecting on them would reward
-    memorisation. For colon this reproduces the official val file exactly.
+    memorisation. Groups (``Sample.group``: MedFMC's endo studies, colon slides and NeoJaundice babies, a
+    CSV's patient or lesion column) go whole: another image of a training study would score the model on
+    what it has nearly seen (docs/protocols-and-recipes.md, "MedFMC model selection").
     """
     if trainval.class_names != train.class_names or trainval.multilabel != train.multilabel:
         raise DataError(
@@ -278,7 +300,8 @@ def holdout_validation(trainval: LabeledSamples, train: LabeledSamples) -> Label
             "check that both lists come from the same dataset and image root",
             stacklevel=2,
         )
-    val = [s for s in trainval.items if s.key not in train_keys]
+    train_groups = {s.group for s in train.items if s.group is not None}
+    val = [s for s in trainval.items if s.key not in train_keys and s.group not in train_groups]
     return trainval.subset(val, f"{trainval.source} minus {train.source}")
 
 
@@ -291,7 +314,8 @@ def load_medfmc_split(
     """
     files = medfmc_split_files(root, dataset, shots, exp)
     trainval, test = (
-        read_medfmc_list(path, dataset, files.image_root, check_files) for path in (files.trainval, files.test)
+        read_medfmc_list(path, dataset, files.image_root, check_files)
+        for path in (files.trainval, files.test)
     )
     if files.train is None:
         train = sample_medfmc_k_shot(trainval, shots, exp, dataset)

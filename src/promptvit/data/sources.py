@@ -72,13 +72,16 @@ class Sample:
     """One labelled image: a file (``path``) or a row of an in-memory array (``array_index``).
 
     ``line`` is the 1-based line of the list/CSV file the sample came from, so that errors found
-    later (for example an unreadable image) can still point at the line to fix.
+    later (for example an unreadable image) can still point at the line to fix. ``group`` names the patient,
+    study, slide or lesion the image belongs to (MedFMC's rule per data set, a CSV ``group_column``): splits
+    keep a group's images on one side and the bootstrap resamples whole groups. None: the image stands alone.
     """
 
     path: str | None
     label: Label
     array_index: int | None = None
     line: int | None = None
+    group: str | None = None
 
     @property
     def key(self) -> str:
@@ -86,6 +89,11 @@ class Sample:
         if self.path is not None:
             return os.path.normpath(self.path)
         return f"#array:{self.array_index}"
+
+    @property
+    def group_key(self) -> str:
+        """What splits keep together: the group, or the image itself when it has none."""
+        return f"#group:{self.group}" if self.group is not None else self.key
 
     @property
     def file_name(self) -> str:
@@ -228,6 +236,20 @@ def _check_files_exist(items: Sequence[Sample], source: str, image_root: Path) -
         )
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 list file (a BOM is dropped); a file in another encoding is a ``DataError``.
+
+    Lines end at ``\\n`` only (``\\r\\n`` accepted), not at the other characters ``str.splitlines`` breaks on.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
+        ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _int_like(text: str) -> int | None:
     """'3' and '3.0' are class indices (ISIC ships '1.0'); anything else is a name."""
     try:
@@ -273,6 +295,7 @@ def read_image_folder(root: str | os.PathLike[str]) -> LabeledSamples:
             f"image folder {root_path}: class sub-folder(s) {empty} contain no images "
             f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}). Add images or remove the folder(s)."
         )
+    warn_case_variants(str(root_path), [p.name for p in class_dirs])
     return LabeledSamples(
         items=items, class_names=[p.name for p in class_dirs], multilabel=False, source=str(root_path)
     )
@@ -287,6 +310,7 @@ def read_csv(
     class_names: Sequence[str] | None = None,
     file_suffix: str = "",
     check_files: bool = True,
+    group_column: str | None = None,
 ) -> LabeledSamples:
     """Read a CSV with a header: ``file,label`` (single-label) or one 0/1 column per class.
 
@@ -295,15 +319,17 @@ def read_csv(
     the order. With ``label_columns`` the task is multi-label and those columns are the classes
     (``class_names`` then only renames them). ``file_suffix`` is appended to every file name
     (ISIC lists ids without '.jpg'). Images are looked up under ``image_root`` (default: the CSV's
-    folder). A file listed twice is an error, since it would leak between splits.
+    folder). A file listed twice is an error, since it would leak between splits. ``group_column`` names a
+    column (patient, lesion, study id) whose value becomes each image's ``Sample.group``.
     """
     csv_path = Path(path)
     _require_file(csv_path, "CSV file")
     root = Path(image_root) if image_root is not None else csv_path.parent
     try:
-        return _read_csv_rows(
+        samples = _read_csv_rows(
             csv_path, root, file_column, label_column, label_columns, class_names, file_suffix, check_files
         )
+        return samples if group_column is None else _with_csv_groups(samples, csv_path, group_column)
     except UnicodeDecodeError as error:
         raise DataError(
             f"{csv_path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
@@ -351,14 +377,17 @@ def _read_csv_rows(
     if not rows:
         raise DataError(f"{source} has a header but no data rows")
 
-    first_line: dict[str, int] = {}
+    first_line: dict[str, tuple[int, str]] = {}
     for line, name, _ in rows:
-        if name in first_line:
+        same = os.path.normpath(name)  # 'c0/x.png' and './c0/x.png' are one file
+        if same in first_line:
+            earlier, spelled = first_line[same]
+            as_written = "" if spelled == name else f" (written '{spelled}' there)"
             raise DataError(
-                f"{source}, line {line}: '{name}' is already listed at line {first_line[name]}. "
+                f"{source}, line {line}: '{name}' is already listed at line {earlier}{as_written}. "
                 "Remove the duplicate row (a repeated image would leak between train and test)."
             )
-        first_line[name] = line
+        first_line[same] = (line, name)
 
     if label_columns is not None:
         names, labels = _multilabel_csv_labels(source, header, rows, list(label_columns), class_names)
@@ -375,6 +404,46 @@ def _read_csv_rows(
     if check_files:
         _check_files_exist(items, source, root)
     return LabeledSamples(items=items, class_names=names, multilabel=multilabel, source=source)
+
+
+def _with_csv_groups(samples: LabeledSamples, csv_path: Path, group_column: str) -> LabeledSamples:
+    """``samples`` with ``Sample.group`` read from ``group_column`` (matched by line number)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        if group_column not in header:
+            raise DataError(
+                f"{csv_path}, line 1: group column '{group_column}' not in the header {header}. "
+                "Set group_column to the column naming each image's patient, lesion or study."
+            )
+        position = header.index(group_column)
+        groups = {}
+        for row in reader:
+            if len(row) == len(header):
+                groups[reader.line_num] = row[position].strip()
+    items = []
+    for sample in samples.items:
+        group = groups.get(sample.line or -1, "")
+        if not group:
+            raise DataError(
+                f"{csv_path}, line {sample.line}: empty '{group_column}' field; every image needs its group "
+                "(patient, lesion or study id), or leave group_column unset"
+            )
+        items.append(dataclasses.replace(sample, group=group))
+    return samples.subset(items)
+
+
+def medfmc_group(dataset: str, file_name: str) -> str | None:
+    """The MedFMC group of an image from its file name (docs/protocols-and-recipes.md, "MedFMC model
+    selection"): endo's study (the first 18 characters), colon's slide (all but the last 9), NeoJaundice's baby
+    (the first 4); None for chest and retino, whose images stand alone."""
+    if dataset == "endo":
+        return file_name[:18]
+    if dataset == "colon":
+        return file_name[:-9]
+    if dataset == "neojaundice":
+        return file_name[:4]
+    return None
 
 
 MAX_CLASSES = 10_000
@@ -412,6 +481,26 @@ def _normalise_labels(source: str, raw: list[tuple[int, str]]) -> list[tuple[int
             stacklevel=3,
         )
     return out
+
+
+def warn_case_variants(source: str, names: Sequence[str]) -> None:
+    """``DataWarning`` when class names differ only in case or surrounding spaces ('cat', 'Cat', 'CAT').
+
+    They stay separate classes (a data set may mean them so), but they are usually one class spelled
+    differently: fix the labels, or pass ``class_names`` to state the classes.
+    """
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(name.strip().casefold(), []).append(name)
+    clashes = [sorted(v) for v in spellings.values() if len(v) > 1]
+    if clashes:
+        warnings.warn(
+            f"{source}: {len(clashes)} group(s) of class names differ only in case or spaces and are kept as "
+            f"separate classes: {'; '.join(' / '.join(map(repr, c)) for c in clashes[:_MAX_LISTED])}. "
+            "If they are one class, write the labels the same way",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_singletons(source: str, names: list[str], labels: list[int]) -> None:
@@ -483,6 +572,7 @@ def _labels_without_names(source: str, raw: list[tuple[int, str]]) -> tuple[list
             )
         return [str(i) for i in range(top + 1)], indices  # type: ignore[operator, return-value]
     names = sorted({text for _, text in raw})
+    warn_case_variants(source, names)
     if len(names) > MAX_CLASSES:
         raise DataError(
             f"{source}: {len(names):,} distinct labels (more than {MAX_CLASSES:,} classes); is the label column "
@@ -572,15 +662,14 @@ def read_medfmc_list(
     root = Path(image_root)
     source = str(list_path)
     items = []
-    with open(list_path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(read_text_lines(list_path), start=1):
+        if line.strip():
             try:
                 name, label = parse_medfmc_line(line, dataset)
             except DataError as error:
                 raise DataError(f"{source}, line {number}: {error}. Is this a '{dataset}' list?") from None
-            items.append(Sample(path=str(root / name), label=label, line=number))
+            group = medfmc_group(dataset, os.path.basename(name))
+            items.append(Sample(path=str(root / name), label=label, line=number, group=group))
     if not items:
         raise DataError(f"{source} is empty")
     if check_files:
@@ -592,6 +681,46 @@ def read_medfmc_list(
         multilabel=dataset not in MEDFMC_SINGLE_LABEL,
         source=source,
     )
+
+
+def read_index_list(
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    class_names: Sequence[str],
+    multilabel: bool,
+    check_files: bool = True,
+) -> LabeledSamples:
+    """Read a list of ``file label`` lines whose labels index ``class_names``: ``name.png 2``, or for
+    multi-label ``name.png 0,1,0`` (MedFMC's chest style); the file name may hold spaces.
+
+    What ``promptvit data fewshot`` writes in both formats (``promptvit.data.split_files``).
+    """
+    list_path = Path(path)
+    _require_file(list_path, "list file")
+    source, root, count = str(list_path), Path(image_root), len(class_names)
+    expected = (
+        f"'name.png' then {count} comma-separated 0/1 labels"
+        if multilabel
+        else f"'name.png' then one class index 0..{count - 1}"
+    )
+    items = []
+    for number, line in enumerate(read_text_lines(list_path), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = text.rsplit(maxsplit=1)
+        fields = parts[1].split(",") if len(parts) == 2 else []
+        ok = all(f.isascii() and f.isdigit() for f in fields) and len(fields) == (count if multilabel else 1)
+        values = [int(f) for f in fields] if ok else []
+        if not ok or not all(0 <= v < (2 if multilabel else count) for v in values):
+            raise DataError(f"{source}, line {number}: cannot parse {text!r}; expected {expected}")
+        label: Label = tuple(values) if multilabel else values[0]
+        items.append(Sample(path=str(root / parts[0]), label=label, line=number))
+    if not items:
+        raise DataError(f"{source} lists no images")
+    if check_files:
+        _check_files_exist(items, source, root)
+    return LabeledSamples(items=items, class_names=list(class_names), multilabel=multilabel, source=source)
 
 
 @dataclass(frozen=True)
@@ -611,8 +740,11 @@ class MedFMCFiles:
     image_root: Path
 
 
-def medfmc_split_files(root: str | os.PathLike[str], dataset: str, shots: int, exp: int) -> MedFMCFiles:
-    """Resolve ``{root}/{dataset}/{dataset}_{K}-shot_{train,val}_exp{E}.txt`` and the shared files."""
+def medfmc_split_files(
+    root: str | os.PathLike[str], dataset: str, shots: int, exp: int, *, need_train: bool = True
+) -> MedFMCFiles:
+    """Resolve ``{root}/{dataset}/{dataset}_{K}-shot_{train,val}_exp{E}.txt`` and the shared files
+    (``need_train=False``: only the shared ones, for evaluating on the test list)."""
     if dataset not in MEDFMC_CLASSES:
         raise DataError(f"unknown MedFMC dataset '{dataset}'; expected one of {MEDFMC_DATASETS}")
     if shots < 1 or exp < 1:
@@ -632,7 +764,7 @@ def medfmc_split_files(root: str | os.PathLike[str], dataset: str, shots: int, e
         trainval=first("trainval.txt", "fewshot-pool.txt") if drawn else base / "trainval.txt",
         image_root=base / "images",
     )
-    if drawn and not files.train.is_file():  # type: ignore[union-attr]
+    if (drawn or not need_train) and not files.train.is_file():  # type: ignore[union-attr]
         files = dataclasses.replace(files, train=None)
     required = [p for p in (files.train, files.test, files.trainval) if p is not None]
     missing = [str(p) for p in required if not p.is_file()]
@@ -652,6 +784,27 @@ def medfmc_split_files(root: str | os.PathLike[str], dataset: str, shots: int, e
     if files.val is not None and not files.val.is_file():
         files = dataclasses.replace(files, val=None)
     return files
+
+
+NPZ_SPLITS = ("train", "val", "test")
+
+
+def npz_split_names(path: str | os.PathLike[str]) -> list[str]:
+    """The MedMNIST-style splits (train, val, test) a ``.npz`` file holds images and labels for."""
+    npz_path = Path(path)
+    _require_file(npz_path, ".npz file")
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:
+            keys = set(data.keys())
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{npz_path} is not a readable .npz file ({error})") from None
+    present = [s for s in NPZ_SPLITS if {f"{s}_images", f"{s}_labels"} <= keys]
+    if not present:
+        raise DataError(
+            f"{npz_path}: no split found; a MedMNIST-style .npz holds train_images/train_labels (and val_, "
+            f"test_); this file has {sorted(keys)}"
+        )
+    return present
 
 
 def read_npz(

@@ -25,6 +25,15 @@ from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerL
 
 
 @dataclasses.dataclass
+class PeftForm:
+    """A method as a peft adapter: ``peft.LoraConfig`` options and its tensors under their names in the backbone
+    (``blocks.0.attn.qkv.lora_A.weight``); the model adds the head as ``modules_to_save``."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
 class MethodConfig:
     """Options of one method. Subclasses add typed fields with defaults."""
 
@@ -194,6 +203,20 @@ class Method(nn.Module):
         new method that expresses itself in these kinds is served batched without touching the server.
         """
         return None
+
+    def peft_form(self, backbone: nn.Module) -> PeftForm | None:
+        """The method as a Hugging Face peft adapter, or None where peft has no equivalent (the default)."""
+        return None
+
+    @classmethod
+    def has_peft_form(cls) -> bool:
+        """Whether the method's artifacts can be written as peft adapters (without building a model)."""
+        return cls.peft_form is not Method.peft_form
+
+    @classmethod
+    def merges(cls) -> bool:
+        """Whether ``merge`` folds the method's layers into the backbone's own weights."""
+        return cls.merge is not Method.merge
 
     def merge(self) -> None:
         """Fold the method into the backbone weights where possible (LoRA)."""

@@ -43,8 +43,18 @@ fused ``qkv`` output (a forward hook: the same as training the K and V biases, w
 frozen); ``"full_released"`` (the released configs) also frees the biases of ``attn.proj``, ``mlp.fc2``,
 ``norm2``, the weight and bias of ``norm1`` and the CLS token.
 
-Not implemented from the code: ``vpt_norm`` (l2/LN on the prompts), the prompt attention mask, query/key
-proxy types, the class-balanced sampler and gradient clipping by value (engine matters).
+Prompt norm and mask (the code's ``vpt_norm`` and ``mask``; docs/methods.md, DA-VPT): ``prompt_norm="l2"``
+inserts ``p / max(||p||, 1e-6)`` for every prompt ``p`` (the proxies of the loss are the same unit vectors
+times ``r``); ``prompt_mask=True`` gives the prompt queries attention over the patch tokens only (the
+prefix tokens and all prompts, the query's own included, are masked out). Only the prompt rows of a block's
+output change, and every block replaces them or the final norm strips them, so the logits do not; what
+reads them is ``anchor="prompt_attn_out"``. The mask recomputes those rows from the block's q, k, v at the
+input of ``attn.proj`` (timm's plain softmax attention only). The class-balanced sampler and gradient
+clipping by value are training options (``TrainConfig.sampler``, ``grad_clip_value``); stochastic depth is
+the backbone option ``drop_path_rate``.
+
+Not implemented from the code: ``vpt_norm="layer"`` (a learned LayerNorm on the prompts) and the query/key
+proxy types.
 """
 
 from __future__ import annotations
@@ -99,6 +109,8 @@ class DAVPTConfig(MethodConfig):
     spt_max_images: int = 1024
     spt_max_kmeans_tokens: int = 20000
     dropout: float = 0.0  # prompt dropout
+    prompt_norm: Literal["none", "l2"] = "none"  # code's vpt_norm: "l2" inserts unit-norm prompts
+    prompt_mask: bool = False  # code's mask: prompt queries attend to the patch tokens only
     seed: int = 0  # k-means initial centroids, random mapping of unseen classes, SPT sampling
 
     def validate(self) -> None:
@@ -136,6 +148,8 @@ class DAVPTConfig(MethodConfig):
             raise ConfigError("da_vpt: spt_max_kmeans_tokens must be >= the prompt lengths")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"da_vpt: dropout must be in [0, 1), got {self.dropout}")
+        if self.prompt_norm not in ("none", "l2"):
+            raise ConfigError(f"da_vpt: prompt_norm must be 'none' or 'l2', got {self.prompt_norm!r}")
 
 
 # ------------------------------------------------------------------------------------ loss and k-means
@@ -312,7 +326,9 @@ class DAVPT(TokenPromptHooks, Method):
             )
             for index in range(len(adapter.blocks)):
                 self.injections.hook(qkv(index), functools.partial(self._add_kv_bias, index))
-        # Capture hooks run after the prompt hooks, so they see the prompted sequence.
+        if config.prompt_mask:
+            self._hook_prompt_mask(adapter, qkv)
+        # Capture hooks run after the prompt hooks (and the mask), so they see the prompted sequence.
         for g, index in enumerate(self.guided):
             self.injections.pre_hook(adapter.blocks[index], functools.partial(self._capture_block_input, g))
             if self.has_cls:
@@ -324,6 +340,34 @@ class DAVPT(TokenPromptHooks, Method):
                     raise ConfigError(f"da_vpt: anchor='prompt_attn_out' reads attention parts; {error}") from None
                 self.injections.pre_hook(proj, functools.partial(self._capture_attn_out, g))
         self.injections.pre_hook(head, self._capture_features)
+
+    def _hook_prompt_mask(self, adapter: Any, qkv: Any) -> None:
+        """Keep each prompted block's q, k, v and redo its prompt rows at ``attn.proj`` (see the module docstring)."""
+        self._mask_parts: dict[int, Any] = {}
+        self._mask_qkv: dict[int, torch.Tensor] = {}
+        for index, count in self.prompts_in_block.items():
+            if not count:
+                continue
+            try:
+                parts = adapter.attention(index)  # families with rotary or relative positions have no plain parts
+                plain = (
+                    parts.qkv_bias is None
+                    and parts.rotate is None
+                    and parts.logit_bias is None
+                    and parts.gate is None
+                    and isinstance(parts.norm, nn.Identity)
+                )
+                reason = f"{type(parts.module).__name__} adds positions, biases or gates to it"
+            except BackboneError as error:
+                plain, reason = False, str(error)
+            if not plain:
+                raise ConfigError(
+                    "da_vpt: prompt_mask recomputes the prompt rows of plain softmax attention; block "
+                    f"{index}: {reason}. Turn prompt_mask off for this backbone"
+                )
+            self._mask_parts[index] = parts
+            self.injections.hook(qkv(index), functools.partial(self._keep_qkv, index))
+            self.injections.pre_hook(parts.proj, functools.partial(self._mask_prompt_rows, index))
 
     def _default_mapping(self, device: torch.device | None = None) -> torch.Tensor:
         """Identity when #classes <= M, else class c -> c mod M until the data init replaces it."""
@@ -350,7 +394,12 @@ class DAVPT(TokenPromptHooks, Method):
             prompts = self.other_prompts[self._other_index[block]]
         else:
             prompts = x.new_zeros(0, x.shape[-1])
-        return expand_prompts(prompts, x.shape[0], self.prompt_dropout)
+        return expand_prompts(self.normed(prompts), x.shape[0], self.prompt_dropout)
+
+    def normed(self, prompts: torch.Tensor) -> torch.Tensor:
+        """The prompts as inserted (before dropout): unit rows under ``prompt_norm="l2"``, as the code's
+        ``F.normalize(p, dim=-1, eps=1e-6)``."""
+        return F.normalize(prompts, dim=-1, eps=1e-6) if self.config.prompt_norm == "l2" else prompts
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         if self.config.bias_set != "full_released":
@@ -369,6 +418,10 @@ class DAVPT(TokenPromptHooks, Method):
                         yield parameter
         if getattr(backbone, "cls_token", None) is not None:
             yield backbone.cls_token
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's hook: the key/value bias deltas are biases (one row per block), undecayed as in the code."""
+        return {"kv_bias_delta"} if self.config.bias_set != "none" else set()
 
     def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
         """Prompts only: the key/value bias deltas of DA-VPT+ are served per task."""
@@ -391,6 +444,25 @@ class DAVPT(TokenPromptHooks, Method):
     def _add_kv_bias(self, block: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         delta = F.pad(self.kv_bias_delta[block], (self._qkv_part, 0))  # [0 (q) | k | v]
         return output + delta.to(output.dtype)
+
+    def _keep_qkv(self, block: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.plan.token_prompts:
+            self._mask_qkv[block] = output
+
+    def _mask_prompt_rows(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
+        """The prompt rows of the attention output, recomputed with the prompt queries seeing patches only."""
+        qkv = self._mask_qkv.pop(block, None)
+        x = args[0]
+        if qkv is None or x.shape[1] != qkv.shape[1]:  # prompts off, or their rows not computed here
+            return None
+        parts, start, count = self._mask_parts[block], self.num_prefix_tokens, self.prompts_in_block[block]
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, parts.num_heads, parts.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = parts.q_norm(q), parts.k_norm(k)
+        end = start + count
+        rows = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, end:], v[:, :, end:], scale=parts.scale)
+        rows = rows.transpose(1, 2).reshape(batch, count, parts.attn_dim).to(x.dtype)
+        return (torch.cat([x[:, :start], rows, x[:, end:]], dim=1), *args[1:])
 
     def _capturing(self) -> bool:
         return self.training and self.plan.token_prompts
@@ -416,6 +488,8 @@ class DAVPT(TokenPromptHooks, Method):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_captured"] = {}  # activations of the last step hold an autograd graph; never copied
+        if "_mask_qkv" in state:
+            state["_mask_qkv"] = {}
         return state
 
     # ---------------------------------------------------------------- engine hooks
@@ -460,7 +534,7 @@ class DAVPT(TokenPromptHooks, Method):
         zero = self.proxy_prompts.sum() * 0.0
         patch_terms, cls_terms = [], []
         for g in range(len(self.guided)):
-            proxies = self.proxy_prompts[g]
+            proxies = self.normed(self.proxy_prompts[g])
             if config.beta > 0:
                 if config.anchor == "patch_mean":
                     anchors = captured[("patch", g)]

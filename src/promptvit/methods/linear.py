@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 from torch import nn
@@ -10,25 +11,30 @@ from torch import nn
 from promptvit.backbones import Geometry, adapter_for
 from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
 
+SOLVERS = ("lbfgs", "sgd", "optimizer")
+
 
 @dataclasses.dataclass
 class HeadSolverConfig(MethodConfig):
     """How a head on frozen features is fitted (``linear``, ``mlp``).
 
-    ``solver="optimizer"`` trains it with the run's optimiser and epochs; ``"lbfgs"`` fits it to convergence
-    on cached features with the L2 strength chosen on val from ``l2_grid`` (default 1e-6 .. 1e2, two per
-    decade), as the CLIP and DINOv2 linear evaluations do (:mod:`promptvit.train.probe`).
+    ``solver="lbfgs"`` fits it to convergence on cached features (:mod:`promptvit.train.probe`): at the fixed
+    L2 strength of scikit-learn's ``LogisticRegression(C=1)``, unless validation has enough images per class
+    to choose one from ``l2_grid`` (default 1e-6 .. 1e2, two per decade; an explicit ``l2_grid`` is always
+    searched), as the CLIP and DINOv2 linear evaluations do. ``"sgd"`` and ``"optimizer"`` (one solver, two
+    names) train it with the run's optimiser (``train.optimizer``, SGD by default) over the epochs.
+    ``linear`` defaults to ``lbfgs``, ``mlp`` to ``optimizer``; the papers' recipes set ``sgd``.
     """
 
-    solver: Literal["optimizer", "lbfgs"] = "optimizer"
+    solver: Literal["lbfgs", "sgd", "optimizer"] = "optimizer"
     l2_grid: list[float] | None = None
 
     method_label = "linear"  # not a field: names the method in errors
 
     def validate(self) -> None:
-        if self.solver not in ("optimizer", "lbfgs"):
+        if self.solver not in SOLVERS:
             raise ConfigError(
-                f"{self.method_label}: solver must be 'optimizer' or 'lbfgs', got {self.solver!r}"
+                f"{self.method_label}: solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}"
             )
         if self.l2_grid is not None and (not self.l2_grid or min(self.l2_grid) <= 0):
             raise ConfigError(
@@ -45,20 +51,30 @@ class SolvedHead:
         return self.config.solver == "lbfgs"
 
     def check_solver(self, backbone: nn.Module) -> None:
-        """The L-BFGS fit needs a linear head on the pre-logit features; refuse it for any other head."""
+        """The L-BFGS fit needs one linear (or 1x1-conv) head on the pre-logit features. Any other head (heads
+        per branch, a norm or weights inside the head: some timm models seen through the generic adapter) is
+        trained by the run's optimiser instead, said in a warning and recorded as solver 'sgd'."""
         adapter = adapter_for(backbone)
         if self.fits_head_to_convergence() and not (
-            adapter.head_reads_pre_logits() and isinstance(adapter.get_classifier(), nn.Linear)
+            adapter.head_reads_pre_logits()
+            and len(adapter.classifier_modules()) == 1
+            and isinstance(adapter.get_classifier(), (nn.Linear, nn.Conv2d))
         ):
-            raise ConfigError(
-                f"{self.config.method_label}: solver 'lbfgs' fits a linear head on the pre-logit features, and the "
-                f"classifier of {type(backbone).__name__} is not one; use solver 'optimizer'"
+            warnings.warn(
+                f"{self.config.method_label}: the head of {type(backbone).__name__} is not one linear layer on the "
+                "pre-logit features, so L-BFGS cannot fit it on them; it is trained by the run's optimiser "
+                "(solver 'sgd')",
+                stacklevel=4,
             )
+            self.config = dataclasses.replace(self.config, solver="sgd")
 
 
 @dataclasses.dataclass
 class LinearConfig(HeadSolverConfig):
-    """The frozen backbone's features feed a new linear head (see :class:`HeadSolverConfig` for the solver)."""
+    """The frozen backbone's features feed a new linear head, fitted to convergence by default (see
+    :class:`HeadSolverConfig` for the solver)."""
+
+    solver: Literal["lbfgs", "sgd", "optimizer"] = "lbfgs"
 
 
 @register_method

@@ -15,34 +15,42 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
 from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, PeftForm, register_method
 
 QKV = ("q", "k", "v")
 
 
 def check_block_list(layers: Sequence[int] | None, method: str) -> list[int] | None:
-    """Validate a ``layers`` option (block indices, or ``None`` for every block) without the geometry."""
+    """Validate a ``layers`` option (block indices, or ``None`` for every block) without the geometry.
+
+    Negative indices count from the end, as in Python (``-1`` is the last block), so a value holds at any depth.
+    """
     if layers is None:
         return None
     layers = list(layers)
     if not layers:
         raise ConfigError(f"{method}: layers must name at least one block, or be None for all blocks")
     for index in layers:
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise ConfigError(f"{method}: layers must be block indices >= 0, got {layers}")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ConfigError(f"{method}: layers must be block indices (negative: from the end), got {layers}")
     if len(set(layers)) != len(layers):
         raise ConfigError(f"{method}: layers has repeated blocks: {layers}")
     return layers
 
 
 def resolve_blocks(layers: Sequence[int] | None, depth: int, method: str) -> list[int]:
-    """The block indices a ``layers`` option selects on a backbone with ``depth`` blocks."""
+    """The block indices a ``layers`` option selects on a backbone with ``depth`` blocks (negatives resolved)."""
     if layers is None:
         return list(range(depth))
-    too_deep = [i for i in layers if i >= depth]
-    if too_deep:
-        raise ConfigError(f"{method}: layers {too_deep} do not exist; the backbone has blocks 0..{depth - 1}")
-    return list(layers)
+    outside = [i for i in layers if not -depth <= i < depth]
+    if outside:
+        raise ConfigError(
+            f"{method}: layers {outside} do not exist; the backbone has blocks 0..{depth - 1} (or -{depth}..-1)"
+        )
+    blocks = [i % depth for i in layers]
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"{method}: layers {list(layers)} name the same block twice on a {depth}-block backbone")
+    return blocks
 
 
 def adapted_blocks(adapter: BackboneAdapter, layers: Sequence[int] | None, method: str) -> list[int]:
@@ -137,6 +145,27 @@ class LoRA(Method):
                 b[part] = layer.lora_B[i].detach() * layer.scaling
             changes.append(BatchedChange("qkv_low_rank", block=index, tensors={"a": a, "b": b}))
         return changes
+
+    def peft_form(self, backbone: nn.Module) -> PeftForm:
+        """peft's LoRA on each whole fused ``qkv`` (docs/export.md): rank ``len(targets) * rank``, A stacked, B block
+        structured (zeros on the rows of parts not adapted), ``lora_alpha = alpha * len(targets)`` (the same
+        scale ``alpha / rank``)."""
+        names = {id(m): n for n, m in backbone.named_modules()}
+        first = self._lora_layers[0]
+        count = len(first.parts)
+        tensors = {}
+        for layer in self._lora_layers:
+            name = names[id(layer)]
+            tensors[f"{name}.lora_A.weight"] = layer.lora_A.detach().reshape(count * layer.rank, -1)
+            tensors[f"{name}.lora_B.weight"] = layer.stacked_lora_B().detach()
+        config = {
+            "r": count * first.rank,
+            "lora_alpha": first.alpha * count,
+            "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,
+            "target_modules": sorted(names[id(layer)] for layer in self._lora_layers),
+            "bias": "none",
+        }
+        return PeftForm(config, tensors)
 
     @property
     def merged(self) -> bool:

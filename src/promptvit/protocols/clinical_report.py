@@ -22,7 +22,7 @@ from promptvit.protocols.report_parts import (
     slug,
     subplots,
 )
-from promptvit.protocols.stats import paired_comparison
+from promptvit.protocols.stats import mean_interval, paired_comparison
 
 LEVEL = 0.95
 
@@ -39,16 +39,12 @@ def _ok(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("status") == "ok" and isinstance(r.get("score"), (int, float))]
 
 
-def _mean_ci(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    from scipy.stats import t
-
-    if not values:
-        return None, None, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = float(t.ppf((1 + LEVEL) / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+def _mean_ci_text(values: list[float]) -> str:
+    """``mean [low, high] (t|bootstrap)`` over draws (``stats.mean_interval``: stays within 0-100)."""
+    found = mean_interval(values, level=LEVEL)
+    if found["method"] is None:
+        return _fmt(found["mean"]) + (" (one draw)" if values else "")
+    return f"{_fmt(found['mean'])} [{_fmt(found['low'])}, {_fmt(found['high'])}] {found['method']}"
 
 
 def _metric(record: dict[str, Any], *path: str) -> float | None:
@@ -77,7 +73,9 @@ def _stated(values: list[Any], fmt: str = "{}") -> str:
 def _evaluation_settings(records: list[dict[str, Any]]) -> dict[str, str]:
     """Bootstrap level and resamples and the number of ECE bins, read from the records (``evaluation:``)."""
     ci = [(r.get("metrics") or {}).get("ci") or {} for r in records]
-    bins = [len(((r.get("metrics") or {}).get("reliability") or {}).get("counts") or []) or None for r in records]
+    bins = [
+        len(((r.get("metrics") or {}).get("reliability") or {}).get("counts") or []) or None for r in records
+    ]
     return {
         "level": _stated([c.get("level") for c in ci], "{:.0%}"),
         "resamples": _stated([c.get("resamples") for c in ci]),
@@ -101,7 +99,7 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
         rows = []
         for method in [m for m in methods if m in by_method]:
             records = by_method[method]
-            mean, low, high = _mean_ci([r["score"] for r in records])
+            mean_ci = _mean_ci_text([r["score"] for r in records])
             widths = [
                 _metric(r, "ci", "high") - _metric(r, "ci", "low")
                 for r in records
@@ -118,7 +116,7 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
                 [
                     method,
                     str(len(records)),
-                    f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]",
+                    mean_ci,
                     _fmt(statistics.median(widths) if widths else None),
                     f"{_fmt(avg('ece'))} → {_fmt(avg('calibrated', 'ece'))}",
                     f"{_fmt(avg('ece_mass'))} → {_fmt(avg('calibrated', 'ece_mass'))}",
@@ -153,8 +151,10 @@ def clinical_tables(group: Any, reference: str | None = None) -> list[Any]:
                 ],
                 rows=rows,
                 notes=[
-                    "CI over draws: mean ± t(n−1) × sd / √n of the per-draw test scores (variation over "
-                    "training draws and splits)",
+                    "CI over draws (variation over training draws and splits): 't' = mean ± t(n−1) × sd / √n "
+                    "from 3 draws on when it stays within 0–100; 'bootstrap' = percentile bootstrap of the "
+                    "mean over the draws (10,000 resamples), used for 2 draws or when the t interval would "
+                    "leave 0–100",
                     f"per-run CI: percentile bootstrap over the test set ({settings['resamples']} resamples), "
                     f"units: {group_rule}; the median width over draws",
                     "calibration: fitted on each run's validation split only (single-label: one temperature; "
@@ -208,7 +208,7 @@ def _paired_table(
         rows=rows,
         notes=[
             "differences in percentage points, paired by (split, seed); CI: t interval over the paired "
-            "differences; resolved = the CI excludes 0",
+            "differences, from 3 draws on (— with 2); resolved = the CI excludes 0",
             "Wilcoxon signed-rank (scipy, two-sided) and an exact sign-flip permutation test of the mean "
             "difference; each p-value and CI is for one comparison, not corrected for the number of methods",
             "draws to resolve: the smallest number of draws at which a difference of this mean and spread "

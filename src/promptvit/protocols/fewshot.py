@@ -6,6 +6,10 @@ left (at most ``val_per_class`` per class). ``.npz`` files keep their official t
 class are drawn from train, validation is the official val (capped at ``val_per_class`` per class when
 ``val_cap`` is on), test the official test. The draw seed is also the training seed.
 
+A task of ``kind: fewshot`` is a folder written by ``promptvit data fewshot`` (either format): its own
+draws are used as written, per K in ``shots`` every exp of the folder (the search stage: the first), each
+trained with the seed it was drawn with.
+
 Hyperparameters are chosen on validation (search stage, ``search_seeds`` draws) and the epoch on
 validation; the test split is evaluated once per final run.
 """
@@ -54,8 +58,8 @@ class FewShotProtocol(Protocol):
         for name, data in tasks.items():
             if not isinstance(data, dict) or "path" not in data:
                 raise ValueError(f"task '{name}' needs a data mapping with at least 'path'")
-            if data.get("kind", "folder") not in ("folder", "csv", "npz"):
-                raise ValueError(f"task '{name}': kind must be folder, csv or npz")
+            if data.get("kind", "folder") not in ("folder", "csv", "npz", "fewshot"):
+                raise ValueError(f"task '{name}': kind must be folder, csv, npz or fewshot")
         return tasks
 
     def _option(self, task: str, key: str) -> Any:
@@ -77,6 +81,9 @@ class FewShotProtocol(Protocol):
         seeds = self.seeds if stage == "final" else (self.search_seeds or self.seeds[:1])
         units = []
         for task, raw in self.tasks.items():
+            if raw.get("kind") == "fewshot":
+                units += self._written_draws(task, stage)
+                continue
             npz = raw.get("kind", "folder") == "npz"
             for shots in self.shots:
                 for seed in seeds:
@@ -100,6 +107,35 @@ class FewShotProtocol(Protocol):
                     )
         return units
 
+    def _written_draws(self, task: str, stage: Stage) -> list[Unit]:
+        """A `data fewshot` folder's own draws: per K, every exp (search: the first), trained with its seed."""
+        from promptvit.data import DataError
+        from promptvit.data.split_files import read_fewshot_folder
+
+        try:
+            folder, _ = read_fewshot_folder(self.tasks[task]["path"])
+        except DataError as error:
+            raise ProtocolError(f"fewshot task '{task}': {error}") from None
+        exps = range(1, len(folder.seeds) + 1) if stage == "final" else [1]
+        data = {k: v for k, v in self.tasks[task].items() if k not in _TASK_OVERRIDES}
+        return [
+            Unit(
+                task=task,
+                shots=shots,
+                split=f"exp{exp}",
+                seed=folder.seeds[exp - 1],
+                data={**data, "path": absolute(data["path"]), "shots": shots, "exp": exp},
+                evaluate_on="val" if stage == "search" else "test",
+                epoch_selection="val",
+                metric=self.metric,
+                augment=self.augment,
+                eval_resize=self.eval_resize,
+                tags={"dataset_kind": "fewshot", "draw_seed": folder.seeds[exp - 1]},
+            )
+            for shots in self.shots
+            for exp in exps
+        ]
+
     def check(self) -> None:
         """Read every task's labels once (not the images), so a bad path or column fails before any run."""
         from promptvit.data import DataError, read_npz
@@ -110,6 +146,12 @@ class FewShotProtocol(Protocol):
             try:
                 if data["kind"] == "npz":
                     read_npz(data["path"], "train")
+                elif data["kind"] == "fewshot":
+                    from promptvit.data.split_files import read_fewshot_folder
+
+                    folder, _ = read_fewshot_folder(data["path"])
+                    for shots in self.shots:
+                        folder.draw_files(shots, 1)
                 else:
                     load_samples(DataSpec.model_validate(data))
             except (DataError, ValueError) as error:

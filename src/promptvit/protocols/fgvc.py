@@ -19,6 +19,8 @@ Layouts, detected per data set (``layout: auto``, the default):
   by the run's seed, disjoint by file); hyperparameters and the epoch are chosen on it.
 
 ``<dataset>`` is one of :data:`FGVC_DATASETS` (``cub``, ``nabirds``, ``flowers``, ``dogs``, ``cars``).
+Training seeds are the recipe's (``vpt-fgvc``: five runs, 0-4, as VPT's FGVC runs are unseeded repeats;
+``spt-fgvc`` and ``davpt-fgvc``: three, 0-2); ``seeds`` overrides them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ class FGVCProtocol(Protocol):
         "train+val", description="json layout: final runs train on train.json + val.json, or on train.json"
     )
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] | None = Field(
+        None, description="training seeds (default: the recipe's; vpt-fgvc: five runs, 0-4; no recipe: 0-4)"
+    )
     search_seeds: list[int] | None = Field(None, description="default: the first seed")
     check_num_classes: bool = Field(True, description="require the canonical class count of each data set")
 
@@ -110,8 +114,11 @@ class FGVCProtocol(Protocol):
             tags={"num_classes": FGVC_DATASETS[dataset]},
         )
 
+    def _seeds(self) -> list[int]:
+        return self.seeds if self.seeds is not None else self.recipe_value("seeds", [0, 1, 2, 3, 4])
+
     def units(self, stage: Stage) -> list[Unit]:
-        seeds = self.seeds if stage == "final" else (self.search_seeds or self.seeds[:1])
+        seeds = self._seeds() if stage == "final" else (self.search_seeds or self._seeds()[:1])
         units = []
         for dataset in self.datasets:
             for seed in seeds:

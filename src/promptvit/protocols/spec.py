@@ -57,6 +57,9 @@ class SourceSpec(Strict):
     file_column: str = "file"
     label_column: str = "label"
     file_suffix: str = ""
+    group_column: str | None = Field(
+        None, description="CSV: patient/lesion/study column; a hold-out keeps each group on one side"
+    )
 
 
 class SplitSpec(Strict):
@@ -324,6 +327,10 @@ class Protocol(Strict, ABC):
                     **({"image_root": train.image_root} if train.image_root else {}),
                     **{k: base_data[k] for k in TRANSFORM_KEYS if k in base_data},
                 }
+            # The recorded config states the augmentation the run uses: the unit's (VTAB: none) and the base's.
+            augment = unit.augment and bool(base_data.get("augment", True))
+            if not augment:
+                run.setdefault("data", {})["augment"] = False
             run["method"] = {"name": name, "options": options}
             run["train"] = {**run.get("train", {}), **train_hp, "seed": unit.seed}
             run.setdefault("train", {}).setdefault("progress", False)
@@ -347,7 +354,7 @@ class Protocol(Strict, ABC):
                     evaluate_on=unit.evaluate_on,
                     epoch_selection=unit.epoch_selection,
                     metric=unit.metric,
-                    augment=unit.augment,
+                    augment=augment,
                     eval_resize=unit.eval_resize,
                     interpolation=unit.interpolation,
                     test_per_class=unit.test_per_class,

@@ -34,7 +34,10 @@ from promptvit.protocols.spec import ProtocolError, RunSpec, SourceSpec, SplitSp
 
 
 def natural_key(name: str) -> tuple:
-    """Sort '2' before '10' (VTAB and FGVC class folders are often numbers)."""
+    """Sort '2' before '10' (VTAB and FGVC class folders are often numbers); a name that is a number ('-3',
+    '1.5': FGVC JSON class ids) sorts by its value."""
+    if re.fullmatch(r"-?\d+(\.\d+)?", name):  # shaped as a plain digit run's key, so mixed lists sort as before
+        return ((1, 0, ""), (0, float(name), ""), (1, 0, ""))
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
@@ -85,6 +88,7 @@ def _read_source(source: SourceSpec, class_names: list[str] | None, check_files:
         label_column=source.label_column,
         class_names=class_names,
         file_suffix=source.file_suffix,
+        group_column=source.group_column,
     )
 
 

@@ -1,6 +1,14 @@
-"""Paired comparisons of two methods over the same draws (seeds/splits): the differences d_i = a_i - b_i.
+"""Intervals over draws, and paired comparisons of two methods over the same draws (seeds/splits).
 
-* mean difference with a two-sided t interval, mean +/- t_{n-1, (1+level)/2} * sd / sqrt(n);
+:func:`mean_interval`, the interval of a metric's mean over draws (a bounded metric: percentages in [0, 100]):
+the two-sided t interval mean +/- t_{n-1, (1+level)/2} * sd / sqrt(n) from 3 draws on, when it stays inside
+the metric's range; otherwise (2 draws, or a t interval crossing 0 or 100) the percentile bootstrap of the
+mean over the draws (10,000 resamples, seed 0), which cannot leave the range. The result says which.
+
+Paired comparisons, on the differences d_i = a_i - b_i:
+
+* mean difference with a two-sided t interval, mean +/- t_{n-1, (1+level)/2} * sd / sqrt(n), from 3 draws
+  on (2 draws give a t interval 12.7 standard errors wide: none is reported);
 * Wilcoxon signed-rank test (scipy, two-sided; exact for small n without ties/zeros);
 * paired permutation (sign-flip) test of the mean difference: exact over all 2^n sign patterns for
   n <= 16, else ``permutations`` seeded random patterns; the p-value counts patterns at least as extreme
@@ -20,6 +28,32 @@ from typing import Any
 import numpy as np
 
 MAX_DRAWS = 10_000
+MIN_DRAWS_FOR_T = 3
+BOUNDS = (0.0, 100.0)
+
+
+def mean_interval(
+    values: Sequence[float], *, level: float = 0.95, bounds: tuple[float, float] = BOUNDS
+) -> dict[str, Any]:
+    """Mean over draws with its interval: ``{"mean", "low", "high", "method"}`` (see the module docstring);
+    ``method`` is 't', 'bootstrap' or None (one draw: no interval)."""
+    from scipy.stats import t
+
+    from promptvit.evaluation.bootstrap import bootstrap_ci
+
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "method": None, "n": 0}
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "method": None, "n": n}
+    if n >= MIN_DRAWS_FOR_T:
+        half = float(t.ppf((1 + level) / 2, n - 1)) * float(v.std(ddof=1)) / math.sqrt(n)
+        if bounds[0] <= mean - half and mean + half <= bounds[1]:
+            return {"mean": mean, "low": mean - half, "high": mean + half, "method": "t", "n": n}
+    ci = bootstrap_ci(lambda idx: float(v[idx].mean()), n, resamples=10_000, level=level, seed=0)
+    return {"mean": mean, "low": ci["low"], "high": ci["high"], "method": "bootstrap", "n": n}
 
 
 def permutation_pvalue(differences: Sequence[float], *, permutations: int = 20_000, seed: int = 0) -> float:
@@ -71,8 +105,10 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, level: float = 
             "draws_to_resolve": None,
         }
     sd = float(d.std(ddof=1))
-    half = float(t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-    low, high = out["mean"] - half, out["mean"] + half
+    low = high = None
+    if n >= MIN_DRAWS_FOR_T:
+        half = float(t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+        low, high = out["mean"] - half, out["mean"] + half
     wilcoxon_p = 1.0 if not np.any(d) else float(wilcoxon(d).pvalue)
     return {
         **out,
@@ -82,6 +118,6 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, level: float = 
         "level": level,
         "wilcoxon_p": wilcoxon_p,
         "permutation_p": permutation_pvalue(d),
-        "resolved": bool(low > 0 or high < 0),
+        "resolved": low is not None and bool(low > 0 or high < 0),
         "draws_to_resolve": draws_to_resolve(out["mean"], sd, level),
     }

@@ -261,8 +261,93 @@ def _store_files(root: Path, problems: list[str]) -> tuple[list[dict[str, Any]],
     return records, failures
 
 
+def is_run_folder(path: Path) -> bool:
+    """A folder ``promptvit train`` wrote: ``metrics.json`` beside ``config.yaml``."""
+    return (path / "metrics.json").is_file() and (path / "config.yaml").is_file()
+
+
+def run_folder_record(run_dir: Path, problems: list[str]) -> dict[str, Any] | None:
+    """A final record (protocol ``runs``) read from a plain ``promptvit train`` run folder, or None with the
+    reason in ``problems`` (an unfinished run, unreadable files).
+
+    The task is the data set (MedFMC name, or the data path's last part), the draw its (exp, seed), the
+    metric the one the run's CI was computed for (its selection metric)."""
+    import hashlib
+
+    import yaml
+
+    try:
+        config_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
+        config = yaml.safe_load(config_text)
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        data, train = config.get("data") or {}, config.get("train") or {}
+        test = metrics.get("test")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, AttributeError) as error:
+        problems.append(f"{run_dir}: unreadable run folder ignored ({error})")
+        return None
+    if not isinstance(test, dict):
+        problems.append(f"{run_dir}: no test metrics in metrics.json (an unfinished run?); ignored")
+        return None
+    metric = (test.get("ci") or {}).get("metric") or ("map" if "map" in test else "accuracy")
+    kind = data.get("kind")
+    task = data.get("dataset") or _task_name(data)
+    digest = hashlib.sha256((str(run_dir.resolve()) + "\n" + config_text).encode()).hexdigest()
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((run_dir / "metrics.json").stat().st_mtime))
+    return {
+        "format": RECORD_FORMAT,
+        "config_hash": digest,
+        "protocol": "runs",
+        "task": task,
+        "shots": data.get("shots"),
+        "split": f"exp{data.get('exp', 1)}" if kind in ("medfmc", "fewshot") else None,
+        "seed": train.get("seed"),
+        "stage": "final",
+        "method": (config.get("method") or {}).get("name", metrics.get("method")),
+        "hparams": {},
+        "status": "ok",
+        "backbone": (config.get("backbone") or {}).get("name", ""),
+        "backbone_init": metrics.get("backbone_init"),
+        "metric": metric,
+        "score": test.get(metric),
+        "evaluated_on": "test",
+        "metrics": test,
+        "parameters": metrics.get("parameters"),
+        "spec": {"config": config},
+        "selection": {
+            "epoch": metrics.get("selection"),
+            "epoch_split": "val" if metrics.get("select_metric") else "last epoch",
+            "hyperparameters_split": "none (fixed)",
+        },
+        "run_dir": str(run_dir),
+        "finished_at": finished,
+    }
+
+
+def _task_name(data: dict[str, Any]) -> str:
+    """A run's data set by name: a ``data fewshot`` folder's name (else its folder's), else the data path's."""
+    if not data.get("path"):
+        return str(data.get("kind"))
+    if data.get("kind") == "fewshot":
+        from promptvit.data.split_files import read_fewshot_folder
+
+        try:
+            folder, _ = read_fewshot_folder(data["path"])
+            return folder.name if folder.name != "data" else folder.root.resolve().name
+        except ValueError:  # moved or damaged since: the path names it
+            pass
+    return Path(str(data["path"])).stem
+
+
+def _run_folders(path: Path) -> list[Path]:
+    """``path`` itself when it is a run folder, else the run folders directly inside it."""
+    if is_run_folder(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_run_folder(p))
+
+
 def load_records(paths: str | Path | Iterable[str | Path]) -> LoadedRecords:
-    """Read records from store folders, ``records/`` folders or ``.jsonl`` files (any mix).
+    """Read records from store folders, ``records/`` folders, ``.jsonl`` files or plain run folders (a run
+    folder of ``promptvit train``, or a folder of them such as ``runs/``), in any mix.
 
     A config hash seen twice keeps its first record and reports the rest; failed attempts of runs that
     later succeeded are dropped from ``failures``.
@@ -273,7 +358,10 @@ def load_records(paths: str | Path | Iterable[str | Path]) -> LoadedRecords:
     raw_records: list[dict[str, Any]] = []
     for item in paths:
         path = Path(item)
-        if path.is_dir():
+        runs = _run_folders(path) if path.is_dir() and not (path / "records").is_dir() else []
+        if runs:
+            raw_records += [r for run in runs if (r := run_folder_record(run, loaded.problems)) is not None]
+        elif path.is_dir():
             records, failures = _store_files(path, loaded.problems)
             raw_records += records
             loaded.failures += failures
@@ -281,7 +369,9 @@ def load_records(paths: str | Path | Iterable[str | Path]) -> LoadedRecords:
             for record in read_jsonl(path, loaded.problems):
                 (raw_records if record.get("status") in FINAL_STATUSES else loaded.failures).append(record)
         else:
-            raise ProtocolError(f"results not found: {path} (give a results folder or a .jsonl file)")
+            raise ProtocolError(
+                f"results not found: {path} (give a results folder, a .jsonl file or a run folder)"
+            )
     seen: set[str] = set()
     for record in raw_records:
         digest = record["config_hash"]

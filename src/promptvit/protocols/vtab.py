@@ -21,14 +21,20 @@ Two layouts, detected per task (``layout: auto``, the default):
 In both, a split may lack some classes: the union over the splits defines the label set.
 
 ``<task>`` is one of :data:`VTAB_TASKS` (e.g. ``cifar100``, ``smallnorb_ele``); the distribution's folder
-names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too.
+names and the task_adaptation names (``cifar(num_classes=100)``) are accepted too. Any other name is your
+own task in the same four-list shape as ``promptvit data fewshot --format vtab`` writes it::
+
+      <root>/<name>/train.txt, val.txt, trainval.txt, test.txt    (e.g. root: out/5-shot, tasks: [seed1])
+
+read as train800, val200, train800val200 and test (group ``own``).
 
 Protocol (VPT's ``tune_vtab.py``; docs/protocols-and-recipes.md, "VTAB-1k protocol"):
 
 * search: every grid point trains on train800 and is scored by val200 top-1 **at the last epoch** (no epoch
-  selection; ties go to the smaller lr) with one seed (``search_seeds``, default 42);
-* final: the chosen hyperparameters train on train800val200 with the 5 seeds {42, 44, 82, 100, 800}; the
-  test top-1 **at the last epoch** is reported (no selection of any kind on test);
+  selection; ties go to the smaller lr) with one seed (``search_seeds``, default the first seed, 42);
+* final: the chosen hyperparameters train on train800val200 with the recipe's seeds (``vpt-vtab``: VPT's
+  {42, 44, 82, 100, 800}; ``seeds`` overrides them); the test top-1 **at the last epoch** is reported (no
+  selection of any kind on test);
 * preprocessing: a direct resize to the model's input size (224 for ViT-B/16), bilinear, ImageNet
   mean/std, **no augmentation** (not even flips) for training.
 """
@@ -38,7 +44,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from promptvit.data import VTAB_LIST_FILES, VTAB_NAMES, DataError, vtab_task
 from promptvit.protocols.spec import Protocol, ProtocolError, SourceSpec, SplitSpec, Stage, Unit, absolute
@@ -67,6 +73,8 @@ VTAB_GROUPS: dict[str, tuple[str, ...]] = {
 }
 VTAB_TASKS: tuple[str, ...] = tuple(t for tasks in VTAB_GROUPS.values() for t in tasks)
 VTAB_GROUP_OF: dict[str, str] = {t: g for g, tasks in VTAB_GROUPS.items() for t in tasks}
+#: the list files of an own task (``promptvit data fewshot --format vtab``) standing for VTAB-1k's four
+OWN_LIST_FILES = {"train800": "train.txt", "val200": "val.txt", "train800val200": "trainval.txt", "test": "test.txt"}
 VTAB_SEEDS = (42, 44, 82, 100, 800)
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 SEARCH_SPLITS = ("train800", "val200")
@@ -84,8 +92,10 @@ class VTABProtocol(Protocol):
     recipe: str | None = "vpt-vtab"
     root: str
     tasks: list[str] = Field(default_factory=lambda: list(VTAB_TASKS))
-    seeds: list[int] = Field(default_factory=lambda: list(VTAB_SEEDS))
-    search_seeds: list[int] = Field(default_factory=lambda: [VTAB_SEEDS[0]])
+    seeds: list[int] | None = Field(
+        None, description="final-stage training seeds (default: the recipe's, else VPT's five)"
+    )
+    search_seeds: list[int] | None = Field(None, description="search-stage seeds (default: the first seed)")
     normalization: Literal["imagenet", "backbone"] = Field(
         "imagenet", description="ImageNet mean/std as VPT, or the backbone config's own statistics"
     )
@@ -93,41 +103,53 @@ class VTABProtocol(Protocol):
         "auto", description="lists: the VTAB-1k .txt copy; folders: <split>/<class>/ image folders"
     )
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _known(cls, tasks: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _known(self) -> VTABProtocol:
         known = []
-        for task in tasks:
+        for task in self.tasks:
             try:
                 known.append(vtab_task(task))
             except DataError as error:
-                raise ValueError(str(error)) from None
-        return known
+                if not (Path(self.root) / task / OWN_LIST_FILES["train800"]).is_file():
+                    raise ValueError(
+                        f"{error}, or the name of a folder in {self.root} holding train.txt, val.txt, "
+                        "trainval.txt and test.txt (promptvit data fewshot --format vtab)"
+                    ) from None
+                known.append(task)  # an own task in the four-list shape
+        self.__dict__["tasks"] = known
+        return self
 
     def _task_dir(self, task: str) -> Path:
-        """The distribution's folder name if present, else promptvit's task name."""
+        """The distribution's folder name if present, else promptvit's task name (an own task: its name)."""
         root = Path(self.root)
-        for name in (VTAB_NAMES[task].folder, task):
+        names = (VTAB_NAMES[task].folder, task) if task in VTAB_NAMES else (task,)
+        for name in names:
             if (root / name).is_dir():
                 return root / name
         return root / task
 
     def _layout(self, task: str) -> str:
+        if task not in VTAB_NAMES:
+            return "own"
         if self.layout != "auto":
             return self.layout
         base = self._task_dir(task)
         return "lists" if any((base / f).is_file() for f in VTAB_LIST_FILES.values()) else "folders"
 
+    def _files(self, task: str) -> dict[str, str]:
+        return OWN_LIST_FILES if self._layout(task) == "own" else VTAB_LIST_FILES
+
     def _missing(self, task: str, splits: tuple[str, ...]) -> list[str]:
         base = self._task_dir(task)
-        if self._layout(task) == "lists":
-            return [VTAB_LIST_FILES[s] for s in splits if not (base / VTAB_LIST_FILES[s]).is_file()]
+        if self._layout(task) != "folders":
+            files = self._files(task)
+            return [files[s] for s in splits if not (base / files[s]).is_file()]
         return [f"{s}/" for s in splits if not (base / s).is_dir()]
 
     def _source(self, task: str, split: str) -> SourceSpec:
         base = self._task_dir(task)
-        if self._layout(task) == "lists":
-            return SourceSpec(kind="list", path=absolute(base / VTAB_LIST_FILES[split]))
+        if self._layout(task) != "folders":
+            return SourceSpec(kind="list", path=absolute(base / self._files(task)[split]))
         return SourceSpec(kind="folder", path=absolute(base / split))
 
     def _class_sources(self, task: str) -> list[SourceSpec]:
@@ -138,7 +160,7 @@ class VTABProtocol(Protocol):
 
     def _search_needs(self, task: str) -> None:
         missing = self._missing(task, SEARCH_SPLITS)
-        if missing and self._layout(task) == "lists":
+        if missing and self._layout(task) != "folders":
             base = self._task_dir(task)
             raise ProtocolError(
                 f"VTAB-1k {task}: the search stage (train800 -> val200) needs {' and '.join(missing)} in "
@@ -150,6 +172,9 @@ class VTABProtocol(Protocol):
     @staticmethod
     def _present(base: Path) -> list[str]:
         return [f for f in VTAB_LIST_FILES.values() if (base / f).is_file()] or ["no list files"]
+
+    def _seeds(self) -> list[int]:
+        return self.seeds if self.seeds is not None else self.recipe_value("seeds", list(VTAB_SEEDS))
 
     def units(self, stage: Stage) -> list[Unit]:
         overrides = (
@@ -167,14 +192,14 @@ class VTABProtocol(Protocol):
                     val=self._source(task, "val200"),
                     class_sources=every,
                 )
-                label, seeds = "train800 -> val200", self.search_seeds
+                label, seeds = "train800 -> val200", self.search_seeds or self._seeds()[:1]
             else:
                 splits = SplitSpec(
                     train=self._source(task, "train800val200"),
                     test=self._source(task, "test"),
                     class_sources=every,
                 )
-                label, seeds = "train800val200 -> test", self.seeds
+                label, seeds = "train800val200 -> test", self._seeds()
             for seed in seeds:
                 units.append(
                     Unit(
@@ -188,7 +213,7 @@ class VTABProtocol(Protocol):
                         augment=False,
                         eval_resize="direct",
                         interpolation="bilinear",
-                        group=VTAB_GROUP_OF[task],
+                        group=VTAB_GROUP_OF.get(task, "own"),
                         config_overrides=overrides,
                     )
                 )

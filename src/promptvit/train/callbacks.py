@@ -1,9 +1,9 @@
 """Callbacks of ``fit``: code that watches training without being part of it.
 
-``fit`` calls, in order: ``on_fit_start`` once (fresh or resumed run), after every epoch
-``on_epoch_end`` (before validation; what it returns joins the epoch's row of ``log.csv``) and ``on_row``
-(the finished row: train, method, callback and validation columns, seconds), and ``close`` when training
-stops, normally or not. A callback must not change the model or consume random numbers, so a run with or
+``fit`` calls, in order: ``on_fit_start`` once (fresh or resumed run), ``on_step`` after every optimiser
+step (its loss and learning rate), after every epoch ``on_epoch_end`` (before validation; what it returns
+joins the epoch's row of ``log.csv``) and ``on_row`` (the finished row: train, method, callback and
+validation columns, seconds), and ``close`` when training stops, normally or not. A callback must not change the model or consume random numbers, so a run with or
 without it trains the same.
 
 The engine imports no analysis code: measurements such as the prompt/patch NMI are callbacks built above it
@@ -35,6 +35,9 @@ class Callback:
 
     def on_fit_start(self, model: PromptModel, train_set: Dataset, val_set: Dataset | None) -> None:
         """Once, before the first epoch to run."""
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        """After optimiser step ``step`` (from 1, counted over the run): ``{"loss": ..., "lr": ...}``."""
 
     def on_epoch_end(self, model: PromptModel, epoch: int) -> dict[str, Any]:
         """After epoch ``epoch`` (from 1) trained, before validation; returns columns for its log row."""
@@ -71,25 +74,62 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+#: log.csv columns that are bookkeeping, not curves
+_NOT_PLOTTED = frozenset({"epoch", "step", "seconds", "lr"})
+_GROUPS = (("train_", "train/"), ("val_", "val/"), ("test_", "test/"), ("method_", "method/"), ("nmi_", "nmi/"))
+
+
+def tensorboard_tag(column: str) -> str | None:
+    """The TensorBoard tag of a ``log.csv`` column: grouped as ``train/``, ``val/``, ``method/``, ``nmi/``;
+    None for bookkeeping (epoch, step, seconds; the learning rate is logged per step as ``lr``)."""
+    if column in _NOT_PLOTTED:
+        return None
+    if column == "aux_loss":
+        return "train/aux_loss"
+    for prefix, group in _GROUPS:
+        if column.startswith(prefix):
+            return group + column.removeprefix(prefix)
+    return column
+
+
+def _summary_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ConfigError("log_tensorboard=True needs the 'tensorboard' package (pip install tensorboard)") from error
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+
+
 class TensorBoardLogger(Callback):
-    """The numeric columns of every row as TensorBoard scalars under ``run_dir/tensorboard``."""
+    """TensorBoard scalars under ``run_dir/tensorboard``: per optimiser step ``train/loss_step`` and ``lr``,
+    per epoch the numeric columns of ``log.csv`` grouped by :func:`tensorboard_tag` (x axis: the epoch)."""
 
     config_flag = "log_tensorboard"
 
     def __init__(self, run_dir: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ConfigError(
-                "log_tensorboard=True needs the 'tensorboard' package (pip install tensorboard)"
-            ) from error
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        self.writer = _summary_writer(run_dir)
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        self.writer.add_scalar("train/loss_step", values["loss"], step)
+        self.writer.add_scalar("lr", values["lr"], step)
 
     def on_row(self, epoch: int, row: dict[str, Any]) -> None:
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, epoch)
+            tag = tensorboard_tag(key)
+            if tag is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def log_test_scalars(run_dir: Path, metrics: dict[str, Any], epoch: int) -> None:
+    """The test figures of a finished run as ``test/...`` scalars at its selected epoch (numbers only)."""
+    writer = _summary_writer(run_dir)
+    try:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"test/{key}", value, epoch)
+    finally:
+        writer.close()

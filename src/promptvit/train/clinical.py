@@ -20,6 +20,7 @@ The test set is never used to fit anything: calibration and thresholds see valid
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,8 @@ from promptvit.train.engine import predict_logits
 from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import compute_metrics
 
+logger = logging.getLogger(__name__)
+
 #: CSV columns that name the patient/lesion/study an image belongs to, in order of preference
 GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
 
@@ -54,17 +57,20 @@ GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
 def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
     """Group ids of ``samples`` for the bootstrap, and the rule that found them.
 
-    MedFMC endo/colon: the study/slide id in the file name. A CSV source with a ``patient_id``,
-    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image
-    is its own unit.
+    MedFMC endo/colon/NeoJaundice: the study/slide/baby id in the file name. Samples that all carry a
+    ``group`` (a CSV read with ``data.group_column``): those. Else a CSV source with a ``patient_id``,
+    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image is
+    its own unit.
     """
     from promptvit.data.fewshot import study_of
 
-    if getattr(data, "kind", None) == "medfmc" and data.dataset in ("endo", "colon"):
-        return [
-            study_of(s, data.dataset) for s in samples.items
-        ], f"MedFMC {data.dataset} study id (file name)"
-    if getattr(data, "kind", None) == "csv" and data.path and Path(data.path).is_file():
+    kind = getattr(data, "kind", None)
+    if kind == "medfmc" and data.dataset in ("endo", "colon", "neojaundice"):
+        return [study_of(s, data.dataset) for s in samples.items], f"MedFMC {data.dataset} group (file name)"
+    groups = [s.group for s in samples.items]
+    if groups and all(g is not None for g in groups):
+        return groups, f"CSV column {getattr(data, 'group_column', None) or 'group'}"
+    if kind == "csv" and data.path and Path(data.path).is_file():
         with open(data.path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             column = next((c for c in GROUP_COLUMNS if c in (reader.fieldnames or [])), None)
@@ -101,6 +107,65 @@ def fast_statistic(
     return generic
 
 
+def fast_auc(
+    scores: torch.Tensor, targets: torch.Tensor, multilabel: bool
+) -> Callable[[np.ndarray], float | None]:
+    """``indices -> macro ROC-AUC`` in percent, as ``compute_metrics`` defines it (one-vs-rest over the classes
+    with positives and negatives among the indices), from ranks (Mann-Whitney, ties counted half): fast
+    enough for a bootstrap of a multi-label test set."""
+    from scipy.stats import rankdata
+
+    values = scores.detach().to("cpu", torch.float64).numpy()
+    if multilabel:
+        positives = (targets.detach().cpu() >= 0.5).numpy()
+    else:
+        positives = np.eye(values.shape[1], dtype=bool)[targets.detach().cpu().long().numpy()]
+
+    def auc(idx: np.ndarray) -> float | None:
+        s, y = values[idx], positives[idx]
+        found = []
+        for c in range(s.shape[1]):
+            n_pos = int(y[:, c].sum())
+            n_neg = len(idx) - n_pos
+            if n_pos and n_neg:
+                ranks = rankdata(s[:, c])
+                found.append((ranks[y[:, c]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return 100.0 * float(np.mean(found)) if found else None
+
+    return auc
+
+
+def confidence_intervals(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    multilabel: bool,
+    metrics: dict[str, Any],
+    main_metric: str,
+    *,
+    groups: list[str] | None,
+    group_rule: str,
+    resamples: int,
+    level: float,
+) -> dict[str, Any]:
+    """``ci`` (the main metric) and ``auc_ci``: percentile bootstrap intervals over the test images (or their
+    groups), seed 0. Only for metrics the test set defines."""
+    out: dict[str, Any] = {}
+    wanted = [("ci", main_metric)]
+    if main_metric != "auc":
+        wanted.append(("auc_ci", "auc"))
+    for key, metric in wanted:
+        if metrics.get(metric) is None or metric == "loss":
+            continue
+        statistic = (
+            fast_auc(scores, targets, multilabel)
+            if metric == "auc"
+            else fast_statistic(metric, scores, targets, multilabel)
+        )
+        ci = bootstrap_ci(statistic, len(targets), groups=groups, resamples=resamples, level=level, seed=0)
+        out[key] = {"metric": metric, "group_rule": group_rule, **ci}
+    return out
+
+
 def test_with_calibration(
     model: PromptModel,
     test_set: Dataset,
@@ -130,7 +195,21 @@ def test_with_calibration(
     metrics["reliability"] = reliability_of(scores, targets, multilabel, options.ece_bins)
     if val_set is not None and len(val_set):
         val_logits, val_targets = predict_logits(model, val_set, **forward)
-        calibration = fit_calibration(val_logits, val_targets, multilabel)
+        calibration = fit_calibration(
+            val_logits,
+            val_targets,
+            multilabel,
+            checked=options.calibration == "checked",
+            min_per_class=options.calibration_min_per_class,
+        )
+        if calibration.reason:
+            what = "calibration not applied" if not calibration.applied else "calibration partly applied"
+            logger.warning(
+                "%s: %s; the test probabilities are %s (evaluation.calibration: always applies the fit anyway)",
+                what,
+                calibration.reason,
+                "uncalibrated" if not calibration.applied else "calibrated for the other classes",
+            )
         calibrated = calibration.probabilities(logits.double())
         metrics["calibration"] = calibration.to_dict()
         metrics["calibrated"] = {
@@ -156,16 +235,19 @@ def test_with_calibration(
             }
         if artifact_dir is not None:
             update_artifact_config(artifact_dir, **stored)
-    if main_metric in metrics and main_metric != "loss":
-        ci = bootstrap_ci(
-            fast_statistic(main_metric, scores, targets, multilabel),
-            len(targets),
+    metrics.update(
+        confidence_intervals(
+            scores,
+            targets,
+            multilabel,
+            metrics,
+            main_metric,
             groups=groups,
+            group_rule=group_rule,
             resamples=options.bootstrap_resamples,
             level=options.ci_level,
-            seed=0,
         )
-        metrics["ci"] = {"metric": main_metric, "group_rule": group_rule, **ci}
+    )
     return metrics
 
 
@@ -180,6 +262,14 @@ def artifact_probabilities(
     return calibration.probabilities(logits)
 
 
+def thresholds_apply(info: dict[str, Any], calibrated: bool) -> bool:
+    """Whether the stored thresholds fit the probabilities: they were chosen on the validation probabilities
+    as calibrated by the stored calibration, or on the raw ones where it was not applied."""
+    stored = info.get("calibration")
+    chosen_on_calibrated = stored is not None and stored.get("applied", True)
+    return bool(info.get("thresholds")) and (calibrated or not chosen_on_calibrated)
+
+
 def evaluate_artifact(
     model: PromptModel,
     dataset: Dataset,
@@ -189,32 +279,59 @@ def evaluate_artifact(
     calibrated: bool = True,
     batch_size: int = 64,
     bins: int = DEFAULT_BINS,
+    main_metric: str | None = None,
+    groups: list[str] | None = None,
+    group_rule: str = "images (no group ids in this data)",
+    options: EvaluationConfig | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """``evaluate`` for a saved artifact: probabilities calibrated as stored (unless ``calibrated=False``),
-    the uncalibrated probability metrics beside them, and metrics at the stored decision thresholds."""
+    """``evaluate`` for a saved artifact: probabilities calibrated as stored (unless ``calibrated=False``, or
+    where the run kept them uncalibrated), the uncalibrated probability metrics beside them, metrics at the
+    stored decision thresholds, and bootstrap CIs of ``main_metric`` (default accuracy / mAP) and AUC."""
+    options = options or EvaluationConfig()
     multilabel, names = info["multilabel"], info["class_names"]
-    logits, targets = predict_logits(model, dataset, batch_size=batch_size)
+    logits, targets = predict_logits(model, dataset, batch_size=batch_size, progress=progress)
     if targets is None:
         raise ValueError("evaluation needs (image, target) items")
     check_targets(targets, logits.shape[1], multilabel)
     raw = scores_from_logits(logits, multilabel)
     calibration = artifact_calibration(info, where) if calibrated else None
-    scores = calibration.probabilities(logits.double()) if calibration is not None else raw
+    applied = calibration is not None and calibration.applied
+    scores = calibration.probabilities(logits.double()) if applied else raw  # type: ignore[union-attr]
     metrics = compute_metrics(scores, targets, multilabel, names, bins=bins)
     metrics["loss"] = float(classification_loss(logits, targets, multilabel))
-    metrics["calibrated"] = calibration is not None
+    metrics["calibrated"] = applied
     if calibration is not None:
+        metrics["calibration"] = calibration.to_dict()
+    if applied:
         metrics["uncalibrated"] = probability_metrics(raw, targets, multilabel, bins=bins, class_names=names)
-        if info.get("thresholds"):  # chosen on calibrated probabilities, so only meaningful on them
-            metrics["thresholds"] = threshold_report(scores, targets, multilabel, info["thresholds"])
+    if thresholds_apply(info, applied):
+        metrics["thresholds"] = {
+            "rule": info["thresholds"].get("rule"),
+            "target_sensitivity": info["thresholds"].get("target_sensitivity"),
+            "classes": threshold_report(scores, targets, multilabel, info["thresholds"]),
+        }
+    metrics.update(
+        confidence_intervals(
+            scores,
+            targets,
+            multilabel,
+            metrics,
+            main_metric or ("map" if multilabel else "accuracy"),
+            groups=groups,
+            group_rule=group_rule,
+            resamples=options.bootstrap_resamples,
+            level=options.ci_level,
+        )
+    )
     return metrics
 
 
 def predicted_labels(scores: torch.Tensor, info: dict[str, Any], *, calibrated: bool = True) -> list[str]:
     """Each row's decision: the stored thresholds (binary: on the positive class; multi-label: per class)
-    when the probabilities are calibrated and the artifact has them; else argmax / >= 0.5."""
+    when they fit the probabilities (:func:`thresholds_apply`); else argmax / >= 0.5."""
     names = info["class_names"]
-    stored = (info.get("thresholds") or {}).get("classes") if calibrated else None
+    stored = (info.get("thresholds") or {}).get("classes") if thresholds_apply(info, calibrated) else None
     if info["multilabel"]:
         cut = [float((stored or {}).get(n, {}).get("threshold", 0.5)) for n in names]
         return [

@@ -61,8 +61,9 @@ class TrainConfig(BaseModel):
         "default",
         description=(
             "Classifier init at the start of a fresh run. 'default': as created (PyTorch's Linear init); "
-            "'normal_0.01': N(0, 0.01) weight, zero bias (mmcls, EPT); 'trunc_normal_0.02': truncated "
-            "N(0, 0.02) weight, zero bias (SPT, DA-VPT); 'kaiming_fan_out_prior': Kaiming-normal (fan out) "
+            "'normal_0.01': N(0, 0.01) weight, zero bias (mmcls, EPT); 'trunc_normal_0.02': timm's "
+            "trunc_normal_(std=0.02) weight (bounds +-2), zero bias (SPT, DA-VPT); "
+            "'kaiming_fan_out_prior': Kaiming-normal (fan out) "
             "weight, bias -log(99) (VPT)."
         ),
     )
@@ -92,6 +93,25 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(
         None, gt=0, description="Clip the global gradient norm of the tuned parameters to this value."
     )
+    grad_clip_value: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Clip every gradient element of the tuned parameters to [-value, value] (DA-VPT: 10), after fp16 "
+            "unscaling and before `grad_clip`."
+        ),
+    )
+    sampler: Literal["shuffle", "class_balanced"] = Field(
+        "shuffle",
+        description=(
+            "Training batch order: 'shuffle' (a seeded shuffle per epoch) or 'class_balanced' (DA-VPT's class "
+            "sampler: batch_size / samples_per_class classes per batch, every class drawn equally often per "
+            "epoch, N // batch_size batches; promptvit.train.sampling)."
+        ),
+    )
+    samples_per_class: int = Field(
+        2, ge=1, description="'class_balanced': images of each drawn class in a batch (divides batch_size)."
+    )
     seed: int = Field(0, ge=0, description="Seeds initialisation, shuffling and augmentation.")
     select_metric: str | None = Field(
         None,
@@ -107,7 +127,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     progress: bool = Field(True, description="Show a tqdm progress bar with loss and lr.")
     log_tensorboard: bool = Field(
-        False, description="Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`)."
+        False,
+        description=(
+            "Also write TensorBoard scalars to run_dir/tensorboard (needs `tensorboard`): train/, val/, method/ "
+            "per epoch, train/loss_step and lr per optimiser step, test/ after the test pass."
+        ),
     )
     log_nmi: bool = Field(
         False,
@@ -178,11 +202,19 @@ class TrainConfig(BaseModel):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is None and self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}); lower the warm-up "
+                f"(--train.warmup-epochs {self.epochs / 10:g}) or train longer"
+            )
         if self.decay_all and self.weight_decay_rule != "standard":
             raise ValueError(
                 f"decay_all=True and weight_decay_rule='{self.weight_decay_rule}' disagree; set only "
                 "weight_decay_rule"
+            )
+        if self.sampler == "class_balanced" and self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class}) "
+                "with sampler 'class_balanced'"
             )
         if self.cache_views and not self.cache_prefix:
             raise ValueError(f"train.cache_views {self.cache_views} needs train.cache_prefix true")
@@ -230,6 +262,9 @@ OMITTED_AT_DEFAULT = {
     "head_init": "default",
     "batchnorm_stats": "frozen",
     "recipe": None,
+    "grad_clip_value": None,
+    "sampler": "shuffle",
+    "samples_per_class": 2,
 }
 
 
@@ -257,3 +292,16 @@ class EvaluationConfig(BaseModel):
         1000, ge=100, le=100_000, description="Resamples of the percentile bootstrap CI of the main metric."
     )
     ci_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")
+    calibration: Literal["checked", "always"] = Field(
+        "checked",
+        description=(
+            "'checked': keep the uncalibrated probabilities (with a warning, recorded as applied: false) when "
+            "validation has fewer than `calibration_min_per_class` images in a class or the fit sits at a "
+            "bound; 'always': apply the fit regardless."
+        ),
+    )
+    calibration_min_per_class: int = Field(
+        10,
+        ge=1,
+        description="Validation images per class (multi-label: positives and negatives) a fit needs.",
+    )

@@ -87,6 +87,7 @@ class ShardedBatches:
         ranks: Ranks,
         num_workers: int = 0,
         pin_memory: bool = False,
+        batch_sampler: Iterable[list[int]] | None = None,
     ) -> None:
         if global_batch % ranks.world_size:
             from promptvit.methods.base import ConfigError
@@ -97,9 +98,12 @@ class ShardedBatches:
             )
         self.dataset, self.ranks = dataset, ranks
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.indices = DataLoader(
-            range(len(dataset)), batch_size=global_batch, shuffle=True, generator=generator
-        )
+        if batch_sampler is not None:  # fixed global index batches (the class-balanced sampler)
+            self.indices = DataLoader(range(len(dataset)), batch_sampler=batch_sampler)
+        else:
+            self.indices = DataLoader(
+                range(len(dataset)), batch_size=global_batch, shuffle=True, generator=generator
+            )
 
     def __len__(self) -> int:
         return len(self.indices)

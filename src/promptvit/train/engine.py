@@ -35,7 +35,8 @@ for the run. ``precision`` (bf16/fp16 autocast, fp16 with a gradient scaler) and
 only; on CPU they are ignored with a warning (bf16 autocast is 6-8x slower there), so the CPU path stays exact.
 
 Determinism: the run is seeded from ``config.seed``; each epoch reseeds Python/NumPy/torch and shuffles with
-a generator seeded from (seed, epoch), so a resumed run replays exactly what an uninterrupted one does (on
+a generator seeded from (seed, epoch) (``sampler: class_balanced`` draws its batches from the same generator,
+:mod:`promptvit.train.sampling`), so a resumed run replays exactly what an uninterrupted one does (on
 CPU bit for bit; ``torch.use_deterministic_algorithms`` is not switched on, so CUDA runs may differ in the
 last bits).
 """
@@ -91,6 +92,7 @@ from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import LOWER_IS_BETTER, compute_metrics, selectable_metrics
 from promptvit.train.optim import build_optimizer, build_scheduler, num_epochs, total_steps
 from promptvit.train.probe import fit_lbfgs_probe
+from promptvit.train.sampling import batches_per_epoch, epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +208,10 @@ def _forward_all(
     num_workers: int = 0,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (float32, CPU) of every item, and the stacked targets when the items have them."""
+    """Logits (float32, CPU) of every item, and the stacked targets when the items have them; ``progress``
+    shows a bar over the batches on a terminal."""
     if device is not None:
         model.to(device)
     device = _model_device(model)
@@ -237,7 +241,10 @@ def _forward_all(
                 if cut
                 else _loader(data, batch_size, num_workers, device)
             )
-            for batch in batches:
+            bar = tqdm(
+                batches, desc="predicting", unit="batch", disable=None if progress else True, leave=False
+            )
+            for batch in bar:
                 images, target = _split_batch(batch)
                 with autocast():
                     images = images.to(device, non_blocking=True)
@@ -291,10 +298,18 @@ def predict_logits(
     device: torch.device | str | None = None,
     prefix_cache: PrefixCache | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration."""
+    """Logits (N, C, float32, CPU) and the stacked targets (None for unlabelled items), for calibration;
+    ``progress`` shows a bar over the batches on a terminal."""
     return _forward_all(
-        model, data, batch_size=batch_size, device=device, prefix_cache=prefix_cache, precision=precision
+        model,
+        data,
+        batch_size=batch_size,
+        device=device,
+        prefix_cache=prefix_cache,
+        precision=precision,
+        progress=progress,
     )
 
 
@@ -389,6 +404,7 @@ def _train_epoch(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[dict[str, Any], int]:
     """One pass (stops early at ``last_step``); returns (row entries, global step after the epoch).
 
@@ -437,9 +453,11 @@ def _train_epoch(
             else:
                 total.backward()
             distributed.average_gradients(params)  # no-op unless under torchrun
+            if scaler is not None and (config.grad_clip is not None or config.grad_clip_value is not None):
+                scaler.unscale_(optimizer)
+            if config.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
             if config.grad_clip is not None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 # Under fp16 loss scaling an overflow is expected now and then: the scaler skips that step.
                 if not torch.isfinite(norm) and scaler is None:
@@ -461,6 +479,8 @@ def _train_epoch(
             if aux is not None:
                 aux_sum += parts["aux_loss"] * n
                 aux_seen += n
+            for callback in callbacks:
+                callback.on_step(step, {"loss": parts["loss"], "lr": lr})
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
             if step >= last_step:
                 break
@@ -642,12 +662,22 @@ class _EpochBatches:
 
     def loader(self, epoch: int, generator: torch.Generator) -> Any:
         config, pin = self.config, self.device.type == "cuda"
+        balanced = epoch_batches(config, self.train_set, generator)  # None: the seeded shuffle
         if not self.cut and self.ranks is not None:
             return distributed.ShardedBatches(
                 self.train_set,
                 global_batch=config.batch_size,
                 generator=generator,
                 ranks=self.ranks,
+                num_workers=config.num_workers,
+                pin_memory=pin,
+                batch_sampler=balanced,
+            )
+        if not self.cut and balanced is not None:
+            return DataLoader(
+                self.train_set,
+                batch_sampler=balanced,
+                generator=generator,
                 num_workers=config.num_workers,
                 pin_memory=pin,
             )
@@ -680,7 +710,13 @@ class _EpochBatches:
         outputs, cached_targets = self.prefix[view]
         # Same length and sampler seed as the uncached loader, hence the same batches in the same order.
         return CachedBatches(
-            outputs, cached_targets, batch_size=config.batch_size, shuffle=True, generator=generator, pin_memory=pin
+            outputs,
+            cached_targets,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=generator,
+            pin_memory=pin,
+            batch_sampler=balanced,
         )
 
 
@@ -818,7 +854,7 @@ def fit(
         logger.info("%s already finished; returning its result", run_dir)
         return _result_from_meta(meta, run_dir)
 
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    steps_per_epoch = batches_per_epoch(config, len(train_set))
     epochs = num_epochs(config, steps_per_epoch)
     last_step = total_steps(config, steps_per_epoch)
     seed_everything(config.seed)
@@ -848,7 +884,14 @@ def fit(
             l2_grid=model.method.config.l2_grid,
             bins=ece_bins,
         )
-        row = {"epoch": 1, "step": 0, "probe_l2": probe.l2, **_scalars("val_", probe.val_metrics or {})}
+        row = {
+            "epoch": 1,
+            "step": 0,
+            "probe_l2": probe.l2,
+            "probe_l2_rule": probe.rule,
+            **_scalars("val_", probe.val_metrics or {}),
+        }
+        logger.info("linear probe fitted by L-BFGS: L2 %.3g, %s", probe.l2, probe.rule)
         state.history = [jsonable({**row, "seconds": time.perf_counter() - started})]
         if writes:
             write_log(run_dir / LOG_FILE, state.history)
@@ -887,6 +930,7 @@ def fit(
                 autocast=autocast,
                 scaler=scaler,
                 channels_last=channels_last,
+                callbacks=callbacks,
             )
             method_info = model.method.on_epoch_end(model, epoch) or {}
             _check_finite_parameters(model, epoch)

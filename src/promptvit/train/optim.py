@@ -32,7 +32,8 @@ def is_decay_exempt(name: str, parameter: torch.Tensor, norm_ids: set[int], timm
     """The standard no-decay rule: biases, 1-D tensors, norm parameters and timm's exemptions.
 
     Whatever a tensor is called, its shape decides: prompts, VP pads, AP deltas, LoRA factors and head
-    weights (2+ dimensions) are decayed; DA-VPT's bias deltas (1-D) are not.
+    weights (2+ dimensions) are decayed; biases, and what a module lists in timm's ``no_weight_decay()`` hook
+    (a method's bias deltas among them), are not.
     """
     return parameter.ndim <= 1 or name.endswith("bias") or id(parameter) in norm_ids or name in timm_exempt
 
