@@ -23,8 +23,9 @@ Models that do not follow timm's contract are refused, a torchvision model with 
 from __future__ import annotations
 
 import inspect
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import timm.models
 import torch
 from torch import nn
 
@@ -33,6 +34,22 @@ from promptvit.backbones.cnn import CNNAdapter, classifier_input_width
 
 #: the calls of timm's model contract this adapter relies on
 TIMM_CONTRACT = ("get_classifier", "reset_classifier", "forward_features", "forward_head")
+
+
+def _plain(value: Any) -> bool:
+    """Whether an option can be written in an artifact (numbers, strings, and lists of them)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def timm_recorded_options(model: nn.Module) -> dict[str, Any]:
+    """The ``timm.create_model`` options timm recorded for ``model`` (``timm.models.get_model_args``, newer timm
+    releases), those an artifact can hold; nothing where timm keeps no record."""
+    get_model_args = getattr(timm.models, "get_model_args", None)
+    if get_model_args is None:
+        return {}
+    return {k: v for k, v in get_model_args(model).items() if _plain(v)}
 
 
 def check_timm_contract(model: nn.Module) -> None:
@@ -84,6 +101,10 @@ class GenericAdapter(CNNAdapter):
             "token sequence, attention and MLPs"
         )
 
+    def observed_options(self) -> dict[str, Any]:
+        """What timm recorded of the model's build: timm's contract shows no architecture options."""
+        return {**timm_recorded_options(self.model), **super().observed_options()}
+
     # ------------------------------------------------------------------ classifier
 
     def classifier_modules(self) -> list[nn.Module]:
@@ -129,9 +150,10 @@ class GenericAdapter(CNNAdapter):
     # ------------------------------------------------------------------ geometry, stages and input
 
     def input_size(self) -> tuple[int, int]:
-        """(H, W) the model takes: its patch embedding's size where it has one (timm transformers are built
-        for one size, which ``img_size=`` changes), else its pretrained config's input size."""
+        """(H, W) the model takes: its patch embedding's (or its own) ``img_size`` where it has one (timm
+        transformers are built for one size, which ``img_size=`` changes), else its pretrained config's."""
         size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        size = size if size is not None else getattr(self.model, "img_size", None)  # MaxxVit, newer timm
         if size is None:
             return super().input_size()
         size = (size, size) if isinstance(size, int) else tuple(size)

@@ -34,6 +34,7 @@ from promptvit.backbones.base import (
 )
 from promptvit.backbones.beit import pad_bias
 from promptvit.backbones.eva import rotary_attention_parts, rotate_patches_only, switch_to_module_call
+from promptvit.backbones.generic import timm_recorded_options
 from promptvit.backbones.geometry import Geometry
 from promptvit.backbones.vit import mlp_hidden_width, timm_attention_parts
 
@@ -42,7 +43,7 @@ try:
 except ImportError:  # timm < 1.0.16: no NaFlexVit, nothing to register
     NaFlexVit = None
 
-# NaFlexVit takes any image size; the size its prompts are sized for is its pretrained config's
+# NaFlexVit takes any image size; per-token prompts are sized for its pretrained config's input size
 _TINY = dict(
     patch_size=4,
     embed_dim=32,
@@ -151,6 +152,15 @@ class NaFlexVitAdapter(TimmTokenAdapter):
             class_token=bool(model.has_class_token),
             pos_embed_len=pos_embed.numel() // model.embed_dim if pos_embed is not None else 0,
         )
+
+    def observed_options(self) -> dict[str, Any]:
+        """What timm recorded of the model's build (its options overlay ``NaFlexVitCfg``), and the input size
+        of its pretrained config, which per-token prompts are sized for."""
+        return {
+            **timm_recorded_options(self.model),
+            "num_classes": int(self.model.num_classes),
+            "pretrained_cfg_overlay": {"input_size": [3, *self._img_size()]},
+        }
 
     # ------------------------------------------------------------------ token path
 
