@@ -104,7 +104,8 @@ def test_cnn_stages_and_activation_shapes(family: str) -> None:
         model(x[:1])
     for handle in handles:
         handle.remove()
-    assert adapter.stage_input_shapes(tuple(x.shape[-2:])) == seen
+    size = tuple(x.shape[-2:])
+    assert [adapter.stage_input_shape(size, i) for i in range(len(adapter.stages))] == seen
     with torch.no_grad():  # a pixel prompt goes in at the input module: it must be what sees the images
         captured = []
         handle = adapter.input_module().register_forward_pre_hook(lambda m, a: captured.append(a[0]))

@@ -44,7 +44,10 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
         nn.modules.batchnorm._BatchNorm,  # timm's BatchNormAct2d too
         nn.modules.instancenorm._InstanceNorm,
         getattr(nn, "RMSNorm", None),
-        *(getattr(timm.layers, name, None) for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d")),
+        *(
+            getattr(timm.layers, name, None)
+            for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d")
+        ),
     )
     if layer is not None
 )
@@ -538,11 +541,6 @@ class BackboneAdapter:
     def last_stages(self, count: int) -> list[nn.Module]:
         """What tuning the last ``count`` stages tunes: those stages and the layers after them."""
         return [*self.stages[-count:], *self.after_stages()]
-
-    def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
-        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""
-        inputs = self._stage_inputs(img_size)
-        return [self._stage_input_shape(index, seen) for index, seen in enumerate(inputs)]
 
     def stage_input_shape(self, img_size: tuple[int, int], stage: int) -> tuple[int, ...]:
         """(C, H, W) of ``stages[stage]``'s input for ``img_size`` images (one probing forward of zeros).
