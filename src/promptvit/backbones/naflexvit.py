@@ -11,8 +11,8 @@ embedding, no rotation) and are valid for every sample. While a token-prompt met
 each block pads the block's ``attn_mask`` with zero (visible) rows and columns for them, and on rotary blocks
 the rotation is restricted to the patch tokens as on Eva; both are entries of the method's ledger. The model's
 pooling then sees its own tokens again (prompts are stripped before the final norm) with their own validity.
-Methods that learn one tensor row per token (EPT, VP's token mode, AP) need a fixed token count: they run on
-images of the size the model was built for.
+Methods that learn one tensor row per token (EPT, VP's token mode, AP) need a fixed token count: they are
+sized for the input size of the model's pretrained config and run on images of that size.
 """
 
 from __future__ import annotations
