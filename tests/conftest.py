@@ -54,6 +54,20 @@ def logits_and_grads(model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.T
     return logits.detach(), [p.grad.clone() for _, p in model.tuned_named_parameters()]
 
 
+def raw_names(model, parameters) -> set[str]:
+    """State-dict names of ``parameters`` in ``model`` (with adapter containers, unlike artifact keys)."""
+    ids = {id(p) for p in parameters}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def original_head_ids(model) -> set[int]:
+    """ids of the backbone's own classifier parameters: kept frozen inside the heads' slots while wrapped."""
+    from promptvit.backbones import unwrap_base_layers
+
+    heads = [unwrap_base_layers(getattr(parent, name)) for parent, name in model.adapter.classifier_slots()]
+    return {id(p) for head in heads for p in head.parameters()}
+
+
 def without_readout(model):
     """The wrapped model with its class-token readout off, for bit-exact comparisons with timm's forward.
 

@@ -137,7 +137,7 @@ def test_vit_embed_blocks_norm_head_is_timms_forward() -> None:
         geometry = adapter.geometry()
         assert tokens.shape[1] == geometry.num_tokens == adapter.num_prefix_tokens + geometry.num_patches
         assert adapter.num_prefix_tokens == 3 and adapter.prompt_position == 3  # class token + 2 registers
-        out = model.forward_head(adapter.final_norm(adapter.forward_blocks(tokens, adapter.blocks)))
+        out = model.forward_head(adapter.final_norm(adapter.forward_blocks(tokens)))
         assert torch.equal(out, model(x))
         # the patch embedding's output is the patch tokens before any position embedding
         assert adapter.patch_embed(x).shape[1] == geometry.num_patches

@@ -908,6 +908,188 @@ def stale_temp_files_ignored(tmp: Path) -> None:
     assert promptvit.load(directory).num_classes == 2
 
 
+# -- third pass (issue 25): the output rule, the results disk, what a run records ----------------------------
+
+
+def tree(*roots: Path) -> dict[str, object]:
+    """Bytes of every file, target of every link under ``roots`` (links not followed)."""
+    found: dict[str, object] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            found[str(path)] = (
+                ("link", os.readlink(path))
+                if path.is_symlink()
+                else path.read_bytes()
+                if path.is_file()
+                else "dir"
+            )
+    return found
+
+
+def export_keeps_what_the_user_added(tmp: Path, run: Path) -> None:
+    """export --out DIR over an earlier export to which the user added notes and a results/ folder."""
+    out = tmp / "exported"
+    assert cli("export", run, "--format", "merged-timm", "--out", out).exit_code == 0
+    (out / "notes.txt").write_text("my notes")
+    (out / "results").mkdir()
+    (out / "results" / "table.csv").write_text("a,b\n")
+    mine = tree(out / "results", out / "notes.txt")
+    result = cli("export", run, "--format", "onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert tree(out / "results", out / "notes.txt") == mine
+    assert {p.name for p in out.iterdir()} == {
+        ".promptvit-output",
+        "export.json",
+        "model.onnx",
+        "notes.txt",
+        "results",
+    }
+    assert json.loads((out / "export.json").read_text())["format"] == "onnx"
+
+
+def export_out_dot_refused(tmp: Path, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp / "exported"
+    assert cli("export", run, "--format", "merged-timm", "--out", out).exit_code == 0
+    (out / "notes.txt").write_text("my notes")
+    before = tree(out)
+    monkeypatch.chdir(out)
+    clear_error(cli("export", run, "--format", "merged-timm", "--out", "."), "current folder")
+    assert tree(out) == before
+
+
+def export_onto_run_with_planted_export_json(tmp: Path, run: Path) -> None:
+    run = own_run(tmp, run)
+    (run / "export.json").write_text('{"format": "peft", "files": ["config.yaml", "metrics.json"]}')
+    before = tree(run)
+    clear_error(
+        cli("export", run / "artifact", "--format", "merged-timm", "--out", run), "holds a promptvit run"
+    )
+    (run / ".promptvit-output").unlink()  # a run folder from before folders were marked
+    before = tree(run)
+    clear_error(cli("export", run / "artifact", "--format", "merged-timm", "--out", run), "did not write")
+    assert tree(run) == before
+
+
+def train_name_is_a_symlink(tmp: Path) -> None:
+    data = image_folder(tmp / "data")
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "config.yaml").write_text("mine: true\n")
+    (tmp / "elsewhere" / "metrics.json").write_text('{"mine": 1}\n')
+    (tmp / "runs").mkdir()
+    (tmp / "runs" / "r").symlink_to(tmp / "elsewhere")
+    before = tree(tmp / "elsewhere")
+    clear_error(cli("train", "--config", config_file(tmp, data), "--name", "r"), "symbolic link", "runs/r")
+    assert tree(tmp / "elsewhere") == before and (tmp / "runs" / "r").is_symlink()
+
+
+def link_planted_inside_a_run_folder(tmp: Path) -> None:
+    """A run folder whose artifact/ was replaced by a link: the rerun refuses to write through it."""
+    data = image_folder(tmp / "data")
+    assert cli("train", "--config", config_file(tmp, data), "--name", "r").exit_code == 0
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "adapter_config.json").write_text("the user's\n")
+    shutil.rmtree(tmp / "runs" / "r" / "artifact")
+    (tmp / "runs" / "r" / "artifact").symlink_to(tmp / "elsewhere")
+    before = tree(tmp / "elsewhere")
+    result = cli("train", "--config", config_file(tmp, data), "--name", "r", "--no-resume")
+    clear_error(result, "artifact is a symbolic link", "inside a promptvit folder")
+    assert tree(tmp / "elsewhere") == before
+
+
+def sweep_disk_fills(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results disk fills after the first record: one line, the records written stay intact."""
+    data = image_folder(tmp / "data")
+    sweep = {
+        "protocol": {
+            "name": "fewshot",
+            "tasks": {"t": {"kind": "folder", "path": str(data)}},
+            "shots": [2],
+            "seeds": [0, 1],
+        },
+        "base": {
+            "backbone": {"name": "vit_tiny_patch16_224", "options": TINY},
+            "train": {"epochs": 1, "batch_size": 4},
+        },
+        "methods": ["linear"],
+    }
+    (tmp / "s.yaml").write_text(yaml.safe_dump(sweep))
+    records = tmp / "res" / "records"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # what a full disk reports once the first run is recorded
+        if records.is_dir() and any(records.glob("[!.]*.json")):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = cli("sweep", tmp / "s.yaml", "--results", tmp / "res", "--no-report")
+    monkeypatch.undo()
+    clear_error(result, "the disk is full")
+    assert result.output.count("error:") == 1
+    (record,) = records.glob("*.json")
+    assert json.loads(record.read_text())["status"] == "ok"
+    assert not list(records.glob(".tmp-*")) and not list((tmp / "res" / "failed").glob("*.json"))
+
+
+def recipe_flag_over_null_recipe_is_recorded(tmp: Path) -> None:
+    data = image_folder(tmp / "data")
+    config = config_file(tmp, data)
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["recipe"] = None
+    config.write_text(yaml.safe_dump(raw))
+    result = cli("train", "--config", config, "--recipe", "ept-medfmc", "--method", "ept", "--name", "r")
+    assert result.exit_code == 0, result.output
+    recorded = yaml.safe_load((tmp / "runs" / "r" / "config.yaml").read_text())
+    assert recorded["train"]["recipe"] == "ept-medfmc@v1"
+
+
+def method_counts_refuse_bools_and_oversized_ranks(tmp: Path) -> None:
+    raises(
+        ConfigError,
+        "'prompt_length' of method 'vpt' must be int, got True",
+        lambda: promptvit.wrap(build_tiny("vit_token"), "vpt", prompt_length=True),
+    )
+    raises(
+        ConfigError,
+        "must be a list of ints",
+        lambda: promptvit.wrap(build_tiny("vit_token"), "lora", layers=[True]),
+    )
+    raises(
+        ConfigError,
+        "must be a finite number",
+        lambda: promptvit.wrap(build_tiny("vit_token"), "lora", alpha=float("inf")),
+    )
+    raises(
+        ConfigError,
+        "rank 33 exceeds the width 32",
+        lambda: promptvit.wrap(build_tiny("vit_token"), "lora", rank=33),
+    )
+    raises(
+        ConfigError,
+        "bottleneck 33 is wider",
+        lambda: promptvit.wrap(build_tiny("vit_token"), "adapter", bottleneck=33),
+    )
+    assert promptvit.wrap(build_tiny("vit_token"), "lora", rank=32).method.config.rank == 32
+
+
+def output_folder_python_api(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptvit.io import OUTPUT_MARKER, output_folder
+
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "a.txt").write_text("x")
+    raises(OutputError, "did not write \\(a.txt\\)", lambda: output_folder(tmp / "mine", "report"))
+    made = output_folder(tmp / "new" / "report", "report")
+    assert json.loads((made / OUTPUT_MARKER).read_text())["kind"] == "report"
+    raises(OutputError, "holds a promptvit report", lambda: output_folder(made, "export"))
+    assert output_folder(made, "report") == made  # the same kind: reused
+    monkeypatch.chdir(made)
+    raises(OutputError, "current folder", lambda: output_folder(".", "report"))
+    raises(
+        OutputError, "inside", lambda: output_folder(tmp / "mine" / "sub", "report", inputs=[tmp / "mine"])
+    )
+    assert not (tmp / "mine" / "sub").exists()
+
+
 CASES: list[Callable[..., None]] = [
     out_device_node,
     out_fifo,
@@ -1004,6 +1186,15 @@ CASES: list[Callable[..., None]] = [
     concurrent_writers_same_file,
     stale_temp_files_ignored,
     lock_file_planted_as_link,
+    export_keeps_what_the_user_added,
+    export_out_dot_refused,
+    export_onto_run_with_planted_export_json,
+    train_name_is_a_symlink,
+    link_planted_inside_a_run_folder,
+    sweep_disk_fills,
+    recipe_flag_over_null_recipe_is_recorded,
+    method_counts_refuse_bools_and_oversized_ranks,
+    output_folder_python_api,
 ]
 
 

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("layers", ["layers"]),
     ("backbones", ["backbones"]),
     ("data and files", ["data", "evaluation", "io", "artifact_format", "hub", "recipes", "_version"]),  # data knows no model
-    ("errors", ["errors"]),
+    ("errors", ["errors", "validation"]),
 ]
 
 # Units of one layer that must not import each other either.

@@ -331,8 +331,9 @@ def test_weight_decay_groups_of_every_method_under_each_recipe(recipe: str) -> N
         model = promptvit.wrap(build_tiny(kind, num_classes=3), method, **options)
         head = "backbone." + ("fc" if kind == "resnet" else "head") + "."
         groups = decay_group_of(model, cfg)
-        params = dict(model.named_parameters())
-        assert groups and set(groups) == {n for n, p in params.items() if p.requires_grad}
+        params = dict(model.tuned_named_parameters())  # artifact keys, as decay_group_of names them
+        assert groups and set(groups) == set(params)
+        assert {id(p) for p in params.values()} == {id(p) for p in model.parameters() if p.requires_grad}
         for name, group in groups.items():
             assert group == expected_rule[_category(name, params[name], head)], (recipe, method, name, group)
 

@@ -20,7 +20,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 import promptvit
 from promptvit.backbones import adapter_for, attend
 from promptvit.backbones import swin as swin_module
-from promptvit.backbones.swin import unpack_prompt_rows
+from promptvit.backbones.swin import SwinAdapter
 from promptvit.layers.prompted_attention import PromptedAttention
 from tests.families import FAMILY_BUILDS, build, family_input, make_blocks_visible
 
@@ -106,6 +106,20 @@ def _reference_prompted_block(block, x, prompts, post_norm: bool, prompt_bias: f
     return tokens[:, count:].reshape(batch, height, width, channels), tokens[:, :count]
 
 
+def _record_prompted_blocks(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """block module -> (map in, prompts in, map out, prompts out) of every prompted block the loop runs."""
+    calls = {}
+    original = SwinAdapter.prompted_block
+
+    def recording(self, block, x, prompts, keep_prompts):
+        out = original(self, block, x, prompts, keep_prompts)
+        calls[block] = (x, prompts, *out)
+        return out
+
+    monkeypatch.setattr(SwinAdapter, "prompted_block", recording)
+    return calls
+
+
 def _block_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The input of every block of a plain Swin for images ``x``."""
     adapter = adapter_for(model)
@@ -167,25 +181,25 @@ def test_prompted_block_is_the_authors_computation(name: str, block: int) -> Non
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_prompts_change_only_their_windows_attention_inputs(name: str) -> None:
+def test_prompts_change_only_their_windows_attention_inputs(name: str, monkeypatch) -> None:
     """Deep VPT: every window attention sees timm's own window tokens of the block input, plus the block's
     prompts (normed like every token on Swin) in front, the same in every window of an image."""
     base = _base(name)
     plain = copy.deepcopy(base)
     model = promptvit.wrap(base, "vpt", prompt_length=3, deep=True).eval()
     adapter = adapter_for(model.backbone)
-    inputs, attention_inputs = {}, {}
-    handles = []
-    for index, block in enumerate(adapter.blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, i=index: inputs.__setitem__(i, a[0])))
-        handles.append(
-            block.attn.qkv.register_forward_pre_hook(lambda m, a, i=index: attention_inputs.__setitem__(i, a[0]))
-        )
+    calls = _record_prompted_blocks(monkeypatch)
+    attention_inputs = {}
+    handles = [
+        block.attn.qkv.register_forward_pre_hook(lambda m, a, i=index: attention_inputs.__setitem__(i, a[0]))
+        for index, block in enumerate(adapter.blocks)
+    ]
     x = family_input(FAMILY_BUILDS, name, batch=2)
     with torch.no_grad():
         model(x)
     for handle in handles:
         handle.remove()
+    inputs = {index: calls[block][0] for index, block in enumerate(adapter.blocks)}
     plain_adapter = adapter_for(plain)
     for index, block in enumerate(plain_adapter.blocks):
         windows = []  # timm's own window tokens (SwinV2 does not call its qkv as a module)
@@ -230,21 +244,17 @@ def test_zeroed_and_masked_out_prompts_leave_every_patch_token_as_timm_computes_
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_shallow_prompts_pass_patch_merging_and_reach_the_pooling(name: str) -> None:
+def test_shallow_prompts_pass_patch_merging_and_reach_the_pooling(name: str, monkeypatch) -> None:
     model = promptvit.wrap(_base(name), "vpt", prompt_length=3, deep=False).eval()
     adapter = adapter_for(model.backbone)
     blocks, stages = adapter.blocks, adapter.stages
-    outputs, inputs = {}, {}
-    handles = [b.register_forward_hook(lambda m, a, out, b=b: outputs.__setitem__(b, out)) for b in blocks]
-    handles += [b.register_forward_pre_hook(lambda m, a, b=b: inputs.__setitem__(b, a[0])) for b in blocks]
+    calls = _record_prompted_blocks(monkeypatch)
     x = family_input(FAMILY_BUILDS, name, batch=2)
     with torch.no_grad():
         features = model.forward_features(x)
-    for handle in handles:
-        handle.remove()
     last_of_first_stage, first_of_next = stages[0].blocks[-1], stages[1].blocks[0]
-    _, leaving = unpack_prompt_rows(outputs[last_of_first_stage], 3)
-    _, arriving = unpack_prompt_rows(inputs[first_of_next], 3)
+    leaving = calls[last_of_first_stage][3]  # prompt outputs of the first stage's last block
+    arriving = calls[first_of_next][1]  # prompt inputs of the next stage's first block
     merging = stages[1].downsample
     # timm's own patch merging of a map whose 2x2 neighbourhoods all hold the same prompt
     replicated = leaving[:, :, None, None, :].expand(2, 3, 2, 2, leaving.shape[-1]).reshape(2, 6, 2, -1)
@@ -252,10 +262,10 @@ def test_shallow_prompts_pass_patch_merging_and_reach_the_pooling(name: str) -> 
         merged = type(merging).forward(merging, replicated)  # timm's forward, not the route's
         torch.testing.assert_close(arriving, merged.reshape(2, 3, -1), rtol=1e-6, atol=1e-6)
         # the final norm sees [prompts, patches]; the head averages over both
-        _, last_prompts = unpack_prompt_rows(outputs[blocks[-1]], 3)
+        last_prompts = calls[blocks[-1]][3]
         norm = model.backbone.norm
         torch.testing.assert_close(features[:, 0, :3], type(norm).forward(norm, last_prompts))
-        torch.testing.assert_close(adapter.pre_logits(x), features.mean(dim=(1, 2)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.forward_prefix(x, model.geometry.depth), features.mean(dim=(1, 2)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -371,7 +381,7 @@ def test_ept_prompts_each_window_position_as_the_reference(name: str) -> None:
     ]
     with torch.no_grad():
         for layer in layers:  # prompt logits as large as SwinV2's (position bias up to 16): the gate is far from 1
-            layer.prompt.normal_(mean=15.0, std=1.0)
+            layer.prompts["default"].prompt.normal_(mean=15.0, std=1.0)
         model(family_input(FAMILY_BUILDS, name, batch=2))
     for handle in handles:
         handle.remove()
@@ -379,7 +389,8 @@ def test_ept_prompts_each_window_position_as_the_reference(name: str) -> None:
     with torch.no_grad():
         for layer, windows, call, out in calls:
             assert isinstance(layer, PromptedAttention)
-            expected = _reference_ept_window_attention(layer.base_layer, windows, call.get("mask"), layer.prompt)
+            prompt = layer.prompts["default"].prompt
+            expected = _reference_ept_window_attention(layer.base_layer, windows, call.get("mask"), prompt)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(out, layer.base_layer(windows, **call), atol=1e-3)
 
@@ -390,8 +401,8 @@ def test_ept_with_vanishing_prompts_is_timms_forward(name: str) -> None:
     reference = copy.deepcopy(base)
     model = promptvit.wrap(base, "ept", prompt_length=3).eval()
     with torch.no_grad():
-        for layer in model.method.injected_layers():
-            layer.prompt.fill_(-60.0)
+        for prompt in model.method.attention_prompts():
+            prompt.prompt.fill_(-60.0)
         x = family_input(FAMILY_BUILDS, name)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 

@@ -98,9 +98,9 @@ def test_generic_stages_are_feature_info_and_partial_tunes_from_the_kth_last_one
     names = {id(m): n for n, m in model.named_modules()}
     assert [names[id(s)] for s in adapter.stages] == [i["module"] for i in model.feature_info]
     assert adapter.geometry().depth == len(model.feature_info)
+    order = [n for n, _ in model.named_parameters()]
     wrapped = promptvit.wrap(model, "partial", num_classes=4, num_blocks=2)
     tuned = {n.removeprefix("backbone.") for n, _ in wrapped.tuned_named_parameters()}
-    order = [n for n, _ in model.named_parameters()]
     first = order.index(next(n for n in order if n.startswith("features.denseblock3.")))
     assert tuned == set(order[first:]), "from denseblock3 on, head included"
     assert any(n.startswith("features.transition3.") for n in tuned)
@@ -130,7 +130,7 @@ def test_a_conv_classifier_is_cached_and_gets_a_conv_mlp_head() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model.forward_from_block(model.forward_prefix(x, cut), cut), model(x))
     mlp = promptvit.wrap(copy.deepcopy(base), "mlp", num_classes=4).eval()
-    head = mlp.backbone.get_submodule(mlp.head_name.rpartition(".")[0])
+    head = mlp.adapter_head()
     assert [type(m) for m in head if isinstance(m, (nn.Linear, nn.Conv2d))] == [nn.Conv2d] * 3
     assert _step(mlp, x)
 
@@ -176,7 +176,9 @@ def test_heads_that_do_not_read_the_pre_logit_features_are_neither_cached_nor_fi
     assert type(adapter) is GenericAdapter and not adapter.head_reads_pre_logits()
     model = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4)
     assert model.cache_cut() == 0
-    assert {id(p) for p in model.backbone.head.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    heads = [model.adapter_head(), *model.extra_heads()]  # one per branch
+    assert len(heads) == 2
+    assert {id(p) for h in heads for p in h.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
     with pytest.warns(UserWarning, match="L-BFGS cannot fit it on them; it is trained by the run's optimiser"):
         fallback = promptvit.wrap(copy.deepcopy(base), "linear", num_classes=4)  # solver lbfgs by default
     assert fallback.config.solver == "sgd" and not fallback.method.fits_head_to_convergence()
@@ -227,31 +229,33 @@ def test_lora_updates_exactly_the_rows_of_its_parts(conv: bool, head_first: bool
     out = 3 * num_heads * head_dim
     torch.manual_seed(0)
     base = nn.Conv2d(width, out, 1) if conv else nn.Linear(width, out)
-    layer = FusedLoRALinear(copy.deepcopy(base), [0, 2], rank=2, alpha=4.0, heads=num_heads if head_first else 0)
+    layer = FusedLoRALinear(copy.deepcopy(base), heads=num_heads if head_first else 0)
+    factors = layer.add_adapter("default", [0, 2], rank=2, alpha=4.0)
     with torch.no_grad():
-        layer.lora_B.normal_()
+        factors.lora_B.normal_()
     x = torch.randn(2, width, 3, 3) if conv else torch.randn(2, 5, width)
     weight = base.weight.detach().reshape(out, width).clone()
     for i, part in enumerate((0, 2)):  # W_p += (alpha / r) B_p A_p on exactly the rows of part p
-        weight[_rows(part, head_first, head_dim, num_heads)] += 2.0 * layer.lora_B[i].detach() @ layer.lora_A[i].detach()
+        weight[_rows(part, head_first, head_dim, num_heads)] += 2.0 * factors.lora_B[i].detach() @ factors.lora_A[i].detach()
     channels_last = x.movedim(1, -1) if conv else x
     expected = F.linear(channels_last, weight, base.bias.detach())
     expected = expected.movedim(-1, 1) if conv else expected
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected)
-        layer.merge()
+        layer.merge("default")
         torch.testing.assert_close(layer(x), expected)
-        layer.unmerge()
+        layer.unmerge("default")
     assert torch.equal(layer.base_layer.weight, base.weight)
 
 
 def test_the_adapter_runs_beside_a_1x1_conv_mlp_on_every_position() -> None:
     mlp = timm.layers.ConvMlp(8, 16)
-    layer = ParallelAdapterMlp(mlp, dim=8, bottleneck=2, scale=0.5)
+    layer = ParallelAdapterMlp(mlp)
+    bottleneck = layer.add_adapter("default", dim=8, bottleneck=2, scale=0.5)
     with torch.no_grad():
-        layer.adapter.up.weight.normal_()
+        bottleneck.up.weight.normal_()
     x = torch.randn(2, 8, 3, 3)
-    at_each_position = layer.adapter(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    at_each_position = bottleneck(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), mlp(x) + 0.5 * at_each_position)
 
@@ -328,43 +332,33 @@ def test_relpos_prompts_get_zero_bias_and_patches_keep_theirs(name: str, monkeyp
 # ---------------------------------------------------------------------- NaFlexVit
 
 
-def _naflex_batch(images: torch.Tensor, patch: int, padded: int) -> dict[str, torch.Tensor]:
-    """timm's NaFlex input for ``images``: patches, (y, x) coordinates and validity; the last ``padded``
-    patches of sample 1 are padding (invalid, filled with noise)."""
-    from timm.models.naflexvit import batch_patchify
-
-    patches, (rows, cols) = batch_patchify(images, (patch, patch))
-    coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-    valid = torch.ones(patches.shape[:2], dtype=torch.bool)
-    patches = patches.clone()
-    if padded:
-        valid[1, -padded:] = False
-        patches[1, -padded:] = torch.randn(padded, patches.shape[-1])
-    return {"patches": patches, "patch_coord": coords.expand(images.shape[0], -1, -1), "patch_valid": valid}
-
-
 @pytest.mark.parametrize("name", present("naflexvit_siglip", "naflexvit_gap", "naflexvit_rope"))
 @pytest.mark.parametrize("method", ["vpt", "lora"])
-def test_naflex_batches_keep_their_masks_and_positions_with_prompts(name: str, method: str) -> None:
-    """Prompts are valid prefix tokens in every sample: a fully valid NaFlex batch gives the image's logits,
-    and a padded patch changes nothing, whatever it holds (its mask row and column stay masked)."""
+def test_naflex_runs_images_of_another_size_and_refuses_patch_batches(name: str, method: str) -> None:
+    """NaFlexVit resamples its positions to each grid: the wrapped model runs images of a size it was not built
+    for (the disabled model is timm's forward on them), and refuses timm's pre-patchified NaFlex dict with a
+    one-line reason instead of a traceback."""
+    from timm.models.naflexvit import batch_patchify
+
     base = build(FAMILY_BUILDS, name)
     with torch.no_grad():  # LayerScale at 1 instead of 1e-5, so that the blocks' attention shows
         for n, p in base.named_parameters():
             if n.endswith(("ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")):
                 p.fill_(1.0)
-    model = promptvit.wrap(base, method, num_classes=4, **promptvit.get_method(method).test_options).eval()
+    x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0))  # not the 16x16 it was built for
+    with torch.no_grad():
+        expected = base(x)
+    model = promptvit.wrap(base, method, **promptvit.get_method(method).test_options).eval()
     with torch.no_grad():
         for _, p in model.tuned_named_parameters():
             p.add_(0.3 * torch.randn_like(p))
-    x = family_input(FAMILY_BUILDS, name)
-    patch = model.adapter.patch_size[0]
-    with torch.no_grad():
-        torch.testing.assert_close(model(_naflex_batch(x, patch, 0)), model(x), rtol=1e-4, atol=1e-5)
-        first = model(_naflex_batch(x, patch, padded=3))
-        second = model(_naflex_batch(x, patch, padded=3))  # other noise in the padded patches
-    torch.testing.assert_close(first, second)
-    assert not torch.allclose(first[1], model(x)[1], atol=1e-4)  # three fewer patches: another sample
+        tuned = model(x)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), expected)
+    assert tuned.shape == expected.shape and not torch.allclose(tuned, expected, atol=1e-4)
+    patches, _ = batch_patchify(x, model.adapter.patch_size)
+    with pytest.raises(ValueError, match="one \\(batch, channels, height, width\\) tensor, not a dict"):
+        model({"patches": patches})
 
 
 def test_lbfgs_fits_a_conv_classifier_as_the_linear_map_it_is(tmp_path) -> None:

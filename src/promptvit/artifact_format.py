@@ -48,11 +48,15 @@ def default_data_config(model: PromptModel) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
 
 
-def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Path:
-    """Write the tuned parameters and what is needed to rebuild the model; the config last, naming the
-    weights' hash, so an interrupted save is detected at load."""
+def save_artifact(
+    model: PromptModel, directory: str | Path, *, adapter_name: str | None = None, **extra: Any
+) -> Path:
+    """Write the tuned tensors of one adapter (default: the active one) and what is needed to rebuild the
+    model; the config last, naming the weights' hash, so an interrupted save is detected at load."""
     directory = Path(directory)  # created by the first atomic write (OutputError naming it if it cannot be)
-    state = {name: tensor.contiguous().cpu() for name, tensor in model.tuned_state_dict().items()}
+    name = model.active_adapter if adapter_name is None else adapter_name
+    method = model.adapters[name]
+    state = {key: tensor.contiguous().cpu() for key, tensor in model.tuned_state_dict(name).items()}
     geometry = model.geometry
     config = {
         "format_version": FORMAT_VERSION,
@@ -60,14 +64,14 @@ def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Pa
         "library_version": __version__,
         # peft reads adapter_config.json by this key: a promptvit artifact then fails there with this sentence
         "peft_type": NOT_A_PEFT_ADAPTER,
-        "method": model.method.name,
-        "method_config": model.config.to_dict(),
+        "method": method.name,
+        "method_config": method.config.to_dict(),
         "base_model": model.source,
         "base_fingerprint": model.base_fingerprint,
         "geometry": geometry.to_dict(),
-        "num_classes": model.num_classes,
-        "parameters": model.parameter_summary(),
-        "class_names": [f"class_{i}" for i in range(model.num_classes)],
+        "num_classes": method.num_classes,
+        "parameters": model.parameter_summary(name),
+        "class_names": [f"class_{i}" for i in range(method.num_classes)],
         "multilabel": False,
         **extra,
     }
@@ -75,12 +79,38 @@ def save_artifact(model: PromptModel, directory: str | Path, **extra: Any) -> Pa
     config["data_config"] = {**default_data_config(model), **config.get("data_config", {})}
     # One input size everywhere: the size the model is fed (for a CNN, what training resized to).
     config["input_size"] = list(config["data_config"]["input_size"])
-    if len(config["class_names"]) != model.num_classes:
-        raise ArtifactError(f"{len(config['class_names'])} class names for {model.num_classes} outputs")
+    if len(config["class_names"]) != method.num_classes:
+        raise ArtifactError(f"{len(config['class_names'])} class names for {method.num_classes} outputs")
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config["weights_sha256"] = file_sha256(directory / WEIGHTS_FILE)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, default=list) + "\n")
     return directory
+
+
+def read_artifact(path: str | Path) -> tuple[Path, dict[str, Any], Path, dict[str, torch.Tensor]]:
+    """``(folder, config, weights path, tensors)`` of an artifact folder or a run folder (its ``artifact/``);
+    refuses weights that are not the file the config was saved with. (``hub.local_folder`` first turns a
+    Hub address into a folder.)"""
+    directory = resolve_artifact_dir(path)
+    config = read_artifact_config(directory)
+    weights_path, state = read_artifact_weights(directory, config)
+    return directory, config, weights_path, state
+
+
+def geometry_differences(config: dict[str, Any], geometry: Any) -> str:
+    """What differs between the geometry an artifact records and ``geometry`` (empty when nothing does)."""
+    saved = config["geometry"]
+    actual = geometry.to_dict()
+    differences = [
+        f"{key}: artifact {value} vs model {actual.get(key)}"
+        for key, value in saved.items()
+        if _plain(value) != _plain(actual.get(key))
+    ]
+    return ", ".join(differences)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def resolve_artifact_dir(path: str | Path) -> Path:
@@ -305,9 +335,10 @@ def read_artifact_weights(
     return weights_path, state
 
 
-def load_tuned_state(model: PromptModel, state: dict, source: str) -> None:
-    """Copy tuned tensors into ``model``; every tuned tensor must be present with the right shape."""
-    expected = model.tuned_state_dict()
+def load_tuned_state(model: PromptModel, state: dict, source: str, adapter_name: str | None = None) -> None:
+    """Copy tuned tensors into one adapter of ``model`` (default: the active one); every tuned tensor must be
+    present with the right shape."""
+    expected = model.tuned_state_dict(adapter_name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -331,6 +362,6 @@ def load_tuned_state(model: PromptModel, state: dict, source: str) -> None:
                 f"{source}: '{name}' holds NaN or infinite values; the artifact is damaged (or training "
                 "diverged), re-train or re-save it"
             )
-    own = model.state_dict()
-    for name, tensor in state.items():
-        own[name].copy_(tensor)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            expected[name].copy_(tensor)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from promptvit.artifact import load
 from promptvit.backbones import classifier_name
 from promptvit.experiment import RunConfig, run_experiment
+from promptvit.io import atomic_write
 
 
 def demo_config() -> dict[str, Any]:
@@ -37,9 +38,8 @@ def pretrain_backbone(raw: dict[str, Any], out: Path) -> Path:
     backbone = load(run.run_dir() / "artifact").backbone
     head = classifier_name(backbone) + "."
     # The source-task head is dropped: each stage-2 run gets a new one for its own classes.
-    save_file(
-        {k: v.contiguous() for k, v in backbone.state_dict().items() if not k.startswith(head)}, str(weights)
-    )
+    state = {k: v.contiguous() for k, v in backbone.state_dict().items() if not k.startswith(head)}
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
     return weights
 
 

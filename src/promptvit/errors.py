@@ -51,6 +51,9 @@ class HubError(ArtifactError):
 class OutputError(PromptvitError, OSError):
     """An output file or folder cannot be written (full disk, read-only folder, another writer)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror if self.strerror else super().__str__()
+
 
 class TrainingError(PromptvitError, RuntimeError):
     """Training cannot go on (non-finite loss or parameters); the last good checkpoint is kept."""

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from promptvit._version import __version__
 from promptvit.artifact import default_data_config
-from promptvit.backbones import create_backbone
+from promptvit.backbones import create_backbone, geometry_of
 from promptvit.cache import PrefixCache
 from promptvit.data import (
     DataError,
@@ -58,18 +58,23 @@ from promptvit.data.fewshot import (
 from promptvit.data.manifest import SPLIT_FILES, record_split
 from promptvit.data.sources import MEDFMC_CLASSES, medfmc_split_files, read_medfmc_list
 from promptvit.data.split_files import is_fewshot_folder, read_fewshot_folder
-from promptvit.io import atomic_write_text, check_run_name, exclusive_folder
+from promptvit.io import LOCK_FILE, atomic_write_text, check_run_name, exclusive_folder, output_folder
 from promptvit.methods.base import ConfigError, make_config
 from promptvit.model import PromptModel, wrap
 from promptvit.train import Callback, EvaluationConfig, FitResult, TrainConfig, distributed, evaluate, fit
 from promptvit.train.callbacks import log_test_scalars
 from promptvit.train.clinical import sample_groups, test_with_calibration
+from promptvit.validation import whole_number
 
 logger = logging.getLogger(__name__)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in no float option
+
+
+#: timm build options that are counts or sizes (checked when they are given: >= 1, whole numbers)
+SIZE_OPTIONS = ("depth", "img_size", "patch_size", "embed_dim", "num_heads", "num_classes")
 
 
 class BackboneSpec(Strict):
@@ -93,6 +98,23 @@ class BackboneSpec(Strict):
     image_size: int | None = Field(
         None, ge=8, description="CNN input size (ViTs are fed the img_size they were built for)"
     )
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: list[float] | None, info: Any) -> list[float] | None:
+        if value is not None and (len(value) != 3 or (info.field_name == "std" and min(value) <= 0)):
+            raise ValueError(f"give 3 values, one per RGB channel{', all > 0' if info.field_name == 'std' else ''}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _build_sizes(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for name in SIZE_OPTIONS:
+            value = options.get(name)
+            sizes = value if isinstance(value, (list, tuple)) and name in ("img_size", "patch_size") else [value]
+            if value is not None and not all(whole_number(v) and v >= 1 for v in sizes):
+                raise ValueError(f"backbone.{name} must be a whole number >= 1, got {value!r}")
+        return options
 
 
 class MethodSpec(Strict):
@@ -169,6 +191,16 @@ class DataSpec(Strict):
         True,
         description="random augmentation for training; false uses the eval transform (required by cache_prefix)",
     )
+
+    @field_validator("train_scale")
+    @classmethod
+    def _crop_area_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"[{low}, {high}] is not an area range: RandomResizedCrop needs 0 < min <= max <= 1, e.g. [0.08, 1]"
+            )
+        return value
 
     @field_validator("classes", "label_columns", mode="before")
     @classmethod
@@ -371,6 +403,24 @@ def make_split(spec: DataSpec, seed: int) -> FewShotSplit:
     return split
 
 
+def check_patch_grid(backbone: torch.nn.Module) -> None:
+    """A ViT's patch must fit its image a whole number of times (``ConfigError`` naming both sizes).
+
+    A patch larger than the image leaves no tokens; an image that is not a multiple of the patch would have
+    its last rows and columns silently dropped.
+    """
+    geometry = geometry_of(backbone)
+    if geometry.kind != "vit" or geometry.dynamic_img_size:
+        return
+    for image, patch in zip(geometry.img_size, geometry.patch_size, strict=True):
+        if patch > image or image % patch:
+            fits = max(patch, image // patch * patch)
+            raise ConfigError(
+                f"backbone.patch_size {patch} does not tile backbone.img_size {image}: the image must be a "
+                f"multiple of the patch (e.g. --backbone.img-size {fits}, or a smaller --backbone.patch-size)"
+            )
+
+
 def build_model(config: RunConfig, num_classes: int) -> PromptModel:
     """Backbone plus method; the new head and method parameters are drawn from the run's seed."""
     spec = config.backbone
@@ -381,6 +431,7 @@ def build_model(config: RunConfig, num_classes: int) -> PromptModel:
         allow_pickle=spec.allow_pickle,
         **spec.options,
     )
+    check_patch_grid(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         return wrap(backbone, config.method.name, num_classes=num_classes, **config.method.options)
@@ -437,15 +488,41 @@ def environment() -> dict[str, str]:
     }
 
 
+#: what a run folder holds; an older promptvit wrote these before folders were marked (``io.output_folder``)
+RUN_FOLDER_NAMES = (
+    LOCK_FILE,
+    "config.yaml",
+    "data.txt",
+    SPLIT_FILES,
+    "skipped_files.txt",
+    "log.csv",
+    "checkpoint",
+    "artifact",
+    "metrics.json",
+    "tensorboard",
+)
+
+
+def run_inputs(config: RunConfig) -> list[str]:
+    """What a run reads from disk: no run folder may be written inside them."""
+    paths = (config.data.path, config.data.image_root, config.backbone.weights)
+    return [p for p in paths if p and Path(p).exists()]
+
+
 def run_experiment(config: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     """Train with model selection on validation, then test the selected model once; returns metrics.json.
 
     ``data.kind: auto`` is resolved first (:func:`resolve_data_spec`), so the run folder's name and
-    ``config.yaml`` say which layout, K and exp the run used."""
+    ``config.yaml`` say which layout, K and exp the run used. The run folder is new, or one promptvit made
+    for a run (resumed); see ``io.output_folder``."""
     config = resolved_data(config)
     run_dir = config.run_dir()
+    config.train.resolve_device()  # a device this machine does not have is refused before anything is read
     # Under torchrun only rank 0 writes run files (and holds the folder's lock); see train.distributed.
-    with exclusive_folder(run_dir) if distributed.is_writer() else contextlib.nullcontext():
+    writes = distributed.is_writer()
+    if writes:
+        output_folder(run_dir, "run", inputs=run_inputs(config), legacy=RUN_FOLDER_NAMES)
+    with exclusive_folder(run_dir) if writes else contextlib.nullcontext():
         return _run_locked(config, run_dir, resume)
 
 

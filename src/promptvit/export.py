@@ -22,7 +22,9 @@ A format the method cannot take is refused in one sentence naming why and the fo
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,13 +36,23 @@ from torch import nn
 
 from promptvit.artifact import default_data_config, load, read_artifact_config, resolve_artifact_dir
 from promptvit.backbones import origin_of
-from promptvit.errors import ExportError
+from promptvit.errors import ExportError, OutputError
 from promptvit.hub import local_folder, peft_card, portable_config, without_local_paths
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, check_output_path, output_error, output_folder
 from promptvit.model import PromptModel
 
 FORMATS = ("peft", "onnx", "merged-timm")
 EXPORT_FILE = "export.json"
+#: every file an export writes, in any format; only these are ever replaced in an export folder
+EXPORT_FILES = (
+    EXPORT_FILE,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+    "model.onnx",
+    "README.md",
+)
 #: exported logits must agree with the PromptModel's within ATOL + RTOL * max|logits| (float32, CPU)
 ATOL, RTOL = 1e-4, 1e-4
 ONNX_OPSET = 17
@@ -56,23 +68,28 @@ def export(
 ) -> dict[str, Any]:
     """Export an artifact folder (or run folder, or a PromptModel) to ``out`` in ``format``; return the check.
 
-    ``out`` must not exist, be empty, or hold an earlier export (it is then replaced); anything else is
-    refused. The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
+    ``out`` must be new, empty, or a folder promptvit made for an export (``io.output_folder``); an earlier
+    export's files there are replaced, anything else in it is left alone.
+    The returned dict is what ``export.json`` records (format, files, max_abs_diff, tolerance).
     ``input_size`` (height, width) of the check images and the ONNX input: default the artifact's
     ``data_config``, else the backbone's geometry.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    _check_out(out)
+    inputs = [source] if not isinstance(source, PromptModel) and Path(source).exists() else []
+    output_folder(out, "export", inputs=inputs, legacy=EXPORT_FILES, create=False)  # claimed once written
     model, info = _resolve(source, base_model)
     model.eval()
     _check_format(model, format)
     if input_size is None:
         input_size = tuple(info["data_config"]["input_size"][1:])
     writer = {"peft": _write_peft, "merged-timm": _write_merged_timm, "onnx": _write_onnx}[format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # the staging folder beside ``out``: a new name, removed in every case
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise output_error(out, error) from error
     try:
         record = writer(model, info, staging, tuple(input_size))
         record = {
@@ -86,23 +103,40 @@ def export(
             "tolerance": {"atol": ATOL, "rtol": RTOL, "of": "max |logits|"},
         }
         atomic_write_text(staging / EXPORT_FILE, json.dumps(record, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _move_in(staging, output_folder(out, "export", inputs=inputs, legacy=EXPORT_FILES), record["files"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
-def _check_out(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise ExportError(f"--out {out} exists and is not a folder; choose a new folder")
-    if any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
-        raise ExportError(
-            f"--out {out} is a non-empty folder that holds no earlier export; choose a new or empty folder"
-        )
+def _move_in(staging: Path, out: Path, files: list[str]) -> None:
+    """Replace the earlier export in ``out`` by the staged one, file by file; nothing else in ``out`` is touched.
+
+    The old ``export.json`` goes first and the new one comes last, so a kill in between leaves a folder that
+    says it holds no complete export rather than a mix that claims to be checked.
+    """
+    ours = _earlier_export(out)
+    for name in (*EXPORT_FILES, *files):  # a link or folder planted under one of these names stops it here
+        target = check_output_path(out / name)
+        if name in files and target.exists() and name not in ours:
+            raise OutputError(
+                errno.EEXIST,
+                f"{target} is not a file of the earlier export in {out}; move it away or export to a new folder",
+            )
+    for name in (EXPORT_FILE, *ours):
+        (out / name).unlink(missing_ok=True)
+    for name in (*files, EXPORT_FILE):
+        os.replace(staging / name, out / name)
+
+
+def _earlier_export(out: Path) -> set[str]:
+    """The files of the export already in ``out``: every export file name, and a README only when the earlier
+    ``export.json`` lists it (a README may be the user's own notes)."""
+    try:
+        listed = json.loads((out / EXPORT_FILE).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    return {n for n in EXPORT_FILES if n != "README.md" or n in listed}
 
 
 def _resolve(source: str | Path | PromptModel, base_model: nn.Module | None) -> tuple[PromptModel, dict]:
@@ -209,7 +243,7 @@ def _write_merged_timm(model: PromptModel, info: dict[str, Any], out: Path, size
 
     images = _random_batch(size, 3, seed=0)
     expected = _reference_logits(model, images)
-    merged = bool(model.method.injections.entries("replace"))
+    merged = model.method.merges()
     plain = copy.deepcopy(model).merge_and_unload().cpu().eval()
     architecture, kwargs = _architecture(model)
     save_for_hf(plain, str(out), model_args=kwargs, safe_serialization=True)

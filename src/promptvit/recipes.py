@@ -617,6 +617,8 @@ def apply_recipe(raw: dict[str, Any], name: str, method: str | None = None) -> d
     if recorded not in (None, recipe.label):
         raise ConfigError(f"train.recipe is '{recorded}' but recipe '{recipe.label}' was asked for; drop one")
     method = method or (raw.get("method") or {}).get("name")
+    if recorded is None and isinstance(raw.get("train"), dict):  # `recipe: null` left by a config: the label wins
+        raw["train"].pop("recipe", None)
     for dotted, value in recipe.run_settings(method).items():
         if _is_set(raw, dotted):
             continue

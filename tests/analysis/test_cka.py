@@ -100,7 +100,7 @@ def test_model_prompt_patch_cka_pairs_images() -> None:
     assert np.isnan(matrix[0]).all() and np.isfinite(matrix[1]).all()  # block 0's output holds no prompts
     outputs = {}
     handle = model.backbone.blocks[1].register_forward_hook(lambda m, a, o: outputs.setdefault("o", o))
-    with torch.no_grad(), model.method.keeping_prompt_outputs():
+    with torch.no_grad(), model.all_token_outputs():  # every block runs as a module, so its hooks fire
         model.eval()
         model(images)
     handle.remove()

@@ -81,7 +81,7 @@ def test_layer_nmi_of_a_prompted_vit_reads_block_inputs() -> None:
     images = tiny_input("vit_token", batch=5)
     inputs = {}
     handle = model.backbone.blocks[1].register_forward_hook(lambda m, a, o: inputs.setdefault("x", a[0]))
-    with torch.no_grad():
+    with torch.no_grad(), model.all_token_outputs():  # every block runs as a module, so its hooks fire
         model.eval()
         model(images)
     handle.remove()

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 import promptvit
 from promptvit.analysis import analyze, average_attention_distance, layer_cka, layer_nmi
+from promptvit.io import OUTPUT_MARKER, OutputError, output_folder
 from tests.conftest import build_tiny
 
 CLASSES = ["benign", "malignant", "other"]
@@ -37,9 +38,8 @@ def test_analyze_writes_every_view(tmp_path) -> None:
     vpt = promptvit.wrap(build_tiny("vit_token", seed=1), "vpt", num_classes=3, prompt_length=2)
     model.train()
     before, hooks = _state(model), len(model.backbone.blocks[0]._forward_hooks)
-    out = tmp_path / "run" / "analysis"
-    out.mkdir(parents=True)
-    (out / "notes.txt").write_text("mine")
+    out = output_folder(tmp_path / "run" / "analysis", "analysis")  # as an earlier analysis left it
+    (out / "notes.txt").write_text("mine")  # the user's, added since: it stays
     result = analyze(
         model, _dataset(), out_dir=out, class_names=CLASSES, max_samples=12, seed=3, compare={"vpt": vpt}
     )
@@ -59,7 +59,7 @@ def test_analyze_writes_every_view(tmp_path) -> None:
     for name in expected - {"analysis.json"}:
         assert (out / name).read_bytes()[:8] == PNG, name
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected | {"notes.txt"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected | {"notes.txt", OUTPUT_MARKER})
 
     stored = json.loads(
         (out / "analysis.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}")
@@ -136,11 +136,12 @@ def test_refuses_run_folder_and_artifact(tmp_path, marker: str) -> None:
     (run / "artifact").mkdir(parents=True)
     if marker != "artifact":
         (run / marker).touch()
-    with pytest.raises(ValueError, match="run folder"):
+    with pytest.raises(OutputError, match="promptvit did not write"):
         analyze(model, _dataset(), out_dir=run, class_names=CLASSES, max_samples=4)
-    with pytest.raises(ValueError, match="artifact"):
-        analyze(model, _dataset(), out_dir=run / "artifact" / "analysis", class_names=CLASSES, max_samples=4)
-    assert sorted(p.name for p in run.iterdir()) == sorted({"artifact", marker})
+    (run / OUTPUT_MARKER).write_text('{"kind": "run"}')  # as train marks a run folder: another kind
+    with pytest.raises(OutputError, match="holds a promptvit run"):
+        analyze(model, _dataset(), out_dir=run, class_names=CLASSES, max_samples=4)
+    assert sorted(p.name for p in run.iterdir()) == sorted({"artifact", marker, OUTPUT_MARKER})
     assert not any((run / "artifact").iterdir())
 
 

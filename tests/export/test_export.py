@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import promptvit
 from promptvit.cli import app
 from promptvit.export import ATOL, RTOL, ExportError, export
+from promptvit.io import OUTPUT_MARKER, OutputError
 from promptvit.methods.base import get_method
 from tests.conftest import TINY_BACKBONES, build_tiny, tiny_input
 
@@ -180,12 +181,19 @@ def test_export_never_writes_into_a_foreign_folder(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    with pytest.raises(ExportError, match="non-empty folder that holds no earlier export"):
+    with pytest.raises(OutputError, match="holds files promptvit did not write"):
         export(artifact, foreign, "merged-timm")
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
-    # An earlier export is replaced.
+    # An earlier export is replaced file by file; what the user added to the folder stays.
     export(artifact, tmp_path / "again", "merged-timm")
+    (tmp_path / "again" / "notes.txt").write_text("mine")
     export(artifact, tmp_path / "again", "onnx")
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["export.json", "model.onnx"]
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
+        OUTPUT_MARKER,
+        "export.json",
+        "model.onnx",
+        "notes.txt",
+    ]
+    assert (tmp_path / "again" / "notes.txt").read_text() == "mine"
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         export(artifact, tmp_path / "y", "tflite")

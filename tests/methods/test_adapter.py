@@ -26,7 +26,7 @@ def _randomize_up(model, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in _adapters(model):
-            for p in (layer.adapter.up.weight, layer.adapter.up.bias, layer.adapter.down.bias):
+            for p in (layer.adapter["default"].up.weight, layer.adapter["default"].up.bias, layer.adapter["default"].down.bias):
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
 
 
@@ -39,7 +39,7 @@ def test_zero_init_reproduces_timm_exactly(kind: str) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
     for layer in _adapters(model):
-        bottleneck = layer.adapter
+        bottleneck = layer.adapter["default"]
         assert torch.count_nonzero(bottleneck.up.weight) == 0 and torch.count_nonzero(bottleneck.up.bias) == 0
         assert torch.count_nonzero(bottleneck.down.bias) == 0
         assert bottleneck.down.weight.abs().max() <= 1 / math.sqrt(model.geometry.embed_dim)
@@ -57,7 +57,7 @@ def test_block_output_matches_the_formula(kind: str) -> None:
     with torch.no_grad():
         x1 = x + block.attn(block.norm1(x))
         h = block.norm2(x1)
-        down, up = layer.adapter.down, layer.adapter.up
+        down, up = layer.adapter["default"].down, layer.adapter["default"].up
         adapter = F.linear(F.relu(F.linear(h, down.weight, down.bias)), up.weight, up.bias)
         expected = x1 + layer.base_layer(h) + scale * adapter
         got = block(x)
@@ -90,10 +90,10 @@ def test_scale_option_is_respected() -> None:
         model = promptvit.wrap(build_tiny("vit_token"), "adapter", reduction=4, scale=scale).eval()
         _randomize_up(model)
         layer = model.backbone.blocks[0].mlp
-        assert layer.scale == scale
+        assert layer.adapter["default"].scale == scale
         h = torch.randn(2, 5, model.geometry.embed_dim)
         with torch.no_grad():
-            torch.testing.assert_close(layer(h), layer.base_layer(h) + scale * layer.adapter(h))
+            torch.testing.assert_close(layer(h), layer.base_layer(h) + scale * layer.adapter["default"](h))
             outputs[scale] = model(x)
     assert not torch.allclose(outputs[0.1], outputs[0.3], atol=1e-4)
 
@@ -104,7 +104,7 @@ def test_bottleneck_overrides_reduction_and_layers_option() -> None:
     model = promptvit.wrap(base, "adapter", reduction=4, bottleneck=5, layers=[0, 2])
     layers = _adapters(model)
     assert len(layers) == 2 and not isinstance(model.backbone.blocks[1].mlp, ParallelAdapterMlp)
-    assert all(layer.adapter.down.out_features == 5 for layer in layers)
+    assert all(layer.adapter["default"].down.out_features == 5 for layer in layers)
     wrapped = set(model.backbone.state_dict())
     assert "blocks.0.mlp.base_layer.fc1.weight" in wrapped and "blocks.1.mlp.fc1.weight" in wrapped
     renamed = set()
@@ -113,9 +113,10 @@ def test_bottleneck_overrides_reduction_and_layers_option() -> None:
             prefix = f"blocks.{i}.mlp."
             if name.startswith(prefix):
                 name = f"{prefix}base_layer.{name[len(prefix) :]}"
-        renamed.add(name)
+        renamed.add(name.replace("head.", "head.base_layer."))
     tuned = {n for n in wrapped if ".adapter." in n}
-    assert renamed | tuned == wrapped and len(tuned) == 2 * 4
+    head = {"head.heads.default.weight", "head.heads.default.bias"}
+    assert renamed | tuned | head == wrapped and len(tuned) == 2 * 4
 
 
 def test_frozen_mlp_stays_in_eval_mode_and_dropout_only_in_train_mode() -> None:
@@ -126,7 +127,7 @@ def test_frozen_mlp_stays_in_eval_mode_and_dropout_only_in_train_mode() -> None:
     x = tiny_input("vit_token")
     model.train()
     for layer in _adapters(model):
-        assert layer.adapter.training and not layer.base_layer.training
+        assert layer.adapter["default"].training and not layer.base_layer.training
     with torch.no_grad():
         torch.manual_seed(0)
         zero_up_train = model(x)

@@ -136,7 +136,7 @@ def test_concat_tokens_appear_only_from_block_l_on(kind: str) -> None:
     model = promptvit.wrap(base, "ap", variant="concat", layer=layer, prompt_length=3).eval()
     seen = _record_unit_inputs(model.backbone)
     x = tiny_input(kind)
-    with torch.no_grad():
+    with torch.no_grad(), model.all_token_outputs():  # hooks on blocks: every block runs as a module
         features = model.forward_features(x)
     n, tokens = model.geometry.num_prefix_tokens, model.geometry.num_tokens
     for i, t in seen.items():

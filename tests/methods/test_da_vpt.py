@@ -127,7 +127,7 @@ def test_prompt_layout_every_block_with_proxies_at_guided_blocks(kind: str, guid
     inputs = {}
     for i, block in enumerate(model.backbone.blocks):
         block.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[0]))
-    with torch.no_grad():
+    with torch.no_grad(), model.all_token_outputs():  # every block runs as a module, so its hooks fire
         out = model(tiny_input(kind))
     assert out.shape == (2, 6)
     n = model.geometry.num_prefix_tokens
@@ -149,7 +149,7 @@ def test_zero_prompt_length_prompts_only_the_guided_block() -> None:
     lengths = {}
     for i, block in enumerate(model.backbone.blocks):
         block.register_forward_hook(lambda m, args, out, i=i: lengths.__setitem__(i, args[0].shape[1]))
-    with torch.no_grad():
+    with torch.no_grad(), model.all_token_outputs():
         model(tiny_input("vit_avg"))
     assert lengths == {0: 16, 1: 18, 2: 16}
     assert model.parameter_summary()["method"] == 2 * 24
@@ -280,7 +280,7 @@ def test_mapping_update_can_start_later() -> None:
 def _record_guided(model, block: int) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     blk = getattr(model, "backbone", model).blocks[block]
-    blk.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0]))
+    blk.norm1.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0]))  # the block's input
     blk.attn.qkv.register_forward_hook(lambda m, args, out: seen.__setitem__("qkv", out))
     blk.attn.proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("attn", args[0]))
     return seen
@@ -360,7 +360,11 @@ def test_multi_label_targets_with_all_negative_images() -> None:
 
 
 def _grads(model) -> dict[str, torch.Tensor | None]:
-    return {n: p.grad for n, p in model.named_parameters()}
+    """Gradients by state-dict name, and of the tuned tensors by artifact key too."""
+    return {
+        **{n: p.grad for n, p in model.named_parameters()},
+        **{n: p.grad for n, p in model.tuned_named_parameters()},
+    }
 
 
 def test_aux_gradients_reach_the_prompts_only() -> None:
@@ -552,8 +556,8 @@ def test_prompt_norm_and_mask_match_the_authors_forward(norm: bool, mask: bool) 
     _scaled_prompts(model, 40.0)  # far from unit norm
     images = tiny_input("vit_token", batch=3)
     inputs = {}
-    for i, block in enumerate(model.backbone.blocks):
-        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+    for i, block in enumerate(model.backbone.blocks):  # the block's input (a row-selected block is no module call)
+        block.norm1.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
     model.eval()
     with torch.no_grad():
         expected, _ = authors_forward(model, images, norm=norm, mask=mask)

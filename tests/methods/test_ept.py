@@ -95,7 +95,7 @@ def test_layer_matches_reference_through_timm_projections(way: str) -> None:
     model = promptvit.wrap(build_tiny("vit_token", num_classes=4), "ept", way=way, prompt_length=5).double()
     layer = model.backbone.blocks[1].attn
     assert isinstance(layer, PromptedAttention)
-    param_name, param = next(iter(layer.named_parameters(recurse=False)))
+    param_name, param = next(iter(layer.prompts["default"].named_parameters()))
     with torch.no_grad():
         param.normal_(0, 0.3 if way == "multiply" else 1.5, generator=torch.Generator().manual_seed(3))
     base = layer.base_layer
@@ -183,7 +183,9 @@ def test_frozen_weights_keep_their_names_under_a_prefix() -> None:
     model = promptvit.wrap(base, "ept", prompt_length=3)
     after = model.backbone.state_dict()
     renamed = {
-        n.replace(".attn.base_layer.", ".attn."): t for n, t in after.items() if not n.endswith("prompt")
+        n.replace(".attn.base_layer.", ".attn.").replace("head.base_layer.", "head."): t
+        for n, t in after.items()
+        if ".prompts." not in n and ".heads." not in n  # the adapter's prompts and head
     }
     assert renamed.keys() == before.keys()
     assert all(torch.equal(renamed[n], before[n]) for n in before)
@@ -242,7 +244,7 @@ def test_parameter_count_at_vit_b16() -> None:
         assert cls.expected_num_parameters(config, geometry) == 12 * 197 * d_p
     relative = promptvit.wrap(_vit_b16_meta(), "ept", relative_length=5.0)
     assert relative.parameter_summary()["method"] == 12 * 197 * 20
-    assert relative.backbone.blocks[0].attn.prompt.shape == (197, 20)
+    assert relative.backbone.blocks[0].attn.prompts["default"].prompt.shape == (197, 20)
     shallow = promptvit.wrap(_vit_b16_meta(), "ept", layers=[0])
     assert shallow.parameter_summary()["method"] == 197 * 100
     for way, per_layer in [("add", 197 * 197), ("multiply", 197)]:
@@ -322,12 +324,12 @@ def test_attention_weights_reproduce_the_layer_output(way: str) -> None:
         x = model.backbone.blocks[0].norm1(x)
         q, k, v = timm_attention_parts(layer.base_layer).heads(x)
         weights = layer.attention_weights(x)
-        expected = reference_prompted_attention(q, k, v, way=way, **layer._learned())
+        expected = reference_prompted_attention(q, k, v, way=way, **layer.prompts["default"].learned())
         torch.testing.assert_close(weights @ v, expected, rtol=1e-5, atol=1e-6)
         scale = layer.token_scale(x)
         if way == "pure_cat":
             logits = (q @ k.transpose(-2, -1)) * layer.base_layer.scale
-            gate = torch.sigmoid(logits.logsumexp(-1) - layer.prompt.logsumexp(-1))
+            gate = torch.sigmoid(logits.logsumexp(-1) - layer.prompts["default"].prompt.logsumexp(-1))
             torch.testing.assert_close(scale, gate, rtol=1e-5, atol=1e-6)
         elif way in ("add", "multiply"):
             torch.testing.assert_close(scale, torch.ones_like(scale))
@@ -344,7 +346,7 @@ def test_training_and_inference_run_under_a_flash_only_backend(monkeypatch: pyte
     model = promptvit.wrap(build_tiny("vit_avg", num_classes=4), "ept", way=way, prompt_length=5)
     with torch.no_grad():
         for block in model.backbone.blocks:
-            param = next(iter(block.attn.parameters(recurse=False)))
+            param = next(iter(block.attn.prompts["default"].parameters()))
             param.normal_(0, 0.3 if way == "multiply" else 1.5, generator=torch.Generator().manual_seed(3))
     x = tiny_input("vit_avg")
 

@@ -26,7 +26,7 @@ def _randomize_b(model, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in _lora_layers(model):
-            layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=generator))
+            layer.lora["default"].lora_B.copy_(0.2 * torch.randn(layer.lora["default"].lora_B.shape, generator=generator))
 
 
 @pytest.mark.parametrize("kind", ["vit_token", "vit_avg"])
@@ -44,26 +44,27 @@ def test_init_is_kaiming_uniform_a_and_zero_b() -> None:
     model = promptvit.wrap(build_tiny("vit_token"), "lora", rank=4)
     d = model.geometry.embed_dim
     for layer in _lora_layers(model):
-        assert layer.lora_A.shape == (2, 4, d) and layer.lora_B.shape == (2, d, 4)
+        assert layer.lora["default"].lora_A.shape == (2, 4, d) and layer.lora["default"].lora_B.shape == (2, d, 4)
         # kaiming_uniform(a=sqrt(5)) on fan-in d: U(-1/sqrt(d), 1/sqrt(d)), per part
-        assert layer.lora_A.abs().max() <= 1 / math.sqrt(d)
-        assert layer.lora_A.std() > 0.5 / math.sqrt(3 * d)
-        assert torch.count_nonzero(layer.lora_B) == 0
-        assert not torch.equal(layer.lora_A[0], layer.lora_A[1])
+        assert layer.lora["default"].lora_A.abs().max() <= 1 / math.sqrt(d)
+        assert layer.lora["default"].lora_A.std() > 0.5 / math.sqrt(3 * d)
+        assert torch.count_nonzero(layer.lora["default"].lora_B) == 0
+        assert not torch.equal(layer.lora["default"].lora_A[0], layer.lora["default"].lora_A[1])
 
 
 def test_layer_matches_formula_on_chosen_parts_only() -> None:
     torch.manual_seed(0)
     d, r, alpha = 8, 2, 6.0
     linear = torch.nn.Linear(d, 3 * d)
-    layer = FusedLoRALinear(linear, parts=[2, 0], rank=r, alpha=alpha)  # given unsorted: stored as (q, v)
-    assert layer.parts == (0, 2)
+    layer = FusedLoRALinear(linear)
+    layer.add_adapter("default", parts=[2, 0], rank=r, alpha=alpha)  # given unsorted: stored as (q, v)
+    assert layer.lora["default"].parts == (0, 2)
     with torch.no_grad():
-        layer.lora_B.normal_()
+        layer.lora["default"].lora_B.normal_()
     x = torch.randn(3, 5, d)
     expected = linear(x).clone()
-    for i, p in enumerate(layer.parts):
-        a, b = layer.lora_A[i], layer.lora_B[i]
+    for i, p in enumerate(layer.lora["default"].parts):
+        a, b = layer.lora["default"].lora_A[i], layer.lora["default"].lora_B[i]
         expected[..., p * d : (p + 1) * d] += (alpha / r) * x @ a.T @ b.T
     got = layer(x)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
@@ -76,8 +77,19 @@ def test_frozen_names_gain_only_a_prefix_and_layers_option() -> None:
     model = promptvit.wrap(base, "lora", rank=2, layers=[1])
     wrapped = set(model.backbone.state_dict())
     assert "blocks.1.attn.qkv.base_layer.weight" in wrapped and "blocks.1.attn.qkv.weight" not in wrapped
-    renamed = {n.replace("blocks.1.attn.qkv.", "blocks.1.attn.qkv.base_layer.") for n in names}
-    assert renamed | {"blocks.1.attn.qkv.lora_A", "blocks.1.attn.qkv.lora_B"} == wrapped
+    renamed = {
+        n.replace("blocks.1.attn.qkv.", "blocks.1.attn.qkv.base_layer.").replace("head.", "head.base_layer.")
+        for n in names
+    }
+    # each adapter's factors and head sit under its name; artifacts drop it (tuned_state_dict keys)
+    adapter = {"blocks.1.attn.qkv.lora.default.lora_A", "blocks.1.attn.qkv.lora.default.lora_B"}
+    assert renamed | adapter | {"head.heads.default.weight", "head.heads.default.bias"} == wrapped
+    assert set(model.tuned_state_dict()) == {
+        "backbone.blocks.1.attn.qkv.lora_A",
+        "backbone.blocks.1.attn.qkv.lora_B",
+        "backbone.head.weight",
+        "backbone.head.bias",
+    }
     assert len(_lora_layers(model)) == 1
     assert isinstance(model.backbone.blocks[0].attn.qkv, torch.nn.Linear)
 
@@ -116,10 +128,10 @@ def _peft_reference(base, targets: list[str], rank: int, alpha: float, ours):
             peft_layer = block.attn.qkv
             a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
             d = layer.part_size
-            a.copy_(layer.lora_A.reshape(n * rank, -1))
+            a.copy_(layer.lora["default"].lora_A.reshape(n * rank, -1))
             b.zero_()
-            for i, p in enumerate(layer.parts):
-                b[p * d : (p + 1) * d, i * rank : (i + 1) * rank] = layer.lora_B[i]
+            for i, p in enumerate(layer.lora["default"].parts):
+                b[p * d : (p + 1) * d, i * rank : (i + 1) * rank] = layer.lora["default"].lora_B[i]
             pairs.append((layer, a, b))
     return reference, pairs
 
@@ -142,11 +154,11 @@ def test_matches_peft_unmerged_gradients_and_merged(kind: str, targets: list[str
     (ours_logits * weights).sum().backward()
     (ref_logits * weights).sum().backward()
     for layer, a, b in pairs:
-        d, n = layer.part_size, len(layer.parts)
-        torch.testing.assert_close(layer.lora_A.grad.reshape(n * rank, -1), a.grad, atol=1e-6, rtol=1e-5)
-        for i, p in enumerate(layer.parts):
+        d, n = layer.part_size, len(layer.lora["default"].parts)
+        torch.testing.assert_close(layer.lora["default"].lora_A.grad.reshape(n * rank, -1), a.grad, atol=1e-6, rtol=1e-5)
+        for i, p in enumerate(layer.lora["default"].parts):
             block = b.grad[p * d : (p + 1) * d, i * rank : (i + 1) * rank]
-            torch.testing.assert_close(layer.lora_B.grad[i], block, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(layer.lora["default"].lora_B.grad[i], block, atol=1e-6, rtol=1e-5)
 
     with torch.no_grad():
         ours.merge()
@@ -166,7 +178,7 @@ def _trained_model(kind: str = "vit_token", **options):
             model(tiny_input(kind, batch=4)), torch.tensor([0, 1, 2, 3])
         ).backward()
         optimizer.step()
-    assert all(torch.count_nonzero(layer.lora_B) for layer in _lora_layers(model))
+    assert all(torch.count_nonzero(layer.lora["default"].lora_B) for layer in _lora_layers(model))
     return model.eval()
 
 
@@ -178,7 +190,7 @@ def test_merge_unmerge_restores_weights_and_merged_forward_matches() -> None:
     with torch.no_grad():
         unmerged = model(x)
         model.merge()
-        assert model.method.merged and all(layer.merged for layer in layers)
+        assert model.method.merged and all(layer.lora["default"].merged for layer in layers)
         assert not torch.equal(layers[0].base_layer.weight, original[0])
         merged_weights = [layer.base_layer.weight.clone() for layer in layers]
         torch.testing.assert_close(model(x), unmerged, atol=1e-6, rtol=1e-6)
@@ -203,10 +215,10 @@ def test_merged_forward_skips_update_and_refuses_training() -> None:
     model.merge()
     layer = _lora_layers(model)[0]
     with torch.no_grad():
-        layer.lora_B.add_(1.0)  # ignored while merged: the forward only uses the merged weight
+        layer.lora["default"].lora_B.add_(1.0)  # ignored while merged: the forward only uses the merged weight
         x = torch.randn(2, 5, layer.base_layer.in_features)
         assert torch.equal(layer(x), layer.base_layer(x))
-        layer.lora_B.sub_(1.0)
+        layer.lora["default"].lora_B.sub_(1.0)
     model.train()
     with pytest.raises(RuntimeError, match="unmerge"):
         model(tiny_input("vit_token"))
@@ -252,10 +264,10 @@ def test_dropout_only_in_train_mode() -> None:
         eval_once, eval_twice = model(x), model(x)
         assert torch.equal(eval_once, eval_twice)
         for layer in _lora_layers(model):
-            layer.lora_dropout.p = 0.0
+            layer.lora["default"].lora_dropout.p = 0.0
         assert torch.equal(model(x), eval_once)  # eval mode: as if there were no dropout
         for layer in _lora_layers(model):
-            layer.lora_dropout.p = 0.5
+            layer.lora["default"].lora_dropout.p = 0.5
         model.train()
         torch.manual_seed(1)
         train_once = model(x)

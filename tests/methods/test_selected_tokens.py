@@ -11,7 +11,7 @@ import promptvit
 from promptvit.backbones.vit import forward_block_rows as forward_selected_tokens
 from promptvit.backbones.vit import supports_selected_rows as supports_selected_tokens
 from promptvit.layers.selected_tokens import drop_token_range
-from promptvit.layers.token_prompts import TokenPromptHooks
+from promptvit.layers.token_prompts import TokenPrompts
 from tests.conftest import build_tiny, logits_and_grads, tiny_input
 
 VITS = ["vit_token", "vit_avg"]
@@ -103,7 +103,7 @@ def _token_prompt_models(kind: str) -> list[promptvit.PromptModel]:
         if "vit" not in method_class.supported_kinds:
             continue
         model = promptvit.wrap(build_tiny(kind), name, **method_class.test_options)
-        if isinstance(model.method, TokenPromptHooks) and hasattr(model.method, "prompt_schedule"):
+        if isinstance(model.method, TokenPrompts) and hasattr(model.method, "prompt_schedule"):
             models.append(model)
     models.append(promptvit.wrap(build_tiny(kind), "vpt", prompt_length=2, deep=False))
     models.append(promptvit.wrap(build_tiny(kind), "ap", variant="concat", prompt_length=2, layer=1))

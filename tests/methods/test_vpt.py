@@ -66,7 +66,7 @@ def _record_blocks(model: promptvit.PromptModel) -> tuple[dict[int, torch.Tensor
         def record(module, args, output, i=i):
             inputs[i], outputs[i] = args[0].detach(), output.detach()
 
-        block.register_forward_hook(record)  # runs after the method's pre-hooks: sees the prompted input
+        block.register_forward_hook(record)  # sees the input the block loop gives the block, prompts inserted
     return inputs, outputs
 
 
@@ -74,7 +74,7 @@ def _record_blocks(model: promptvit.PromptModel) -> tuple[dict[int, torch.Tensor
 def test_shallow_prompts_reach_later_blocks_only_through_the_sequence(kind: str) -> None:
     model = promptvit.wrap(build_tiny(kind), "vpt", prompt_length=2, deep=False).eval()
     inputs, outputs = _record_blocks(model)
-    with torch.no_grad():
+    with torch.no_grad(), model.all_token_outputs():  # every block runs as a module, so its hooks fire
         model(tiny_input(kind))
     n = model.geometry.num_prefix_tokens
     assert torch.equal(inputs[0][:, n : n + 2], model.method.prompts[0].expand(2, -1, -1))
@@ -88,19 +88,24 @@ def test_deep_prompts_replace_previous_prompt_outputs(kind: str) -> None:
     model = promptvit.wrap(build_tiny(kind), "vpt", prompt_length=2, deep=True).eval()
     inputs, outputs = _record_blocks(model)
     n = model.geometry.num_prefix_tokens
-    with torch.no_grad(), model.method.keeping_prompt_outputs():
+    with torch.no_grad(), model.all_token_outputs():
         model(tiny_input(kind))
     for i in range(1, len(model.backbone.blocks)):
         assert torch.equal(inputs[i][:, n : n + 2], model.method.prompts[i].expand(2, -1, -1))
         assert torch.equal(inputs[i][:, :n], outputs[i - 1][:, :n])
         assert torch.equal(inputs[i][:, n + 2 :], outputs[i - 1][:, n + 2 :])
-    # By default a block does not compute the prompt outputs that the next block replaces.
+    # By default a block does not compute the prompt outputs that the next block replaces: it reads every
+    # token (its first norm sees them all) and its MLP runs on the other rows only.
+    norm_inputs, mlp_rows = {}, {}
+    for i, block in enumerate(model.backbone.blocks):
+        block.norm1.register_forward_pre_hook(lambda m, args, i=i: norm_inputs.__setitem__(i, args[0]))
+        block.mlp.register_forward_pre_hook(lambda m, args, i=i: mlp_rows.__setitem__(i, args[0].shape[1]))
     with torch.no_grad():
         model(tiny_input(kind))
-    for i in range(1, len(model.backbone.blocks)):
-        assert outputs[i - 1].shape[1] == model.geometry.num_tokens
-        assert torch.equal(inputs[i][:, n : n + 2], model.method.prompts[i].expand(2, -1, -1))
-        assert torch.equal(torch.cat([inputs[i][:, :n], inputs[i][:, n + 2 :]], dim=1), outputs[i - 1])
+    for i in range(len(model.backbone.blocks)):
+        assert norm_inputs[i].shape[1] == model.geometry.num_tokens + 2
+        assert torch.equal(norm_inputs[i][:, n : n + 2], model.method.prompts[i].expand(2, -1, -1))
+    assert mlp_rows[0] == model.geometry.num_tokens
 
 
 @pytest.mark.parametrize("kind", VITS)
@@ -187,7 +192,11 @@ def test_state_dict_names_of_the_backbone_are_unchanged() -> None:
     base = build_tiny("vit_token")
     names = {f"backbone.{n}" for n in base.state_dict()}
     model = promptvit.wrap(base, "vpt", prompt_length=2)
-    assert set(model.state_dict()) - names == {"method.prompts"}
+    # the backbone's own head stays inside its slot, next to the adapter's head
+    names = {n.replace("backbone.head.", "backbone.head.base_layer.") for n in names}
+    adapter = {"adapters.default.prompts", "backbone.head.heads.default.weight", "backbone.head.heads.default.bias"}
+    assert set(model.state_dict()) - names == adapter
+    assert set(model.tuned_state_dict()) == {"method.prompts", "backbone.head.weight", "backbone.head.bias"}
 
 
 @pytest.mark.parametrize(

@@ -99,12 +99,12 @@ def test_cached_path_gives_identical_logits_and_gradients(kind, method, options,
 
 
 def test_forward_from_block_runs_token_prompt_hooks_after_the_cut() -> None:
-    """AP-concat inserts tokens by a pre-hook on its block and strips them on the final norm."""
+    """AP-concat inserts tokens before its block in the block loop and strips them before the final norm."""
     model = _perturbed(
         promptvit.wrap(build_tiny("vit_token", num_classes=4), "ap", layer=1, variant="concat")
     )
     seen = []
-    model.backbone.blocks[1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    model.backbone.blocks[1].norm1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     x = tiny_input("vit_token", batch=2)
     with torch.no_grad():
         prefix = model.forward_prefix(x, 1)

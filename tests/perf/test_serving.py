@@ -30,13 +30,13 @@ SPECS = [
     ("vpt", {"prompt_length": 2}),
     ("vpt", {"prompt_length": 2, "deep": False}),
     ("vpt", {"prompt_length": 2}),
-    # not batched: per-task fallback
     ("ept", {"way": "multi_cat", "prompt_length": 2}),
-    ("bias", {}),
     ("adapter", {"reduction": 4}),
+    # backbone weights tuned in place: a forward of their own
+    ("bias", {}),
     ("partial", {}),
 ]
-FALLBACK = {"multi_cat", "bias", "adapter", "partial"}
+GROUPED = {"bias", "partial"}
 
 
 def _tasks(kind: str, base: torch.nn.Module) -> list[promptvit.PromptModel]:
@@ -60,12 +60,8 @@ def test_all_tasks_on_every_image_equal_per_task_inference(kind: str) -> None:
     base = build_tiny(kind, num_classes=3)
     models = _tasks(kind, base)
     served = MultiTaskModel(base, models)
-    fallback = [
-        name
-        for name, (m, o) in zip(served.task_names, SPECS, strict=True)
-        if m in FALLBACK or o.get("way") in FALLBACK
-    ]
-    assert served.fallback_tasks == fallback
+    grouped = [name for name, (m, _) in zip(served.task_names, SPECS, strict=True) if m in GROUPED]
+    assert served.grouped_tasks == grouped
     x = tiny_input(kind, batch=5)
     out = served(x)
     assert list(out) == served.task_names
@@ -103,7 +99,7 @@ def test_artifact_folders_and_cnn_backbones(tmp_path: Path) -> None:
         models.append(model)
     served = MultiTaskModel(base, dirs)
     assert served.task_names == ["linear", "mlp", "bias"]
-    assert served.batched_tasks == ["linear", "mlp"] and served.fallback_tasks == ["bias"]
+    assert served.batched_tasks == ["linear", "mlp"] and served.grouped_tasks == ["bias"]
     x = tiny_input("resnet", batch=3)
     out = served(x)
     for name, model in zip(served.task_names, models, strict=True):
@@ -115,3 +111,24 @@ def test_tasks_of_other_backbone_weights_are_refused() -> None:
     other = promptvit.wrap(build_tiny("vit_token", num_classes=3, seed=1), "linear")
     with pytest.raises(ConfigError, match="other backbone weights"):
         MultiTaskModel(build_tiny("vit_token", num_classes=3), [other])
+
+
+def test_a_refused_task_gives_the_backbone_back_unwrapped(tmp_path: Path) -> None:
+    """The base backbone is wrapped in place, not copied: a task refused halfway unloads it again."""
+    base = build_tiny("vit_token", num_classes=3)
+    reference = copy.deepcopy(base)
+    good = promptvit.wrap(copy.deepcopy(base), "vpt", prompt_length=2).eval()
+    other = promptvit.wrap(build_tiny("vit_token", num_classes=3, seed=1), "linear")
+    good.save_pretrained(tmp_path / "colon-vpt")  # folder names need not be identifiers
+    with pytest.raises(ConfigError, match="other backbone weights"):
+        MultiTaskModel(base, [tmp_path / "colon-vpt", other])
+    x = tiny_input("vit_token")
+    with torch.no_grad():
+        assert torch.equal(base(x), reference(x))
+    served = MultiTaskModel(base, [tmp_path / "colon-vpt", good])  # free to be served again
+    assert served.task_names == ["colon-vpt", "task1"] and served.model.backbone is base
+    with torch.no_grad():
+        out = served(x)
+        _close(out["colon-vpt"], good(x))
+        _close(out["task1"], good(x))
+    assert torch.equal(served.model.unload()(x), reference(x))

@@ -238,8 +238,9 @@ def test_sweeps_on_real_layouts_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_medfmc_neojaundice_and_retino_from_the_baseline_lists(tmp_path: Path) -> None:
-    rows = write_medfmc_baseline(tmp_path)
-    protocol = MedFMCProtocol(root=str(tmp_path), datasets=["neojaundice", "retino"], shots=[1], exps=[1, 2])
+    data = tmp_path / "medfmc"  # the results go beside the data, never inside it
+    rows = write_medfmc_baseline(data)
+    protocol = MedFMCProtocol(root=str(data), datasets=["neojaundice", "retino"], shots=[1], exps=[1, 2])
     protocol.check()
     specs = protocol.run_specs(tiny_base())
     assert {(s.task, s.metric) for s in specs} == {("neojaundice", "accuracy"), ("retino", "accuracy")}
@@ -249,7 +250,7 @@ def test_medfmc_neojaundice_and_retino_from_the_baseline_lists(tmp_path: Path) -
     assert len(babies) == 2 and set(babies.values()) == {3}  # one baby per class, all three photos
     assert {lab for _, lab in babies} == {0, 1}
     assert {s.key for s in neo.val.items} == {
-        str(tmp_path / "NeoJaundice" / "images" / n) for n, _ in rows["NeoJaundice"]["fewshot-pool.txt"]
+        str(data / "NeoJaundice" / "images" / n) for n, _ in rows["NeoJaundice"]["fewshot-pool.txt"]
     } - {s.key for s in neo.train.items}
     assert len(neo.test) == len(rows["NeoJaundice"]["test.txt"])
     retino = splits["retino", "exp1"]
@@ -263,7 +264,7 @@ def test_medfmc_neojaundice_and_retino_from_the_baseline_lists(tmp_path: Path) -
         tmp_path / "d",
         {
             "name": "medfmc",
-            "root": str(tmp_path),
+            "root": str(data),
             "datasets": ["neojaundice", "retino"],
             "shots": [1],
             "exps": [1],
@@ -275,8 +276,8 @@ def test_medfmc_neojaundice_and_retino_from_the_baseline_lists(tmp_path: Path) -
         ("neojaundice", "ok", "accuracy"),
         ("retino", "ok", "accuracy"),
     }
-    check = CliRunner().invoke(app, ["data", "check", str(tmp_path / "NeoJaundice"), "--input-size", "16"])
+    check = CliRunner().invoke(app, ["data", "check", str(data / "NeoJaundice"), "--input-size", "16"])
     assert check.exit_code == 0 and "data (medfmc): trainval 18 (2 classes), test 18" in check.output
-    (tmp_path / "Retino" / "test.txt").unlink()
+    (data / "Retino" / "test.txt").unlink()
     with pytest.raises(ProtocolError, match=r"Retino/ with images/, fewshot-pool.txt"):
         protocol.check()

@@ -109,6 +109,9 @@ def test_a_killed_rank_leaves_the_run_resumable(setup) -> None:
     script.write_text(KILL_RANK_1)
     killed = torchrun(str(script), *args, "--name", "killed")
     assert killed.returncode != 0
+    # the surviving rank names what was kept and the command that resumes (issue 24)
+    assert "rank 0: stopped" in killed.stdout, killed.stdout + killed.stderr
+    assert "resume with:\n  torchrun --nproc_per_node=2 -m promptvit train" in killed.stdout
     run = root / "runs" / "killed"
     assert (run / "checkpoint").is_dir() and not (run / "metrics.json").exists()
     resumed = torchrun("-m", "promptvit", *args, "--name", "killed")

@@ -14,7 +14,7 @@ from tests.train.helpers import tiny_model
 
 
 def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, set[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.tuned_named_parameters()}  # artifact keys of the tuned tensors
     return {g["group"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
 
 

@@ -164,3 +164,20 @@ def test_non_finite_features_stop_the_probe(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="NaN/inf"):
         fit(model, data, None, config=config, run_dir=tmp_path, class_names=["a", "b"], multilabel=False)
     assert not (tmp_path / "artifact").exists()
+
+
+def test_the_probe_fits_the_active_adapters_head_only() -> None:
+    """With several adapters on the backbone, the probe fits the active one's head and leaves the others'."""
+    model = promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear", num_classes=3)
+    model.add_adapter("other", "linear", num_classes=3)
+    other = {n: t.clone() for n, t in model.tuned_state_dict("other").items()}
+    images = torch.randn(18, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(18) % 3
+    images += labels[:, None, None, None].float()
+    train = TensorDataset(images, labels)
+    cpu = torch.device("cpu")
+    fit_lbfgs_probe(model, train, None, multilabel=False, select="accuracy", class_names=["a", "b", "c"], device=cpu)
+    features, targets = extract_features(model, train, batch_size=64, device=torch.device("cpu"))
+    weight, bias = fit_logistic(features, targets, 3, sklearn_l2(len(targets), 3, False))
+    torch.testing.assert_close(model.get_classifier().weight.double(), weight, rtol=0, atol=1e-4)
+    assert all(torch.equal(t, other[n]) for n, t in model.tuned_state_dict("other").items())

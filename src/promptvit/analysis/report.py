@@ -15,9 +15,8 @@ block inputs/outputs and attention (reduced on the fly, so memory stays small). 
 * token scale (attention layers exposing ``token_scale``, e.g. a cooperating EPT): ``token_scale.png``;
 
 and ``analysis.json`` with every number drawn, the sample, the definitions and the views skipped (why).
-Only files inside ``out_dir`` are written; an ``out_dir`` that is a run folder itself (it holds
-``metrics.json``, ``log.csv``, ``checkpoint/`` or ``artifact/``) or lies inside an artifact or checkpoint
-folder is refused. The models are left as they were (modes restored, hooks removed).
+Only files inside ``out_dir`` are written, and only into a new or empty folder or an earlier analysis
+(``promptvit.io.output_folder``): a run or artifact folder, or any folder holding other files, is refused. The models are left as they were (modes restored, hooks removed).
 
 Labels for colouring: single-label targets are the class index; multi-label (multi-hot) targets use the
 first positive class, or -1 drawn as "none" when no class is positive.
@@ -58,17 +57,10 @@ from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
 from promptvit.analysis.reliability import reliability_view
 from promptvit.backbones import BackboneError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, output_folder
 
-RUN_MARKERS = (
-    "metrics.json",
-    "log.csv",
-    "checkpoint",
-    "artifact",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-)
-PROTECTED_DIRS = ("artifact", "checkpoint")
+#: what an analysis folder holds; an older promptvit wrote these before folders were marked
+ANALYSIS_FILES = ("analysis.json", "*.png")
 
 DEFINITIONS = {
     "calibration": (
@@ -119,27 +111,6 @@ def _to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_jsonable(v) for v in value]
     return value
-
-
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    path = Path(out_dir).expanduser().resolve()
-    for folder in [path, *path.parents]:
-        if folder.name in PROTECTED_DIRS or (folder.is_dir() and (folder / "adapter_config.json").is_file()):
-            raise ValueError(
-                f"refusing to write analysis files into {path}: it is inside the {folder.name!r} folder of a run "
-                "or artifact; choose a folder of its own, e.g. <run>/analysis"
-            )
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"out_dir {path} exists and is not a folder")
-        present = [m for m in RUN_MARKERS if (path / m).exists()]
-        if present:
-            raise ValueError(
-                f"refusing to write analysis files into {path}: it looks like a run folder (it holds "
-                f"{', '.join(present)}); use a subfolder such as {path / 'analysis'}"
-            )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _label_of(target: Any) -> int:
@@ -337,7 +308,7 @@ def analyze(
     Args:
         model: a ``PromptModel`` (or a plain timm model) to analyse.
         dataset: a torch dataset of ``(image, target)``; ``target`` a class index or a multi-hot vector.
-        out_dir: destination folder (created); never a run folder itself nor inside ``artifact/``.
+        out_dir: destination folder: new, empty, or an earlier analysis (``io.output_folder``).
         class_names: one name per class index, for legends.
         max_samples: subsample size (uniform without replacement, seeded); all images if the dataset is smaller.
         seed: seed of the subsample and of t-SNE.
@@ -351,7 +322,7 @@ def analyze(
     Returns:
         the content of ``analysis.json``.
     """
-    out = _prepare_out_dir(out_dir)
+    out = output_folder(out_dir, "analysis", legacy=ANALYSIS_FILES)  # new, empty, or an earlier analysis
     main_name = name or _model_name(model)
     runs: dict[str, nn.Module] = {main_name: model}
     for other, other_model in (compare or {}).items():

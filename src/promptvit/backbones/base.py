@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import timm.layers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from promptvit.backbones.geometry import Geometry
 from promptvit.errors import BackboneError, listed
@@ -182,26 +183,28 @@ def attend(
     return parts.proj_drop(parts.proj(out))
 
 
+class BlockPlan(Protocol):
+    """What the block loop asks before each block (``promptvit.layers.block_plan.BlockPlan`` implements it).
+
+    ``before_block`` gives a token sequence's input with the prompts inserted and block-input prompts
+    applied; a family that carries prompts beside its maps asks ``inserts`` (the tokens a block puts in, or
+    None) and ``skips_prompt_outputs`` instead.
+    """
+
+    def before_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def output_rows(self, index: int) -> Select | None: ...
+
+    def inserts(self, index: int, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def puts_in_prompts(self, index: int) -> bool: ...
+
+    def skips_prompt_outputs(self, index: int) -> bool: ...
+
+
 #: ``parts(attention module, keyword arguments of one call) -> AttentionParts``: how a module that replaces
 #: a block's attention reads its parts at each call (rotary tables and shared biases arrive as arguments)
 PartsFromCall = Callable[[nn.Module, dict[str, Any]], AttentionParts]
-
-
-@dataclasses.dataclass(frozen=True)
-class InsertedTokens:
-    """A method's inserted tokens (prompts), for a family that carries them through its blocks itself (Swin).
-
-    ``lengths``: block -> tokens it puts in, dropping the ones in the stream (a later block's 0 only drops);
-    ``tokens(block, x)``: those tokens, (B, L, block width), given the block's input ``x``; ``enabled()``:
-    whether they go in at all (off for a prompt-free pass); ``skip_unread(block)``: whether the block may
-    leave out the outputs of tokens the next block drops. Bound methods of the method, so a deep copy of a
-    wrapped model calls its own copy.
-    """
-
-    lengths: dict[int, int]
-    tokens: Callable[[int, torch.Tensor], torch.Tensor]
-    enabled: Callable[[], bool]
-    skip_unread: Callable[[int], bool]
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -286,33 +289,64 @@ class BackboneAdapter:
         """Every module that maps features to logits (two for a distilled ViT); all are tuned as the head."""
         return [self.get_classifier()]
 
-    def reset_classifier(self, num_classes: int) -> dict[str, nn.Module]:
-        """A new head of ``num_classes`` through timm's ``reset_classifier``; ``num_classes`` follows it (older
-        timm releases leave it behind on some models, e.g. SAM's ViT in 1.0.9).
-
-        Returns what timm replaced, dotted name -> the module before (outermost ones only): the classifier and
-        whatever timm builds anew with it (a pooling layer, a distillation head, a head's norm or MLP).
-        """
-        before = dict(self.model.named_modules())
-        self.model.reset_classifier(num_classes)
-        self.model.num_classes = num_classes
-        after = dict(self.model.named_modules())
-        changed = [name for name, module in before.items() if name and after.get(name) is not module]
-        return {
-            name: before[name]
-            for name in changed
-            if not any(name.startswith(f"{outer}.") for outer in changed)
-        }
+    def classifier_slots(self) -> list[tuple[nn.Module, str]]:
+        """``(parent, attribute)`` of every classifier module, in :meth:`classifier_modules` order."""
+        parent_name, _, child = self.classifier_name().rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return [(parent, child)]
 
     def set_classifier(self, module: nn.Module) -> None:
         """Replace the classifier module in place."""
-        parent_name, _, child = self.classifier_name().rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        parent, child = self.classifier_slots()[0]
         setattr(parent, child, module)
 
+    def num_classes(self) -> int:
+        """Outputs of the classifier: a linear or 1x1-conv classifier's width (timm 1.0.9's ``reset_classifier``
+        leaves ``num_classes`` behind on some models, e.g. RegNet and SAM's ViT), else timm's ``num_classes``."""
+        head = unwrap_base_layers(self.get_classifier())
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.Conv2d):
+            return head.out_channels
+        return self.model.num_classes
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """timm's ``reset_classifier(num_classes)``, with ``num_classes`` kept in step (older timm releases
+        leave it behind on some models, e.g. RegNet and SAM's ViT in 1.0.9)."""
+        self.model.reset_classifier(num_classes)
+        self.model.num_classes = num_classes
+
+    def new_classifiers(self, num_classes: int) -> list[nn.Module]:
+        """The classifiers timm's ``reset_classifier(num_classes)`` builds, one per :meth:`classifier_slots`
+        entry; the model is left as it was.
+
+        timm may build more than the classifier anew (a pooling layer, the head module holding it, every
+        branch's head): whatever it replaced is put back, so the backbone's own modules stay its own.
+        """
+        model = self.model
+        names = {id(module): name for name, module in model.named_modules()}
+        slots = [".".join(filter(None, [names[id(parent)], child])) for parent, child in self.classifier_slots()]
+        before = dict(model.named_modules())
+        previous = model.num_classes
+        model.reset_classifier(num_classes)
+        try:
+            return [model.get_submodule(name) for name in slots]
+        finally:
+            after = dict(model.named_modules())
+            replaced = [name for name, module in before.items() if name and after.get(name) is not module]
+            for name in replaced:
+                if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, before[name])
+            model.num_classes = previous
+
+    def head_input(self, features: torch.Tensor) -> torch.Tensor:
+        """What the classifier receives from ``forward_features``' output (pooling, norms before the head)."""
+        return self.model.forward_head(features, pre_logits=True)
+
     def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """What the classifier receives: ``forward_head(forward_features(x), pre_logits=True)``."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        """What the classifier receives: ``head_input(forward_features(x))``."""
+        return self.head_input(self.model.forward_features(images))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from :meth:`pre_logits`' output: ``classify(pre_logits(x)) == model(x)``."""
@@ -407,21 +441,20 @@ class BackboneAdapter:
         """Tokens one attention call of ``blocks[block]`` sees without prompts (a window's, on Swin)."""
         return self.geometry().num_tokens
 
-    #: whether the family carries inserted tokens through its blocks itself (:meth:`route_token_prompts`)
+    #: whether :meth:`forward_blocks` carries prompt tokens beside the feature maps itself (``plan.inserts``:
+    #: Swin's windows), instead of as rows of one token sequence (``plan.before_block``)
     routes_token_prompts: ClassVar[bool] = False
+
+    @property
+    def has_block_loop(self) -> bool:
+        """Whether the model runs this family through :meth:`embed` and :meth:`forward_blocks` (its block
+        loop) rather than timm's ``forward``: token models, and families that route prompts themselves."""
+        return self.kind == "vit" or self.routes_token_prompts
 
     @property
     def supports_token_prompts(self) -> bool:
         """Whether prompt tokens can go into the blocks: one token sequence, or the family's own route."""
-        return self.kind == "vit" or self.routes_token_prompts
-
-    def route_token_prompts(self, injections: Any, tokens: InsertedTokens) -> None:
-        """Record in ``injections`` (a method's ledger) the changes that carry ``tokens`` through the blocks.
-
-        For families whose blocks do not take one token sequence (Swin's windows); token models take the
-        prompts into their sequence (:mod:`promptvit.layers.token_prompts`) and need none of this.
-        """
-        raise self._unsupported("route for prompt tokens")
+        return self.has_block_loop
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -455,10 +488,44 @@ class BackboneAdapter:
         """The token sequence the first block receives (embedding, position, prefix tokens, pre-norm)."""
         raise self._unsupported("token embedding")
 
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
-        """Run ``blocks`` as the model would (module calls; gradient checkpointing honoured)."""
-        for block in blocks:
-            tokens = block(tokens)
+    def block_arguments(self, image_size: tuple[int, int] | None = None) -> Callable[[int], dict[str, Any]]:
+        """``arguments(i)``: the keyword arguments ``blocks[i]`` takes besides the tokens in one forward of
+        images of ``image_size`` (default: the size the model was built for), e.g. a rotary table or a shared
+        relative position bias; none by default."""
+        return lambda index: {}
+
+    def forward_blocks(
+        self,
+        tokens: torch.Tensor,
+        plan: BlockPlan | None = None,
+        start: int = 0,
+        end: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Run ``blocks[start:end]`` as the model would, with ``plan``'s changes (the model's block loop).
+
+        Before each block ``plan.before_block(i, x)`` may change its input (prompt tokens); a block for which
+        ``plan.output_rows(i)`` gives a row selection computes only those rows (:meth:`forward_block_rows`).
+        Blocks are called as modules, so hooks on them run; timm's gradient checkpointing is honoured.
+        ``image_size``: of the images the tokens come from, where positions depend on it (dynamic size).
+        """
+        blocks = self.blocks
+        end = len(blocks) if end is None else end
+        arguments = self.block_arguments(image_size)
+        checkpointing = getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for index in range(start, end):
+            select = None
+            if plan is not None:
+                tokens = plan.before_block(index, tokens)
+                select = plan.output_rows(index)
+            if select is not None:
+                run, args, kwargs = self.forward_block_rows, (index, tokens, select), {}
+            else:
+                run, args, kwargs = blocks[index], (tokens,), arguments(index)
+            if checkpointing:
+                tokens = checkpoint(run, *args, use_reentrant=False, **kwargs)
+            else:
+                tokens = run(*args, **kwargs)
         return tokens
 
     def attention(self, block: int) -> AttentionParts:

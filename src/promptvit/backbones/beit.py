@@ -9,7 +9,7 @@ bias (a keyword argument) is padded by a pre-hook. Both are entries of the metho
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,6 +72,11 @@ class ZeroBiasForInsertedTokens:
     def padded_own_bias(self) -> torch.Tensor:
         return pad_bias(self.own_bias(), self.position, self.inserted)
 
+    def reset(self, attn: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """After the call: no tokens inserted, for a later call that does not go through the module (a
+        prompted attention of another adapter reads the bias directly)."""
+        self.inserted = 0
+
 
 def relative_bias_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
     """The parts of a Beit ``Attention`` for one call: its own relative position bias plus the shared one.
@@ -132,11 +137,9 @@ class BeitAdapter(TimmTokenAdapter):
             x = x + model.pos_embed
         return model.pos_drop(x)
 
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+    def block_arguments(self, image_size: tuple[int, int] | None = None) -> Callable[[int], dict[str, Any]]:
         shared = self.model.rel_pos_bias() if self.model.rel_pos_bias is not None else None
-        for block in blocks:
-            tokens = block(tokens, shared_rel_pos_bias=shared)
-        return tokens
+        return lambda index: {"shared_rel_pos_bias": shared}
 
     def attention(self, block: int) -> AttentionParts:
         raise BackboneError(
@@ -168,6 +171,8 @@ class BeitAdapter(TimmTokenAdapter):
         for block in self.model.blocks:
             attn = unwrap_base_layers(block.attn)
             padding = ZeroBiasForInsertedTokens(attn._get_rel_pos_bias, self.prompt_position, tokens)
-            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True)
+            # keyed: every token-prompt adapter needs them once (the first one's padding serves all)
+            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True, key="inserted tokens")
+            injections.hook(attn, padding.reset, key="inserted tokens")
             if attn.relative_position_bias_table is not None:
-                injections.replace(attn, "_get_rel_pos_bias", padding.padded_own_bias)
+                injections.replace(attn, "_get_rel_pos_bias", padding.padded_own_bias, key="inserted tokens")

@@ -11,7 +11,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import ResNet
 from torch import nn
 
-from promptvit.backbones.base import BackboneAdapter, register_adapter
+from promptvit.backbones.base import BackboneAdapter, register_adapter, unwrap_base_layers
 from promptvit.backbones.geometry import Geometry
 
 
@@ -42,7 +42,7 @@ class CNNAdapter(BackboneAdapter):
     def pre_logits_width(self) -> int:
         """Width of the pre-logit features: what the classifier reads (a MobileNetV3's ``conv_head`` widens
         the ``num_features`` of its last stage)."""
-        width = classifier_input_width(self.get_classifier())
+        width = classifier_input_width(unwrap_base_layers(self.get_classifier()))
         if width is None:
             width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         return int(width)

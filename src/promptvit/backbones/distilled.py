@@ -33,9 +33,12 @@ class DistilledViTAdapter(ViTAdapter):
     def classifier_modules(self) -> list[nn.Module]:
         return [self.model.head, self.model.head_dist]
 
-    def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def classifier_slots(self) -> list[tuple[nn.Module, str]]:
+        return [(self.model, "head"), (self.model, "head_dist")]
+
+    def head_input(self, features: torch.Tensor) -> torch.Tensor:
         """The class and distillation tokens after the final norm, (B, 2, D): each has its own head."""
-        return self.model.forward_features(images)[:, :2]
+        return features[:, :2]
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return (self.model.head(features[:, 0]) + self.model.head_dist(features[:, 1])) / 2

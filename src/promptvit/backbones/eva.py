@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,8 +49,9 @@ def rotate_patches_only(attn: nn.Module, injections: Any) -> None:
     but the last ``len(rope)``" for the call, and comes back after it.
     """
     if hasattr(attn, "num_prefix_tokens"):
-        injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True)
-        injections.hook(attn, functools.partial(_restore_prefix_count, attn.num_prefix_tokens))
+        # keyed: every token-prompt adapter needs them once
+        injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True, key="inserted tokens")
+        injections.hook(attn, functools.partial(_restore_prefix_count, attn.num_prefix_tokens), key="inserted tokens")
 
 
 def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> None:
@@ -67,7 +68,7 @@ def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> 
             f"{model_name} adds its q/v biases inside F.linear on attn.qkv.weight, so a wrapped or hooked qkv "
             "module would be bypassed"
         )
-    injections.replace(attn, "qkv_bias_separate", True)
+    injections.replace(attn, "qkv_bias_separate", True, key="module call")  # shared by the adapters needing it
 
 
 def separate_qkv_bias(attn: nn.Module) -> torch.Tensor | None:
@@ -161,8 +162,9 @@ class EvaAdapter(TimmTokenAdapter):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self._tokens_and_rope(images)[0]
 
-    def _rope(self) -> torch.Tensor | None:
-        """The rotary table of the model's own input size (the blocks need it besides the tokens).
+    def _rope(self, image_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The rotary table for images of ``image_size`` (the blocks need it besides the tokens), as timm's
+        ``_pos_embed`` makes it; by default for the model's own input size.
 
         With ``dynamic_img_size`` cached block inputs must come from images of that size (a token count that
         does not match the table fails in timm's rotation, it is never silently misplaced).
@@ -170,17 +172,17 @@ class EvaAdapter(TimmTokenAdapter):
         model = self.model
         if model.rope is None:
             return None
+        if model.dynamic_img_size and image_size is not None:
+            return model.rope.get_embed(shape=model.patch_embed.dynamic_feat_size(tuple(image_size)))
         if hasattr(model.rope, "feat_shape") and not model.dynamic_img_size:
             return model.rope.get_embed()
         return model.rope.get_embed(shape=model.patch_embed.grid_size)
 
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
-        rope = self._rope()
-        index = {id(block): i for i, block in enumerate(self.model.blocks)}
-        for block in blocks:
-            block_rope = rope[index[id(block)]] if rope is not None and getattr(self.model, "rope_mixed", False) else rope
-            tokens = block(tokens, rope=block_rope)
-        return tokens
+    def block_arguments(self, image_size: tuple[int, int] | None = None) -> Callable[[int], dict[str, Any]]:
+        rope = self._rope(image_size)
+        if rope is not None and getattr(self.model, "rope_mixed", False):  # one table per block
+            return lambda index: {"rope": rope[index]}
+        return lambda index: {"rope": rope}
 
     def attention(self, block: int) -> AttentionParts:
         attn = unwrap_base_layers(self.model.blocks[block].attn)

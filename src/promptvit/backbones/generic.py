@@ -29,7 +29,12 @@ import timm.models
 import torch
 from torch import nn
 
-from promptvit.backbones.base import BackboneError, probe_forward_features, register_adapter
+from promptvit.backbones.base import (
+    BackboneError,
+    probe_forward_features,
+    register_adapter,
+    unwrap_base_layers,
+)
 from promptvit.backbones.cnn import CNNAdapter, classifier_input_width
 
 #: the calls of timm's model contract this adapter relies on
@@ -107,12 +112,24 @@ class GenericAdapter(CNNAdapter):
 
     # ------------------------------------------------------------------ classifier
 
-    def classifier_modules(self) -> list[nn.Module]:
+    def _classifier_names(self) -> list[str]:
+        """The classifiers' dotted names: those ``pretrained_cfg["classifier"]`` lists where it lists several
+        (a distillation head, a head per branch), else the one ``get_classifier`` returns."""
         names = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier")
         modules = dict(self.model.named_modules())
         if isinstance(names, (tuple, list)) and len(names) > 1 and all(n in modules for n in names):
-            return [modules[n] for n in names]
-        return [self.get_classifier()]
+            return list(names)
+        return [self.classifier_name()]
+
+    def classifier_modules(self) -> list[nn.Module]:
+        return [self.model.get_submodule(name) for name in self._classifier_names()]
+
+    def classifier_slots(self) -> list[tuple[nn.Module, str]]:
+        slots = []
+        for name in self._classifier_names():
+            parent, _, child = name.rpartition(".")
+            slots.append((self.model.get_submodule(parent) if parent else self.model, child))
+        return slots
 
     def head_reads_pre_logits(self) -> bool:
         """One linear (or 1x1 conv) head on the pre-logit features, or several averaged (timm's distillation
@@ -131,7 +148,7 @@ class GenericAdapter(CNNAdapter):
         ):
             return False
         width = self.pre_logits_width()
-        return all(classifier_input_width(head) == width for head in heads)
+        return all(classifier_input_width(unwrap_base_layers(head)) == width for head in heads)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         if not self.head_reads_pre_logits():
@@ -141,7 +158,7 @@ class GenericAdapter(CNNAdapter):
             )
         logits = []
         for head in self.classifier_modules():
-            if isinstance(head, nn.Conv2d):
+            if isinstance(unwrap_base_layers(head), nn.Conv2d):  # an adapter's head in its slot is one too
                 logits.append(head(features[:, :, None, None]).flatten(1))
             else:
                 logits.append(head(features))

@@ -44,7 +44,8 @@ class MaxxVitAdapter(GenericAdapter):
     family = "MaxxVit"
     kind_note = (
         "MaxViT and CoAtNet attend within windows and grids of a feature map, or over a whole map between "
-        "convolutional blocks, so there is no token sequence for prompt tokens or EPT's per-token prompt rows"
+        "convolutional blocks, so there is no token sequence for prompt tokens; EPT would re-compute an attention "
+        "that splits q, k and v head by head and adds a relative position bias, which promptvit does not"
     )
     tiny_builds = {
         # MaxViT: MBConv, block attention and grid attention (channels-last, linear qkv) in every stage

@@ -1,24 +1,22 @@
 """Adapter for timm ``NaFlexVit`` (SigLIP 2 NaFlex and timm's NaFlex ViTs; timm >= 1.0.16).
 
-NaFlexVit is a ViT whose embedding module (``embeds``) patchifies images of any size or takes pre-patchified
-batches (``{"patches", "patch_coord", "patch_valid"}``), so each sample's patch tokens carry their own
-positions (learned or factorised position embeddings resampled to its grid, or rotary positions) and their
-own validity: padded patches are masked out of the attention by an additive ``attn_mask`` the model hands to
-every block, and out of the pooling.
+NaFlexVit is a ViT whose embedding module (``embeds``) patchifies images of any size: the position embedding
+(learned or factorised) is resampled to each image grid, or the blocks rotate queries and keys by the grid's
+rotary table. The model's block loop runs it on image tensors of any size (the rotary table for the grid of
+the images goes to every block as ``rope``).
 
-Prompt tokens are prefix tokens: they go after the class and register tokens, get no position (no position
-embedding, no rotation) and are valid for every sample. While a token-prompt method is attached, a pre-hook on
-each block pads the block's ``attn_mask`` with zero (visible) rows and columns for them, and on rotary blocks
-the rotation is restricted to the patch tokens as on Eva; both are entries of the method's ledger. The model's
-pooling then sees its own tokens again (prompts are stripped before the final norm) with their own validity.
-Methods that learn one tensor row per token (EPT, VP's token mode, AP) need a fixed token count: they are
-sized for the input size of the model's pretrained config and run on images of that size.
+Prompt tokens are prefix tokens: they go after the class and register tokens and get no position (no position
+embedding; on rotary blocks the rotation is restricted to the patch tokens as on Eva, an entry of the method's
+ledger). Methods that learn one tensor row per token (EPT, VP's token mode, AP) need a fixed token count: they
+are sized for the input size of the model's pretrained config and run on images of that size.
+
+timm's pre-patchified NaFlex batches (``{"patches", "patch_coord", "patch_valid"}``, each sample with its own
+mask) are not taken by a wrapped model: its block loop carries no per-sample masks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +30,6 @@ from promptvit.backbones.base import (
     register_adapter,
     unwrap_base_layers,
 )
-from promptvit.backbones.beit import pad_bias
 from promptvit.backbones.eva import rotary_attention_parts, rotate_patches_only, switch_to_module_call
 from promptvit.backbones.generic import timm_recorded_options
 from promptvit.backbones.geometry import Geometry
@@ -54,50 +51,12 @@ _TINY = dict(
 )
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention mask as timm's NaFlexVit builds it: additive, 0 where a key is seen, the lowest value of
-    ``dtype`` where not (a boolean mask is True where a key is seen)."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def masked_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
-    """The parts of a NaFlexVit block's attention for one call; its mask becomes the additive logit bias.
-
-    timm's plain ``Attention``, or on blocks with rotary positions the EVA attention, rotated by the call's
-    ``rope`` (prefix tokens unrotated).
-    """
-    mask = call.get("attn_mask")
-    rest = {k: v for k, v in call.items() if k != "attn_mask"}
+def naflex_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
+    """The parts of a NaFlexVit block's attention for one call: timm's plain ``Attention``, or on blocks with
+    rotary positions the EVA attention, rotated by the call's ``rope`` (prefix tokens unrotated)."""
     if hasattr(attn, "num_prefix_tokens"):  # timm's EvaAttention: rotary positions, maybe q/v biases
-        parts = rotary_attention_parts(attn, rest)
-    else:
-        parts = timm_attention_parts(attn)
-    if mask is None:
-        return parts
-    return dataclasses.replace(parts, logit_bias=additive_mask(mask, unwrap_base_layers(attn.qkv).weight.dtype))
-
-
-class VisibleInsertedTokens:
-    """A pre-hook (with keyword arguments) on a block: its ``attn_mask``, built by the model for its own tokens,
-    gets rows and columns for the tokens inserted at ``position``, which see and are seen by every token."""
-
-    def __init__(self, position: int) -> None:
-        self.position = position
-
-    def __call__(self, block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        mask = kwargs.get("attn_mask")
-        inserted = 0 if mask is None else args[0].shape[1] - mask.shape[-1]
-        if inserted <= 0:
-            return args, kwargs
-        mask = additive_mask(mask, args[0].dtype)
-        if mask.shape[-2] == 1:  # a key-only mask (B, 1, 1, N): the columns only
-            zeros = mask.new_zeros(*mask.shape[:-1], inserted)
-            mask = torch.cat([mask[..., : self.position], zeros, mask[..., self.position :]], dim=-1)
-        else:
-            mask = pad_bias(mask, self.position, inserted)
-        return args, {**kwargs, "attn_mask": mask}
+        return rotary_attention_parts(attn, call)
+    return timm_attention_parts(attn)
 
 
 @register_adapter(*([NaFlexVit] if NaFlexVit is not None else []))
@@ -148,7 +107,7 @@ class NaFlexVitAdapter(TimmTokenAdapter):
             mlp_hidden=mlp_hidden_width(block.mlp),
             qkv_bias=qkv is not None and unwrap_base_layers(qkv).bias is not None,
             global_pool=model.global_pool,
-            dynamic_img_size=True,  # any image size, and pre-patchified NaFlex batches
+            dynamic_img_size=True,  # any image size (positions resampled to its grid)
             class_token=bool(model.has_class_token),
             pos_embed_len=pos_embed.numel() // model.embed_dim if pos_embed is not None else 0,
         )
@@ -180,25 +139,20 @@ class NaFlexVitAdapter(TimmTokenAdapter):
         tokens, _ = self.model.embeds(images)
         return self.model.norm_pre(tokens)
 
-    def _rope(self) -> torch.Tensor | None:
-        """The rotary table of the model's own image size (cached block inputs come from such images)."""
+    def _rope(self, image_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The rotary table of the grid of ``image_size`` images (default: the model's own input size)."""
         model = self.model
         if model.rope is None:
             return None
         if getattr(model, "rope_is_mixed", False):
             raise BackboneError(f"{type(model).__name__} with mixed (per-block) rotary positions is not supported")
-        height, width = self._img_size()
+        height, width = self._img_size() if image_size is None else image_size
         patch = model.embeds.patch_size
         return model.rope.get_embed(shape=(height // patch[0], width // patch[1]))
 
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
-        call: dict[str, Any] = {"attn_mask": None}
-        rope = self._rope()
-        if rope is not None:
-            call["rope"] = rope
-        for block in blocks:
-            tokens = block(tokens, **call)
-        return tokens
+    def block_arguments(self, image_size: tuple[int, int] | None = None) -> Callable[[int], dict[str, Any]]:
+        rope = self._rope(image_size)
+        return lambda index: {} if rope is None else {"rope": rope}
 
     # ------------------------------------------------------------------ attention and MLP
 
@@ -216,11 +170,11 @@ class NaFlexVitAdapter(TimmTokenAdapter):
                 f"{type(self.model).__name__} rotates queries and keys by position inside its attention; "
                 "it has no plain attention parts"
             )
-        return masked_attention_parts(self._attention_module(block), {})
+        return naflex_attention_parts(self._attention_module(block), {})
 
     def attention_parts_from_call(self, block: int) -> PartsFromCall:
-        masked_attention_parts(self._attention_module(block), {})  # refuses what it cannot read
-        return masked_attention_parts
+        naflex_attention_parts(self._attention_module(block), {})  # refuses what it cannot read
+        return naflex_attention_parts
 
     def qkv_slot(self, block: int, injections: Any = None) -> tuple[nn.Module, str]:
         attn = self._attention_module(block)
@@ -241,7 +195,5 @@ class NaFlexVitAdapter(TimmTokenAdapter):
         return [model.embeds, model.norm_pre, model.rope, *model.blocks[:cut]]
 
     def prepare_inserted_tokens(self, injections: Any) -> None:
-        visible = VisibleInsertedTokens(self.prompt_position)
         for block in self.model.blocks:
-            injections.pre_hook(block, visible, with_kwargs=True)
             rotate_patches_only(unwrap_base_layers(block.attn), injections)

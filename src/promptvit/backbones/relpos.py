@@ -5,7 +5,8 @@ attention adds a relative position bias, one per block (``attn.rel_pos``, a bias
 coordinates) or one shared by all (``model.shared_rel_pos``, handed to every block as ``shared_rel_pos``).
 Prompt tokens go after the class token with a **zero** bias towards and from every token, as on BEiT: while a
 token-prompt method is attached, ``rel_pos.get_bias`` (timm's public call) is replaced by one that pads the
-bias, and a pre-hook pads the shared bias; both are entries of the method's ledger. The blocks are pre-norm
+bias, and a pre-hook pads the shared bias (the model's block loop hands it to every block); both are entries
+of the method's ledger, shared by every token-prompt adapter. The blocks are pre-norm
 (``RelPosBlock``) or post-norm (``ResPostRelPosBlock``, the ``*_rpn_*`` models); methods that change only the
 attention's ``qkv`` or the MLP run on both.
 """
@@ -13,7 +14,7 @@ attention's ``qkv`` or the MLP run on both.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,11 +75,9 @@ class RelPosViTAdapter(TimmTokenAdapter):
             x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return x
 
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+    def block_arguments(self, image_size: tuple[int, int] | None = None) -> Callable[[int], dict[str, Any]]:
         shared = self.model.shared_rel_pos.get_bias() if self.model.shared_rel_pos is not None else None
-        for block in blocks:
-            tokens = block(tokens, shared_rel_pos=shared)
-        return tokens
+        return lambda index: {"shared_rel_pos": shared}
 
     def attention(self, block: int) -> AttentionParts:
         raise BackboneError(
@@ -109,6 +108,8 @@ class RelPosViTAdapter(TimmTokenAdapter):
             attn = unwrap_base_layers(block.attn)
             own = attn.rel_pos.get_bias if attn.rel_pos is not None else None
             padding = ZeroBiasForInsertedTokens(own, self.prompt_position, tokens, shared_keyword="shared_rel_pos")
-            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True)
+            # keyed: every token-prompt adapter needs them once (the first one's padding serves all)
+            injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True, key="inserted tokens")
+            injections.hook(attn, padding.reset, key="inserted tokens")
             if own is not None:
-                injections.replace(attn.rel_pos, "get_bias", padding.padded_own_bias)
+                injections.replace(attn.rel_pos, "get_bias", padding.padded_own_bias, key="inserted tokens")

@@ -31,7 +31,8 @@ class SAMAdapter(GenericAdapter):
     family = "VisionTransformerSAM"
     kind_note = (
         "SAM's blocks attend within windows of a 2-D token map and feed a convolutional neck, so there is no token "
-        "sequence for prompt tokens or EPT's per-token prompt rows"
+        "sequence for prompt tokens; EPT would re-compute a windowed attention with decomposed relative positions, "
+        "which promptvit does not"
     )
     tiny_builds = {
         # windowed blocks with SAM's decomposed relative positions, one global block, convolutional neck

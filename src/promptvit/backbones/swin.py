@@ -18,15 +18,15 @@ normed and projected to twice the width). promptvit uses Swin three ways:
   block that puts in prompts drops those in the stream; the final norm and the head's pooling see prompts
   and patches together.
 
-Between timm's modules the prompts travel as extra rows under the map (:func:`pack_prompt_rows`), so timm's
-stage loop, its gradient checkpointing and hooks on blocks still pass one tensor.
+The model's block loop runs Swin through this adapter (:meth:`SwinAdapter.forward_blocks`): patch merging
+and blocks stage by stage, as timm's stages do, with the plan's prompts beside the map; a block without
+prompts in its input runs as timm's module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from promptvit.backbones.base import (
     AttentionParts,
     BackboneAdapter,
-    InsertedTokens,
+    BlockPlan,
     PartsFromCall,
     all_rows,
     attend,
@@ -49,27 +50,6 @@ from promptvit.backbones.base import (
 )
 from promptvit.backbones.geometry import Geometry
 from promptvit.backbones.vit import timm_attention_parts
-
-
-def pack_prompt_rows(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """A (B, H, W, C) map and (B, P, C) tokens -> (B, H + ceil(P / W), W, C): the tokens as rows under the map."""
-    batch, _, width, channels = x.shape
-    count = prompts.shape[1]
-    if count == 0:
-        return x
-    rows = math.ceil(count / width)
-    padded = F.pad(prompts, (0, 0, 0, rows * width - count))
-    return torch.cat([x, padded.reshape(batch, rows, width, channels).to(x.dtype)], dim=1)
-
-
-def unpack_prompt_rows(packed: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`pack_prompt_rows` for ``count`` tokens: (B, H, W, C) map, (B, count, C) tokens."""
-    batch, height, width, channels = packed.shape
-    if count == 0:
-        return packed, packed.new_zeros(batch, 0, channels)
-    rows = math.ceil(count / width)
-    tokens = packed[:, height - rows :].reshape(batch, rows * width, channels)[:, :count]
-    return packed[:, : height - rows].contiguous(), tokens
 
 
 def prompt_logit_bias(bias: torch.Tensor, count: int, value: float = 0.0) -> torch.Tensor:
@@ -196,8 +176,58 @@ class SwinAdapter(BackboneAdapter):
 
     # ------------------------------------------------------------------ prompt tokens
 
-    def route_token_prompts(self, injections: Any, tokens: InsertedTokens) -> None:
-        _WindowPromptRoute(self, tokens).install(injections)
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The (B, H, W, C) map the first stage receives."""
+        return self.model.patch_embed(images)
+
+    def forward_blocks(
+        self,
+        tokens: torch.Tensor,
+        plan: BlockPlan | None = None,
+        start: int = 0,
+        end: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Patch merging and blocks, stage by stage, with ``plan``'s prompt tokens in every window.
+
+        Returns the (B, H, W, C) map, or with prompts in the stream after the last block ``[prompts,
+        patches]`` as one row of tokens, (B, 1, P + H * W, C), which the final norm and the head's pooling
+        take as they take the map.
+        """
+        if start != 0 or end not in (None, len(self.blocks)):
+            raise self._unsupported("block range to run (its only cache cut is after the last stage)")
+        x = tokens
+        prompts = x.new_zeros(x.shape[0], 0, x.shape[-1])
+        index = 0
+        for stage in self.model.layers:
+            count = len(stage.blocks)
+            inserting = plan is not None and any(plan.puts_in_prompts(index + i) for i in range(count))
+            if not prompts.shape[1] and not inserting:
+                x = stage(x)  # no prompt anywhere in the stage: timm's own module (hooks, checkpointing)
+                index += count
+                continue
+            x = stage.downsample(x)
+            if prompts.shape[1]:
+                prompts = self.merge_prompts(stage.downsample, prompts)
+            checkpointing = getattr(stage, "grad_checkpointing", False) and torch.is_grad_enabled()
+            for block in stage.blocks:
+                inserted = plan.inserts(index, x) if plan is not None else None
+                if inserted is not None:
+                    prompts = inserted.to(x.dtype)
+                if not prompts.shape[1]:
+                    x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+                else:
+                    keep = not plan.skips_prompt_outputs(index)
+                    run = functools.partial(self.prompted_block, block, keep_prompts=keep)
+                    if checkpointing:
+                        x, prompts = checkpoint(run, x, prompts, use_reentrant=False)
+                    else:
+                        x, prompts = run(x, prompts)
+                index += 1
+        if not prompts.shape[1]:
+            return x
+        batch, height, width, channels = x.shape
+        return torch.cat([prompts, x.reshape(batch, height * width, channels)], dim=1).unsqueeze(1)
 
     def merge_prompts(self, merging: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
         """Patch merging of prompt tokens (B, P, C): each one stands for all four neighbours of a 2x2 patch."""
@@ -267,76 +297,3 @@ class SwinAdapter(BackboneAdapter):
 def _after(count: int, tokens: torch.Tensor) -> torch.Tensor:
     """The rows after the first ``count`` (the prompts' queries dropped)."""
     return tokens[..., count:, :]
-
-
-class _WindowPromptRoute:
-    """The forward overrides and the hook that carry a method's prompt tokens through a Swin (V1 or V2).
-
-    Every block from the first prompted one unpacks the prompts in its input, swaps them for its own if it
-    puts in prompts, runs :meth:`SwinAdapter.prompted_block` and packs its prompt outputs again (none where
-    the next block drops them and the plan allows skipping them); each stage's patch merging after that
-    block merges prompts and patches; the final norm gets ``[prompts, patches]`` as one row of tokens, so the
-    head's pooling averages over both.
-    """
-
-    def __init__(self, adapter: SwinAdapter, tokens: InsertedTokens) -> None:
-        self.adapter = adapter
-        self.tokens = tokens
-        self.first = min(tokens.lengths)
-        self.depth = len(adapter.blocks)
-        #: block -> prompt tokens in its output while every output is computed
-        self.outputs: dict[int, int] = {}
-        in_stream = 0
-        for block in range(self.first, self.depth):
-            in_stream = tokens.lengths.get(block, in_stream)
-            self.outputs[block] = in_stream
-        #: blocks whose prompt outputs the next block drops
-        self.dropped_next = frozenset(b for b in range(self.first, self.depth - 1) if b + 1 in tokens.lengths)
-
-    def install(self, injections: Any) -> None:
-        blocks = self.adapter.blocks
-        for index in range(self.first, self.depth):
-            injections.override_forward(blocks[index], functools.partial(self._block_forward, index, blocks[index]))
-        start = 0
-        for stage in self.adapter.stages:
-            merging = stage.downsample
-            if start > self.first and not isinstance(merging, nn.Identity):
-                injections.override_forward(merging, functools.partial(self._merge_forward, start, merging))
-            start += len(stage.blocks)
-        injections.pre_hook(self.adapter.final_norm, self._prompts_and_patches)
-
-    def _output_count(self, block: int) -> int:
-        """Prompt tokens in the output of ``block`` now (0 where it skipped them)."""
-        if block < self.first:
-            return 0
-        if block in self.dropped_next and self.tokens.skip_unread(block):
-            return 0
-        return self.outputs[block]
-
-    def _block_forward(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.tokens.enabled():
-            return type(block).forward(block, x)
-        x, prompts = unpack_prompt_rows(x, self._output_count(index - 1))
-        if index in self.tokens.lengths:
-            prompts = self.tokens.tokens(index, x)
-        if prompts.shape[1] == 0:
-            return type(block).forward(block, x)
-        keep = self._output_count(index) > 0
-        x, prompts = self.adapter.prompted_block(block, x, prompts, keep)
-        return pack_prompt_rows(x, prompts)
-
-    def _merge_forward(self, first_block: int, merging: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        count = self._output_count(first_block - 1) if self.tokens.enabled() else 0
-        if count == 0:
-            return type(merging).forward(merging, x)
-        x, prompts = unpack_prompt_rows(x, count)
-        return pack_prompt_rows(type(merging).forward(merging, x), self.adapter.merge_prompts(merging, prompts))
-
-    def _prompts_and_patches(self, module: nn.Module, args: tuple) -> tuple | None:
-        count = self._output_count(self.depth - 1) if self.tokens.enabled() else 0
-        if count == 0:
-            return None
-        x, prompts = unpack_prompt_rows(args[0], count)
-        batch, height, width, channels = x.shape
-        tokens = torch.cat([prompts, x.reshape(batch, height * width, channels)], dim=1)
-        return (tokens.unsqueeze(1), *args[1:])

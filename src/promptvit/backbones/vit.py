@@ -7,11 +7,9 @@ the layout of timm's pre-norm ``Block`` (for computing selected output rows) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 from torch import nn
 
@@ -169,12 +167,6 @@ class ViTAdapter(TimmTokenAdapter):
         x = model._pos_embed(x)
         x = model.patch_drop(x)
         return model.norm_pre(x)
-
-    def forward_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
-        blocks = list(blocks)
-        if blocks and getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
-            return checkpoint_seq(blocks, tokens)
-        return super().forward_blocks(tokens, blocks)
 
     def attention(self, block: int) -> AttentionParts:
         return timm_attention_parts(unwrap_base_layers(self.model.blocks[block].attn))

@@ -6,8 +6,12 @@ import copy
 import csv
 import json
 import logging
+import os
+import re
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,11 +36,13 @@ from promptvit.cli.output import (
 )
 from promptvit.cli.overrides import apply_overrides, parse_extra_args, read_yaml, switch_method
 from promptvit.cli.protocol_commands import register_protocol_commands
+from promptvit.validation import MAX_SEED
 
 app = typer.Typer(
     help="Prompt tuning and PEFT for timm vision backbones.", no_args_is_help=True, add_completion=False
 )
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+EFFICIENCY_FILES = ("efficiency.md", "efficiency.json", "efficiency.png")
 RANDOM_BACKBONE_WARNING = (
     "WARNING: no --pretrained or --weights: the backbone is randomly initialised, so these results say "
     "nothing about transfer from pretrained features (recorded as backbone_init: random in metrics.json)"
@@ -171,30 +177,74 @@ def train(
         "output_dir": out,
         "name": name,
     }
-    run_config = None
+    from promptvit.train.distributed import is_writer, launched
+
+    run_config = ranks = None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        ranks = launched()  # a broken torchrun environment is refused before anything is read
+        if ranks is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # torchrun ends the others this way when one fails
         run_config = resolved_data(_run_config(config, shortcuts, ctx.args, recipe))
         metrics = run_experiment(run_config, resume=resume)
     except USER_ERRORS as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted(run_config.run_dir() if run_config is not None else None)
-    from promptvit.train.distributed import is_writer
-
+    except KeyboardInterrupt as stop:
+        run_dir = run_config.run_dir() if run_config is not None else None
+        if isinstance(stop, _Terminated):
+            _interrupted(run_dir, ranks, "stopped by SIGTERM (torchrun stops every process when one fails)", 143)
+        _interrupted(run_dir, ranks)
+    except RuntimeError as error:
+        if ranks is None or not _lost_peer(error):
+            raise
+        # gloo's text: "[.../pair.cc:545] Read error [host]:port: Connection reset by peer. This is typically..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0] or type(error).__name__
+        run_dir = run_config.run_dir() if run_config is not None else None
+        _interrupted(run_dir, ranks, f"stopped: another process of the run failed ({detail})", 1)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     if is_writer():  # under torchrun, rank 0 speaks for the run
         _print_run(run_config.run_dir(), metrics)
 
 
-def _interrupted(run_dir: Path | None) -> None:
-    """Ctrl-C during training: say what was kept and the command that continues from it."""
-    command = ["promptvit", *(a for a in sys.argv[1:] if a != "--no-resume")]
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the run ends the way Ctrl-C ends it."""
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch.distributed's report of a process that went away (gloo, NCCL, the store)."""
+    import torch.distributed as dist
+
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        words in str(error) for words in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def _interrupted(run_dir: Path | None, ranks: Any = None, why: str = "interrupted", code: int = 130) -> None:
+    """Ctrl-C (or one torchrun process dying): say what was kept and the command that continues from it."""
+    args = [a for a in sys.argv[1:] if a != "--no-resume"]
+    if ranks is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this message short
+    if ranks is None:
+        command = shlex.join(["promptvit", *args])
+    else:  # every process gets the same command again; torchrun's own options as they were
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world_size))
+        command = shlex.join(["torchrun", f"--nproc_per_node={per_node}", "-m", "promptvit", *args])
+        if int(per_node) != ranks.world_size:
+            command += "  (on every node, with the same torchrun options as before)"
+        why = f"rank {ranks.rank}: {why}"
     checkpoint = run_dir / "checkpoint" if run_dir is not None else None
     if checkpoint is not None and checkpoint.is_dir():
         kept = f"the last checkpoint (saved after every epoch) is in {checkpoint}"
     else:
         kept = "no epoch had finished, so nothing was saved yet"
-    console.print(f"interrupted: {kept}; resume with:\n  {shlex.join(command)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=130)
+    console.print(f"{why}: {kept}; resume with:\n  {command}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 def _print_run(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -314,13 +364,13 @@ def eval_(
     sensitivity/specificity/PPV/NPV at the stored threshold, and the probabilities raw -> calibrated."""
     from promptvit.artifact import resolve_artifact_dir
     from promptvit.cli.clinical_tables import print_clinical
-    from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.io import atomic_write_text, output_file
     from promptvit.train.clinical import evaluate_artifact, sample_groups
 
     try:
         run_or_artifact = _local(run_or_artifact)
         if out:
-            check_output_path(out, protected=_inputs(run_or_artifact, data))
+            output_file(out, inputs=_inputs(run_or_artifact, data))
         model, info = _load_for_inference(run_or_artifact)
         csv_given = csv_options(image_root, file_column, label_column)
         dataset, spec, run_config = _labelled_dataset(
@@ -371,13 +421,13 @@ def predict(
     from promptvit.artifact import resolve_artifact_dir
     from promptvit.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
     from promptvit.data.sources import LabeledSamples, Sample
-    from promptvit.io import atomic_write, check_output_path
+    from promptvit.io import atomic_write, output_file
     from promptvit.train import predict_logits
     from promptvit.train.clinical import artifact_probabilities, predicted_labels
 
     try:
         artifact = _local(artifact)
-        check_output_path(out, protected=_inputs(artifact, *images))
+        output_file(out, inputs=_inputs(artifact, *images))
         model, info = _load_for_inference(artifact)
         files = []
         for path in images:
@@ -416,7 +466,7 @@ def predict(
         atomic_write(out, write)
     except USER_ERRORS as error:
         fail(error)
-    console.print(f"wrote {len(rows)} predictions to {escape(str(out))}", highlight=False)
+    console.print(f"wrote {len(rows)} predictions to {out}", highlight=False, markup=False)
 
 
 @app.command(context_settings=EXTRA)
@@ -435,20 +485,22 @@ def analyze(
     compare: Annotated[
         list[Path] | None, typer.Option(help="other runs/artifacts to compare (repeatable)")
     ] = None,
-    max_samples: Annotated[int, typer.Option(help="images drawn (seeded) from the dataset")] = 500,
-    seed: Annotated[int, typer.Option(help="seed of the subsample and t-SNE")] = 0,
+    max_samples: Annotated[int, typer.Option(min=1, help="images drawn (seeded) from the dataset")] = 500,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the subsample and t-SNE")] = 0,
     bins: Annotated[int, typer.Option(min=1, max=1000, help="bins of the reliability diagram")] = 15,
 ) -> None:
     """Why it works: calibration, prompt/patch NMI, CKA, attention distance and maps, as PNGs + analysis.json."""
     from promptvit.analysis import analyze as run_analysis
+    from promptvit.analysis.report import ANALYSIS_FILES
     from promptvit.evaluation.calibration import artifact_calibration
-    from promptvit.io import check_output_path
+    from promptvit.io import output_folder
 
     name = run_or_artifact.name
     try:
         run_or_artifact = _local(run_or_artifact)
         compare = [_local(path) for path in compare or []]
-        check_output_path(out / "analysis.json", protected=_inputs(run_or_artifact, data, *compare))
+        inputs = _inputs(run_or_artifact, data, *compare)
+        output_folder(out, "analysis", inputs=inputs, legacy=ANALYSIS_FILES, create=False)  # before any work
         model, info = _load_for_inference(run_or_artifact)
         csv_given = csv_options(image_root, file_column, label_column)
         dataset, _, _ = _labelled_dataset(run_or_artifact, data, data_kind, ctx.args, info, csv_given)
@@ -483,9 +535,10 @@ def analyze(
     figures = sorted(p.name for p in out.glob("*.png"))
     sample = result["sample"]
     console.print(
-        f"analysed {sample['n']} of {sample['dataset_size']} images (seed {seed}); wrote {', '.join(figures)}"
+        f"analysed {sample['n']} of {sample['dataset_size']} images (seed {seed}); wrote {', '.join(figures)}",
+        markup=False,
     )
-    console.print(f"every number drawn: {out / 'analysis.json'}")
+    console.print(f"every number drawn: {out / 'analysis.json'}", highlight=False, markup=False)
 
 
 @app.command("bench-methods", context_settings=EXTRA)
@@ -495,11 +548,11 @@ def bench_methods(
     methods: Annotated[
         str, typer.Option(help="comma-separated methods")
     ] = "linear,bias,lora,adapter,vpt,ept,full",
-    image_size: Annotated[int, typer.Option(help="input size (the backbone is built for it)")] = 112,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 32,
-    num_classes: Annotated[int, typer.Option(help="head size")] = 10,
-    steps: Annotated[int, typer.Option(help="timed steps per repeat")] = 5,
-    repeats: Annotated[int, typer.Option(help="repeats (min/median/max are reported)")] = 3,
+    image_size: Annotated[int, typer.Option(min=8, help="input size (the backbone is built for it)")] = 112,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per step")] = 32,
+    num_classes: Annotated[int, typer.Option(min=1, help="head size")] = 10,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps per repeat")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="repeats (min/median/max are reported)")] = 3,
     out: Annotated[Path, typer.Option(help="folder for the table, figure and JSON")] = Path("efficiency"),
 ) -> None:
     """Efficiency portrait (AP Table 2): tuned parameters, peak memory, time per epoch, throughput, side by side.
@@ -510,14 +563,14 @@ def bench_methods(
 
     from promptvit.analysis import efficiency_portrait, efficiency_table, plot_efficiency
     from promptvit.backbones import create_backbone
-    from promptvit.io import atomic_write_text, check_output_path
+    from promptvit.io import atomic_write_text, output_folder
     from promptvit.methods import get_method
 
     options = {k.removeprefix("backbone."): v for k, v in parse_extra_args(ctx.args).items()}
     options.setdefault("img_size", image_size)
     factory = functools.partial(create_backbone, backbone, **options)
     try:
-        check_output_path(out / "efficiency.md")  # before minutes of measuring
+        output_folder(out, "efficiency", legacy=EFFICIENCY_FILES, create=False)  # before minutes of measuring
         for name in methods.split(","):
             get_method(name)  # ConfigError listing the methods, before any measuring
         rows = efficiency_portrait(
@@ -531,13 +584,14 @@ def bench_methods(
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
         table = efficiency_table(rows)
+        output_folder(out, "efficiency", legacy=EFFICIENCY_FILES)
         atomic_write_text(out / "efficiency.md", table + "\n")
         atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2, default=str) + "\n")
         plot_efficiency(rows, out / "efficiency.png")
     except USER_ERRORS as error:
         fail(error)
     console.print(table)
-    console.print(f"wrote {out}/efficiency.md, efficiency.json and efficiency.png")
+    console.print(f"wrote {out}/efficiency.md, efficiency.json and efficiency.png", markup=False)
 
 
 @app.command()
@@ -581,13 +635,13 @@ def methods() -> None:
 def demo(
     out: Annotated[str, typer.Option(help="output folder")] = "runs/demo",
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "linear,bias,lora,vpt,ept",
-    epochs: Annotated[int | None, typer.Option(help="epochs per method (default: the demo config's)")] = None,
-    shots: Annotated[int | None, typer.Option(help="training images per class (default 10)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="epochs per method (default: the demo config's)")] = None,
+    shots: Annotated[int | None, typer.Option(min=1, help="training images per class (default 10)")] = None,
 ) -> None:
     """Offline end-to-end job: pretrain a small ViT on digits 0-4, adapt it few-shot to 5-9 with each method."""
     from promptvit.demo import run_demo
 
-    console.print(f"stage 1: pretraining a small ViT on digits 0-4 (cached in {out}/pretrained) ...")
+    console.print(f"stage 1: pretraining a small ViT on digits 0-4 (cached in {out}/pretrained) ...", markup=False)
     try:
         results = run_demo(
             out,
@@ -612,7 +666,7 @@ def demo(
             f"{m['seconds_total']:.0f}",
         )
     console.print(table)
-    console.print(f"artifacts and metrics: {out}/<method>/ (artifact/, metrics.json, log.csv)")
+    console.print(f"artifacts and metrics: {out}/<method>/ (artifact/, metrics.json, log.csv)", markup=False)
 
 
 # Verbs that live in their own modules (each imports its heavy dependencies when it runs).

@@ -25,16 +25,18 @@ def backbones(
     ] = False,
 ) -> None:
     """List the backbone families and, for every method, ✓ or why it cannot run there (tried on tiny builds)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from promptvit.cli.output import USER_ERRORS, console, fail
     from promptvit.family_support import family_support, markdown_table
 
-    console = Console()
-    if all_classes:
-        _registry_table(method or None, markdown, console)
-        return
-    rows = family_support(method or None)
+    try:
+        if all_classes:
+            _registry_table(method or None, markdown, console)
+            return
+        rows = family_support(method or None)
+    except USER_ERRORS as error:
+        fail(error)
     if markdown:
         typer.echo(markdown_table(rows))
         return

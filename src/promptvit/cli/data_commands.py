@@ -46,7 +46,7 @@ def check(
     file_column: Annotated[str | None, file_column_option()] = None,
     label_column: Annotated[str | None, label_column_option()] = None,
     input_size: Annotated[
-        int, typer.Option(help="model input size; smaller images are reported (0: off)")
+        int, typer.Option(min=0, help="model input size; smaller images are reported (0: off)")
     ] = 224,
     strict: Annotated[bool, typer.Option(help="warnings block too (exit code 1)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
@@ -100,7 +100,7 @@ def fewshot(
     fmt: Annotated[str, typer.Option("--format", help="medfmc or vtab")] = "medfmc",
     name: Annotated[str, typer.Option(help="data set name in the MedFMC file names")] = "data",
     test_fraction: Annotated[float, typer.Option(help="test share per class")] = 0.3,
-    val_per_class: Annotated[int, typer.Option(help="at most this many val images per class")] = 20,
+    val_per_class: Annotated[int, typer.Option(min=1, help="at most this many val images per class")] = 20,
     image_root: Annotated[str | None, image_root_option()] = None,
     file_column: Annotated[str | None, file_column_option()] = None,
     label_column: Annotated[str | None, label_column_option()] = None,
@@ -115,6 +115,8 @@ def fewshot(
     from promptvit.data.split_files import write_fewshot_files
 
     try:
+        if not 0 < test_fraction < 1:
+            raise DataError(f"--test-fraction {test_fraction} must be between 0 and 1 (the test share per class)")
         try:
             ks = [int(k) for k in shots.split(",")]
             seed_list = [int(s) for s in seeds.split(",")]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 
 def export(
@@ -22,7 +23,7 @@ def export(
 
     try:
         # loading the backbone, tracing (ONNX) and the check run a while: a spinner on a terminal
-        with console.status(f"exporting to {format}: loading the model, writing, checking the logits ..."):
+        with console.status(f"exporting to {escape(format)}: loading the model, writing, checking the logits ..."):
             record = export(artifact, out, format)
     except (*USER_ERRORS, ExportError) as error:
         fail(error)
@@ -30,7 +31,9 @@ def export(
     console.print(
         f"wrote {format} export of '{record['method']}' to {out}: {', '.join(record['files'])}; "
         f"logits match the tuned model (max abs diff {record['max_abs_diff']:.2g}, "
-        f"tolerance {tolerance['atol']:g} + {tolerance['rtol']:g} x max|logits|)"
+        f"tolerance {tolerance['atol']:g} + {tolerance['rtol']:g} x max|logits|)",
+        markup=False,
+        highlight=False,
     )
 
 

@@ -31,7 +31,7 @@ def sweep(
     backend: Annotated[
         str | None, typer.Option(help="inprocess (default), process (local pool) or ray")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="process backend: parallel workers")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="process backend: parallel workers")] = None,
     results: Annotated[
         Path | None, typer.Option(help="results folder (default: the YAML's, else ./results)")
     ] = None,
@@ -73,7 +73,7 @@ def sweep(
             )
     except (*USER_ERRORS, FileNotFoundError) as error:
         fail(error)
-    table = Table(title=f"sweep {sweep_config.name} -> {outcome.results}")
+    table = Table(title=escape(f"sweep {sweep_config.name} -> {outcome.results}"))
     for column in ("stage", "planned runs", "outcomes"):
         table.add_column(column)
     for stage in ("search", "final"):
@@ -93,7 +93,7 @@ def sweep(
             "only presets with fixed settings until the search has run"
         )
     if rendered is not None:
-        console.print(f"report: {rendered.markdown}  {rendered.html}")
+        console.print(f"report: {rendered.markdown}  {rendered.html}", markup=False, highlight=False)
     if outcome.failures:
         raise typer.Exit(code=1)
 
@@ -112,9 +112,13 @@ def report(
 ) -> None:
     """Render paper-style tables (Markdown, HTML, CSV) and plots from sweep records or from plain run
     folders (one run, or a folder of runs such as runs/)."""
+    from promptvit.io import output_folder
     from promptvit.protocols import ProtocolError, load_records, write_report
+    from promptvit.protocols.report import REPORT_FILES
+    from promptvit.protocols.store import record_sources
 
     try:
+        output_folder(out, "report", inputs=record_sources(results), legacy=REPORT_FILES, create=False)
         loaded = load_records(results)
         if not loaded.records:
             raise ProtocolError(
@@ -128,7 +132,9 @@ def report(
         console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False)
     console.print(
         f"{len(rendered.loaded.records)} records, {len(rendered.tables)} tables, {len(rendered.plots)} plots -> "
-        f"{rendered.markdown}, {rendered.html}, {rendered.csv}"
+        f"{rendered.markdown}, {rendered.html}, {rendered.csv}",
+        markup=False,
+        highlight=False,
     )
 
 

@@ -23,8 +23,9 @@ image belongs to.
 
 Nothing is written unless every file can be: a data set name that is not a plain file name, a repeated K or
 seed, a single-class data set and an image whose relative path cannot sit on one line of a list file (a
-newline, leading or trailing spaces) are refused first. The output folder must be new or empty, and every
-file is written atomically with :func:`promptvit.io.atomic_write_text`.
+newline, leading or trailing spaces) are refused first. The output folder must be new or empty, and outside
+the images (:func:`promptvit.io.output_folder`), and every file is written atomically with
+:func:`promptvit.io.atomic_write_text`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from promptvit.data.fewshot import (
     stratified_split,
 )
 from promptvit.data.sources import LabeledSamples, Sample, read_index_list
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, output_folder
 
 FORMATS = ("medfmc", "vtab")
 MANIFEST = "fewshot.json"
@@ -123,8 +124,10 @@ def write_fewshot_files(
     check_data_set_name(name)
     check_classifiable(samples)
     target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise DataError(f"{target} exists and is not an empty folder; give a new output folder")
+    images = [Path(s.path).parent for s in samples.items if s.path]
+    # a new or empty folder, outside the images (``io.output_folder``); claimed once the draws succeed
+    inputs = [os.path.commonpath(images)] if images else []
+    output_folder(target, "fewshot", inputs=inputs, reuse=False, create=False)
     pool, test = stratified_split(samples, test_fraction=test_fraction, seed=seeds[0])
     root = _image_root(samples)
     files: dict[Path, str] = {}  # every list, rendered before anything is written
@@ -171,6 +174,7 @@ def write_fewshot_files(
     }
     if grouped:  # the lists hold no group: the manifest keeps it, so what is read back splits and resamples alike
         manifest["groups"] = {os.path.abspath(s.path): s.group for s in samples.items}  # type: ignore[arg-type]
+    output_folder(target, "fewshot", inputs=inputs, reuse=False)
     for path, text in files.items():
         atomic_write_text(path, text)
     atomic_write_text(target / "classes.txt", "\n".join(samples.class_names) + "\n")

@@ -19,21 +19,24 @@ import math
 import torch
 from torch import nn
 
-from promptvit.layers.base import TunerLayer
+from promptvit.layers.base import AdapterRouting, PerAdapter, TunerLayer
 
 
 class Bottleneck(nn.Module):
-    """``up(dropout(ReLU(down(x))))``; down Kaiming-uniform(a=sqrt(5)), up and both biases zero."""
+    """``up(dropout(ReLU(down(x))))``; down Kaiming-uniform(a=sqrt(5)), up and both biases zero; ``scale`` is
+    the fixed ``s`` its output is added with."""
 
     def __init__(
         self,
         dim: int,
         bottleneck: int,
         dropout: float = 0.0,
+        scale: float = 0.1,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.scale = scale  # s, fixed: the output is added as ``s * up(...)``
         self.down = nn.Linear(dim, bottleneck, device=device, dtype=dtype)
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -52,27 +55,34 @@ class Bottleneck(nn.Module):
 
 
 class ParallelAdapterMlp(TunerLayer):
-    """A frozen MLP (kept as ``base_layer``) plus a scaled parallel bottleneck: ``mlp(x) + s * adapter(x)``.
+    """A frozen MLP (kept as ``base_layer``) plus each adapter's scaled parallel bottleneck (``adapter``):
+    ``mlp(x) + s * bottleneck(x)`` on that adapter's rows.
 
     An MLP of 1x1 convolutions (timm's ``ConvMlp``: CoAtNet, MaxViT's NCHW blocks) reads (B, C, H, W) maps; the
     bottleneck then acts on the channels at every position.
     """
 
-    def __init__(
-        self, base_layer: nn.Module, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        reference = next(base_layer.parameters(), None)
-        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
-        self.base_layer = base_layer
-        self.adapter = Bottleneck(dim, bottleneck, dropout, **factory)
-        self.scale = scale
+    def __init__(self, base_layer: nn.Module, routing: AdapterRouting | None = None) -> None:
+        super().__init__(base_layer, routing)
+        self.adapter = PerAdapter(artifact_name="adapter")
         self.channels_first = isinstance(getattr(base_layer, "fc1", None), nn.Conv2d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_first:
-            return self.base_layer(x) + self.scale * self.adapter(x.movedim(1, -1)).movedim(-1, 1)
-        return self.base_layer(x) + self.scale * self.adapter(x)
+    def add_adapter(
+        self, name: str, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.0
+    ) -> Bottleneck:
+        reference = next(self.base_layer.parameters(), None)
+        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+        self.adapter[name] = Bottleneck(dim, bottleneck, dropout, scale=scale, **factory)
+        return self.adapter[name]
 
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for name, rows in self.routing.groups(self.adapter, x.shape[0]):
+            bottleneck = self.adapter[name]
+            inputs = x if rows is None else x[rows]
+            if self.channels_first:
+                update = bottleneck.scale * bottleneck(inputs.movedim(1, -1)).movedim(-1, 1)
+            else:
+                update = bottleneck.scale * bottleneck(inputs)
+            y = y + update if rows is None else y.index_add(0, rows, update)
+        return y

@@ -15,6 +15,9 @@ Two layouts of timm's fused projections are covered besides the plain ``[q | k |
 convolution on (B, C, H, W) maps (CoAtNet's ``Attention2d``), the same linear map applied at every position,
 and the ``head_first`` layout (MaxViT, CoAtNet), whose output holds the heads one after another, each
 ``[q | k | v]`` of width ``head_dim``: part ``p`` is then the rows ``p`` of every head.
+
+Several adapters share one :class:`FusedLoRALinear` per projection, each with its own :class:`LoRAFactors`;
+a forward applies each adapter present in the batch to its own rows (peft's ``_mixed_batch_forward``).
 """
 
 from __future__ import annotations
@@ -26,59 +29,51 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.layers.base import TunerLayer
+from promptvit.layers.base import AdapterRouting, PerAdapter, TunerLayer
 
 
-class FusedLoRALinear(TunerLayer):
-    """A frozen fused ``nn.Linear`` or 1x1 ``nn.Conv2d`` (kept as ``base_layer``) plus LoRA updates on some of
-    its output parts.
+class LoRAFactors(nn.Module):
+    """One adapter's update of a fused linear layer.
 
     Parameters: ``lora_A`` of shape (len(parts), rank, in_features) and ``lora_B`` of shape
     (len(parts), part_size, rank); row ``i`` of both belongs to part ``parts[i]`` (``parts`` is sorted).
-    ``heads`` > 0 says the output is laid out head by head, each head ``[part_0 | part_1 | ...]``.
-
-    ``merge()`` adds the update into ``base_layer.weight`` and the forward then skips the low-rank path;
-    ``unmerge()`` puts the frozen weight back. Both are idempotent (merging a merged layer does nothing). A/B are
-    never changed by merging, so saving them while merged stores the same (unmerged) factors.
+    The layout of the projection it updates: ``heads`` > 0 when its output holds the heads one after another,
+    each ``[part_0 | part_1 | ...]``; ``conv`` when it is a 1x1 convolution on (B, C, H, W) maps.
     """
 
     def __init__(
         self,
-        base_layer: nn.Linear | nn.Conv2d,
+        in_features: int,
+        part_size: int,
         parts: Sequence[int],
         rank: int,
         alpha: float,
         dropout: float = 0.0,
         num_parts: int = 3,
+        *,
         heads: int = 0,
+        conv: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.conv = isinstance(base_layer, nn.Conv2d)
-        if self.conv and (base_layer.kernel_size != (1, 1) or base_layer.groups != 1):
-            raise ValueError("only a 1x1 convolution without groups is a linear map of the channels")
-        out_features, in_features = base_layer.weight.shape[:2]
-        if out_features % (num_parts * max(heads, 1)):
-            raise ValueError(
-                f"out_features {out_features} is not divisible into {num_parts} parts"
-                + (f" of {heads} heads" if heads else "")
-            )
         parts = sorted(parts)
         if not parts or len(set(parts)) != len(parts) or not all(0 <= p < num_parts for p in parts):
             raise ValueError(f"parts must be distinct indices in [0, {num_parts}), got {list(parts)}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.base_layer = base_layer
         self.parts = tuple(parts)
         self.num_parts = num_parts
+        self.part_size = part_size
         self.heads = heads
-        self.part_size = out_features // num_parts
+        self.conv = conv
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
         self.merged = False
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(len(parts), rank, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(len(parts), self.part_size, rank, **factory))
+        self.lora_B = nn.Parameter(torch.empty(len(parts), part_size, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
@@ -94,9 +89,8 @@ class FusedLoRALinear(TunerLayer):
         return torch.matmul(self.lora_B, self.lora_A) * self.scaling
 
     def stacked_lora_B(self) -> torch.Tensor:
-        """All parts' B as one (out_features, len(parts) * rank) matrix, rows in the output's order: block
-        ``(p, i)`` is ``B_i`` if part ``p`` is ``parts[i]``, zero elsewhere, so one matmul applies every part's
-        update to its own rows."""
+        """All parts' B as one (out_features, len(parts) * rank) matrix: block ``(p, i)`` is ``B_i`` if part
+        ``p`` is ``parts[i]``, zero elsewhere, so one matmul applies every part's update to its own rows."""
         n, rank = len(self.parts), self.rank
         rows = []
         for p in range(self.num_parts):
@@ -110,14 +104,8 @@ class FusedLoRALinear(TunerLayer):
             stacked = stacked.view(self.num_parts, self.heads, -1, n * rank).transpose(0, 1).reshape(-1, n * rank)
         return stacked
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            if self.training and torch.is_grad_enabled():
-                raise RuntimeError(
-                    "this LoRA layer is merged into its base weights; unmerge() before training"
-                )
-            return y
+    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + scaling * B A dropout(x)``, with ``y`` the frozen layer's output for ``x``."""
         n = len(self.parts)
         if self.conv:  # the same maps at every position of the (B, C, H, W) input
             h = F.conv2d(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1, 1, 1))
@@ -133,37 +121,109 @@ class FusedLoRALinear(TunerLayer):
         )
         return update.reshape(y.shape)
 
-    @torch.no_grad()
-    def _add_delta(self) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight().to(weight.dtype)
-        if self.heads:  # (heads, parts, head_dim, in): part p of every head
-            rows = weight.view(self.heads, self.num_parts, -1, delta.shape[-1])
-            for i, p in enumerate(self.parts):
-                rows[:, p].add_(delta[i].view(self.heads, -1, delta.shape[-1]))
-            return
-        rows = weight.view(self.num_parts, self.part_size, -1)
-        for i, p in enumerate(self.parts):
-            rows[p].add_(delta[i])
-
-    def merge(self) -> None:
-        """Fold the update into the frozen weight; a no-op when already merged.
-
-        The frozen weight is kept aside while merged, so ``unmerge`` gives it back bit for bit.
-        """
-        if not self.merged:
-            self._unmerged_weight = self.base_layer.weight.detach().clone()
-            self._add_delta()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put the frozen weight back as it was before ``merge``; a no-op when not merged."""
-        if self.merged:
-            self.base_layer.weight.copy_(self._unmerged_weight)
-            del self._unmerged_weight
-            self.merged = False
-
     def extra_repr(self) -> str:
         heads = f", heads={self.heads}" if self.heads else ""
         return f"parts={self.parts}{heads}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+class FusedLoRALinear(TunerLayer):
+    """A frozen fused ``nn.Linear`` or 1x1 ``nn.Conv2d`` (kept as ``base_layer``) plus each adapter's LoRA
+    update (``lora``). ``heads`` > 0 says the output is laid out head by head, each head ``[q | k | v]``.
+
+    ``merge(name)`` adds an adapter's update into ``base_layer.weight`` and the forward then skips its
+    low-rank path; ``unmerge(name)`` puts the frozen weight back. Both are idempotent. The factors are never
+    changed by merging, so saving them while merged stores the same (unmerged) factors.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear | nn.Conv2d,
+        routing: AdapterRouting | None = None,
+        num_parts: int = 3,
+        heads: int = 0,
+    ) -> None:
+        super().__init__(base_layer, routing)
+        self.conv = isinstance(base_layer, nn.Conv2d)
+        if self.conv and (base_layer.kernel_size != (1, 1) or base_layer.groups != 1):
+            raise ValueError("only a 1x1 convolution without groups is a linear map of the channels")
+        if not self.conv and not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"{type(base_layer).__name__} is neither an nn.Linear nor a 1x1 nn.Conv2d")
+        out_features, self.in_features = base_layer.weight.shape[:2]
+        if out_features % (num_parts * max(heads, 1)):
+            raise ValueError(
+                f"out_features {out_features} is not divisible into {num_parts} parts"
+                + (f" of {heads} heads" if heads else "")
+            )
+        self.num_parts = num_parts
+        self.heads = heads
+        self.part_size = out_features // num_parts
+        self.lora = PerAdapter()
+
+    def add_adapter(
+        self, name: str, parts: Sequence[int], rank: int, alpha: float, dropout: float = 0.0
+    ) -> LoRAFactors:
+        weight = self.base_layer.weight
+        factors = LoRAFactors(
+            self.in_features,
+            self.part_size,
+            parts,
+            rank,
+            alpha,
+            dropout,
+            self.num_parts,
+            heads=self.heads,
+            conv=self.conv,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        self.lora[name] = factors
+        return factors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for name, rows in self.routing.groups(self.lora, x.shape[0]):
+            factors = self.lora[name]
+            if (
+                factors.merged
+            ):  # the update is in base_layer.weight (only while its adapter is the active one)
+                if self.training and torch.is_grad_enabled():
+                    raise RuntimeError(
+                        "this LoRA layer is merged into its base weights; unmerge() before training"
+                    )
+                continue
+            if rows is None:
+                y = factors.add_update(x, y)
+            else:
+                y = y.index_copy(0, rows, factors.add_update(x[rows], y[rows]))
+        return y
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name``'s update into the frozen weight; a no-op when already merged.
+
+        The frozen weight is kept aside while merged, so ``unmerge`` gives it back bit for bit.
+        """
+        factors = self.lora[name]
+        if factors.merged:
+            return
+        weight = self.base_layer.weight
+        self._unmerged_weight = weight.detach().clone()
+        delta = factors.delta_weight().to(weight.dtype)
+        if self.heads:  # (heads, parts, head_dim, in): part p of every head
+            rows = weight.view(self.heads, self.num_parts, -1, self.in_features)
+            for i, p in enumerate(factors.parts):
+                rows[:, p].add_(delta[i].view(self.heads, -1, self.in_features))
+        else:
+            rows = weight.view(self.num_parts, self.part_size, -1)
+            for i, p in enumerate(factors.parts):
+                rows[p].add_(delta[i])
+        factors.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Put the frozen weight back as it was before ``merge``; a no-op when not merged."""
+        factors = self.lora[name]
+        if factors.merged:
+            self.base_layer.weight.copy_(self._unmerged_weight)
+            del self._unmerged_weight
+            factors.merged = False

@@ -39,8 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
-from promptvit.backbones import AttentionParts, BackboneError, PartsFromCall, all_rows, attend
-from promptvit.layers.base import TunerLayer
+from promptvit.backbones import (
+    AttentionParts,
+    BackboneError,
+    PartsFromCall,
+    all_rows,
+    attend,
+    unwrap_base_layers,
+)
+from promptvit.layers.base import AdapterRouting, PerAdapter, TunerLayer
 
 Way = Literal["pure_cat", "multi_cat", "add", "multiply"]
 WAYS: tuple[str, ...] = ("pure_cat", "multi_cat", "add", "multiply")
@@ -184,47 +191,35 @@ def _sdpa_with_lse_key(
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=s)[..., :dim]
 
 
-class PromptedAttention(TunerLayer):
-    """Replaces a timm ``Attention``; the frozen original is kept as ``base_layer``.
+#: the extra key's logit for a sample without concatenated prompts in a mixed batch: its softmax weight is
+#: exactly 0 in float32 (exp underflows), and ``lse / scale`` stays finite in float16 query channels
+NO_PROMPT_LSE = -1000.0
 
-    Frozen weights therefore only gain a prefix in the state dict (``attn.qkv.weight`` becomes
-    ``attn.base_layer.qkv.weight``). The learned tensor lives here, by way:
+
+class AttentionPrompt(nn.Module):
+    """One adapter's learned logits in one prompted attention, by way:
 
     * ``pure_cat`` / ``multi_cat``: ``prompt`` of shape (num_tokens, prompt_length), N(0, init_std);
     * ``add``: ``logit_bias`` of shape (num_tokens, num_tokens), zeros (identity at init);
     * ``multiply``: ``temperature`` of shape (num_tokens, 1), zeros; logits are multiplied by ``1 + t``.
-
-    Inputs must have exactly ``num_tokens`` tokens (the prompt has one row per token position).
-    ``parts_from_call`` (the backbone adapter's ``attention_parts_from_call``) reads the family's parts from
-    each call's arguments (Eva's rotary table, Beit's shared bias).
     """
 
     def __init__(
         self,
-        base_layer: nn.Module,
-        *,
-        parts_from_call: PartsFromCall,
         num_tokens: int,
         way: Way = "pure_cat",
         prompt_length: int = 100,
         init_std: float = 0.02,
-        img_size: tuple[int, int] | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.parts_from_call = parts_from_call
-        try:
-            self.parts_from_call(base_layer, {})
-        except BackboneError as error:
-            raise TypeError(f"PromptedAttention needs a timm fused-qkv Attention module: {error}") from error
         if way not in WAYS:
             raise ValueError(f"unknown EPT way {way!r}; expected one of {WAYS}")
-        self.base_layer = base_layer
         self.way = way
-        self.num_tokens = num_tokens
         self.prompt_length = prompt_length
-        self.img_size = img_size
-        weight = base_layer.qkv.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": device, "dtype": dtype}
         if way in ("pure_cat", "multi_cat"):
             self.prompt = nn.Parameter(torch.empty(num_tokens, prompt_length, **factory))
             nn.init.normal_(self.prompt, std=init_std)
@@ -233,21 +228,75 @@ class PromptedAttention(TunerLayer):
         else:
             self.temperature = nn.Parameter(torch.zeros(num_tokens, 1, **factory))
 
+    def learned(self) -> dict[str, torch.Tensor]:
+        """The tensor of its way under the keyword :func:`prompted_sdpa` takes it by."""
+        if self.way in ("pure_cat", "multi_cat"):
+            return {"prompt": self.prompt}
+        if self.way == "add":
+            return {"logit_bias": self.logit_bias}
+        return {"temperature": self.temperature}
+
+    def extra_repr(self) -> str:
+        length = f", prompt_length={self.prompt_length}" if self.way.endswith("_cat") else ""
+        return f"way={self.way}{length}"
+
+
+class PromptedAttention(TunerLayer):
+    """Replaces a timm ``Attention``; the frozen original is kept as ``base_layer``, each adapter's learned
+    logits (:class:`AttentionPrompt`) in ``prompts``.
+
+    Frozen weights therefore only gain a prefix in the state dict (``attn.qkv.weight`` becomes
+    ``attn.base_layer.qkv.weight``). Inputs must have exactly ``num_tokens`` tokens (a prompt has one row per
+    token position). ``parts_from_call`` (the backbone adapter's ``attention_parts_from_call``) reads the
+    family's parts from each call's arguments (Eva's rotary table, Beit's shared bias, Swin's shift mask).
+
+    A batch where one adapter's prompts apply to every sample runs that adapter's fast path
+    (:func:`prompted_sdpa`); a mixed batch gathers each sample's log-sum-exp, temperature and logit bias and
+    runs one SDPA call for all samples (a sample without prompts gets an extra key of weight 0).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        parts_from_call: PartsFromCall,
+        num_tokens: int,
+        img_size: tuple[int, int] | None = None,
+        routing: AdapterRouting | None = None,
+    ) -> None:
+        super().__init__(base_layer, routing)
+        self.parts_from_call = parts_from_call
+        try:
+            self.parts_from_call(base_layer, {})
+        except BackboneError as error:
+            raise TypeError(f"PromptedAttention needs a timm fused-qkv Attention module: {error}") from error
+        self.num_tokens = num_tokens
+        self.img_size = img_size
+        self.prompts = PerAdapter()
+
+    def add_adapter(
+        self, name: str, way: Way = "pure_cat", prompt_length: int = 100, init_std: float = 0.02
+    ) -> AttentionPrompt:
+        weight = unwrap_base_layers(self.parts.qkv).weight
+        self.prompts[name] = AttentionPrompt(
+            self.num_tokens, way, prompt_length, init_std, device=weight.device, dtype=weight.dtype
+        )
+        return self.prompts[name]
+
     @property
     def parts(self) -> AttentionParts:
         """The parts without call arguments (no rotary table, no shared bias)."""
         return self.parts_from_call(self.base_layer, {})
 
     def extra_repr(self) -> str:
-        length = f", prompt_length={self.prompt_length}" if self.way.endswith("_cat") else ""
-        return f"way={self.way}, num_tokens={self.num_tokens}{length}"
+        return f"num_tokens={self.num_tokens}"
 
-    def _learned(self) -> dict[str, torch.Tensor]:
-        if self.way in ("pure_cat", "multi_cat"):
-            return {"prompt": self.prompt}
-        if self.way == "add":
-            return {"logit_bias": self.logit_bias}
-        return {"temperature": self.temperature}
+    def _routed_prompt(self) -> AttentionPrompt | None:
+        """The prompt of the adapter every sample uses (for analysis), or None without prompts here."""
+        groups = self.routing.groups(self.prompts)
+        if len(groups) > 1 or (groups and groups[0][1] is not None):
+            raise ValueError("attention weights are read for one adapter at a time, not in a mixed batch")
+        return self.prompts[groups[0][0]] if groups else None
 
     def attention_weights(self, x: torch.Tensor, **call: Any) -> torch.Tensor:
         """Attention over the real keys, (B, H, N, N), for analysis; rows sum to the EPT gate, not to 1.
@@ -256,12 +305,15 @@ class PromptedAttention(TunerLayer):
         on Beit), so the weights are those of the forward.
         """
         parts = self.parts_from_call(self.base_layer, call)
+        prompt = self._routed_prompt()
+        if prompt is None:
+            return parts.probabilities(x)
         q, k, _ = parts.heads(x)
         n = k.shape[-2]
         # The reference computes attn @ v; with v = identity it returns the attention matrix itself.
         identity = torch.eye(n, dtype=q.dtype, device=q.device).expand(*q.shape[:2], n, n)
         return reference_prompted_attention(
-            q, k, identity, way=self.way, scale=parts.scale, attn_bias=parts.logit_bias, **self._learned()
+            q, k, identity, way=prompt.way, scale=parts.scale, attn_bias=parts.logit_bias, **prompt.learned()
         )
 
     def token_scale(self, x: torch.Tensor, **call: Any) -> torch.Tensor:
@@ -271,6 +323,10 @@ class PromptedAttention(TunerLayer):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, **call: Any
     ) -> torch.Tensor:
+        if not self.routing.groups(self.prompts, x.shape[0]):  # no adapter prompts here: timm's own attention
+            if attn_mask is None and not is_causal:
+                return self.base_layer(x, **call)  # timm < 1.0.1x attention takes no mask arguments
+            return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal, **call)
         if attn_mask is not None or is_causal:
             raise NotImplementedError("EPT prompted attention does not support attention masks or is_causal")
         return self.forward_selected(x, all_rows, **call)
@@ -283,6 +339,10 @@ class PromptedAttention(TunerLayer):
         ``select`` acts on the token axis (-2); every token still serves as key and value. ``call``: the
         family's attention arguments (rotary table, shared relative position bias).
         """
+        parts = self.parts_from_call(self.base_layer, call)
+        groups = self.routing.groups(self.prompts, x.shape[0])
+        if not groups:
+            return attend(parts, x, select=select)
         n = x.shape[1]
         if n != self.num_tokens:
             built = f" for {self.img_size[0]}x{self.img_size[1]} images" if self.img_size else ""
@@ -291,12 +351,71 @@ class PromptedAttention(TunerLayer):
                 f"row per token and the model was built{built} (geometry.img_size={self.img_size}). Feed "
                 "inputs of that size, or wrap a backbone built for the new size (its prompts get new rows)."
             )
-        # Every learned tensor has one row per query token (axis -2), so it is selected with the queries.
-        learned = {name: select(tensor) for name, tensor in self._learned().items()}
+        if len(groups) == 1 and groups[0][1] is None:  # one adapter for every sample: its fast path
+            prompt = self.prompts[groups[0][0]]
+            # Every learned tensor has one row per query token (axis -2), so it is selected with the queries.
+            learned = {name: select(tensor) for name, tensor in prompt.learned().items()}
 
-        def core(q, k, v, scale, dropout_p, logit_bias=None):
-            return prompted_sdpa(
-                q, k, v, way=self.way, scale=scale, dropout_p=dropout_p, attn_bias=logit_bias, **learned
-            )
+            def core(q, k, v, scale, dropout_p, logit_bias=None):
+                return prompted_sdpa(
+                    q, k, v, way=prompt.way, scale=scale, dropout_p=dropout_p, attn_bias=logit_bias, **learned
+                )
 
-        return attend(self.parts_from_call(self.base_layer, call), x, select=select, core=core)
+        else:
+
+            def core(q, k, v, scale, dropout_p, logit_bias=None):
+                return self._mixed_sdpa(groups, select, q, k, v, scale, dropout_p, logit_bias)
+
+        return attend(parts, x, select=select, core=core)
+
+    def _mixed_sdpa(
+        self,
+        groups: list[tuple[str, torch.Tensor | None]],
+        select: Callable[[torch.Tensor], torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None,
+        dropout_p: float,
+        attn_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Each sample with its own adapter's way and tensors, in one SDPA call: per-sample query temperature
+        (``multiply``), logit bias (``add``) and extra-key log-sum-exp (``pure_cat``, ``multi_cat``)."""
+        batch, heads, rows_q, dim = q.shape
+        s = dim**-0.5 if scale is None else scale
+        temperature = extra_bias = lse = None
+        for name, rows in groups:
+            prompt = self.prompts[name]
+            (learned,) = (select(tensor) for tensor in prompt.learned().values())
+            if prompt.way == "multiply":
+                temperature = q.new_zeros(batch, 1, rows_q, 1) if temperature is None else temperature
+                temperature[rows] = learned.to(q.dtype)
+            elif prompt.way == "add":
+                extra_bias = q.new_zeros(batch, 1, rows_q, k.shape[-2]) if extra_bias is None else extra_bias
+                extra_bias[rows] = learned.to(q.dtype)
+            else:
+                with torch.autocast(q.device.type, enabled=False):
+                    if lse is None:
+                        dtype = _at_least_float32(q).dtype
+                        lse = torch.full((batch, heads, rows_q), NO_PROMPT_LSE, device=q.device, dtype=dtype)
+                    prompt_rows = _at_least_float32(learned)
+                    if prompt.way == "pure_cat":
+                        lse[rows] = torch.logsumexp(prompt_rows, dim=-1).to(lse.dtype)
+                    else:  # multi_cat: alpha from each sample's own logits
+                        q_rows, k_rows = _at_least_float32(q[rows]), _at_least_float32(k[rows])
+                        logits = (q_rows @ k_rows.transpose(-2, -1)) * s
+                        if attn_bias is not None:
+                            bias = attn_bias if attn_bias.shape[0] == 1 else attn_bias[rows]
+                            logits = logits + _at_least_float32(bias)
+                        alpha = multi_cat_alpha(logits)
+                        lse[rows] = torch.logsumexp(alpha * prompt_rows, dim=-1).to(lse.dtype)
+        mask = attn_bias
+        if temperature is not None:
+            q = q * (1 + temperature)
+            mask = None if mask is None else mask * (1 + temperature)
+        if extra_bias is not None:
+            mask = extra_bias if mask is None else mask + extra_bias
+        if lse is None:
+            mask = None if mask is None else mask.to(q.dtype)
+            return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return _sdpa_with_lse_key(q, k, v, lse, scale=scale, dropout_p=dropout_p, attn_bias=mask)

@@ -5,9 +5,9 @@ prefix tokens at the input of some block, deep variants swap the previous block'
 prompts at later blocks, and all prompts are removed again before the final norm, so that ``global_pool``
 (``'token'`` reads CLS, ``'avg'`` averages patches only) and the head see the usual sequence.
 
-A family whose blocks do not take one token sequence carries the prompts itself (Swin: a copy in every
-window, see :mod:`promptvit.backbones.swin`); the hooks then hand it the schedule and the prompts
-(``BackboneAdapter.route_token_prompts``), and the final norm sees what that family's route gives it.
+A family whose blocks do not take one token sequence carries the prompts beside its maps in its own block
+loop (Swin: a copy in every window, see :mod:`promptvit.backbones.swin`); it takes the same schedule and
+prompts from the plan, and its final norm sees what its loop gives it.
 
 Prompt outputs that nobody reads are not computed: in a block whose prompt outputs the next block replaces
 (deep prompts) or the final norm strips, prompts act as keys and values only and the block outputs the other
@@ -18,9 +18,9 @@ Two layers of API:
 
 * tensor functions (``insert_prompts``, ``replace_prompts``, ``strip_prompts``, ``expand_prompts``) that
   take the prompts and the number of prefix tokens and know nothing about modules;
-* ``TokenPromptHooks``, a mixin for a ``Method`` that registers the hooks on ``backbone.blocks[i]`` and
-  ``backbone.norm`` as bound methods (so ``copy.deepcopy`` of a wrapped model gives an independent copy).
-  The method says which blocks get how many tokens and supplies them through ``block_prompts``.
+* ``TokenPrompts``, a mixin for a ``Method`` that records a :class:`TokenSchedule` (which blocks get how
+  many tokens, supplied by the method's ``block_prompts``) in its ledger; the model's block loop
+  (:mod:`promptvit.layers.block_plan`) inserts, replaces and strips them.
 
 Plus the VPT initialisation: ``U(-v, v)`` with ``v = sqrt(6 / (3 * p_h * p_w + d))``.
 """
@@ -28,16 +28,15 @@ Plus the VPT initialisation: ``U(-v, v)`` with ``v = sqrt(6 / (3 * p_h * p_w + d
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
 
-from promptvit.backbones import InsertedTokens, adapter_for
-from promptvit.layers.base import BatchedChange, ForwardPlan
-from promptvit.layers.selected_tokens import drop_token_range
+from promptvit.backbones import adapter_for
+from promptvit.layers.base import ForwardPlan
 
 
 def vpt_init_bound(patch_size: int | tuple[int, int], embed_dim: int) -> float:
@@ -123,20 +122,43 @@ def strip_prompts(x: torch.Tensor, num_prefix_tokens: int, num_prompts: int) -> 
     return torch.cat([x[:, :num_prefix_tokens], x[:, num_prefix_tokens + num_prompts :]], dim=1)
 
 
-class TokenPromptHooks:
-    """Mixin for a ``Method`` (an ``nn.Module``) that puts token prompts into a timm ViT.
+@dataclasses.dataclass
+class TokenSchedule:
+    """Where a method's prompt tokens enter the token stream; the block loop reads it (one per adapter).
+
+    Semantics: the first block of ``inserts`` puts its prompts in after the prefix tokens; every later one
+    drops the prompt tokens in the stream (the previous inserting block's outputs) and puts in its own;
+    other blocks pass prompt tokens through; the final norm receives the sequence without prompts. A length
+    of 0 at a later block only drops the previous prompts.
+    """
+
+    num_prefix_tokens: int
+    #: block -> (prompt tokens in the stream before it, tokens it puts in)
+    inserts: dict[int, tuple[int, int]]
+    #: block -> prompt tokens in the stream at its input, for every block from the first inserting one on
+    in_block: dict[int, int]
+    #: prompt tokens the final norm would see; they are stripped before it
+    at_norm: int
+    #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
+    skipping: frozenset[int]
+    #: ``prompts(block, x)`` -> (batch, L, d): the tokens ``block`` puts in for the input ``x`` it gets
+    prompts: Callable[[int, torch.Tensor], torch.Tensor]
+
+    @property
+    def layout(self) -> tuple:
+        """What fixes the token sequence at every block: samples of equal layouts share one forward."""
+        return self.num_prefix_tokens, tuple(sorted(self.inserts.items())), self.at_norm
+
+
+class TokenPrompts:
+    """Mixin for a ``Method`` (an ``nn.Module``) that puts token prompts into a token model.
 
     The method sets ``num_prefix_tokens`` (usually ``geometry.num_prefix_tokens``), implements
     ``block_prompts(block, x)`` to return the prompts for that block's input (``(L, d)`` or ``(B, L, d)``,
-    dropout applied), and calls ``register_token_prompt_hooks(backbone, {block: L, ...})`` in ``attach``.
-
-    Semantics: the first listed block inserts its prompts after the prefix tokens; every later listed block
-    drops the prompt tokens currently in the stream (the previous listed block's outputs) and inserts its own;
-    unlisted blocks pass prompt tokens through; ``backbone.norm`` receives the sequence without prompts.
-    A length of 0 at a later block only drops the previous prompts.
-    ``without_token_prompts()`` switches the hooks off for a prompt-free forward (SPT's data init). A family
-    that routes prompts itself (``adapter.routes_token_prompts``, Swin) gets the same schedule and prompts
-    and carries them through its blocks its way.
+    dropout applied), and calls ``register_token_prompts(backbone, {block: L, ...})`` in ``attach``, which
+    records a :class:`TokenSchedule` in its ledger for the block loop. ``without_token_prompts()`` switches
+    them off for a prompt-free forward (SPT's data init). A family whose block loop carries prompts beside
+    its maps (``adapter.routes_token_prompts``, Swin's windows) gets the same schedule and prompts.
     """
 
     num_prefix_tokens: int
@@ -153,10 +175,10 @@ class TokenPromptHooks:
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def register_token_prompt_hooks(
+    def register_token_prompts(
         self, backbone: nn.Module, lengths: Mapping[int, int], keep_prompt_outputs: Collection[int] = ()
     ) -> None:
-        """Hook the prompts of ``lengths`` (block -> tokens) into ``backbone``.
+        """Record the prompts of ``lengths`` (block -> tokens) for the block loop of ``backbone``.
 
         ``keep_prompt_outputs`` names blocks that must always compute their prompt outputs (a method that
         reads them there, e.g. through a hook on ``attn.proj``).
@@ -182,98 +204,36 @@ class TokenPromptHooks:
             self.prompts_in_block[block] = in_stream
         #: prompt tokens the final norm would see; they are stripped before it
         self.prompts_at_norm = in_stream
-        #: whether the family carries the prompts through its blocks itself (Swin's windows)
+        #: whether the family's block loop carries the prompts beside its maps (Swin's windows)
         self.prompts_routed = adapter.routes_token_prompts
-        if self.prompts_routed:
-            self.prompt_output_skipping_blocks = frozenset()
-            routed = {block: int(length) for block, length in lengths.items()}
-            adapter.route_token_prompts(
-                self.injections,
-                InsertedTokens(routed, self.block_prompts, self._token_prompts_on, self._may_skip_prompt_outputs),
-            )
-            return
-        for block in self.prompt_schedule:
-            self.injections.pre_hook(adapter.blocks[block], functools.partial(self._insert_token_prompts, block))
-        # the family's hooks that give inserted tokens no position (rotary, relative bias)
-        adapter.prepare_inserted_tokens(self.injections)
-        self.injections.pre_hook(adapter.final_norm, self._strip_token_prompts)
-        #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed
+        #: blocks whose prompt outputs are discarded next (replaced, or stripped at the norm) and not computed;
+        #: a family whose loop carries the prompts computes them itself, and its final norm reads them
         self.prompt_output_skipping_blocks = frozenset(
             block
             for block, count in self.prompts_in_block.items()
             if count
-            and (block == depth - 1 or block + 1 in lengths)
             and block not in keep_prompt_outputs
-            and adapter.supports_selected_rows(block)
-        )
-        for block in self.prompt_output_skipping_blocks:
-            module = adapter.blocks[block]
-            # An instance attribute, so the module (its name, weights and hooks) stays timm's own.
-            self.injections.override_forward(
-                module, functools.partial(self._forward_skipping_prompt_outputs, block, module)
+            and (
+                (self.prompts_routed and block + 1 in lengths)
+                or (
+                    not self.prompts_routed
+                    and (block + 1 in lengths or block == depth - 1)
+                    and adapter.supports_selected_rows(block)
+                )
             )
-
-    @torch.no_grad()
-    def token_prompt_change(self) -> BatchedChange | None:
-        """The inserted prompts of every block (eval mode: no dropout) for batched multi-task serving; None
-        where the family routes the prompts itself (served per task)."""
-        if self.prompts_routed:
-            return None
-        probe = torch.zeros(1, self.geometry.num_tokens, self.geometry.embed_dim)
-        tensors = {}
-        for block, (_, length) in self.prompt_schedule.items():
-            if length:
-                device = next(self.parameters(), probe).device
-                tensors[str(block)] = self.block_prompts(block, probe.to(device))[0].detach().clone()
-        return BatchedChange(
-            "token_prompts",
-            tensors=tensors,
-            schedule=dict(self.prompt_schedule),
-            prompts_at_norm=self.prompts_at_norm,
         )
-
-    def _token_prompts_on(self) -> bool:
-        return self.plan.token_prompts
-
-    def _may_skip_prompt_outputs(self, block: int) -> bool:
-        """Whether ``block`` may leave out prompt outputs that nothing reads (a routing family asks)."""
-        return self.plan.token_prompts and self.plan.skip_prompt_outputs and block not in self._keep_prompt_outputs
-
-    def _skipping(self, block: int) -> bool:
-        """Whether ``block`` currently outputs no prompt tokens."""
-        return (
-            self.plan.token_prompts
-            and self.plan.skip_prompt_outputs
-            and block in self.prompt_output_skipping_blocks
+        if not self.prompts_routed:  # the family's hooks that give inserted tokens no position
+            adapter.prepare_inserted_tokens(self.injections)
+        self.injections.insert_tokens(
+            TokenSchedule(
+                num_prefix_tokens=self.num_prefix_tokens,
+                inserts=dict(self.prompt_schedule),
+                in_block=dict(self.prompts_in_block),
+                at_norm=0 if self.prompts_routed else self.prompts_at_norm,
+                skipping=self.prompt_output_skipping_blocks,
+                prompts=self.block_prompts,
+            )
         )
-
-    def _forward_skipping_prompt_outputs(
-        self, block: int, module: nn.Module, x: torch.Tensor, *args: object, **kwargs: object
-    ) -> torch.Tensor:
-        if args or kwargs or not self._skipping(block):
-            return type(module).forward(module, x, *args, **kwargs)
-        start, count = self.num_prefix_tokens, self.prompts_in_block[block]
-        return self._adapter[0].forward_block_rows(
-            block, x, lambda tokens: drop_token_range(tokens, start, count)
-        )
-
-    def _insert_token_prompts(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.plan.token_prompts:
-            return None
-        x = args[0]
-        num_old = 0 if self._skipping(block - 1) else self.prompt_schedule[block][0]
-        return (replace_prompts(x, self.block_prompts(block, x), self.num_prefix_tokens, num_old), *args[1:])
-
-    def _strip_token_prompts(self, module: nn.Module, args: tuple) -> tuple | None:
-        last_block = max(self.prompts_in_block)
-        # No more rows than prefix tokens: only the class token reached the norm (PromptModel's readout).
-        if (
-            not self.plan.token_prompts
-            or self._skipping(last_block)
-            or args[0].shape[-2] <= self.num_prefix_tokens
-        ):
-            return None
-        return (strip_prompts(args[0], self.num_prefix_tokens, self.prompts_at_norm), *args[1:])
 
 
 def reference_device_dtype(backbone: nn.Module) -> tuple[torch.device, torch.dtype]:

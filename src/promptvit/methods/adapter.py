@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from promptvit.backbones import BackboneAdapter, Geometry, adapter_for
-from promptvit.layers.adapter import ParallelAdapterMlp
+from promptvit.layers.adapter import Bottleneck, ParallelAdapterMlp
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import adapted_blocks, check_block_list, resolve_blocks
 
@@ -54,10 +54,6 @@ class Adapter(Method):
         """ViTs, and staged families whose transformer blocks the adapter lists (Swin)."""
         return adapter.kind in cls.supported_kinds or adapter.has_transformer_blocks
 
-    def __init__(self, config: AdapterConfig, geometry: Geometry) -> None:
-        super().__init__(config, geometry)
-        self._adapter_layers: list[ParallelAdapterMlp] = []
-
     def attach(self, backbone: nn.Module) -> None:
         config: AdapterConfig = self.config
         adapter = adapter_for(backbone)
@@ -66,12 +62,15 @@ class Adapter(Method):
             width = config.bottleneck_width(d)
             if width < 1:
                 raise ConfigError(f"adapter: reduction {config.reduction} leaves no bottleneck for width {d}")
+            if width > d:  # wider than the block it runs beside: parameters without a bottleneck
+                raise ConfigError(
+                    f"adapter: bottleneck {width} is wider than block {index} ({d}); choose bottleneck <= {d}"
+                )
             parent, name = adapter.mlp_slot(index)
-            layer = ParallelAdapterMlp(
-                getattr(parent, name), d, width, scale=config.scale, dropout=config.dropout
+            layer = self.injections.layer(
+                parent, name, ParallelAdapterMlp, lambda mlp: ParallelAdapterMlp(mlp, self.routing)
             )
-            self.injections.replace(parent, name, layer)
-            self._adapter_layers.append(layer)
+            layer.add_adapter(self.adapter_name, d, width, scale=config.scale, dropout=config.dropout)
 
     def tuned_from_block(self) -> int:
         """Blocks before the first adapted one are frozen (0 with the default ``layers=None``; 0 on staged
@@ -80,9 +79,13 @@ class Adapter(Method):
             return 0
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
 
+    def bottlenecks(self) -> list[Bottleneck]:
+        """This adapter's bottleneck beside each adapted MLP, block by block."""
+        return [entry.target.adapter[self.adapter_name] for entry in self.injections.entries("replace")]
+
     def modules_in_train_mode(self, backbone: nn.Module) -> Iterable[nn.Module]:
         # Only the bottlenecks: the wrapped frozen MLP keeps its dropout off like the rest of the backbone.
-        return (m.adapter for m in backbone.modules() if isinstance(m, ParallelAdapterMlp))
+        return self.bottlenecks()
 
     @classmethod
     def expected_num_parameters(cls, config: AdapterConfig, geometry: Geometry) -> int | None:

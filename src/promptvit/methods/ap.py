@@ -33,12 +33,12 @@ from torch import nn
 
 from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.token_prompts import (
-    TokenPromptHooks,
+    TokenPrompts,
     expand_prompts,
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.partial import NO_STAGES
 from promptvit.methods.vp import _check_input_size, image_size
 
@@ -70,7 +70,7 @@ def paper_default_layer(geometry: Geometry) -> int:
 
 
 @register_method
-class AP(TokenPromptHooks, Method):
+class AP(TokenPrompts, Method):
     """Activation prompt: ``delta`` (add, product) or ``prompts`` (concat) at the input of one block/stage."""
 
     name = "ap"
@@ -99,10 +99,6 @@ class AP(TokenPromptHooks, Method):
             )
         self.num_prefix_tokens = geometry.num_prefix_tokens
 
-    def _target(self, backbone: nn.Module) -> nn.Module:
-        adapter = adapter_for(backbone)
-        return (adapter.blocks if adapter.kind == "vit" else adapter.stages)[self.config.layer]
-
     def attach(self, backbone: nn.Module) -> None:
         device, dtype = reference_device_dtype(backbone)
         if self.config.variant == "concat":
@@ -112,14 +108,18 @@ class AP(TokenPromptHooks, Method):
             self.prompts = nn.Parameter(
                 init_vpt_uniform_(prompts, self.geometry.patch_size, self.geometry.embed_dim)
             )
-            self.register_token_prompt_hooks(backbone, {self.config.layer: self.config.prompt_length})
+            self.register_token_prompts(backbone, {self.config.layer: self.config.prompt_length})
             return
         if self.geometry.kind == "vit":
             shape = (self.geometry.num_tokens, self.geometry.embed_dim)
         else:
             shape = self._probe_stage_input(backbone, device, dtype)
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        self.injections.pre_hook(self._target(backbone), self._prompt_activation)
+        if self.geometry.kind == "vit":  # blocks run in the model's block loop
+            self.injections.change_block_input(self.config.layer, self._prompt_activation)
+        else:  # stages run inside timm's forward: a pre-hook on the stage
+            stage = adapter_for(backbone).stages[self.config.layer]
+            self.injections.pre_hook(stage, self._prompt_stage_input)
 
     def _probe_stage_input(
         self, backbone: nn.Module, device: torch.device, dtype: torch.dtype
@@ -132,12 +132,13 @@ class AP(TokenPromptHooks, Method):
         except BackboneError as error:
             raise ConfigError(f"ap: {error}") from None
 
-    def _prompt_activation(self, module: nn.Module, args: tuple) -> tuple:
-        z = args[0]
+    def _prompt_activation(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1:] != self.delta.shape:
             raise ValueError(self._shape_error(tuple(z.shape[1:])))
-        z = z + self.delta if self.config.variant == "add" else z * (1 + self.delta)
-        return (z, *args[1:])
+        return z + self.delta if self.config.variant == "add" else z * (1 + self.delta)
+
+    def _prompt_stage_input(self, module: nn.Module, args: tuple) -> tuple:
+        return (self.on_own_rows(args[0], self._prompt_activation), *args[1:])
 
     def _shape_error(self, got: tuple[int, ...]) -> str:
         height, width = image_size(self.geometry, self.config.cnn_input_size)
@@ -152,14 +153,8 @@ class AP(TokenPromptHooks, Method):
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts, x.shape[0])
 
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        if self.config.variant == "concat":
-            return [self.token_prompt_change()]
-        kind = "add_tokens" if self.config.variant == "add" else "scale_tokens"
-        return [BatchedChange(kind, block=self.config.layer, tensors={"delta": self.delta.detach()})]
-
     def tuned_from_block(self) -> int:
-        """The prompt is applied by a pre-hook on block ``layer`` (ViT); CNN stages are not cached (0)."""
+        """The prompt changes the input of block ``layer`` (ViT); CNN stages are not cached (0)."""
         return self.config.layer if self.geometry.kind == "vit" else 0
 
     @classmethod

@@ -11,9 +11,10 @@ across tasks, its frozen prefix) is declared here, never looked up by method nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +22,13 @@ from torch import nn
 
 from promptvit.backbones import BackboneAdapter, Geometry, classifier_name
 from promptvit.errors import ConfigError
-from promptvit.layers.base import BatchedChange, ForwardPlan, Injections, TunerLayer
+from promptvit.layers.base import (
+    AdapterRouting,
+    ForwardPlan,
+    Injections,
+    TunerLayer,
+    on_rows,
+)
 
 
 @dataclasses.dataclass
@@ -63,24 +70,49 @@ class MethodConfig:
 
 
 def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
-    """Reject obviously wrong types (e.g. a string for an int) with the option's name."""
+    """Reject wrong types (a string for an int, ``True`` for a count, NaN for a float) with the option's name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"option '{key}' of method '{method}' must be a finite number, got {value!r}")
+    if not _fits(value, hint):
+        raise ConfigError(f"option '{key}' of method '{method}' must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    """``list[int] | None`` as "a list of ints or None", ``int`` as "int"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin in (list, tuple):
+        items = [a for a in typing.get_args(hint) if a is not Ellipsis][:1]
+        if items and typing.get_origin(items[0]) is typing.Literal:
+            return f"a list of entries of {list(typing.get_args(items[0]))}"
+        return f"a list of {_describe(items[0])}s" if items else "a list"
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for option in allowed:
         base = typing.get_origin(option) or option
         if option is type(None) and value is None:
-            return
+            return True
         if base is typing.Literal and value in typing.get_args(option):
-            return
+            return True
         if base in (list, tuple) and isinstance(value, (list, tuple)):
-            return
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return
+            items = typing.get_args(option)[:1]  # list[int], tuple[int, ...]: every item an int
+            return not items or all(_fits(item, items[0]) for item in value)
+        if isinstance(value, bool) and base in (int, float):  # True is an int in Python, never a count here
+            continue
+        if base is float and isinstance(value, (int, float)):
+            return True
         if isinstance(base, type) and base not in (list, tuple) and isinstance(value, base):
-            return
-    raise ConfigError(f"option '{key}' of method '{method}' must be {hint}, got {value!r}")
+            return True
+    return False
 
 
 class Method(nn.Module):
@@ -113,10 +145,38 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         self.geometry = geometry
-        #: every hook, replaced module and forward override this method put into the backbone
-        self.injections = Injections()
+        self.bind("default", Injections(), AdapterRouting(active="default"), ForwardPlan(), num_classes=0)
+
+    def bind(
+        self,
+        adapter_name: str,
+        ledger: Injections,
+        routing: AdapterRouting,
+        plan: ForwardPlan,
+        num_classes: int,
+    ) -> None:
+        """Make this method the adapter ``adapter_name`` of a model (``PromptModel`` calls it before ``attach``)."""
+        #: the name of the adapter this method is, in its model
+        self.adapter_name = adapter_name
+        #: every hook, replaced module and loop change this adapter put into the backbone (a view of the
+        #: model's ledger that names this adapter)
+        self.injections = ledger.for_adapter(adapter_name)
+        #: which adapter each sample of the current forward uses (shared with the model and its layers)
+        self.routing = routing
         #: how forwards run (row skipping, prompts on/off), shared with the PromptModel
-        self.plan = ForwardPlan()
+        self.plan = plan
+        #: classes of this adapter's head
+        self.num_classes = num_classes
+        #: the backbone tensors this adapter tunes in place (the model fills it after ``attach``), and their
+        #: values while another adapter is active (None while this one is)
+        self.in_place: list[Any] = []
+        self.stash: list[torch.Tensor] | None = None
+
+    def on_own_rows(self, x: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``change`` applied to the samples of ``x`` this adapter serves in the current forward (all, some
+        in a mixed batch, or none): what a hook of the method does to stay out of other adapters' samples."""
+        groups = self.routing.groups((self.adapter_name,), x.shape[0])
+        return on_rows(x, groups[0][1], change) if groups else x
 
     @classmethod
     def supports(cls, adapter: BackboneAdapter) -> bool:
@@ -130,13 +190,27 @@ class Method(nn.Module):
         """Existing backbone parameters this method unfreezes (bias, norm, full, partial)."""
         return iter(())
 
+    def build_head(self, classifier: nn.Module) -> nn.Module:
+        """The adapter's head around the classifier the model made for it (an MLP head adds layers before)."""
+        return classifier
+
+    def classifier_of(self, head: nn.Module) -> nn.Module:
+        """The final classifier layer inside the adapter's head (counted as 'head' in parameter summaries)."""
+        return head
+
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        """The adapter's head with ``classifier`` as its final layer (``PromptModel.reset_classifier``)."""
+        return classifier
+
     def head_name(self, backbone: nn.Module) -> str:
-        """Dotted name of the final classifier layer (counted as 'head' in parameter summaries)."""
+        """Dotted name of the final classifier layer in artifact keys (``head``; ``head.2`` in an MLP head)."""
         return classifier_name(backbone)
 
     def modules_in_train_mode(self, backbone: nn.Module) -> Iterable[nn.Module]:
-        """Backbone modules put in train mode while training; by default the injected tuner layers."""
-        return (m for m in backbone.modules() if isinstance(m, TunerLayer))
+        """Backbone modules put in train mode while training; by default the tuner layers holding this adapter."""
+        return (
+            m for m in backbone.modules() if isinstance(m, TunerLayer) and self.adapter_name in m.adapter_names
+        )
 
     @classmethod
     def expected_num_parameters(cls, config: MethodConfig, geometry: Geometry) -> int | None:
@@ -163,8 +237,8 @@ class Method(nn.Module):
         Everything before it (``patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks[:l]``) is then
         frozen and deterministic (those modules stay in eval mode), so its output can be computed once per
         image and reused (``promptvit.cache``, ``TrainConfig.cache_prefix``). A method whose only change at
-        block ``l`` is a forward pre-hook on ``blocks[l]`` (an activation prompt, inserted tokens) may return
-        ``l``: ``PromptModel.forward_from_block`` runs that block's hooks.
+        block ``l`` is a change of its input in the block loop (an activation prompt, inserted tokens) may
+        return ``l``: ``PromptModel.forward_from_block`` runs the loop from block ``l`` on.
 
         ``geometry.depth`` means that all blocks, the final norm and the pooling are frozen: the cache then
         holds the pre-logit features (``forward_head(..., pre_logits=True)``) and only the classifier runs
@@ -195,14 +269,6 @@ class Method(nn.Module):
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """Called by the engine after each epoch (numbered from 1); returns numbers worth logging."""
         return {}
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
-        """The method's changes in a form the multi-task server applies per sample; ``None``: not batchable.
-
-        ``[]`` means nothing but the head changes. The server gathers each kind of change per sample, so a
-        new method that expresses itself in these kinds is served batched without touching the server.
-        """
-        return None
 
     def peft_form(self, backbone: nn.Module) -> PeftForm | None:
         """The method as a Hugging Face peft adapter, or None where peft has no equivalent (the default)."""

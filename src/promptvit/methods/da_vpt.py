@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from promptvit.backbones import BackboneError, Geometry, adapter_for, classifier_name
+from promptvit.backbones import BackboneError, Geometry, adapter_for, classifier_name, unwrap_base_layers
 from promptvit.layers.prompt_init import (
     SAMPLERS,
     LayerTokenCatcher,
@@ -78,12 +78,12 @@ from promptvit.layers.prompt_init import (
     split_batch,
 )
 from promptvit.layers.token_prompts import (
-    TokenPromptHooks,
+    TokenPrompts,
     expand_prompts,
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 from promptvit.methods.lora import check_block_list, resolve_blocks
 
 
@@ -250,7 +250,7 @@ def format_mapping(class_to_prompt: torch.Tensor, limit: int = 64) -> str:
 
 
 @register_method
-class DAVPT(TokenPromptHooks, Method):
+class DAVPT(TokenPrompts, Method):
     """DA-VPT; ``proxy_prompts`` (|G|, M, d) at the guided blocks, ``other_prompts`` (depth - |G|, L, d)."""
 
     name = "da_vpt"
@@ -285,7 +285,6 @@ class DAVPT(TokenPromptHooks, Method):
         config = self.config
         device, dtype = reference_device_dtype(backbone)
         d = self.geometry.embed_dim
-        self.num_classes = int(backbone.num_classes)
         #: M actually used: capped at the number of classes (then the mapping is the identity)
         self.num_proxies = min(config.num_proxy_prompts, self.num_classes)
         self.identity_mapping = self.num_classes <= config.num_proxy_prompts
@@ -299,8 +298,8 @@ class DAVPT(TokenPromptHooks, Method):
             else None
         )
         self._init_prompts()
-        head = backbone.get_submodule(classifier_name(backbone))
-        feature_dim = int(getattr(head, "in_features", backbone.num_features))
+        head = backbone.get_submodule(classifier_name(backbone))  # the slot of every adapter's head
+        feature_dim = int(getattr(unwrap_base_layers(head), "in_features", backbone.num_features))
         self.register_buffer("class_to_prompt", self._default_mapping(device))
         self.register_buffer("centroids", torch.zeros(self.num_proxies, feature_dim, device=device))
 
@@ -309,7 +308,7 @@ class DAVPT(TokenPromptHooks, Method):
         first = min(i for i, length in lengths.items() if length > 0)
         # The paper anchor reads the proxy prompts' attention output in the guided blocks: keep it computed.
         keep = self.guided if config.anchor == "prompt_attn_out" else ()
-        self.register_token_prompt_hooks(
+        self.register_token_prompts(
             backbone, {i: n for i, n in lengths.items() if i >= first}, keep_prompt_outputs=keep
         )
 
@@ -320,7 +319,7 @@ class DAVPT(TokenPromptHooks, Method):
                 raise ConfigError(f"da_vpt: its kv biases and class query hook qkv; {error}") from None
 
         if config.bias_set != "none":
-            self._qkv_part = qkv(0).out_features // 3
+            self._qkv_part = unwrap_base_layers(qkv(0)).out_features // 3
             self.kv_bias_delta = nn.Parameter(
                 torch.zeros(self.geometry.depth, 2 * self._qkv_part, device=device, dtype=dtype)
             )
@@ -330,7 +329,7 @@ class DAVPT(TokenPromptHooks, Method):
             self._hook_prompt_mask(adapter, qkv)
         # Capture hooks run after the prompt hooks (and the mask), so they see the prompted sequence.
         for g, index in enumerate(self.guided):
-            self.injections.pre_hook(adapter.blocks[index], functools.partial(self._capture_block_input, g))
+            self.injections.change_block_input(index, functools.partial(self._capture_block_input, g))
             if self.has_cls:
                 self.injections.hook(qkv(index), functools.partial(self._capture_cls_query, g))
             if config.anchor == "prompt_attn_out":
@@ -408,7 +407,7 @@ class DAVPT(TokenPromptHooks, Method):
         for index, block in enumerate(adapter.blocks):
             for module, names in (
                 (adapter.attention(index).proj, ("bias",)),
-                (block.mlp.fc2, ("bias",)),
+                (unwrap_base_layers(block.mlp).fc2, ("bias",)),
                 (block.norm2, ("bias",)),
                 (block.norm1, ("weight", "bias")),
             ):
@@ -422,10 +421,6 @@ class DAVPT(TokenPromptHooks, Method):
     def no_weight_decay(self) -> set[str]:
         """timm's hook: the key/value bias deltas are biases (one row per block), undecayed as in the code."""
         return {"kv_bias_delta"} if self.config.bias_set != "none" else set()
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
-        """Prompts only: the key/value bias deltas of DA-VPT+ are served per task."""
-        return [self.token_prompt_change()] if self.config.bias_set == "none" else None
 
     @classmethod
     def expected_num_parameters(cls, config: DAVPTConfig, geometry: Geometry) -> int | None:
@@ -443,18 +438,25 @@ class DAVPT(TokenPromptHooks, Method):
 
     def _add_kv_bias(self, block: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         delta = F.pad(self.kv_bias_delta[block], (self._qkv_part, 0))  # [0 (q) | k | v]
-        return output + delta.to(output.dtype)
+        return self.on_own_rows(output, lambda rows: rows + delta.to(rows.dtype))
 
     def _keep_qkv(self, block: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.plan.token_prompts:
+        if self.plan.token_prompts and self.adapter_name in self.routing.present():
             self._mask_qkv[block] = output
 
     def _mask_prompt_rows(self, block: int, module: nn.Module, args: tuple) -> tuple | None:
-        """The prompt rows of the attention output, recomputed with the prompt queries seeing patches only."""
+        """The prompt rows of the attention output, recomputed with the prompt queries seeing patches only
+        (on this adapter's samples)."""
         qkv = self._mask_qkv.pop(block, None)
         x = args[0]
         if qkv is None or x.shape[1] != qkv.shape[1]:  # prompts off, or their rows not computed here
             return None
+        return (self.on_own_rows(x, lambda own: self._masked(block, qkv, own)), *args[1:])
+
+    def _masked(self, block: int, qkv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if qkv.shape[0] != x.shape[0]:  # a mixed batch: this adapter's samples
+            groups = self.routing.groups((self.adapter_name,), qkv.shape[0])
+            qkv = qkv[groups[0][1]]
         parts, start, count = self._mask_parts[block], self.num_prefix_tokens, self.prompts_in_block[block]
         batch, tokens, _ = qkv.shape
         q, k, v = qkv.reshape(batch, tokens, 3, parts.num_heads, parts.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -462,15 +464,17 @@ class DAVPT(TokenPromptHooks, Method):
         end = start + count
         rows = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, end:], v[:, :, end:], scale=parts.scale)
         rows = rows.transpose(1, 2).reshape(batch, count, parts.attn_dim).to(x.dtype)
-        return (torch.cat([x[:, :start], rows, x[:, end:]], dim=1), *args[1:])
+        return torch.cat([x[:, :start], rows, x[:, end:]], dim=1)
 
     def _capturing(self) -> bool:
-        return self.training and self.plan.token_prompts
+        """Training this adapter (every sample is its own: mixed batches are for inference)."""
+        return self.training and self.plan.token_prompts and self.routing.present() == [self.adapter_name]
 
-    def _capture_block_input(self, g: int, module: nn.Module, args: tuple) -> None:
+    def _capture_block_input(self, g: int, x: torch.Tensor) -> torch.Tensor:
         if self._capturing() and self.config.anchor == "patch_mean" and self.config.beta > 0:
-            images = args[0][:, self.num_prefix_tokens + self.num_proxies :]
+            images = x[:, self.num_prefix_tokens + self.num_proxies :]
             self._captured[("patch", g)] = images.mean(dim=1)
+        return x
 
     def _capture_cls_query(self, g: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._capturing() and self.config.lam > 0:

@@ -45,12 +45,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import torch
 from torch import nn
 
 from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
-from promptvit.layers.prompted_attention import WAYS, PromptedAttention
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.layers.prompted_attention import WAYS, AttentionPrompt, PromptedAttention
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -127,8 +126,17 @@ class EPT(Method):
 
     @classmethod
     def supports(cls, adapter: BackboneAdapter) -> bool:
-        """Token models, and families whose blocks are transformer blocks (Swin's window attention)."""
-        return adapter.kind == "vit" or adapter.has_transformer_blocks
+        """Token models, and families whose transformer blocks give their attention parts (Swin's window
+        attention; not SAM's or MaxxVit's, whose attention maths promptvit does not re-compute)."""
+        if adapter.kind == "vit":
+            return True
+        if not adapter.has_transformer_blocks:
+            return False
+        try:
+            adapter.attention_parts_from_call(0)
+        except BackboneError:
+            return False
+        return True
 
     def attach(self, backbone: nn.Module) -> None:
         adapter = adapter_for(backbone)
@@ -139,40 +147,35 @@ class EPT(Method):
             except BackboneError as error:
                 raise ConfigError(f"ept: prompted attention re-computes the block's attention; {error}") from None
             parent, name = adapter.attention_slot(index)
-            try:
-                layer = PromptedAttention(
-                    getattr(parent, name),
+
+            def prompted(attn: nn.Module, parts_from_call=parts_from_call, index=index) -> PromptedAttention:
+                return PromptedAttention(
+                    attn,
                     num_tokens=adapter.attention_tokens(index),  # a window's tokens on Swin
-                    way=self.config.way,
-                    prompt_length=self.prompt_length,
-                    init_std=self.config.init_std,
                     img_size=self.geometry.img_size,
                     parts_from_call=parts_from_call,
+                    routing=self.routing,
                 )
+
+            try:
+                layer = self.injections.layer(parent, name, PromptedAttention, prompted)
             except TypeError as error:
                 raise ConfigError(f"ept: cannot prompt block {index}: {error}") from error
-            layer.block = index
-            self.injections.replace(parent, name, layer)
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
-        """One extra softmax column per query (its log-sum-exp), a logit bias or a query temperature per block;
-        ``multi_cat`` depends on each sample's logits and is not batchable."""
-        if self.config.way == "multi_cat":
-            return None
-        changes = []
-        for layer in self.injected_layers():
-            n = layer.num_tokens
-            learned = next(iter(layer._learned().values())).detach()
-            if layer.way == "pure_cat":
-                tensors = {"lse": torch.logsumexp(learned, -1)}
-            else:
-                tensors = {"lse": learned.new_full((n,), float("-inf"))}
-                tensors["bias" if layer.way == "add" else "temperature"] = learned
-            changes.append(BatchedChange("attention_logits", block=layer.block, tensors=tensors))
-        return changes
+            layer.add_adapter(
+                self.adapter_name,
+                way=self.config.way,
+                prompt_length=self.prompt_length,
+                init_std=self.config.init_std,
+            )
 
     def injected_layers(self) -> list[PromptedAttention]:
-        return [entry.target for entry in self.injections.entries("replace")]
+        """The prompted attentions holding this adapter's prompts, block by block."""
+        entries = self.injections.entries("replace")
+        return [entry.target for entry in entries if isinstance(entry.target, PromptedAttention)]
+
+    def attention_prompts(self) -> list[AttentionPrompt]:
+        """This adapter's learned logits in each prompted block, block by block."""
+        return [layer.prompts[self.adapter_name] for layer in self.injected_layers()]
 
     def tuned_from_block(self) -> int:
         """Blocks before the first prompted one are frozen."""

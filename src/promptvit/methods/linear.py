@@ -8,8 +8,8 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.backbones import Geometry, adapter_for, unwrap_base_layers
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 SOLVERS = ("lbfgs", "sgd", "optimizer")
 
@@ -58,7 +58,7 @@ class SolvedHead:
         if self.fits_head_to_convergence() and not (
             adapter.head_reads_pre_logits()
             and len(adapter.classifier_modules()) == 1
-            and isinstance(adapter.get_classifier(), (nn.Linear, nn.Conv2d))
+            and isinstance(unwrap_base_layers(adapter.get_classifier()), (nn.Linear, nn.Conv2d))
         ):
             warnings.warn(
                 f"{self.config.method_label}: the head of {type(backbone).__name__} is not one linear layer on the "
@@ -93,9 +93,6 @@ class Linear(SolvedHead, Method):
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return []
 
     @classmethod
     def expected_num_parameters(cls, config: LinearConfig, geometry: Geometry) -> int:

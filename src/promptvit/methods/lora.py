@@ -8,14 +8,15 @@ as in the paper. ``merge()`` folds the updates into the frozen ``qkv`` weights f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for
-from promptvit.layers.lora import FusedLoRALinear
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, PeftForm, register_method
+from promptvit.backbones import BackboneAdapter, BackboneError, Geometry, adapter_for, unwrap_base_layers
+from promptvit.layers.lora import FusedLoRALinear, LoRAFactors
+from promptvit.methods.base import ConfigError, Method, MethodConfig, PeftForm, register_method
 
 QKV = ("q", "k", "v")
 
@@ -100,9 +101,9 @@ class LoRA(Method):
 
     def __init__(self, config: LoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
-        # The injected layers live in the backbone; this plain list (not submodules) lets merge() find them.
+        # The layers live in the backbone (shared with other LoRA adapters); this plain list (not submodules)
+        # lets merge() find them.
         self._lora_layers: list[FusedLoRALinear] = []
-        self._blocks: list[int] = []  # block index of each injected layer
 
     def attach(self, backbone: nn.Module) -> None:
         config: LoRAConfig = self.config
@@ -113,18 +114,28 @@ class LoRA(Method):
                 attn, _ = adapter.qkv_slot(index, self.injections)
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
-            qkv = getattr(attn, "qkv", None)
-            heads = adapter.qkv_head_first(index)
-            try:
-                layer = FusedLoRALinear(
-                    qkv, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout, heads=heads
+            qkv = unwrap_base_layers(getattr(attn, "qkv", None) or nn.Identity())
+            if not isinstance(qkv, (nn.Linear, nn.Conv2d)):
+                raise ConfigError(
+                    f"lora: block {index} has no fused qkv (an nn.Linear or 1x1 nn.Conv2d into q, k and v) to adapt"
                 )
-            except (ValueError, AttributeError):
+            width = qkv.weight.shape[1]
+            if config.rank > width:  # B A would have more parameters than a full update, no more rank
+                raise ConfigError(
+                    f"lora: rank {config.rank} exceeds the width {width} of block {index}'s qkv; an "
+                    f"update of that size has rank at most {width}, choose rank <= {width} "
+                    "(--method.rank)"
+                )
+            make = functools.partial(FusedLoRALinear, routing=self.routing, heads=adapter.qkv_head_first(index))
+            try:
+                layer = self.injections.layer(attn, "qkv", FusedLoRALinear, make)
+            except ValueError:
                 raise ConfigError(
                     f"lora: block {index} has no fused qkv (an nn.Linear or 1x1 nn.Conv2d into q, k and v) to adapt"
                 ) from None
-            self.injections.replace(attn, "qkv", layer)
-            self._blocks.append(index)
+            layer.add_adapter(
+                self.adapter_name, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout
+            )
             self._lora_layers.append(layer)
 
     def tuned_from_block(self) -> int:
@@ -134,30 +145,26 @@ class LoRA(Method):
             return 0
         return min(resolve_blocks(self.config.layers, self.geometry.depth, self.name))
 
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        """Per block, A and B of all three q/k/v parts (zeros where not adapted), the scaling folded into B."""
-        changes = []
-        for index, layer in zip(self._blocks, self._lora_layers, strict=True):
-            a = layer.lora_A.new_zeros(layer.num_parts, layer.rank, layer.lora_A.shape[-1])
-            b = layer.lora_B.new_zeros(layer.num_parts, layer.part_size, layer.rank)
-            for i, part in enumerate(layer.parts):
-                a[part] = layer.lora_A[i].detach()
-                b[part] = layer.lora_B[i].detach() * layer.scaling
-            changes.append(BatchedChange("qkv_low_rank", block=index, tensors={"a": a, "b": b}))
-        return changes
+    def factors(self) -> list[LoRAFactors]:
+        """This adapter's update in each adapted ``qkv``, block by block."""
+        return [layer.lora[self.adapter_name] for layer in self._lora_layers]
 
     def peft_form(self, backbone: nn.Module) -> PeftForm:
         """peft's LoRA on each whole fused ``qkv`` (docs/export.md): rank ``len(targets) * rank``, A stacked, B block
         structured (zeros on the rows of parts not adapted), ``lora_alpha = alpha * len(targets)`` (the same
         scale ``alpha / rank``)."""
-        names = {id(m): n for n, m in backbone.named_modules()}
-        first = self._lora_layers[0]
+        # timm's names of the projections (the levels of other adapters' wrappers dropped)
+        names = {
+            id(m): ".".join(part for part in n.split(".") if part != "base_layer") for n, m in backbone.named_modules()
+        }
+        factors = self.factors()
+        first = factors[0]
         count = len(first.parts)
         tensors = {}
-        for layer in self._lora_layers:
+        for layer, own in zip(self._lora_layers, factors, strict=True):
             name = names[id(layer)]
-            tensors[f"{name}.lora_A.weight"] = layer.lora_A.detach().reshape(count * layer.rank, -1)
-            tensors[f"{name}.lora_B.weight"] = layer.stacked_lora_B().detach()
+            tensors[f"{name}.lora_A.weight"] = own.lora_A.detach().reshape(count * own.rank, -1)
+            tensors[f"{name}.lora_B.weight"] = own.stacked_lora_B().detach()
         config = {
             "r": count * first.rank,
             "lora_alpha": first.alpha * count,
@@ -169,17 +176,17 @@ class LoRA(Method):
 
     @property
     def merged(self) -> bool:
-        return any(layer.merged for layer in self._lora_layers)
+        return any(layer.lora[self.adapter_name].merged for layer in self._lora_layers)
 
     def merge(self) -> None:
         """Fold every update into its frozen ``qkv`` weight; merging twice is a no-op."""
         for layer in self._lora_layers:
-            layer.merge()
+            layer.merge(self.adapter_name)
 
     def unmerge(self) -> None:
         """Subtract the updates again; a no-op when not merged."""
         for layer in self._lora_layers:
-            layer.unmerge()
+            layer.unmerge(self.adapter_name)
 
     @classmethod
     def expected_num_parameters(cls, config: LoRAConfig, geometry: Geometry) -> int | None:

@@ -8,9 +8,9 @@ from typing import Literal
 
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for, classifier_name
+from promptvit.backbones import Geometry, classifier_name
 from promptvit.layers.token_prompts import reference_device_dtype
-from promptvit.methods.base import BatchedChange, ConfigError, Method, register_method
+from promptvit.methods.base import ConfigError, Method, register_method
 from promptvit.methods.linear import HeadSolverConfig, SolvedHead
 
 
@@ -39,9 +39,11 @@ class MLP(SolvedHead, Method):
 
     def attach(self, backbone: nn.Module) -> None:
         self.check_solver(backbone)
+
+    def build_head(self, classifier: nn.Module) -> nn.Module:
+        """``num_layers - 1`` hidden layers of the feature width, then the classifier."""
         width = self.geometry.embed_dim
         act = {"relu": nn.ReLU, "gelu": nn.GELU}[self.config.activation]
-        classifier = adapter_for(backbone).get_classifier()
         # a 1x1-convolution classifier (DLA, DPN, BiT) reads (B, C, 1, 1) maps: its hidden layers do too
         device, dtype = reference_device_dtype(classifier)
         factory = {"device": device, "dtype": dtype}
@@ -49,23 +51,24 @@ class MLP(SolvedHead, Method):
         hidden = [
             module for _ in range(self.config.num_layers - 1) for module in (layer(width, width, **factory), act())
         ]
-        parent_name, _, child = classifier_name(backbone).rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        self.injections.replace(parent, child, nn.Sequential(*hidden, classifier))
+        return nn.Sequential(*hidden, classifier)
+
+    def classifier_of(self, head: nn.Module) -> nn.Module:
+        return head[-1]
+
+    def replace_classifier(self, head: nn.Module, classifier: nn.Module) -> nn.Module:
+        head[-1] = classifier  # the hidden layers stay
+        return head
 
     def head_name(self, backbone: nn.Module) -> str:
-        mlp_head = classifier_name(backbone)
-        return f"{mlp_head}.{len(backbone.get_submodule(mlp_head)) - 1}"
+        return f"{classifier_name(backbone)}.{2 * (self.config.num_layers - 1)}"
 
     def modules_in_train_mode(self, backbone: nn.Module) -> list[nn.Module]:
-        return [backbone.get_submodule(classifier_name(backbone))]
+        return []  # the head is put in train mode by the model
 
     def tuned_from_block(self) -> int:
         """Only the MLP head is tuned: the pre-logit features are frozen (ViT and CNN)."""
         return self.geometry.depth
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        return []
 
     @classmethod
     def expected_num_parameters(cls, config: MLPConfig, geometry: Geometry) -> int:

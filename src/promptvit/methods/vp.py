@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import BackboneError, Geometry, adapter_for
+from promptvit.backbones import Geometry
 from promptvit.layers.token_prompts import reference_device_dtype
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -108,7 +108,7 @@ class VP(Method):
             self.prompt = self._new(
                 self.geometry.num_tokens, self.geometry.embed_dim, device=device, dtype=dtype
             )
-            self.injections.pre_hook(adapter_for(backbone).blocks[0], self._add_token_prompt)
+            self.injections.change_block_input(0, self._add_token_prompt)
             return
         height, width = image_size(self.geometry, self.config.cnn_input_size)
         pad = self.config.pad_size
@@ -116,11 +116,7 @@ class VP(Method):
         self.pad_down = self._new(3, pad, width, device=device, dtype=dtype)
         self.pad_left = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
         self.pad_right = self._new(3, height - 2 * pad, pad, device=device, dtype=dtype)
-        try:
-            input_module = adapter_for(backbone).input_module()
-        except BackboneError as error:
-            raise ConfigError(f"vp: {error}") from None
-        self.injections.pre_hook(input_module, self._add_pad_prompt)
+        self.injections.change_images(self._add_pad_prompt)
 
     def frame(self) -> torch.Tensor:
         """The (3, H, W) pixel prompt: the learned border around a zero centre."""
@@ -131,30 +127,23 @@ class VP(Method):
         middle = torch.cat([self.pad_left, centre, self.pad_right], dim=2)
         return torch.cat([self.pad_up, middle, self.pad_down], dim=1)
 
-    def _add_token_prompt(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
+    def _add_token_prompt(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != self.prompt.shape:
             raise ValueError(
                 f"vp: the token prompt has {self.prompt.shape[0]} rows for {self.geometry.img_size[0]}x"
                 f"{self.geometry.img_size[1]} inputs, but block 0 got {x.shape[1]} tokens of width {x.shape[2]}; "
                 f"feed {self.geometry.img_size[0]}x{self.geometry.img_size[1]} images"
             )
-        return (x + self.prompt, *args[1:])
+        return x + self.prompt
 
-    def _add_pad_prompt(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
+    def _add_pad_prompt(self, x: torch.Tensor) -> torch.Tensor:
         frame = self.frame()
         if x.shape[1:] != frame.shape:
             raise ValueError(
                 f"vp: the pad prompt is sized for {frame.shape[1]}x{frame.shape[2]} RGB images, got input of shape "
                 f"{tuple(x.shape[1:])}; resize the images or set cnn_input_size (CNNs)"
             )
-        return (x + frame, *args[1:])
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange]:
-        if self.config.mode == "token":
-            return [BatchedChange("add_tokens", block=0, tensors={"delta": self.prompt.detach()})]
-        return [BatchedChange("add_pixels", tensors={"frame": self.frame().detach()})]
+        return x + frame
 
     def tuned_from_block(self) -> int:
         """No frozen prefix worth caching: the prompt is added at the input (pixels or block-0 tokens)."""

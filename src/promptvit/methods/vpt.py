@@ -23,12 +23,12 @@ from torch import nn
 from promptvit.backbones import BackboneAdapter, Geometry, adapter_for
 from promptvit.layers.token_prompts import (
     BlockPrompts,
-    TokenPromptHooks,
+    TokenPrompts,
     expand_prompts,
     init_vpt_uniform_,
     reference_device_dtype,
 )
-from promptvit.methods.base import BatchedChange, ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class VPTConfig(MethodConfig):
 
 
 @register_method
-class VPT(TokenPromptHooks, Method):
+class VPT(TokenPrompts, Method):
     """Visual Prompt Tuning; ``prompts`` has shape (depth if deep else 1, L, d)."""
 
     name = "vpt"
@@ -88,14 +88,10 @@ class VPT(TokenPromptHooks, Method):
         else:  # one (L, d_i) tensor per block
             tensors = [init_vpt_uniform_(torch.empty(length, w, device=device, dtype=dtype), *bound) for w in widths]
             self.prompts = BlockPrompts(tensors, trainable=not self.config.frozen_prompts)
-        self.register_token_prompt_hooks(backbone, {block: length for block in range(self.num_prompted_blocks)})
+        self.register_token_prompts(backbone, {block: length for block in range(self.num_prompted_blocks)})
 
     def block_prompts(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return expand_prompts(self.prompts[block], x.shape[0], self.prompt_dropout)
-
-    def batched_changes(self, backbone: nn.Module) -> list[BatchedChange] | None:
-        change = self.token_prompt_change()
-        return None if change is None else [change]
 
     @classmethod
     def prompted_depth(cls, config: VPTConfig, depth: int) -> int | None:

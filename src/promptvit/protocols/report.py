@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptvit.io import atomic_write_text
+from promptvit.io import atomic_write_text, output_folder
 from promptvit.methods import baseline_method, methods_in_table_order
 from promptvit.protocols.clinical_report import clinical_tables, reliability_plots
 from promptvit.protocols.report_parts import (
@@ -44,7 +44,7 @@ from promptvit.protocols.report_parts import (
     slug,
     subplots,
 )
-from promptvit.protocols.store import LoadedRecords, load_records
+from promptvit.protocols.store import LoadedRecords, load_records, record_sources
 
 SECONDARY_METRICS = ("auc", "balanced_accuracy", "map_present")
 
@@ -597,6 +597,10 @@ class Report:
     loaded: LoadedRecords
 
 
+#: what a report folder holds; an older promptvit wrote these before folders were marked
+REPORT_FILES = ("report.md", "report.html", "summary.csv", "plots")
+
+
 def write_report(
     results: str | Path | Iterable[str | Path] | LoadedRecords,
     out_dir: str | Path,
@@ -609,8 +613,9 @@ def write_report(
     """Render ``results`` (store folders, .jsonl files or loaded records) into ``out_dir``:
     ``report.md``, ``report.html``, ``summary.csv`` and ``plots/*.png``; every file written atomically.
     ``reference``: a method row label that paired differences are also shown against (besides linear)."""
+    inputs = [] if isinstance(results, LoadedRecords) else record_sources(results)
     loaded = results if isinstance(results, LoadedRecords) else load_records(results)
-    out = Path(out_dir)
+    out = output_folder(out_dir, "report", inputs=inputs, legacy=REPORT_FILES)  # new, empty or a report
     final_records(loaded.records, loaded.problems)  # reports superseded records
     tables = build_tables(loaded.records, reference)
     problems = problem_table(loaded)

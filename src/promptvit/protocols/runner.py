@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from promptvit.errors import ResumeError, TrainingError
+from promptvit.errors import OutputError, ResumeError, TrainingError
 from promptvit.experiment import backbone_init, environment, run_pipeline
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
@@ -172,6 +172,8 @@ def run_and_record(
         try:
             body = execute(spec, store.run_dir(record["train_hash"]), threads=threads, versions=versions)
             record.update(status="ok", error=None, **body)
+        except OutputError:  # the results disk (full, read-only), not this run: stop the sweep, record nothing
+            raise
         except ResumeError as error:
             record.update(status="failed", error=f"{type(error).__name__}: {error}")
         except TrainingError as error:  # non-finite loss/parameters: a real outcome of this grid point

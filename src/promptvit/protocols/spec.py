@@ -42,7 +42,7 @@ EpochSelection = Literal["val", "last"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in no float option
 
 
 class SourceSpec(Strict):

@@ -37,11 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promptvit.io import atomic_write_text
+from promptvit.errors import OutputError
+from promptvit.io import atomic_write_text, output_error
 from promptvit.protocols.spec import ProtocolError
 
 RECORD_FORMAT = 1
 FINAL_STATUSES = ("ok", "diverged")
+#: what a store folder holds (a sweep adds sweeps/ and report/); an older promptvit wrote these unmarked
+STORE_NAMES = ("records", "failed", "runs", "locks", "sweeps", "report")
 
 
 @dataclass
@@ -63,7 +66,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def create_exclusive(path: Path, text: str) -> bool:
-    """Create ``path`` holding ``text`` if it does not exist; atomic and complete. False if it existed."""
+    """Create ``path`` holding ``text`` if it does not exist; atomic and complete. False if it existed.
+
+    A full disk (or another write error) raises ``OutputError`` naming the file and leaves no partial file.
+    """
+    try:
+        return _create_exclusive(path, text)
+    except OutputError:
+        raise
+    except OSError as error:
+        raise output_error(path, error) from error
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         return False
@@ -163,7 +178,11 @@ class ResultStore:
         except ImportError:  # pragma: no cover - not POSIX: records stay exclusive, runs may repeat work
             yield True
             return
-        with open(path, "a+", encoding="utf-8") as handle:
+        try:  # O_NOFOLLOW: a lock file planted as a link must not make us truncate the file it points to
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            raise output_error(path, error) from error
+        with open(descriptor, "a+", encoding="utf-8") as handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -343,6 +362,23 @@ def _run_folders(path: Path) -> list[Path]:
     if is_run_folder(path):
         return [path]
     return sorted(p for p in path.iterdir() if p.is_dir() and is_run_folder(p))
+
+
+def record_sources(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """What ``load_records`` reads from ``paths``: record files, a store's ``records/`` and ``failed/``, run
+    folders (its ``report/`` and ``runs/`` are not read, so a report may be written there)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    sources: list[Path] = []
+    for item in map(Path, paths):
+        runs = _run_folders(item) if item.is_dir() and not (item / "records").is_dir() else []
+        if runs:
+            sources += runs
+        elif item.is_dir() and (item / "records").is_dir():
+            sources += [item / "records", item / "failed"]
+        else:
+            sources += [item, item / "failed"] if item.is_dir() else [item]
+    return sources
 
 
 def load_records(paths: str | Path | Iterable[str | Path]) -> LoadedRecords:

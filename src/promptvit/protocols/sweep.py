@@ -56,14 +56,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from promptvit.io import atomic_write_text, read_yaml_mapping
+from promptvit.errors import OutputError
+from promptvit.io import atomic_write_text, output_folder, read_yaml_mapping
 from promptvit.methods.base import ConfigError, available_methods
 from promptvit.protocols.fewshot import FewShotProtocol
 from promptvit.protocols.fgvc import FGVCProtocol
 from promptvit.protocols.medfmc import MedFMCProtocol
 from promptvit.protocols.runner import run_and_record
 from promptvit.protocols.spec import Protocol, ProtocolError, RunSpec, Strict, Unit, config_hash
-from promptvit.protocols.store import ResultStore, load_records
+from promptvit.protocols.store import STORE_NAMES, ResultStore, load_records
 from promptvit.protocols.vtab import VTABProtocol
 from promptvit.recipes import RECIPES, get_recipe
 
@@ -489,6 +490,8 @@ def run_specs(
             for done, future in enumerate(as_completed(futures), start=1):
                 try:
                     _, status, error = future.result()
+                except OutputError:  # the results disk, not the run: stop the sweep
+                    raise
                 except Exception as crash:  # noqa: BLE001 - a worker died (e.g. out of memory): not recorded
                     status, error = "failed", f"worker process failed: {crash!r}"
                 report(futures[future], status, error, done)
@@ -543,6 +546,15 @@ class SweepResult:
     choices: dict[tuple, Choice] = field(default_factory=dict)
     unresolved: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+
+def _data_roots(protocol: Any) -> list[str]:
+    """The data folders and files a protocol reads (no results may be written inside them)."""
+    tasks = getattr(protocol, "tasks", None)
+    tasks = tasks.values() if isinstance(tasks, dict) else []
+    paths = [getattr(protocol, "root", None)]
+    paths += [data.get(key) for data in tasks if isinstance(data, dict) for key in ("path", "image_root")]
+    return [p for p in paths if isinstance(p, str) and Path(p).exists()]
 
 
 def _backbone_depth(base: dict[str, Any]) -> int:
@@ -658,10 +670,12 @@ def run_sweep(
     on_event: Event | None = None,
 ) -> SweepResult:
     """Run ``config``'s search stage, choose on validation, run the final stage; all resumable."""
-    runner = config.runner.model_copy(
-        update={k: v for k, v in {"backend": backend, "workers": workers}.items() if v is not None}
-    )
+    given = {k: v for k, v in {"backend": backend, "workers": workers}.items() if v is not None}
+    runner = RunnerOptions.model_validate({**config.runner.model_dump(), **given})  # --workers 0 is refused
     root = Path(results or config.results or "results")
+    # the results folder is new, empty or a store promptvit made; a dry run only checks it
+    inputs = _data_roots(config.protocol)
+    output_folder(root, "results", inputs=inputs, legacy=STORE_NAMES, create=not dry_run)
     store = ResultStore(root)
     presets = [resolve_preset(m) for m in config.methods]
     labels = [p.label for p in presets]

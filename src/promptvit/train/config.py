@@ -16,13 +16,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from promptvit.errors import ConfigError
 from promptvit.evaluation.probability import DEFAULT_BINS
+from promptvit.validation import MAX_SEED
 
 
 class TrainConfig(BaseModel):
     """Options of one run of :func:`promptvit.train.fit`. Unknown keys raise a validation error."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     epochs: int = Field(20, ge=1, description="Number of passes over the training set.")
     max_steps: int | None = Field(
@@ -112,7 +114,7 @@ class TrainConfig(BaseModel):
     samples_per_class: int = Field(
         2, ge=1, description="'class_balanced': images of each drawn class in a batch (divides batch_size)."
     )
-    seed: int = Field(0, ge=0, description="Seeds initialisation, shuffling and augmentation.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds initialisation, shuffling and augmentation.")
     select_metric: str | None = Field(
         None,
         description=(
@@ -226,9 +228,21 @@ class TrainConfig(BaseModel):
         return self.lr * self.batch_size / 256 if self.scale_lr else self.lr
 
     def resolve_device(self) -> torch.device:
+        """The device to train on; ``ConfigError`` if ``device`` names one this machine does not have."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (device.index or 0) >= count:
+                seen = f"{count} CUDA GPU(s) visible" if count else "no CUDA GPU is visible"
+                raise ConfigError(
+                    f"train.device '{self.device}' but {seen}; use --train.device auto (a GPU when there is "
+                    "one, else the CPU) or cpu"
+                )
+        elif device.type == "mps" and not (torch.backends.mps.is_available()):
+            raise ConfigError(f"train.device '{self.device}' but MPS is not available here; use auto or cpu")
+        return device
 
 
 #: options that change how a run is executed or displayed but not what it computes; a resumed run may
@@ -272,7 +286,7 @@ class EvaluationConfig(BaseModel):
     """How a run's probabilities are scored, thresholded and given an interval (``evaluation:`` in a run
     config; docs/clinical-evaluation.md). None of it changes training."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ece_bins: int = Field(
         DEFAULT_BINS, ge=1, le=1000, description="Bins of ECE, equal-mass ECE, MCE and the reliability diagrams."

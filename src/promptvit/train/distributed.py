@@ -15,6 +15,11 @@ the engine then behaves as one run with the same *global* batch size:
 - rank 0 is the only writer (checkpoints, artifact, logs, metrics); every rank reads the checkpoint on
   resume, so a run killed on any rank continues from its last finished epoch.
 
+The environment is checked before anything runs (``launched``): ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``
+whole numbers with ``RANK < WORLD_SIZE``, ``MASTER_ADDR`` set and ``MASTER_PORT`` a port. Start-up
+(``setup``) waits at most ``PROMPTVIT_DIST_TIMEOUT`` seconds (default 300) for every rank to join and
+then names the ranks that did not, instead of waiting for ever for a process that was never started.
+
 The split is exact when the training set size is a multiple of the global batch and the global batch a
 multiple of N; otherwise the last batch is padded by repeating some of its items.
 Batch-dependent state (BatchNorm statistics of methods that train the backbone) is per rank.
@@ -23,13 +28,24 @@ Batch-dependent state (BatchNorm statistics of methods that train the backbone) 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset
+
+from promptvit.errors import ConfigError
+from promptvit.validation import env_int, env_seconds
+
+logger = logging.getLogger(__name__)
+
+#: seconds start-up waits for every rank to join (``PROMPTVIT_DIST_TIMEOUT`` overrides)
+DEFAULT_JOIN_TIMEOUT = 300.0
+_TORCHRUN = "start the processes with torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +56,26 @@ class Ranks:
 
 
 def launched() -> Ranks | None:
-    """The process's place when started by torchrun with more than one process, else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """The process's place when started by torchrun with more than one process, else None.
+
+    ``ConfigError`` naming the variable when the environment is not a valid launch (``WORLD_SIZE=abc``,
+    ``WORLD_SIZE=2`` without ``RANK``, ``RANK=5`` of 2, no ``MASTER_ADDR``...).
+    """
+    world = env_int("WORLD_SIZE", default=1, minimum=1, hint=f"unset it for one process, or {_TORCHRUN}")
+    if world == 1:
         return None
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank = env_int("RANK", minimum=0, maximum=world - 1, hint=f"WORLD_SIZE={world} needs RANK 0..{world - 1}")
+    if rank is None:
+        raise ConfigError(f"WORLD_SIZE={world} but RANK is not set; {_TORCHRUN}, or unset WORLD_SIZE")
+    local_world = env_int("LOCAL_WORLD_SIZE", default=world, minimum=1, maximum=world, hint=_TORCHRUN)
+    local_rank = env_int("LOCAL_RANK", default=0, minimum=0, maximum=local_world - 1, hint=_TORCHRUN)
+    if not os.environ.get("MASTER_ADDR", "").strip():
+        raise ConfigError(f"WORLD_SIZE={world} but MASTER_ADDR is not set (the address of rank 0); {_TORCHRUN}")
+    port = env_int("MASTER_PORT", minimum=1, maximum=65535, hint="give the free TCP port rank 0 listens on")
+    if port is None:
+        raise ConfigError(f"WORLD_SIZE={world} but MASTER_PORT is not set (the port of rank 0); {_TORCHRUN}")
+    env_seconds("PROMPTVIT_DIST_TIMEOUT", DEFAULT_JOIN_TIMEOUT)
+    return Ranks(rank, world, local_rank)
 
 
 def is_writer() -> bool:
@@ -59,13 +90,78 @@ def setup(device: torch.device) -> tuple[Ranks | None, torch.device]:
     if ranks is None:
         return None, device
     if device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={ranks.local_rank} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                "start at most one process per GPU (torchrun --nproc_per_node)"
+            )
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store = _join(ranks, env_seconds("PROMPTVIT_DIST_TIMEOUT", DEFAULT_JOIN_TIMEOUT))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank, world_size=ranks.world_size
+        )
     if ranks.rank != 0:  # one copy of the per-epoch lines, from rank 0
         logging.getLogger("promptvit").setLevel(logging.WARNING)
     return ranks, device
+
+
+def _join(ranks: Ranks, timeout: float) -> dist.Store:
+    """The rendezvous store, once every rank has joined; ``ConfigError`` naming the missing ranks after
+    ``timeout`` seconds (torch's own rendezvous would wait, silently, for 30 minutes or more).
+
+    Rank 0 hosts the store at ``MASTER_ADDR:MASTER_PORT``, unless torchrun's agent already does.
+    """
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    where = f"{address}:{port}"
+    fix = "start the missing processes, or raise PROMPTVIT_DIST_TIMEOUT (seconds) if they start late"
+    try:
+        server = dist.TCPStore(
+            address,
+            port,
+            is_master=ranks.rank == 0 and not hosted_by_agent,
+            timeout=datetime.timedelta(seconds=timeout),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
+    except (RuntimeError, OSError) as error:  # DistNetworkError: rank 0 unreachable, or the port taken
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if ranks.rank == 0 and not hosted_by_agent:
+            raise ConfigError(
+                f"rank 0 cannot listen on MASTER_PORT {where} ({first}); choose a free port"
+            ) from None
+        raise ConfigError(
+            f"rank {ranks.rank} of {ranks.world_size} could not reach rank 0 at {where} within {timeout:g} s "
+            f"({first}); {fix}, and check MASTER_ADDR and MASTER_PORT"
+        ) from None
+    # keys of an earlier attempt under torchrun's restarts must not count as joined
+    store = dist.PrefixStore(f"promptvit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", server)
+    store.set(f"joined/{ranks.rank}", "1")
+    started = time.monotonic()
+    missing = list(range(ranks.world_size))
+    announced = False
+    while True:
+        missing = [r for r in missing if not store.check([f"joined/{r}"])]
+        if not missing:
+            return store
+        if time.monotonic() > started + timeout:
+            named = ", ".join(map(str, missing))
+            raise ConfigError(
+                f"rank {ranks.rank}: rank(s) {named} of {ranks.world_size} did not join at {where} within "
+                f"{timeout:g} s; {fix}"
+            )
+        if not announced and ranks.rank == 0 and time.monotonic() > started + min(5.0, timeout / 2):
+            logger.info(
+                "waiting up to %g s for rank(s) %s of %d at %s (PROMPTVIT_DIST_TIMEOUT)",
+                timeout,
+                ", ".join(map(str, missing)),
+                ranks.world_size,
+                where,
+            )
+            announced = True
+        time.sleep(0.1)
 
 
 class ShardedBatches:

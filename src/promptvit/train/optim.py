@@ -14,28 +14,30 @@ from promptvit.errors import ConfigError
 from promptvit.train.config import TrainConfig
 
 
-def _timm_no_weight_decay(model: nn.Module) -> set[str]:
-    """Full names of the parameters timm lists in ``no_weight_decay()`` (pos_embed, cls_token...)."""
-    names: set[str] = set()
-    for prefix, module in model.named_modules():
+def _timm_no_weight_decay(model: nn.Module) -> set[int]:
+    """ids of the parameters timm's ``no_weight_decay()`` hooks list (pos_embed, cls_token...), by identity:
+    a wrapped model names its tensors otherwise than the module that lists them."""
+    ids: set[int] = set()
+    for module in model.modules():
         hook = getattr(module, "no_weight_decay", None)
         if callable(hook):
             try:
                 listed = hook()
             except TypeError:
                 continue
-            names.update(f"{prefix}.{n}" if prefix else n for n in listed)
-    return names
+            own = dict(module.named_parameters())
+            ids.update(id(own[name]) for name in listed if name in own)
+    return ids
 
 
-def is_decay_exempt(name: str, parameter: torch.Tensor, norm_ids: set[int], timm_exempt: set[str]) -> bool:
-    """The standard no-decay rule: biases, 1-D tensors, norm parameters and timm's exemptions.
+def is_decay_exempt(name: str, parameter: torch.Tensor, norm_ids: set[int], timm_exempt: set[int]) -> bool:
+    """The standard no-decay rule: biases, 1-D tensors, norm parameters and timm's exemptions (by id).
 
     Whatever a tensor is called, its shape decides: prompts, VP pads, AP deltas, LoRA factors and head
     weights (2+ dimensions) are decayed; biases, and what a module lists in timm's ``no_weight_decay()`` hook
     (a method's bias deltas among them), are not.
     """
-    return parameter.ndim <= 1 or name.endswith("bias") or id(parameter) in norm_ids or name in timm_exempt
+    return parameter.ndim <= 1 or name.endswith("bias") or id(parameter) in norm_ids or id(parameter) in timm_exempt
 
 
 def _classifier_parameter_ids(model: nn.Module) -> tuple[set[int], set[int]]:
@@ -84,7 +86,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
     Empty groups are left out. Each group carries a ``group`` entry with its name; torch keeps extra keys.
     """
-    parameters = dict(model.named_parameters())
+    named = getattr(model, "tuned_named_parameters", model.named_parameters)
+    parameters = dict(named())
     decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "head": cfg.head_weight_decay}
     members: dict[str, list[nn.Parameter]] = {g: [] for g in decay}
     for name, group in decay_group_of(model, cfg).items():

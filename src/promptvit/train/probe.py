@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from promptvit.backbones import classifier_name
 from promptvit.errors import ConfigError, TrainingError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.train.losses import classification_loss
@@ -164,7 +163,7 @@ def fit_lbfgs_probe(
     bins: int = DEFAULT_BINS,
 ) -> ProbeResult:
     """Fit the classifier head of ``model`` (linear, or an MLP head) in place; see the module docstring."""
-    head = model.backbone.get_submodule(classifier_name(model.backbone))
+    head = model.adapter_head()  # the active adapter's (an MLP head whole)
     if l2_grid is not None and (not l2_grid or min(l2_grid) <= 0):
         raise ConfigError(f"l2_grid must hold positive strengths, got {l2_grid}")
     train_x, train_y = extract_features(model, train_set, batch_size=batch_size, device=device)
