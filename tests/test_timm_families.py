@@ -188,6 +188,35 @@ def test_heads_that_do_not_read_the_pre_logit_features_are_neither_cached_nor_fi
     assert _step(ap, torch.randn(4, 3, 16, 16))
 
 
+def test_heads_on_more_than_the_pre_logit_features_run_mixed_batches_one_adapter_at_a_time() -> None:
+    """Branch heads cannot be applied to shared pre-logit features: each adapter's samples of a mixed batch run
+    the whole forward, and get what the adapter computes alone."""
+    model = promptvit.wrap(TwoBranchNet(), "linear", num_classes=4, adapter_name="a", solver="sgd")
+    model.add_adapter("b", "bias", num_classes=4)
+    model.add_adapter("c", "linear", num_classes=4, solver="sgd")
+    with torch.no_grad():
+        for seed, name in enumerate("abc"):
+            model.set_adapter(name)
+            generator = torch.Generator().manual_seed(seed)
+            for _, p in model.tuned_named_parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", "c", "b", "a"]
+    alone = {}
+    with torch.no_grad():
+        for name in "abc":
+            model.set_adapter(name)
+            alone[name] = model(x)
+        mixed = model(x, adapter_names=names)
+        every = model.forward_every_adapter(x)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-6)
+    for name in "abc":
+        torch.testing.assert_close(every[name], alone[name], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone["a"], alone["c"])
+
+
 @pytest.mark.parametrize("name", ["deit_distilled", "two_branch"])
 def test_unload_puts_back_every_module_reset_classifier_replaced(name: str) -> None:
     """timm's reset_classifier builds more than the classifier anew (a distilled ViT's second head, every

@@ -496,6 +496,9 @@ class PromptModel(nn.Module):
         if adapter_names is not None:
             return self._stacked_logits(images, adapter_names)
         self._check_size(images)
+        return self._logits(images)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with self._logits_pass():
             images = self._changed_images(images)
             if not self.adapter.has_block_loop:
@@ -549,7 +552,12 @@ class PromptModel(nn.Module):
                 if len(unique) == 1
                 else self.routing.using(None, members, device=images.device)
             )
-            in_place = key[1] if key[0] == "alone" else None
+            in_place = key[1] if key[0] in ("alone", "whole forward") else None
+            if key[0] == "whole forward":  # one adapter: its head reads more than the pre-logit features
+                with self._in_place_values_of(in_place), routing:
+                    logits_of[unique[0]].append(self._logits(images[index]))
+                rows_of[unique[0]] += rows
+                continue
             with self._in_place_values_of(in_place), routing:
                 features = self._head_input(images[index])
             for name in unique:
@@ -596,13 +604,18 @@ class PromptModel(nn.Module):
 
     def runs_alone(self, adapter_name: str) -> bool:
         """Whether the adapter's samples run in a forward of their own in a mixed batch (it tunes backbone
-        weights in place, which must be swapped in)."""
-        return self._forward_group(adapter_name)[0] == "alone"
+        weights in place, which must be swapped in, or the heads read more than the pre-logit features)."""
+        return self._forward_group(adapter_name)[0] in ("alone", "whole forward")
 
     def _head_only(self, adapter_name: str) -> bool:
-        """Whether the adapter changes nothing but the head (no layer, hook or loop change, no weights)."""
+        """Whether the adapter changes nothing but the head (no layer, hook or loop change, no weights), on
+        the pre-logit features the heads share."""
         method = self.adapters[adapter_name]
-        return not method.in_place and next(iter(method.injections), None) is None
+        return (
+            not method.in_place
+            and next(iter(method.injections), None) is None
+            and self.adapter.head_reads_pre_logits()
+        )
 
     def forward_every_adapter(
         self, images: torch.Tensor, adapter_names: Sequence[str] | None = None
@@ -633,8 +646,11 @@ class PromptModel(nn.Module):
     def _forward_group(self, adapter_name: str) -> tuple:
         """Which forward a sample of this adapter can share in a mixed batch (declared by what its method
         records, never by its name): alone when it tunes backbone weights in place, else with every adapter
-        of the same prompt-token layout (or of none)."""
+        of the same prompt-token layout (or of none). Where the head reads more than the pre-logit features
+        (heads per branch), no two adapters share features: each runs the whole forward on its samples."""
         method = self.adapters[adapter_name]
+        if not self.adapter.head_reads_pre_logits():
+            return ("whole forward", adapter_name)
         if method.in_place:
             return ("alone", adapter_name)
         schedules = method.injections.entries("tokens")
