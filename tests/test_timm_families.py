@@ -217,16 +217,27 @@ def test_heads_on_more_than_the_pre_logit_features_run_mixed_batches_one_adapter
     assert not torch.allclose(alone["a"], alone["c"])
 
 
-@pytest.mark.parametrize("name", ["deit_distilled", "two_branch"])
+def _repvit() -> nn.Module:
+    """RepViT's head module holds a NormLinear per head; its reset_classifier builds a new head module, without
+    the distillation head unless asked for one."""
+    return create_backbone("repvit_m1", embed_dim=(8, 16, 24, 32), depth=(1, 1, 1, 1), num_classes=3).eval()
+
+
+@pytest.mark.parametrize("name", ["deit_distilled", "two_branch", "repvit"])
 def test_unload_puts_back_every_module_reset_classifier_replaced(name: str) -> None:
     """timm's reset_classifier builds more than the classifier anew (a distilled ViT's second head, every
-    branch head): disable_adapter and unload put all of it back."""
-    base = build(FAMILY_BUILDS, name) if name in FAMILY_BUILDS else TwoBranchNet().eval()
+    branch head, RepViT's whole head module): the adapter gets a new head in every classifier slot, and
+    disable_adapter and unload put all of the backbone's own back."""
+    bases = {"two_branch": lambda: TwoBranchNet().eval(), "repvit": _repvit}
+    base = bases[name]() if name in bases else build(FAMILY_BUILDS, name)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    size = 16 if name in FAMILY_BUILDS else 32
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = base(x)
-    model = promptvit.wrap(base, "linear", num_classes=5).eval()
+    model = promptvit.wrap(base, "linear", num_classes=5, solver="sgd").eval()
+    heads = [model.adapter_head(), *model.extra_heads()]
+    assert len(heads) == 2 and all(h.out_features == 5 for h in heads)
     with torch.no_grad():
         assert model(x).shape == (2, 5)
         with model.disable_adapter():

@@ -16,6 +16,7 @@ prompted attention, row-selected blocks, multi-task serving and the attention an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
@@ -321,7 +322,9 @@ class BackboneAdapter:
         entry; the model is left as it was.
 
         timm may build more than the classifier anew (a pooling layer, the head module holding it, every
-        branch's head): whatever it replaced is put back, so the backbone's own modules stay its own.
+        branch's head): whatever it replaced is put back, so the backbone's own modules stay its own. A slot
+        timm builds nothing for (RepViT's new head has no distillation head unless asked) gets a copy of the
+        first new classifier.
         """
         model = self.model
         names = {id(module): name for name, module in model.named_modules()}
@@ -329,16 +332,17 @@ class BackboneAdapter:
         before = dict(model.named_modules())
         previous = model.num_classes
         model.reset_classifier(num_classes)
-        try:
-            return [model.get_submodule(name) for name in slots]
-        finally:
-            after = dict(model.named_modules())
-            replaced = [name for name, module in before.items() if name and after.get(name) is not module]
-            for name in replaced:
-                if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, before[name])
-            model.num_classes = previous
+        after = dict(model.named_modules())
+        replaced = [name for name, module in before.items() if name and after.get(name) is not module]
+        for name in replaced:
+            if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, before[name])
+        model.num_classes = previous
+        made = [after.get(name) for name in slots]
+        if made[0] is None:
+            raise BackboneError(f"{type(model).__name__}.reset_classifier builds no {slots[0]}")
+        return [module if module is not None else copy.deepcopy(made[0]) for module in made]
 
     def head_input(self, features: torch.Tensor) -> torch.Tensor:
         """What the classifier receives from ``forward_features``' output (pooling, norms before the head)."""
