@@ -22,17 +22,22 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("command line", ["cli"]),
     ("entry points", ["protocols", "demo"]),
     ("run pipeline", ["experiment"]),
+    ("run config and run callbacks", ["run_config", "analysis_callbacks"]),
     ("uses of a model", ["train", "serving", "analysis", "export", "family_support"]),
     ("model and artifacts", ["model", "artifact", "cache"]),
     ("methods", ["methods"]),
     ("layers", ["layers"]),
     ("backbones", ["backbones"]),
-    ("data and files", ["data", "evaluation", "io", "artifact_format", "hub", "recipes", "_version"]),  # data knows no model
+    ("data and files", ["data", "evaluation", "io", "artifact_format", "hub", "recipes", "environment", "_version"]),  # data knows no model
     ("errors", ["errors", "validation"]),
 ]
 
 # Units of one layer that must not import each other either.
 SIBLINGS_APART: list[set[str]] = [{"train", "serving", "analysis"}, {"protocols", "demo"}]
+
+# The modules that run training import the run pipeline (promptvit.experiment); every other module reads run
+# configs and data from below it (run_config, backbones.spec, data.spec, environment).
+RUNS_THE_PIPELINE = {"promptvit.cli.app", "promptvit.demo", "promptvit.protocols.runner"}
 
 # Upward imports tolerated for now, each with the reason and who removes it.
 TEMPORARY_ALLOWANCES: dict[tuple[str, str], str] = {}
@@ -138,6 +143,19 @@ def test_temporary_allowances_are_still_needed() -> None:
     used = {(source, target) for source, target, _, _ in _violations()}
     unused = sorted(set(TEMPORARY_ALLOWANCES) - used)
     assert not unused, f"delete these entries of TEMPORARY_ALLOWANCES, the imports are gone: {unused}"
+
+
+def test_only_the_modules_that_run_training_import_the_pipeline() -> None:
+    """A protocol that builds a spec or a split, or a CLI verb that reads a run config, does not import the
+    pipeline: the way from ``promptvit train`` (or a sweep) to the tested run passes through the modules that
+    run it and nothing else."""
+    importers = {module for module, imports in GRAPH.items() if "promptvit.experiment" in imports}
+    assert importers, "promptvit.experiment is imported by nobody: the detection is broken"
+    extra = sorted(importers - RUNS_THE_PIPELINE)
+    assert not extra, (
+        f"{extra} import the run pipeline: take RunConfig from promptvit.run_config, data loading from "
+        "promptvit.data.spec, backbone_init from promptvit.backbones.spec, environment from promptvit.environment"
+    )
 
 
 def _registers_an_adapter(path: Path) -> bool:

@@ -10,7 +10,6 @@ import yaml
 
 import promptvit
 from promptvit.backbones import create_backbone
-from promptvit.experiment import RunConfig
 from promptvit.methods.base import ConfigError
 from promptvit.recipes import (
     IMAGENET_MEAN,
@@ -21,6 +20,7 @@ from promptvit.recipes import (
     describe,
     get_recipe,
 )
+from promptvit.run_config import RunConfig
 from promptvit.train import TrainConfig
 from promptvit.train.optim import build_optimizer, build_scheduler, decay_group_of
 from tests.cli.test_cli import invoke, write_config, write_image_folder

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from promptvit.artifact import load
 from promptvit.backbones import classifier_name
-from promptvit.experiment import RunConfig, run_experiment
+from promptvit.experiment import run_experiment
 from promptvit.io import atomic_write
+from promptvit.run_config import RunConfig
 
 
 def demo_config() -> dict[str, Any]:

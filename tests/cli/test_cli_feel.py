@@ -123,3 +123,34 @@ def test_reports_warn_about_runs_on_a_random_init_backbone() -> None:
         record["backbone_init"] = "random"
     notes = build_tables(records)[0].notes
     assert notes[0].startswith("WARNING: 3 of ") and "runs used a randomly initialised backbone" in notes[0]
+
+
+def _run_into_closed_pipe(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """``promptvit ARGS | true``: the reader closes the pipe before the verb prints its first line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "promptvit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    process.stdout.close()  # long before the interpreter has started and printed anything
+    stderr = process.stderr.read().decode()
+    return process.wait(timeout=120), stderr
+
+
+def test_a_reader_that_leaves_early_ends_every_verb_quietly(tmp_path: Path) -> None:
+    """`promptvit methods | head` and the like: no traceback, and exit status 141 (128 + SIGPIPE, what the
+    shell reports for tools SIGPIPE stops), never 1, which `data check` means as "blocking problems"."""
+    import os
+
+    from promptvit.cli.output import CLOSED_OUTPUT_EXIT
+
+    env = {**os.environ, "PROMPTVIT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    full = subprocess.run(  # also fills the method list's cache, so the run below starts at once
+        [sys.executable, "-m", "promptvit", "methods"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert full.returncode == 0 and len(full.stdout.splitlines()) > 40  # many lines, all printed when read
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=3)
+    assert invoke("data", "check", str(data), "--json").exit_code == 0  # nothing blocks training
+    # rich's console (methods), typer's help and click's echo (data check --json) print the verbs' output
+    for args in (["methods"], ["train", "--help"], ["data", "check", str(data), "--json"]):
+        status, stderr = _run_into_closed_pipe(args, env)
+        assert status == CLOSED_OUTPUT_EXIT == 141, (args, status, stderr)
+        assert stderr == "", (args, stderr)  # no traceback, no "Exception ignored"

@@ -10,10 +10,9 @@ from typer.testing import CliRunner
 from promptvit.cli import app
 from promptvit.data import DataError, load_medfmc_split, make_few_shot_split, read_csv, read_label_list
 from promptvit.data.fewshot import stratified_split
-from promptvit.experiment import DataSpec
+from promptvit.data.spec import DataSpec, sample_groups
 from promptvit.protocols.spec import SourceSpec, SplitSpec
 from promptvit.protocols.splits import fixed_split
-from promptvit.train.clinical import sample_groups
 from tests.data.test_data_check import noise
 
 runner = CliRunner()

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from promptvit.cli import app
 from promptvit.data import read_csv
+from promptvit.data.spec import DATA_KINDS, DataSpec, evaluation_samples, make_split, resolve_data_spec
 from promptvit.data.split_files import read_fewshot_folder
-from promptvit.experiment import DATA_KINDS, DataSpec, evaluation_samples, make_split, resolve_data_spec
 from tests.conftest import TINY_BACKBONES
 
 runner = CliRunner()
@@ -306,7 +306,7 @@ def test_sweep_protocols_read_a_fewshot_folder(tmp_path: Path) -> None:
 def test_groups_survive_the_round_trip_through_a_fewshot_folder(tmp_path: Path) -> None:
     """A CSV's patient column (data fewshot --group-column) is read back with the lists: a run on the folder
     keeps the groups its bootstrap resamples."""
-    from promptvit.train.clinical import sample_groups
+    from promptvit.data.spec import sample_groups
 
     data = image_folder(tmp_path / "images", per_class=12)
     rows = ["file,label,patient"] + [

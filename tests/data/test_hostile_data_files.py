@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from promptvit.cli import app
 from promptvit.data import DataError, read_csv, read_image_folder, read_label_list
 from promptvit.data.errors import DataWarning
-from promptvit.experiment import DataSpec, make_split
+from promptvit.data.spec import DataSpec, make_split
 from tests.conftest import TINY_BACKBONES
 
 runner = CliRunner()

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from promptvit.data.sources import LabeledSamples, Sample
-from promptvit.experiment import DataSpec
-from promptvit.train.clinical import sample_groups
+from promptvit.data.spec import DataSpec, sample_groups
 
 
 def _samples(paths: list[str]) -> LabeledSamples:

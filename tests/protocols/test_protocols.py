@@ -25,7 +25,7 @@ from promptvit.protocols import (
     materialise,
     train_hash,
 )
-from promptvit.protocols.spec import resolved_config
+from promptvit.protocols.spec import RunSpec, resolved_config
 from promptvit.protocols.sweep import resolve_preset
 from promptvit.train import EvaluationConfig
 
@@ -242,3 +242,47 @@ def test_the_evaluation_section_at_its_defaults_leaves_run_identities_unchanged(
     )
     assert resolved_config(binned)["config"]["evaluation"] == {"ece_bins": 10}
     assert config_hash(binned) != config_hash(spec)
+
+
+#: (config hash, train hash) prefixes of the first few-shot run of each method at its defaults, as recorded
+#: before `linear`'s default solver changed from the optimiser to L-BFGS; "linear" is the one that moved
+PINNED_HASHES = {
+    "full": ("229f02ba5cc368c3", "3ffb904c7894156e"),
+    "partial": ("74d9a763d57f57e8", "925abb3874388e02"),
+    "mlp": ("8a7449ce8fd67bdf", "e33f231bf3904418"),
+    "lora": ("278aae9f12e5b55b", "c21a2263427d9582"),
+    "bias": ("16498341585c5f28", "e71a3741e7d79abd"),
+    "norm": ("c3a495ecb75976bb", "c04dc05417ff88bc"),
+    "adapter": ("7764d38400155bae", "ae7ae37212dc4f54"),
+    "vp": ("d9c5b277254c8f1f", "555297ace6bd5610"),
+    "vpt": ("cfdc14ff6305e072", "08441025e7a12208"),
+    "ept": ("f77a9cb6f48f003b", "4f26ba60a932a7c9"),
+    "ap": ("90ca639b475f40cd", "54a5a9f98518af6e"),
+    "spt": ("62af5d646a955ba1", "a92de82365a578f6"),
+    "da_vpt": ("e5a99add0f7df206", "9681dd0de862ae79"),
+    "linear solver=sgd": ("ac1a2347a206e419", "01575bb8189cda7e"),
+    "linear solver=lbfgs": ("18aa6d3e233302df", "4ba6729e4c47f08c"),
+    "mlp solver=lbfgs": ("c09326edf9ad781d", "bd783c35b63b86be"),
+}
+#: what a default `linear` run hashed to while its default trained with the optimiser
+OLD_DEFAULT_LINEAR = ("fe58273dc29180e9", "7153efd13895dd70")
+
+
+def _pinned_spec(label: str) -> RunSpec:
+    method, _, option = label.partition(" ")
+    options = dict([option.split("=")]) if option else {}
+    protocol = FewShotProtocol(tasks={"a": {"path": "/promptvit-pinned/data"}})  # never read: only hashed
+    return protocol.run_specs(tiny_base(), method=method, method_options=options)[0]
+
+
+def test_a_default_that_changed_meaning_gives_runs_a_new_identity_and_no_other_hash_moves() -> None:
+    """A linear run that leaves `solver` unset now fits by L-BFGS: it must not find the records its SGD
+    default wrote (a sweep would skip it and report them), and must share the identity of an explicit
+    `solver: lbfgs` run. Every other record keeps the hash it was written under."""
+    for label, pinned in PINNED_HASHES.items():
+        spec = _pinned_spec(label)
+        assert (config_hash(spec)[:16], train_hash(spec)[:16]) == pinned, label
+    default = _pinned_spec("linear")
+    hashes = (config_hash(default)[:16], train_hash(default)[:16])
+    assert hashes != OLD_DEFAULT_LINEAR and hashes == PINNED_HASHES["linear solver=lbfgs"]
+    assert resolved_config(default)["config"]["method"]["options"] == {"solver": "lbfgs"}

@@ -13,10 +13,10 @@ import pytest
 
 import promptvit
 from promptvit import experiment
-from promptvit.experiment import RunConfig
 from promptvit.protocols.runner import execute
 from promptvit.protocols.spec import RunSpec
 from promptvit.protocols.splits import materialise
+from promptvit.run_config import RunConfig
 from tests.conftest import build_tiny
 from tests.protocols.helpers import tiny_base, write_image_folder
 

@@ -61,7 +61,7 @@ def test_run_folder_layout_and_artifact_round_trip(tmp_path: Path) -> None:
     model = tiny_model("bias")
     result = _fit(model, train, val, tmp_path, extra_artifact_info={"dataset": "colours"})
     assert result.run_dir == tmp_path and result.artifact_dir == tmp_path / "artifact"
-    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "log.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["step"]) for r in rows] == [3, 6, 9]
     assert {"train_loss", "lr", "seconds", "val_accuracy", "val_auc", "val_loss"} <= set(rows[0])

@@ -14,8 +14,8 @@ import torch
 
 import promptvit
 from promptvit.analysis.nmi import layer_nmi
+from promptvit.analysis_callbacks import NMILogger
 from promptvit.errors import ConfigError
-from promptvit.experiment import NMILogger
 from promptvit.train import fit
 from tests.conftest import build_tiny
 

@@ -24,7 +24,7 @@ Views:
 
 * ``layer_cka``: the layer x layer CKA matrix between two models on the same images (AP Fig. 5A), each
   layer summarised per image (``promptvit.analysis.extract.pool_layer_output``: mean patch token of a ViT
-  block output, global average pool of a CNN stage output);
+  block output, global average pool of a CNN stage output per channel, prompt tokens left out on Swin);
 * ``prompt_patch_cka``: prompts vs patch tokens across layers (SPT Fig. S4). Prompts and patch tokens are
   different sets of rows, so rows cannot be paired token by token; the paper does not say how it pairs
   them. Our definition pairs them by *image*: for block i, each image's prompt representation is the mean

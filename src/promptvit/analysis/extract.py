@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, cnn_stages, geometry_of, is_vit
+from promptvit.backbones import Geometry, adapter_for, cnn_stages, geometry_of, is_vit
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -138,6 +138,12 @@ def all_token_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
     return every_token() if callable(every_token) else contextlib.nullcontext()
 
 
+def stage_map(model: nn.Module, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """A CNN stage's output as a (B, C, H, W) map of image positions, whatever the family's layout (Swin's
+    stages give (B, H, W, C)): the adapter's ``stage_output_map``."""
+    return adapter_for(backbone_of(model)).stage_output_map(stage, output, image_hw)
+
+
 def layer_modules(model: nn.Module) -> list[nn.Module]:
     """The per-layer modules whose outputs the layer-wise views read: ViT blocks or CNN stages."""
     backbone = backbone_of(model)
@@ -169,8 +175,14 @@ class BlockRecorder:
         out = output.detach()
         self.records[index] = self.on_block(index, x, out) if self.on_block else (x, out)
 
+    def _stage_done(self, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        self._hook(index, self.modules[index], (x,), output)
+
     def __enter__(self) -> BlockRecorder:
         self._keeping.enter_context(all_token_outputs(self.model))
+        plan = getattr(self.model, "plan", None)
+        if plan is not None:  # stages a family runs block by block (Swin's with prompts) report here
+            self._keeping.enter_context(plan.using(stage_outputs=self._stage_done))
         for index, module in enumerate(self.modules):
             self._handles.append(
                 module.register_forward_hook(lambda m, a, o, i=index: self._hook(i, m, a, o))
@@ -209,8 +221,8 @@ def pool_layer_output(
 
     ViT block output (B, T, D): ``mean`` averages the patch tokens (prefix and prompt tokens excluded),
     ``cls`` takes the first prefix token (falls back to ``mean`` without one), ``flatten`` concatenates the
-    patch tokens. CNN stage output (B, C, H, W): ``mean``/``cls`` = global average pooling, ``flatten``
-    flattens the map.
+    patch tokens. CNN stage output as its channels-first map (B, C, H, W), see :func:`stage_map`:
+    ``mean``/``cls`` = global average pooling, ``flatten`` flattens the map.
     """
     if pooling not in ("mean", "cls", "flatten"):
         raise ValueError(f"pooling must be 'mean', 'cls' or 'flatten', got {pooling!r}")
@@ -232,11 +244,14 @@ def layer_representations(
     """Per-layer (N, F) representations (ViT block outputs or CNN stage outputs), see ``pool_layer_output``."""
     geometry = geometry_for(model)
     vit = geometry.kind == "vit"
-    grid = patch_grid(geometry, tuple(images.shape[-2:])) if vit else (0, 0)
+    image_hw = tuple(images.shape[-2:])
+    grid = patch_grid(geometry, image_hw) if vit else (0, 0)
     device = model_device(model)
 
     def reduce(index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        layout = TokenLayout.from_count(out.shape[1], geometry.num_prefix_tokens, grid) if vit else None
+        if not vit:
+            return pool_layer_output(stage_map(model, index, out, image_hw), pooling=pooling).cpu()
+        layout = TokenLayout.from_count(out.shape[1], geometry.num_prefix_tokens, grid)
         return pool_layer_output(out, vit_layout=layout, pooling=pooling).cpu()
 
     per_layer: list[list[torch.Tensor]] = []

@@ -52,6 +52,7 @@ from promptvit.analysis.extract import (
     patch_grid,
     pool_layer_output,
     pool_tokens,
+    stage_map,
 )
 from promptvit.analysis.nmi import block_input_nmi, plot_nmi, summarize_layers
 from promptvit.analysis.reliability import reliability_view
@@ -177,7 +178,7 @@ def _collect(
 
     def on_block(index: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if not vit:
-            state.layer_reps[index].append(pool_layer_output(out).cpu())
+            state.layer_reps[index].append(pool_layer_output(stage_map(model, index, out, state.hw)).cpu())
             return
         layout_in = TokenLayout.from_count(x.shape[1], geometry.num_prefix_tokens, grid())
         state.prompts_in[index] = layout_in.num_prompts

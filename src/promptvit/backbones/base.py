@@ -621,6 +621,16 @@ class BackboneAdapter:
         """
         return self._stage_input_shape(stage, self._stage_inputs(img_size)[stage])
 
+    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """``stages[stage]``'s output for ``image_hw`` images as a (B, C, H, W) map of image positions.
+
+        Channels come first whatever the family's layout (timm's ``output_fmt``: Swin's stages give
+        (B, H, W, C)).
+        """
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            return output.permute(0, 3, 1, 2)
+        return output
+
     @torch.no_grad()
     def _stage_inputs(self, img_size: tuple[int, int]) -> list[list[Any]]:
         """The first argument of every call of every stage in one probing forward of a zero image."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
 
@@ -73,6 +74,10 @@ class SAMAdapter(GenericAdapter):
             f"{type(self.model).__name__}'s attention adds decomposed relative positions (rel_pos_h, rel_pos_w) "
             "over each window of its 2-D map, which promptvit does not re-compute"
         )
+
+    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """A block's output is its (B, H, W, C) token map; channels first, as timm's intermediates give it."""
+        return output.permute(0, 3, 1, 2)
 
     def block_width(self, block: int) -> int:
         return self.model.embed_dim  # the neck narrows the features after the blocks

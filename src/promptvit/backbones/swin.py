@@ -199,13 +199,14 @@ class SwinAdapter(BackboneAdapter):
         x = tokens
         prompts = x.new_zeros(x.shape[0], 0, x.shape[-1])
         index = 0
-        for stage in self.model.layers:
+        for stage_index, stage in enumerate(self.model.layers):
             count = len(stage.blocks)
             inserting = plan is not None and any(plan.puts_in_prompts(index + i) for i in range(count))
             if not prompts.shape[1] and not inserting:
                 x = stage(x)  # no prompt anywhere in the stage: timm's own module (hooks, checkpointing)
                 index += count
                 continue
+            stage_input = x
             x = stage.downsample(x)
             if prompts.shape[1]:
                 prompts = self.merge_prompts(stage.downsample, prompts)
@@ -224,6 +225,7 @@ class SwinAdapter(BackboneAdapter):
                     else:
                         x, prompts = run(x, prompts)
                 index += 1
+            plan.stage_done(stage_index, stage_input, x)
         if not prompts.shape[1]:
             return x
         batch, height, width, channels = x.shape

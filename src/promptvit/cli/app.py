@@ -30,6 +30,7 @@ from promptvit.cli.output import (
     csv_options,
     fail,
     file_column_option,
+    guard_output,
     image_root_option,
     label_column_option,
     state,
@@ -80,8 +81,8 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 def _run_config(
     config: Path | None, shortcuts: dict[str, Any], extra: list[str], recipe: str | None = None
 ) -> Any:
-    from promptvit.experiment import RunConfig
     from promptvit.recipes import apply_recipe
+    from promptvit.run_config import RunConfig
 
     raw = read_yaml(config) if config else {}
     dropped = switch_method(raw, shortcuts.get("method.name"))
@@ -158,7 +159,8 @@ def train(
 ) -> None:
     """Train one method on one few-shot split. Any option can be overridden as --section.option VALUE,
     e.g. --method.prompt-length 100 --train.lr 0.01."""
-    from promptvit.experiment import resolved_data, run_experiment
+    from promptvit.experiment import run_experiment
+    from promptvit.run_config import resolved_data
 
     shortcuts = {
         "backbone.name": backbone,
@@ -300,7 +302,8 @@ def _labelled_dataset(
     """The images to evaluate or analyse: ``--data`` (its test split, or all of it when it has none), else
     the run's own test split; with the data's spec (None where unknown) and the run config (or None)."""
     from promptvit.data import ImageDataset, build_transforms
-    from promptvit.experiment import DataSpec, RunConfig, evaluation_samples, make_split, resolve_data_spec
+    from promptvit.data.spec import DataSpec, evaluation_samples, make_split, resolve_data_spec
+    from promptvit.run_config import RunConfig
 
     run_config = None
     if (run_or_artifact / "config.yaml").is_file():
@@ -364,8 +367,9 @@ def eval_(
     sensitivity/specificity/PPV/NPV at the stored threshold, and the probabilities raw -> calibrated."""
     from promptvit.artifact import resolve_artifact_dir
     from promptvit.cli.clinical_tables import print_clinical
+    from promptvit.data.spec import sample_groups
     from promptvit.io import atomic_write_text, output_file
-    from promptvit.train.clinical import evaluate_artifact, sample_groups
+    from promptvit.train.clinical import evaluate_artifact
 
     try:
         run_or_artifact = _local(run_or_artifact)
@@ -680,8 +684,14 @@ for register in (
 
 
 def main() -> None:
+    guard_output()  # `promptvit ... | head`: a reader that leaves early ends promptvit quietly
     try:
-        app()
+        try:
+            app()
+        finally:  # what is still buffered fails here, inside the guard, not at exit
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume from the last checkpoint")
         sys.exit(130)

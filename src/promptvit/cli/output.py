@@ -6,7 +6,9 @@ Verb modules import from here (never from each other), so ``app`` can register t
 
 from __future__ import annotations
 
-from typing import NoReturn
+import os
+import sys
+from typing import Any, NoReturn, TextIO
 
 import typer
 from pydantic import ValidationError
@@ -39,6 +41,53 @@ def fail(error: BaseException) -> NoReturn:
         "hint: fix the file or option named above; rerun with --debug for the full trace", style="dim"
     )
     raise typer.Exit(code=2)
+
+
+#: exit status when the reader of stdout leaves early (``promptvit ... | head``): 128 + SIGPIPE, what a shell
+#: reports for the tools SIGPIPE stops; 1 would read as a failed verb (``data check``: blocking problems)
+CLOSED_OUTPUT_EXIT = 141
+
+
+class _ClosedOutputGuard:
+    """``sys.stdout`` (or stderr) whose write or flush into a pipe nobody reads any more ends promptvit quietly.
+
+    Python's recipe for ``BrokenPipeError`` (signal module docs, "Note on SIGPIPE"): point the descriptor at
+    ``os.devnull``, so the flush at exit has nowhere to fail, and exit. Done here, under rich and click (which
+    would exit 1), so every verb and every way of printing ends the same way, with ``CLOSED_OUTPUT_EXIT``.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _reader_gone(self) -> NoReturn:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        raise SystemExit(CLOSED_OUTPUT_EXIT)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def guard_output() -> None:
+    """Make a reader of stdout or stderr that leaves early end promptvit quietly (``_ClosedOutputGuard``;
+    stderr for ``2>&1 | head``, where progress bars write); the entry point calls it."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _ClosedOutputGuard):
+            setattr(sys, name, _ClosedOutputGuard(stream))
 
 
 DATA_KIND_HELP = (

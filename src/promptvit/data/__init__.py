@@ -1,7 +1,8 @@
-"""Data loading for promptvit: readers, few-shot sampling, splits, transforms and the Dataset.
+"""Data loading for promptvit: readers, few-shot sampling, splits, transforms and the Dataset; ``spec``: a run
+config's ``data`` section (``DataSpec``) and the split it names.
 
-This subpackage depends only on torch, torchvision, PIL, numpy and scikit-learn, never on other
-promptvit subpackages, so it can be used (and tested) on its own.
+This subpackage knows no model: it depends on torch, torchvision, PIL, numpy, scikit-learn and pydantic, and
+of promptvit only on ``errors``, ``validation`` and ``io``, so it can be used (and tested) on its own.
 """
 
 from promptvit.data.benchmarks import (

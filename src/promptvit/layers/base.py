@@ -185,9 +185,12 @@ class ForwardPlan:
     skip_prompt_outputs: bool = True
     #: token prompts are inserted (off for a prompt-free forward, e.g. a data-dependent prompt init)
     token_prompts: bool = True
+    #: called ``(stage, stage_input, stage_output)`` for each stage a family runs block by block itself rather
+    #: than through the stage module (Swin's stages with prompts), whose forward hooks therefore do not fire
+    stage_outputs: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     @contextlib.contextmanager
-    def using(self, **fields: bool) -> Iterator[ForwardPlan]:
+    def using(self, **fields: Any) -> Iterator[ForwardPlan]:
         """Set ``fields`` within the block; the previous values come back on exit."""
         unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
         if unknown:

@@ -12,7 +12,9 @@ changes, image changes; in a mixed batch each on its own samples) and the
   when the next block replaces them or the final norm strips them (*prompt-output skipping*), only the
   class token in the last block when the head reads nothing else (*class-token readout*). Every token
   still serves as key and value (:mod:`promptvit.layers.selected_tokens`);
-* ``after_blocks(x)``: the prompt tokens are stripped before the final norm.
+* ``after_blocks(x)``: the prompt tokens are stripped before the final norm;
+* ``stage_done(stage, input, output)``: a stage run block by block (Swin's with prompts) tells whoever records
+  stage outputs, since the stage module's hooks do not fire.
 
 The plan decides which rows are computed, never the logits (beyond float rounding).
 """
@@ -88,6 +90,12 @@ class BlockPlan:
             start, count = self.tokens.num_prefix_tokens, self.tokens.in_block[block]
             return lambda rows: drop_token_range(rows, start, count)
         return None
+
+    def stage_done(self, stage: int, stage_input: torch.Tensor, output: torch.Tensor) -> None:
+        """A family that runs a stage's blocks itself reports the stage's input and output here, as the stage
+        module's forward hooks would have seen them (``ForwardPlan.stage_outputs``)."""
+        if self.flags.stage_outputs is not None:
+            self.flags.stage_outputs(stage, stage_input, output)
 
     def after_blocks(self, x: torch.Tensor, last_block: int) -> torch.Tensor:
         """The output of ``blocks[last_block]`` without prompt tokens, as the final norm receives it."""

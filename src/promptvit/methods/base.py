@@ -44,6 +44,11 @@ class PeftForm:
 class MethodConfig:
     """Options of one method. Subclasses add typed fields with defaults."""
 
+    #: options whose default changed meaning after run records existed. Run identities (the protocols'
+    #: config and train hashes) leave options at their default out, so they always hold these options'
+    #: resolved values instead: a record made under the old default is then never taken for the new one.
+    identity_options: ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

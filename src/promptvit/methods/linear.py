@@ -76,6 +76,8 @@ class LinearConfig(HeadSolverConfig):
 
     solver: Literal["lbfgs", "sgd", "optimizer"] = "lbfgs"
 
+    identity_options = ("solver",)  # the default was the optimiser before the L-BFGS probe
+
 
 @register_method
 class Linear(SolvedHead, Method):

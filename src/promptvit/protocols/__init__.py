@@ -8,8 +8,9 @@
 * :func:`write_report` renders Markdown/HTML tables (mean ± std, averages, % vs linear probing, VTAB group
   means) and plots from the records.
 
-Dependencies point downward: protocols use ``promptvit.experiment``, ``promptvit.data`` and
-``promptvit.train``; nothing below imports this package.
+Dependencies point downward: protocols read run configs (``promptvit.run_config``) and data
+(``promptvit.data``), and only ``runner`` runs the pipeline (``promptvit.experiment``); nothing below
+imports this package.
 """
 
 from promptvit.protocols.fewshot import FewShotProtocol

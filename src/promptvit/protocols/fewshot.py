@@ -139,7 +139,7 @@ class FewShotProtocol(Protocol):
     def check(self) -> None:
         """Read every task's labels once (not the images), so a bad path or column fails before any run."""
         from promptvit.data import DataError, read_npz
-        from promptvit.experiment import DataSpec, load_samples
+        from promptvit.data.spec import DataSpec, load_samples
 
         for task in self.tasks:
             data = self._data(task, self.shots[0] if self.shots else 1)

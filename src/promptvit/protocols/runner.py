@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+from promptvit.backbones.spec import backbone_init
+from promptvit.environment import environment
 from promptvit.errors import OutputError, ResumeError, TrainingError
-from promptvit.experiment import backbone_init, environment, run_pipeline
+from promptvit.experiment import run_pipeline
 from promptvit.protocols.spec import RunSpec, config_hash, train_hash
 from promptvit.protocols.splits import materialise
 from promptvit.protocols.store import RECORD_FORMAT, ResultStore

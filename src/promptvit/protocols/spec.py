@@ -13,6 +13,11 @@ Two hashes (see :func:`config_hash` and :func:`train_hash`):
 * ``train_hash`` identifies the *training* only (the evaluated set left out). A search-stage run and a final
   run that train the same model on the same data share a run folder, so the final run resumes the finished
   training and only evaluates the test set.
+
+Both leave out config fields at their default, so that a new option (at a default that keeps the old
+behaviour) leaves the hashes of existing records valid. A default that changes meaning would make old records
+pass for the new behaviour; a method's config therefore names such options in ``identity_options``, and both
+hashes always hold their resolved values (a run that leaves them unset gets a new identity and runs again).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from promptvit.errors import ProtocolError
-from promptvit.experiment import RunConfig
-from promptvit.methods.base import ConfigError
+from promptvit.methods.base import ConfigError, make_config
 from promptvit.recipes import apply_recipe, get_recipe
+from promptvit.run_config import RunConfig
 from promptvit.train.config import OPERATIONAL_FIELDS
 
 #: DataSpec keys that describe training-time preprocessing; kept from the base config for every protocol
@@ -151,9 +156,15 @@ def _config_part(spec: RunSpec) -> dict[str, Any]:
     """The run config without operational fields and without fields at their default value.
 
     Leaving defaults out keeps the hashes of existing records valid when promptvit gains a new option (at
-    a default that keeps the old behaviour); the record still stores the full config for auditing.
+    a default that keeps the old behaviour); the record still stores the full config for auditing. The
+    method's ``identity_options`` (defaults that changed meaning) are always in, at their resolved values.
     """
     config = _without_defaults(spec.config)
+    _, method_config = make_config(spec.config.method.name, **spec.config.method.options)
+    pinned = {name: getattr(method_config, name) for name in method_config.identity_options}
+    if pinned:
+        method = config.setdefault("method", {})
+        method["options"] = {**pinned, **method.get("options", {})}
     if not config.get("evaluation"):  # a section added after records existed: at its defaults, no hash change
         config.pop("evaluation", None)
     config.pop("output_dir", None)

@@ -29,7 +29,7 @@ from promptvit.data import (
     read_label_list,
     stratified_split,
 )
-from promptvit.experiment import load_samples, make_split
+from promptvit.data.spec import load_samples, make_split
 from promptvit.protocols.spec import ProtocolError, RunSpec, SourceSpec, SplitSpec
 
 

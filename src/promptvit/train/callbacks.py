@@ -7,7 +7,7 @@ validation columns, seconds), and ``close`` when training stops, normally or not
 without it trains the same.
 
 The engine imports no analysis code: measurements such as the prompt/patch NMI are callbacks built above it
-(``promptvit.experiment.NMILogger``) and handed to ``fit(callbacks=...)`` by the run pipeline.
+(``promptvit.analysis_callbacks.NMILogger``) and handed to ``fit(callbacks=...)`` by the run pipeline.
 """
 
 from __future__ import annotations

@@ -12,16 +12,14 @@ are those of the uncalibrated model; single-label temperature scaling cannot cha
 * ``thresholds`` (binary and multi-label tasks): per class, the threshold chosen on calibrated validation
   probabilities (also in the artifact) and test sensitivity, specificity, PPV, NPV and confusion counts;
 * ``ci``: the percentile bootstrap 95 % CI of the main metric, resampling images or, where the data has
-  groups (:func:`sample_groups`), whole groups.
+  groups (``promptvit.data.spec.sample_groups``), whole groups.
 
 The test set is never used to fit anything: calibration and thresholds see validation logits only.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,39 +47,6 @@ from promptvit.train.losses import check_targets, classification_loss
 from promptvit.train.metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
-
-#: CSV columns that name the patient/lesion/study an image belongs to, in order of preference
-GROUP_COLUMNS = ("patient_id", "lesion_id", "study_id")
-
-
-def sample_groups(samples: Any, data: Any) -> tuple[list[str] | None, str]:
-    """Group ids of ``samples`` for the bootstrap, and the rule that found them.
-
-    MedFMC endo/colon/NeoJaundice: the study/slide/baby id in the file name. Samples that all carry a
-    ``group`` (a CSV read with ``data.group_column``): those. Else a CSV source with a ``patient_id``,
-    ``lesion_id`` or ``study_id`` column (HAM10000 has ``lesion_id``): that column. Otherwise every image is
-    its own unit.
-    """
-    from promptvit.data.fewshot import study_of
-
-    kind = getattr(data, "kind", None)
-    if kind == "medfmc" and data.dataset in ("endo", "colon", "neojaundice"):
-        return [study_of(s, data.dataset) for s in samples.items], f"MedFMC {data.dataset} group (file name)"
-    groups = [s.group for s in samples.items]
-    if groups and all(g is not None for g in groups):
-        return groups, f"CSV column {getattr(data, 'group_column', None) or 'group'}"
-    if kind == "csv" and data.path and Path(data.path).is_file():
-        with open(data.path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            column = next((c for c in GROUP_COLUMNS if c in (reader.fieldnames or [])), None)
-            if column is not None:
-                by_file = {
-                    os.path.basename(row[data.file_column] + data.file_suffix): row[column] for row in reader
-                }
-                groups = [by_file.get(os.path.basename(s.path or "")) for s in samples.items]
-                if all(g for g in groups):
-                    return groups, f"CSV column {column}"
-    return None, "images (no group ids in this data)"
 
 
 def fast_statistic(
