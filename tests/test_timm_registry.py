@@ -7,7 +7,7 @@ its default input size; where the logits come from the pre-logit features alone,
 backbone's own state. A class is left out only when it is
 named below with its reason. This takes minutes, so it runs only when asked for: ``pytest -m registry``
 (CI does, on the newest timm). The README's registry table is checked against ``promptvit backbones --all``
-here as well.
+here as well, and its family table against ``promptvit backbones --markdown``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import torch
 
 import promptvit
 from promptvit.backbones import BackboneError, create_backbone
-from promptvit.family_support import registry_markdown, registry_support, timm_model_classes
+from promptvit.family_support import (
+    family_support,
+    markdown_table,
+    registry_markdown,
+    registry_support,
+    timm_model_classes,
+)
 
 pytestmark = pytest.mark.registry
 
@@ -94,3 +100,13 @@ def test_the_readme_registry_table_is_promptvit_backbones_all() -> None:
         pytest.skip(f"the README's table was generated with timm {version.group(1)}, this is {timm.__version__}")
     table = registry_markdown(registry_support())
     assert table in text, "regenerate the README's registry table with `promptvit backbones --all --markdown`"
+
+
+def test_the_readme_family_table_is_promptvit_backbones() -> None:
+    """Every method on every family's tiny builds (a minute or two): the README's family table is its output."""
+    version = re.search(r"`promptvit backbones --all --markdown` with timm (\S+)", README.read_text())
+    if version and version.group(1) != timm.__version__:
+        pytest.skip(f"the README's tables were generated with timm {version.group(1)}, this is {timm.__version__}")
+    assert markdown_table(family_support()) in README.read_text(), (
+        "regenerate the README's family table with `promptvit backbones --markdown`"
+    )
