@@ -427,3 +427,23 @@ def test_lbfgs_fits_a_conv_classifier_as_the_linear_map_it_is(tmp_path) -> None:
         torch.testing.assert_close(
             model.eval()(images).double().softmax(-1), (features @ weight.T + bias).softmax(-1), rtol=0, atol=1e-4
         )
+
+
+def test_parameters_on_meta_builds_what_a_meta_device_build_cannot() -> None:
+    """timm < 1.0.10's constructors read tensor values (drop-path rates from torch.linspace): a build on the meta
+    device fails there, one with only the parameters on meta does not, and registers no parameter memory."""
+    from promptvit.backbones.base import parameters_on_meta
+
+    class ReadsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rates = [float(x.item()) for x in torch.linspace(0, 0.1, 3)]
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in rates)
+            self.scale = nn.Parameter(torch.ones(4) * rates[-1])
+
+    with pytest.raises(RuntimeError, match="meta"), torch.device("meta"):
+        ReadsValues()
+    with parameters_on_meta():
+        model = ReadsValues()
+    assert all(p.is_meta for p in model.parameters()) and len(list(model.parameters())) == 7
+    assert not nn.Linear(2, 2).weight.is_meta  # put back after the block

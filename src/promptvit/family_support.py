@@ -27,6 +27,7 @@ from promptvit.backbones import (
     BackboneAdapter,
     adapter_class_for,
     adapter_for,
+    build_structure,
     create_backbone,
     geometry_of,
     registered_adapters,
@@ -144,9 +145,10 @@ class TimmClass:
 
 
 def _build_on_meta(name: str) -> torch.nn.Module:
-    with warnings.catch_warnings(), torch.device("meta"):
+    """``name``'s default build with its parameters on the meta device (:func:`build_structure`)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return timm.create_model(name)
+        return build_structure(name, {})
 
 
 @functools.cache

@@ -16,9 +16,10 @@ prompted attention, row-selected blocks, multi-task serving and the attention an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
 import timm.layers
@@ -235,18 +236,49 @@ def mlp_ratio(hidden: int, width: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Within the block every parameter a module registers goes to the meta device (no memory, no
+    initialisation), while the other tensors its constructor makes stay real (as ``accelerate``'s
+    ``init_empty_weights``): for constructors that read tensor values, which a whole meta build cannot."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _needs_real_tensors(error: Exception) -> bool:
+    return isinstance(error, (RuntimeError, NotImplementedError)) and "meta" in str(error)
+
+
 def build_structure(architecture: str, options: dict[str, Any]) -> nn.Module:
-    """``timm.create_model(architecture, **options)`` without weights: on the meta device, or on the CPU with
-    the global RNG untouched where the constructor reads tensor values (timm < 1.0.10)."""
+    """``timm.create_model(architecture, **options)`` without weights, the global RNG untouched: on the meta
+    device; where the constructor reads tensor values (timm < 1.0.10: drop-path rates, index tables), with
+    only its parameters on the meta device; where it runs the model (a hybrid ViT probes its stem), on the
+    CPU."""
     import timm
 
     try:
         with torch.device("meta"):
             return timm.create_model(architecture, pretrained=False, **options)
     except (RuntimeError, NotImplementedError) as error:
-        if "meta" not in str(error):
+        if not _needs_real_tensors(error):
             raise
     with torch.random.fork_rng(devices=[]):
+        try:
+            with parameters_on_meta():
+                return timm.create_model(architecture, pretrained=False, **options)
+        except (RuntimeError, NotImplementedError) as error:
+            if not _needs_real_tensors(error):
+                raise
         return timm.create_model(architecture, pretrained=False, **options)
 
 
