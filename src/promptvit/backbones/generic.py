@@ -12,8 +12,7 @@ when no family adapter is registered for a more specific class. It reads what ti
   tuning of the last k stages tunes everything from the k-th last of them to the head (in the order the
   model registers its modules: a DenseNet's transitions and last dense block belong with its final norm),
   and an activation prompt goes in at a stage's input;
-* the input: the first module the images reach in ``forward_features`` (one probing forward), where a
-  pixel prompt is added.
+* the input module: the first module the images reach in ``forward_features`` (one probing forward).
 
 Methods that change tokens, attention or MLPs need what only a family adapter knows (the token sequence,
 the attention and MLP modules), so they are refused here with the name of the class that lacks one.
@@ -224,7 +223,8 @@ class GenericAdapter(CNNAdapter):
     def input_module(self) -> nn.Module:
         """The first module ``forward_features`` hands the images to (one probing forward of zeros).
 
-        It must run once per forward: a module that also runs on other inputs would get the pixel prompt there.
+        It must run once per forward, on the images alone: a module that also runs on other inputs is not the
+        model's input.
         """
         reference = next(self.model.parameters())
         height, width = self.geometry().img_size
@@ -240,12 +240,12 @@ class GenericAdapter(CNNAdapter):
         probe_forward_features(self.model, images, [m for m in self.model.modules() if m is not self.model], record)
         if not on_images:
             raise BackboneError(
-                f"{type(self.model).__name__} transforms the images before any of its modules sees them, so there "
-                "is no module to add a pixel prompt at"
+                f"{type(self.model).__name__} transforms the images before any of its modules sees them, so no "
+                "module is its input"
             )
         if calls[id(on_images[0])] != 1:
             raise BackboneError(
                 f"the first module of {type(self.model).__name__} that sees the images runs "
-                f"{calls[id(on_images[0])]} times per forward, so a pixel prompt there would be added more than once"
+                f"{calls[id(on_images[0])]} times per forward, so it is not the model's input alone"
             )
         return on_images[0]
