@@ -247,6 +247,26 @@ def test_unload_puts_back_every_module_reset_classifier_replaced(name: str) -> N
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+class BrokenReset(TwoBranchNet):
+    """timm 1.0.9's PVTv2: reset_classifier sets num_classes, then reads an attribute the model never set."""
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.ModuleList([nn.Linear(self.embed_dim, num_classes)] * 2)
+
+
+def test_a_reset_classifier_that_fails_inside_timm_is_one_line_and_leaves_the_model_as_it_was() -> None:
+    base = BrokenReset().eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(BackboneError, match=r"BrokenReset.reset_classifier\(4\) fails in timm .*AttributeError.*"
+                       r"keep the model's own head \(num_classes=None\)"):
+        promptvit.wrap(base, "linear", num_classes=4, solver="sgd")
+    assert base.num_classes == 3 and base.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    model = promptvit.wrap(base, "linear", solver="sgd")  # its own head
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
 def test_token_methods_on_the_generic_adapter_name_the_family_adapter_it_lacks() -> None:
     with pytest.raises(ConfigError, match="TwoBranchNet has no family adapter.*needs a TwoBranchNet family adapter"):
         promptvit.wrap(TwoBranchNet(), "vpt", num_classes=4)

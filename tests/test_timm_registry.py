@@ -6,7 +6,7 @@ its default input size; where the logits come from the pre-logit features alone,
 (``forward_prefix`` then ``forward_from_block``) must give them too, and ``unload`` must give back the
 backbone's own state. A class is left out only when it is
 named below with its reason. This takes minutes, so it runs only when asked for: ``pytest -m registry``
-(CI does, on the newest timm). The README's registry table is checked against ``promptvit backbones --all``
+(CI does, on the newest timm and on the floor pyproject allows). The README's registry table is checked against ``promptvit backbones --all``
 here as well, and its family table against ``promptvit backbones --markdown``.
 """
 
@@ -40,6 +40,9 @@ NO_CLASSIFIER = {
     "MobileNetV5Encoder": "a headless encoder (MobileNetV5 has the head)",
     "Qwen3VitEncoder": "a headless encoder (Qwen3VitClassifier has the head)",
 }
+#: classes whose reset_classifier fails inside timm, with the release: wrapping with a new head is refused in one
+#: line, and linear runs on the model's own head
+RESET_FAILS_IN_TIMM = {"PyramidVisionTransformerV2": "1.0.9"}  # reads self.embed_dim, which it never sets
 #: classes whose smallest architecture does not fit the CI machine (2 cores, 24 GiB) in reasonable time
 TOO_LARGE: dict[str, str] = {}
 
@@ -62,10 +65,16 @@ def test_linear_runs_on_the_smallest_architecture_of_every_class(module: str) ->
             continue
         base = create_backbone(timm_class.smallest)
         state = {k: v.clone() for k, v in base.state_dict().items()}
-        model = promptvit.wrap(base, "linear", num_classes=3).train()
+        num_classes = 3
+        if RESET_FAILS_IN_TIMM.get(timm_class.name) == timm.__version__:
+            with pytest.raises(BackboneError, match=r"reset_classifier\(3\) fails in timm"):
+                promptvit.wrap(base, "linear", num_classes=3)
+            assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+            num_classes = None
+        model = promptvit.wrap(base, "linear", num_classes=num_classes).train()
         x = torch.randn(2, 3, *model.geometry.img_size, generator=torch.Generator().manual_seed(0))
         logits = model(x)
-        assert logits.shape == (2, 3), timm_class.smallest
+        assert logits.shape == (2, model.num_classes), timm_class.smallest
         logits.square().sum().backward()
         tuned = dict(model.tuned_named_parameters())
         assert tuned and all(p.grad is not None and torch.isfinite(p.grad).all() for p in tuned.values())

@@ -346,8 +346,22 @@ class BackboneAdapter:
     def reset_classifier(self, num_classes: int) -> None:
         """timm's ``reset_classifier(num_classes)``, with ``num_classes`` kept in step (older timm releases
         leave it behind on some models, e.g. RegNet and SAM's ViT in 1.0.9)."""
-        self.model.reset_classifier(num_classes)
+        self._timm_reset_classifier(num_classes)
         self.model.num_classes = num_classes
+
+    def _timm_reset_classifier(self, num_classes: int) -> None:
+        """timm's ``reset_classifier``; a failure inside it (timm 1.0.9's PVTv2 reads an attribute it never
+        set) becomes a BackboneError saying what to do."""
+        import timm
+
+        try:
+            self.model.reset_classifier(num_classes)
+        except Exception as error:  # noqa: BLE001  (whatever timm's code raises, the user gets one line)
+            raise BackboneError(
+                f"{type(self.model).__name__}.reset_classifier({num_classes}) fails in timm {timm.__version__} "
+                f"({type(error).__name__}: {error}): keep the model's own head (num_classes=None), or use a newer "
+                "timm"
+            ) from error
 
     def new_classifiers(self, num_classes: int) -> list[nn.Module]:
         """The classifiers timm's ``reset_classifier(num_classes)`` builds, one per :meth:`classifier_slots`
@@ -363,14 +377,16 @@ class BackboneAdapter:
         slots = [".".join(filter(None, [names[id(parent)], child])) for parent, child in self.classifier_slots()]
         before = dict(model.named_modules())
         previous = model.num_classes
-        model.reset_classifier(num_classes)
-        after = dict(model.named_modules())
-        replaced = [name for name, module in before.items() if name and after.get(name) is not module]
-        for name in replaced:
-            if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, before[name])
-        model.num_classes = previous
+        try:
+            self._timm_reset_classifier(num_classes)
+        finally:
+            after = dict(model.named_modules())
+            replaced = [name for name, module in before.items() if name and after.get(name) is not module]
+            for name in replaced:
+                if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, before[name])
+            model.num_classes = previous
         made = [after.get(name) for name in slots]
         if made[0] is None:
             raise BackboneError(f"{type(model).__name__}.reset_classifier builds no {slots[0]}")
