@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 
 # Two cores: one torch thread per test process keeps OpenMP from spinning against a parallel worker.
@@ -43,3 +44,13 @@ def without_readout(model):
     """
     model.plan.class_token_readout = False
     return model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The timm registry sweep takes minutes: it runs only when its marker is selected (``-m registry``)."""
+    if "registry" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the timm registry sweep runs with -m registry (as CI does)")
+    for item in items:
+        if "registry" in item.keywords:
+            item.add_marker(skip)

@@ -9,6 +9,7 @@ import torch
 
 import promptvit
 from promptvit.backbones import BackboneError, adapter_for, backbone_source, create_backbone
+from promptvit.backbones.generic import GenericAdapter
 from tests.families import FAMILY_BUILDS, MEDICAL_BUILDS
 
 #: builds whose options timm takes as Python objects (an MLP class, an activation): they cannot be written in
@@ -24,7 +25,10 @@ def test_build_options_read_off_the_model_rebuild_the_same_network(name):
         torch.manual_seed(0)
         model = timm.create_model(architecture, num_classes=3, **options).eval()
     adapter = adapter_for(model)
-    if name in NOT_RECORDABLE:
+    # the generic adapter (and its subclasses) reads a model's build options from timm's own record, which
+    # timm releases before get_model_args do not keep: a non-default build then cannot be rebuilt, and says so
+    unrecorded = isinstance(adapter, GenericAdapter) and not hasattr(timm.models, "get_model_args")
+    if name in NOT_RECORDABLE or unrecorded:
         with pytest.raises(BackboneError, match="differs from the model"):
             adapter.build_options(architecture)
         return

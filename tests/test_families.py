@@ -228,8 +228,8 @@ def _ept_family(name: str) -> torch.nn.Module:
 
 def _reference_ept_attention(attn: torch.nn.Module, x: torch.Tensor, call: dict, prompt: torch.Tensor):
     """EPT written out from timm's own attention weights: softmax over ``[P, scale * q.k + bias]`` with q, k
-    rotated by timm's rotary function (Eva) and the bias timm's relative position bias (Beit), prompt columns
-    dropped, times V, then timm's output projection."""
+    rotated by timm's rotary function (Eva, NaFlexVit) and the bias timm's relative position bias (Beit,
+    VisionTransformerRelPos), prompt columns dropped, times V, then timm's output projection."""
     batch, tokens, _ = x.shape
     q_bias = getattr(attn, "q_bias", None)
     bias = attn.qkv.bias if q_bias is None else torch.cat((q_bias, attn.k_bias, attn.v_bias))
@@ -251,6 +251,10 @@ def _reference_ept_attention(attn: torch.nn.Module, x: torch.Tensor, call: dict,
         logits = logits + attn._get_rel_pos_bias()
     if call.get("shared_rel_pos_bias") is not None:
         logits = logits + call["shared_rel_pos_bias"]
+    if getattr(attn, "rel_pos", None) is not None:  # VisionTransformerRelPos: its own bias, else the shared one
+        logits = logits + attn.rel_pos.get_bias()
+    elif call.get("shared_rel_pos") is not None:
+        logits = logits + call["shared_rel_pos"]
     d_p = prompt.shape[-1]
     columns = torch.cat([prompt.expand(*logits.shape[:-1], d_p), logits], dim=-1)
     out = (columns.softmax(dim=-1)[..., d_p:] @ v).transpose(1, 2).reshape(batch, tokens, -1)
@@ -261,7 +265,10 @@ def _reference_ept_attention(attn: torch.nn.Module, x: torch.Tensor, call: dict,
     return attn.proj(out)
 
 
-EPT_FAMILIES = [*present("eva02", "vit_rope", "dinov3", "beit"), *(["beit_shared"] if present("beit") else [])]
+EPT_FAMILIES = [
+    *present("eva02", "vit_rope", "dinov3", "beit", "vit_relpos", "vit_srelpos", "naflexvit_rope"),
+    *(["beit_shared"] if present("beit") else []),
+]
 
 
 @pytest.mark.parametrize("name", EPT_FAMILIES)
@@ -283,7 +290,14 @@ def test_ept_keeps_rotary_positions_and_relative_bias(name: str) -> None:
     for handle in handles:
         handle.remove()
     assert len(calls) == len(layers) == len(base.blocks)
-    position_argument = {"eva02": "rope", "vit_rope": "rope", "dinov3": "rope", "beit_shared": "shared_rel_pos_bias"}
+    position_argument = {
+        "eva02": "rope",
+        "vit_rope": "rope",
+        "dinov3": "rope",
+        "naflexvit_rope": "rope",
+        "beit_shared": "shared_rel_pos_bias",
+        "vit_srelpos": "shared_rel_pos",
+    }
     if name in position_argument:  # the block hands its positions to the prompted attention
         assert all(call.get(position_argument[name]) is not None for _, _, call, _ in calls)
     with torch.no_grad():

@@ -61,6 +61,7 @@ def families_table() -> str:
     """One row per registered family: its module, kind, timm classes, tiny builds, and the methods that declare
     (``Method.supports``) that they attach to it, per build where its builds differ."""
     import timm
+    import torch
 
     from promptvit.backbones import adapter_for, create_backbone, registered_adapters
     from promptvit.methods import available_methods, get_method
@@ -68,7 +69,9 @@ def families_table() -> str:
     methods = available_methods()
     classes: dict[type, list[str]] = {}
     for model_class, adapter in registered_adapters().items():
-        classes.setdefault(adapter, []).append(model_class.__name__)
+        # an adapter registered for torch's Module is the fallback of every timm model without a family
+        name = "any other timm model" if model_class is torch.nn.Module else model_class.__name__
+        classes.setdefault(adapter, []).append(name)
     rows = [
         "| family | module | kind | timm classes | tiny builds | methods supported |",
         "|---|---|---|---|---|---|",

@@ -299,14 +299,7 @@ class PromptModel(nn.Module):
         ``reset_classifier(num_classes)`` builds (the slots keep their ``AdapterHeads``)."""
         if num_classes is None:
             return [copy.deepcopy(head) for head in self._original.heads]
-        slots = self.adapter.classifier_slots()
-        previous = self.backbone.num_classes
-        self.backbone.reset_classifier(num_classes)
-        made = [getattr(parent, name) for parent, name in slots]
-        for (parent, name), wrapper in zip(slots, self._heads, strict=True):
-            setattr(parent, name, wrapper)
-        self.backbone.num_classes = previous
-        return made
+        return self.adapter.new_classifiers(num_classes)
 
     def _in_place_tensors(self, method: Method) -> list[_TensorRef]:
         """The backbone's own parameters the method tunes in place (original heads excluded), and the
@@ -479,6 +472,11 @@ class PromptModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _check_size(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):  # e.g. timm's NaFlex batch of patches, masks and coordinates
+            raise ValueError(
+                f"the model takes a batch of images as one (batch, channels, height, width) tensor, not a "
+                f"{type(images).__name__}; pass the images themselves"
+            )
         geometry = self.geometry
         if (
             geometry.kind == "vit"
@@ -498,6 +496,9 @@ class PromptModel(nn.Module):
         if adapter_names is not None:
             return self._stacked_logits(images, adapter_names)
         self._check_size(images)
+        return self._logits(images)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with self._logits_pass():
             images = self._changed_images(images)
             if not self.adapter.has_block_loop:
@@ -551,7 +552,12 @@ class PromptModel(nn.Module):
                 if len(unique) == 1
                 else self.routing.using(None, members, device=images.device)
             )
-            in_place = key[1] if key[0] == "alone" else None
+            in_place = key[1] if key[0] in ("alone", "whole forward") else None
+            if key[0] == "whole forward":  # one adapter: its head reads more than the pre-logit features
+                with self._in_place_values_of(in_place), routing:
+                    logits_of[unique[0]].append(self._logits(images[index]))
+                rows_of[unique[0]] += rows
+                continue
             with self._in_place_values_of(in_place), routing:
                 features = self._head_input(images[index])
             for name in unique:
@@ -598,13 +604,18 @@ class PromptModel(nn.Module):
 
     def runs_alone(self, adapter_name: str) -> bool:
         """Whether the adapter's samples run in a forward of their own in a mixed batch (it tunes backbone
-        weights in place, which must be swapped in)."""
-        return self._forward_group(adapter_name)[0] == "alone"
+        weights in place, which must be swapped in, or the heads read more than the pre-logit features)."""
+        return self._forward_group(adapter_name)[0] in ("alone", "whole forward")
 
     def _head_only(self, adapter_name: str) -> bool:
-        """Whether the adapter changes nothing but the head (no layer, hook or loop change, no weights)."""
+        """Whether the adapter changes nothing but the head (no layer, hook or loop change, no weights), on
+        the pre-logit features the heads share."""
         method = self.adapters[adapter_name]
-        return not method.in_place and next(iter(method.injections), None) is None
+        return (
+            not method.in_place
+            and next(iter(method.injections), None) is None
+            and self.adapter.head_reads_pre_logits()
+        )
 
     def forward_every_adapter(
         self, images: torch.Tensor, adapter_names: Sequence[str] | None = None
@@ -635,8 +646,11 @@ class PromptModel(nn.Module):
     def _forward_group(self, adapter_name: str) -> tuple:
         """Which forward a sample of this adapter can share in a mixed batch (declared by what its method
         records, never by its name): alone when it tunes backbone weights in place, else with every adapter
-        of the same prompt-token layout (or of none)."""
+        of the same prompt-token layout (or of none). Where the head reads more than the pre-logit features
+        (heads per branch), no two adapters share features: each runs the whole forward on its samples."""
         method = self.adapters[adapter_name]
+        if not self.adapter.head_reads_pre_logits():
+            return ("whole forward", adapter_name)
         if method.in_place:
             return ("alone", adapter_name)
         schedules = method.injections.entries("tokens")
@@ -688,6 +702,8 @@ class PromptModel(nn.Module):
             )
         if self.method.trains_backbone:
             return 0
+        if cut == depth and not self.adapter.head_reads_pre_logits():
+            return 0  # the logits need more than the pre-logit features (generic adapter: branch heads...)
         random = {id(m) for m in _stochastic_depth(self.backbone)}
         if self.geometry.kind != "vit":
             return cut if cut == depth and not random else 0
@@ -1034,7 +1050,7 @@ class PromptModel(nn.Module):
         given = base_model is not None
         if base_model is None:
             base_model = _rebuild_base(config, directory)
-        base_model.reset_classifier(config["num_classes"])
+        adapter_for(base_model).reset_classifier(config["num_classes"])
         differences = geometry_differences(config, geometry_of(base_model))
         if differences:
             raise ArtifactError(f"{directory} was trained on another backbone geometry ({differences})")
@@ -1130,7 +1146,7 @@ def wrap(
     head_modules = {id(m) for head in heads for m in head.modules()}
     original = _Original(
         heads=heads,
-        num_classes=model.num_classes,
+        num_classes=family.num_classes(),
         requires_grad=[(p, p.requires_grad) for p in model.parameters()],
         parameters={id(p) for p in model.parameters()},
         modules=[m for m in model.modules() if id(m) not in head_modules],

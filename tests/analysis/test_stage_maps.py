@@ -50,6 +50,8 @@ def _timm_stage_maps(model: nn.Module, images: torch.Tensor) -> dict[int, tuple[
 @pytest.mark.parametrize("name", STAGED)
 def test_stage_representations_are_timms_feature_maps_pooled_per_channel(name: str) -> None:
     model = build_tiny(name)
+    if not hasattr(model, "forward_intermediates"):  # timm 1.0.9's DenseNet: no reference to pin against
+        pytest.skip(f"this timm's {type(model).__name__} has no forward_intermediates")
     images = tiny_input(name, batch=3)
     reps = layer_representations(model, images)
     reference = _timm_stage_maps(model, images)

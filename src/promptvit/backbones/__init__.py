@@ -5,8 +5,23 @@ Importing this package registers every built-in family adapter. Public names are
 
 from torch import nn
 
-from promptvit.backbones import beit, cnn, distilled, eva, hierarchical, swin, swin_v2, vit  # noqa: F401  (registration)
+from promptvit.backbones import (  # noqa: F401  (registration)
+    beit,
+    cnn,
+    distilled,
+    eva,
+    generic,
+    hierarchical,
+    maxxvit,
+    naflexvit,
+    relpos,
+    sam,
+    swin,
+    swin_v2,
+    vit,
+)
 from promptvit.backbones.base import (
+    NORM_LAYERS,
     AttentionParts,
     BackboneAdapter,
     BackboneError,
@@ -16,6 +31,7 @@ from promptvit.backbones.base import (
     adapter_for,
     all_rows,
     attend,
+    build_structure,
     classifier_name,
     register_adapter,
     registered_adapters,
@@ -62,6 +78,7 @@ def set_classifier(model: nn.Module, module: nn.Module) -> None:
 
 
 __all__ = [
+    "NORM_LAYERS",
     "AttentionParts",
     "PartsFromCall",
     "BackboneAdapter",
@@ -75,6 +92,7 @@ __all__ = [
     "backbone_source",
     "base_model_call",
     "body_parameters",
+    "build_structure",
     "classifier_name",
     "cnn_stages",
     "create_backbone",

@@ -16,10 +16,13 @@ prompted attention, row-selected blocks, multi-task serving and the attention an
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
+import timm.layers
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,25 @@ Select = Callable[[torch.Tensor], torch.Tensor]
 #: ``core(q, k, v, scale, dropout_p) -> (B, H, N_q, head_dim)``: the attention of the heads. Where the parts
 #: carry a ``logit_bias`` it is passed as the keyword ``logit_bias`` too.
 AttentionCore = Callable[..., torch.Tensor]
+
+
+#: normalisation layers, whose affine parameters norm tuning tunes: torch's and timm's own (those an older
+#: timm release lacks are left out)
+NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    layer
+    for layer in (
+        nn.LayerNorm,  # timm's LayerNorm, LayerNorm2d and their Act/Fp32 variants derive from it
+        nn.GroupNorm,
+        nn.modules.batchnorm._BatchNorm,  # timm's BatchNormAct2d too
+        nn.modules.instancenorm._InstanceNorm,
+        getattr(nn, "RMSNorm", None),
+        *(
+            getattr(timm.layers, name, None)
+            for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d")
+        ),
+    )
+    if layer is not None
+)
 
 
 def all_rows(tokens: torch.Tensor) -> torch.Tensor:
@@ -214,18 +236,49 @@ def mlp_ratio(hidden: int, width: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Within the block every parameter a module registers goes to the meta device (no memory, no
+    initialisation), while the other tensors its constructor makes stay real (as ``accelerate``'s
+    ``init_empty_weights``): for constructors that read tensor values, which a whole meta build cannot."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _needs_real_tensors(error: Exception) -> bool:
+    return isinstance(error, (RuntimeError, NotImplementedError)) and "meta" in str(error)
+
+
 def build_structure(architecture: str, options: dict[str, Any]) -> nn.Module:
-    """``timm.create_model(architecture, **options)`` without weights: on the meta device, or on the CPU with
-    the global RNG untouched where the constructor reads tensor values (timm < 1.0.10)."""
+    """``timm.create_model(architecture, **options)`` without weights, the global RNG untouched: on the meta
+    device; where the constructor reads tensor values (timm < 1.0.10: drop-path rates, index tables), with
+    only its parameters on the meta device; where it runs the model (a hybrid ViT probes its stem), on the
+    CPU."""
     import timm
 
     try:
         with torch.device("meta"):
             return timm.create_model(architecture, pretrained=False, **options)
     except (RuntimeError, NotImplementedError) as error:
-        if "meta" not in str(error):
+        if not _needs_real_tensors(error):
             raise
     with torch.random.fork_rng(devices=[]):
+        try:
+            with parameters_on_meta():
+                return timm.create_model(architecture, pretrained=False, **options)
+        except (RuntimeError, NotImplementedError) as error:
+            if not _needs_real_tensors(error):
+                raise
         return timm.create_model(architecture, pretrained=False, **options)
 
 
@@ -280,6 +333,65 @@ class BackboneAdapter:
         parent, child = self.classifier_slots()[0]
         setattr(parent, child, module)
 
+    def num_classes(self) -> int:
+        """Outputs of the classifier: a linear or 1x1-conv classifier's width (timm 1.0.9's ``reset_classifier``
+        leaves ``num_classes`` behind on some models, e.g. RegNet and SAM's ViT), else timm's ``num_classes``."""
+        head = unwrap_base_layers(self.get_classifier())
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.Conv2d):
+            return head.out_channels
+        return self.model.num_classes
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """timm's ``reset_classifier(num_classes)``, with ``num_classes`` kept in step (older timm releases
+        leave it behind on some models, e.g. RegNet and SAM's ViT in 1.0.9)."""
+        self._timm_reset_classifier(num_classes)
+        self.model.num_classes = num_classes
+
+    def _timm_reset_classifier(self, num_classes: int) -> None:
+        """timm's ``reset_classifier``; a failure inside it (timm 1.0.9's PVTv2 reads an attribute it never
+        set) becomes a BackboneError saying what to do."""
+        import timm
+
+        try:
+            self.model.reset_classifier(num_classes)
+        except Exception as error:  # noqa: BLE001  (whatever timm's code raises, the user gets one line)
+            raise BackboneError(
+                f"{type(self.model).__name__}.reset_classifier({num_classes}) fails in timm {timm.__version__} "
+                f"({type(error).__name__}: {error}): keep the model's own head (num_classes=None), or use a newer "
+                "timm"
+            ) from error
+
+    def new_classifiers(self, num_classes: int) -> list[nn.Module]:
+        """The classifiers timm's ``reset_classifier(num_classes)`` builds, one per :meth:`classifier_slots`
+        entry; the model is left as it was.
+
+        timm may build more than the classifier anew (a pooling layer, the head module holding it, every
+        branch's head): whatever it replaced is put back, so the backbone's own modules stay its own. A slot
+        timm builds nothing for (RepViT's new head has no distillation head unless asked) gets a copy of the
+        first new classifier.
+        """
+        model = self.model
+        names = {id(module): name for name, module in model.named_modules()}
+        slots = [".".join(filter(None, [names[id(parent)], child])) for parent, child in self.classifier_slots()]
+        before = dict(model.named_modules())
+        previous = model.num_classes
+        try:
+            self._timm_reset_classifier(num_classes)
+        finally:
+            after = dict(model.named_modules())
+            replaced = [name for name, module in before.items() if name and after.get(name) is not module]
+            for name in replaced:
+                if not any(name.startswith(f"{outer}.") for outer in replaced):  # outermost ones only
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, before[name])
+            model.num_classes = previous
+        made = [after.get(name) for name in slots]
+        if made[0] is None:
+            raise BackboneError(f"{type(model).__name__}.reset_classifier builds no {slots[0]}")
+        return [module if module is not None else copy.deepcopy(made[0]) for module in made]
+
     def head_input(self, features: torch.Tensor) -> torch.Tensor:
         """What the classifier receives from ``forward_features``' output (pooling, norms before the head)."""
         return self.model.forward_head(features, pre_logits=True)
@@ -291,6 +403,11 @@ class BackboneAdapter:
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from :meth:`pre_logits`' output: ``classify(pre_logits(x)) == model(x)``."""
         return self.get_classifier()(features)
+
+    def head_reads_pre_logits(self) -> bool:
+        """Whether the logits are :meth:`classify` of :meth:`pre_logits`, so the pre-logit features can be
+        cached and a head fitted on them; false where the head also reads other activations."""
+        return True
 
     def input_module(self) -> nn.Module:
         """The first module that sees the images (a pixel prompt is added at its input)."""
@@ -410,6 +527,11 @@ class BackboneAdapter:
         raise self._unsupported("patch embedding")
 
     @property
+    def patch_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of one patch token (what VPT's initialisation bound is computed from)."""
+        return tuple(self.patch_embed.patch_size)
+
+    @property
     def final_norm(self) -> nn.Module:
         """The norm after the last block; prompts are stripped at its input."""
         raise self._unsupported("final norm")
@@ -500,6 +622,11 @@ class BackboneAdapter:
         """
         raise self._unsupported("fused qkv projection")
 
+    def qkv_head_first(self, block: int) -> int:
+        """0 where the output of :meth:`qkv_slot`'s projection is ``[q | k | v]``; the number of heads where it
+        holds the heads one after another, each ``[q | k | v]`` (timm's ``head_first`` attention)."""
+        return 0
+
     def prepare_inserted_tokens(self, injections: Any) -> None:
         """Record in ``injections`` (a method's ledger) the changes that let blocks take inserted tokens.
 
@@ -530,6 +657,18 @@ class BackboneAdapter:
         """Layers between the last stage and the pooling that belong with the last stage."""
         return []
 
+    def last_stages(self, count: int) -> list[nn.Module]:
+        """What tuning the last ``count`` stages tunes: those stages and the layers after them."""
+        return [*self.stages[-count:], *self.after_stages()]
+
+    def stage_input_shape(self, img_size: tuple[int, int], stage: int) -> tuple[int, ...]:
+        """(C, H, W) of ``stages[stage]``'s input for ``img_size`` images (one probing forward of zeros).
+
+        A BackboneError says so where the stage does not run exactly once on one tensor per forward (a module
+        list the model iterates, a stage called per branch): a prompt at its input would not apply once.
+        """
+        return self._stage_input_shape(stage, self._stage_inputs(img_size)[stage])
+
     def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """``stages[stage]``'s output for ``image_hw`` images as a (B, C, H, W) map of image positions.
 
@@ -541,26 +680,49 @@ class BackboneAdapter:
         return output
 
     @torch.no_grad()
-    def stage_input_shapes(self, img_size: tuple[int, int]) -> list[tuple[int, ...]]:
-        """(C, H, W) of each stage's input for ``img_size`` images, from one probing forward of zeros."""
-        shapes: list[tuple[int, ...]] = []
+    def _stage_inputs(self, img_size: tuple[int, int]) -> list[list[Any]]:
+        """The first argument of every call of every stage in one probing forward of a zero image."""
         stages = self.stages
-        handles = [
-            stage.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[1:])))
-            for stage in stages
-        ]
+        seen: dict[int, list[Any]] = {id(stage): [] for stage in stages}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            seen[id(module)].append(args[0] if args else None)
+
         reference = next(self.model.parameters())
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            self.model.forward_features(
-                torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
-            )
-        finally:
-            self.model.train(was_training)
-            for handle in handles:
-                handle.remove()
-        return shapes[: len(stages)]
+        images = torch.zeros(1, 3, *img_size, device=reference.device, dtype=reference.dtype)
+        probe_forward_features(self.model, images, stages, record)
+        return [seen[id(stage)] for stage in stages]
+
+    def _stage_input_shape(self, index: int, inputs: list[Any]) -> tuple[int, ...]:
+        if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+            return tuple(inputs[0].shape[1:])
+        runs = (
+            "never runs in forward_features"
+            if not inputs
+            else f"runs {len(inputs)} times per forward"
+            if len(inputs) > 1
+            else f"takes a {type(inputs[0]).__name__}, not one activation tensor"
+        )
+        stage = self.stages[index]
+        raise BackboneError(
+            f"stage {index} ({type(stage).__name__}) of {type(self.model).__name__} {runs}, so no prompt can be "
+            "added at its input"
+        )
+
+
+def probe_forward_features(
+    model: nn.Module, images: torch.Tensor, modules: Sequence[nn.Module], pre_hook: Callable[..., Any]
+) -> None:
+    """One eval-mode ``forward_features(images)`` with ``pre_hook`` on ``modules``; the model is left as it was."""
+    was_training = model.training
+    handles = [module.register_forward_pre_hook(pre_hook) for module in modules]
+    try:
+        model.eval()
+        model.forward_features(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 class TimmTokenAdapter(BackboneAdapter):
@@ -630,7 +792,7 @@ class TimmTokenAdapter(BackboneAdapter):
             global_pool=model.global_pool,
             dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
             class_token=getattr(model, "cls_token", None) is not None,
-            pos_embed_len=model.pos_embed.shape[1] if model.pos_embed is not None else 0,
+            pos_embed_len=model.pos_embed.shape[1] if getattr(model, "pos_embed", None) is not None else 0,
         )
 
 

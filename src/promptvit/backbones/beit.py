@@ -24,8 +24,9 @@ from promptvit.backbones.base import (
     register_adapter,
     unwrap_base_layers,
 )
-from promptvit.backbones.eva import mlp_hidden_width, separate_qkv_bias, switch_to_module_call
+from promptvit.backbones.eva import separate_qkv_bias, switch_to_module_call
 from promptvit.backbones.geometry import Geometry
+from promptvit.backbones.vit import mlp_hidden_width
 
 
 def pad_bias(bias: torch.Tensor, position: int, count: int) -> torch.Tensor:
@@ -42,18 +43,30 @@ def pad_bias(bias: torch.Tensor, position: int, count: int) -> torch.Tensor:
 
 
 class ZeroBiasForInsertedTokens:
-    """Pads one Beit attention's relative position bias for the tokens inserted at ``position``."""
+    """Pads one attention's relative position bias for the tokens inserted at ``position``.
 
-    def __init__(self, attn: nn.Module, position: int, tokens_without_prompts: int) -> None:
+    ``own_bias`` is the call that gives the attention its own bias (to be replaced by :meth:`padded_own_bias`);
+    a bias shared by all blocks arrives as the keyword argument ``shared_keyword`` and is padded by
+    :meth:`count_and_pad_shared`, a forward pre-hook (with keyword arguments) on the attention.
+    """
+
+    def __init__(
+        self,
+        own_bias: Callable[[], torch.Tensor] | None,
+        position: int,
+        tokens_without_prompts: int,
+        shared_keyword: str = "shared_rel_pos_bias",
+    ) -> None:
         self.position, self.tokens = position, tokens_without_prompts
         self.inserted = 0
-        self.own_bias = attn._get_rel_pos_bias
+        self.own_bias = own_bias
+        self.shared_keyword = shared_keyword
 
     def count_and_pad_shared(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
         self.inserted = args[0].shape[1] - self.tokens
-        shared = kwargs.get("shared_rel_pos_bias")
+        shared = kwargs.get(self.shared_keyword)
         if shared is not None:
-            kwargs = {**kwargs, "shared_rel_pos_bias": pad_bias(shared, self.position, self.inserted)}
+            kwargs = {**kwargs, self.shared_keyword: pad_bias(shared, self.position, self.inserted)}
         return args, kwargs
 
     def padded_own_bias(self) -> torch.Tensor:
@@ -157,7 +170,7 @@ class BeitAdapter(TimmTokenAdapter):
         tokens = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
         for block in self.model.blocks:
             attn = unwrap_base_layers(block.attn)
-            padding = ZeroBiasForInsertedTokens(attn, self.prompt_position, tokens)
+            padding = ZeroBiasForInsertedTokens(attn._get_rel_pos_bias, self.prompt_position, tokens)
             # keyed: every token-prompt adapter needs them once (the first one's padding serves all)
             injections.pre_hook(attn, padding.count_and_pad_shared, with_kwargs=True, key="inserted tokens")
             injections.hook(attn, padding.reset, key="inserted tokens")

@@ -11,8 +11,17 @@ from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import ResNet
 from torch import nn
 
-from promptvit.backbones.base import BackboneAdapter, register_adapter
+from promptvit.backbones.base import BackboneAdapter, register_adapter, unwrap_base_layers
 from promptvit.backbones.geometry import Geometry
+
+
+def classifier_input_width(module: nn.Module) -> int | None:
+    """Features a linear or 1x1-convolution classifier reads, or None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return module.in_channels
+    return None
 
 
 class CNNAdapter(BackboneAdapter):
@@ -20,17 +29,28 @@ class CNNAdapter(BackboneAdapter):
 
     def geometry(self) -> Geometry:
         model = self.model
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
         return Geometry(
             kind="cnn",
             architecture=type(model).__name__,
-            embed_dim=model.num_features,
+            embed_dim=self.pre_logits_width(),
             depth=len(self.stages),
-            img_size=tuple(input_size[1:]),
+            img_size=self.input_size(),
             patch_size=(1, 1),
             global_pool=str(getattr(model, "global_pool", "")),
         )
+
+    def pre_logits_width(self) -> int:
+        """Width of the pre-logit features: what the classifier reads (a MobileNetV3's ``conv_head`` widens
+        the ``num_features`` of its last stage)."""
+        width = classifier_input_width(unwrap_base_layers(self.get_classifier()))
+        if width is None:
+            width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        return int(width)
+
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the model's pretrained config (the size a CNN was trained at; any size runs)."""
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("input_size", (3, 224, 224))[1:])
 
 
 @register_adapter(ResNet)

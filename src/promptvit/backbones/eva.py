@@ -29,16 +29,7 @@ from promptvit.backbones.base import (
     unwrap_base_layers,
 )
 from promptvit.backbones.geometry import Geometry
-from promptvit.backbones.vit import timm_attention_parts
-
-
-def mlp_hidden_width(mlp: nn.Module) -> int:
-    """Hidden width of a timm MLP: ``Mlp``, ``GluMlp``/``SwiGLUPacked`` (fc1 packs two halves) or ``SwiGLU``."""
-    mlp = unwrap_base_layers(mlp)
-    if hasattr(mlp, "fc1_x"):
-        return int(mlp.fc1_x.out_features)
-    width = int(mlp.fc1.out_features)
-    return width // 2 if getattr(mlp, "chunk_dim", None) is not None else width
+from promptvit.backbones.vit import mlp_hidden_width, timm_attention_parts
 
 
 def _rotary_positions_for_patches(attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -49,6 +40,18 @@ def _rotary_positions_for_patches(attn: nn.Module, args: tuple, kwargs: dict[str
 
 def _restore_prefix_count(count: int, attn: nn.Module, args: tuple, output: torch.Tensor) -> None:
     attn.num_prefix_tokens = count
+
+
+def rotate_patches_only(attn: nn.Module, injections: Any) -> None:
+    """Record in ``injections`` the hooks that let an EVA/RoPE attention rotate only its patch tokens.
+
+    It rotates every token after its first ``num_prefix_tokens``; with inserted tokens the count becomes "all
+    but the last ``len(rope)``" for the call, and comes back after it.
+    """
+    if hasattr(attn, "num_prefix_tokens"):
+        # keyed: every token-prompt adapter needs them once
+        injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True, key="inserted tokens")
+        injections.hook(attn, functools.partial(_restore_prefix_count, attn.num_prefix_tokens), key="inserted tokens")
 
 
 def switch_to_module_call(attn: nn.Module, injections: Any, model_name: str) -> None:
@@ -227,9 +230,4 @@ class EvaAdapter(TimmTokenAdapter):
 
     def prepare_inserted_tokens(self, injections: Any) -> None:
         for block in self.model.blocks:
-            attn = unwrap_base_layers(block.attn)
-            if hasattr(attn, "num_prefix_tokens"):
-                # keyed: every token-prompt adapter needs them once
-                injections.pre_hook(attn, _rotary_positions_for_patches, with_kwargs=True, key="inserted tokens")
-                restore = functools.partial(_restore_prefix_count, attn.num_prefix_tokens)
-                injections.hook(attn, restore, key="inserted tokens")
+            rotate_patches_only(unwrap_base_layers(block.attn), injections)

@@ -57,6 +57,18 @@ def timm_attention_parts(attn: nn.Module) -> AttentionParts:
     )
 
 
+def mlp_hidden_width(mlp: nn.Module) -> int:
+    """Hidden width of any MLP timm builds: what its output projection, its last linear layer, reads.
+
+    ``Mlp`` (``fc1``, ``fc2``), ``GluMlp``/``SwiGLUPacked`` (``fc1`` packs the value and the gate, ``fc2`` reads
+    the value), ``SwiGLU`` (``fc1_x``, ``fc1_g``, e.g. AIMv2), ViTamin's ``GeGluMlp`` (``w0``, ``w1``, ``w2``).
+    """
+    linears = [m for m in unwrap_base_layers(mlp).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BackboneError(f"{type(mlp).__name__} has no linear layer: it is not an MLP promptvit can read")
+    return int(linears[-1].in_features)
+
+
 def plain_attention_parts(attn: nn.Module, call: dict[str, Any]) -> AttentionParts:
     """timm's plain fused-qkv ``Attention``: its parts do not depend on the call."""
     return timm_attention_parts(attn)
@@ -101,6 +113,12 @@ class ViTAdapter(TimmTokenAdapter):
             dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
             16,
         ),
+        # AIMv2: timm's SwiGLU MLP (fc1_x and fc1_g), RMSNorm, no class token, average pooling
+        "vit_aimv2": (
+            "aimv2_large_patch14_224",
+            dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            16,
+        ),
         "vit_no_embed_class_qk_norm_avgmax": (
             "vit_tiny_patch16_224",
             dict(
@@ -125,7 +143,7 @@ class ViTAdapter(TimmTokenAdapter):
         attn = self.attention(0)
         return self.token_geometry(
             num_heads=attn.num_heads,
-            mlp_hidden=unwrap_base_layers(block.mlp).fc1.out_features,
+            mlp_hidden=mlp_hidden_width(block.mlp),
             qkv_bias=unwrap_base_layers(attn.qkv).bias is not None,
         )
 

@@ -56,11 +56,16 @@ class Bottleneck(nn.Module):
 
 class ParallelAdapterMlp(TunerLayer):
     """A frozen MLP (kept as ``base_layer``) plus each adapter's scaled parallel bottleneck (``adapter``):
-    ``mlp(x) + s * bottleneck(x)`` on that adapter's rows."""
+    ``mlp(x) + s * bottleneck(x)`` on that adapter's rows.
+
+    An MLP of 1x1 convolutions (timm's ``ConvMlp``: CoAtNet, MaxViT's NCHW blocks) reads (B, C, H, W) maps; the
+    bottleneck then acts on the channels at every position.
+    """
 
     def __init__(self, base_layer: nn.Module, routing: AdapterRouting | None = None) -> None:
         super().__init__(base_layer, routing)
         self.adapter = PerAdapter(artifact_name="adapter")
+        self.channels_first = isinstance(getattr(base_layer, "fc1", None), nn.Conv2d)
 
     def add_adapter(
         self, name: str, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.0
@@ -74,8 +79,10 @@ class ParallelAdapterMlp(TunerLayer):
         y = self.base_layer(x)
         for name, rows in self.routing.groups(self.adapter, x.shape[0]):
             bottleneck = self.adapter[name]
-            if rows is None:
-                y = y + bottleneck.scale * bottleneck(x)
+            inputs = x if rows is None else x[rows]
+            if self.channels_first:
+                update = bottleneck.scale * bottleneck(inputs.movedim(1, -1)).movedim(-1, 1)
             else:
-                y = y.index_add(0, rows, bottleneck.scale * bottleneck(x[rows]))
+                update = bottleneck.scale * bottleneck(inputs)
+            y = y + update if rows is None else y.index_add(0, rows, update)
         return y

@@ -11,6 +11,11 @@ not targeted pass through unchanged. The unmerged forward never builds the full 
 ``x`` to ``len(parts) * rank`` features once and adds them back through one block-structured B in a fused
 ``addmm``.
 
+Two layouts of timm's fused projections are covered besides the plain ``[q | k | v]`` linear: a 1x1
+convolution on (B, C, H, W) maps (CoAtNet's ``Attention2d``), the same linear map applied at every position,
+and the ``head_first`` layout (MaxViT, CoAtNet), whose output holds the heads one after another, each
+``[q | k | v]`` of width ``head_dim``: part ``p`` is then the rows ``p`` of every head.
+
 Several adapters share one :class:`FusedLoRALinear` per projection, each with its own :class:`LoRAFactors`;
 a forward applies each adapter present in the batch to its own rows (peft's ``_mixed_batch_forward``).
 """
@@ -32,6 +37,8 @@ class LoRAFactors(nn.Module):
 
     Parameters: ``lora_A`` of shape (len(parts), rank, in_features) and ``lora_B`` of shape
     (len(parts), part_size, rank); row ``i`` of both belongs to part ``parts[i]`` (``parts`` is sorted).
+    The layout of the projection it updates: ``heads`` > 0 when its output holds the heads one after another,
+    each ``[part_0 | part_1 | ...]``; ``conv`` when it is a 1x1 convolution on (B, C, H, W) maps.
     """
 
     def __init__(
@@ -44,6 +51,8 @@ class LoRAFactors(nn.Module):
         dropout: float = 0.0,
         num_parts: int = 3,
         *,
+        heads: int = 0,
+        conv: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -56,6 +65,8 @@ class LoRAFactors(nn.Module):
         self.parts = tuple(parts)
         self.num_parts = num_parts
         self.part_size = part_size
+        self.heads = heads
+        self.conv = conv
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
@@ -88,11 +99,17 @@ class LoRAFactors(nn.Module):
                 rows.append(F.pad(self.lora_B[i], (i * rank, (n - 1 - i) * rank)))
             else:
                 rows.append(self.lora_B.new_zeros(self.part_size, n * rank))
-        return torch.cat(rows)
+        stacked = torch.cat(rows)
+        if self.heads:  # part-major rows -> head-major rows
+            stacked = stacked.view(self.num_parts, self.heads, -1, n * rank).transpose(0, 1).reshape(-1, n * rank)
+        return stacked
 
     def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y + scaling * B A dropout(x)``, with ``y`` the frozen layer's output for ``x``."""
         n = len(self.parts)
+        if self.conv:  # the same maps at every position of the (B, C, H, W) input
+            h = F.conv2d(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1, 1, 1))
+            return y + self.scaling * F.conv2d(h, self.stacked_lora_B()[:, :, None, None])
         # (..., n * rank): one projection for all targeted parts.
         h = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * self.rank, -1))
         # y + scaling * h @ B^T in one fused addmm (a few zero blocks cost less than per-part products).
@@ -105,11 +122,13 @@ class LoRAFactors(nn.Module):
         return update.reshape(y.shape)
 
     def extra_repr(self) -> str:
-        return f"parts={self.parts}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        heads = f", heads={self.heads}" if self.heads else ""
+        return f"parts={self.parts}{heads}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
 class FusedLoRALinear(TunerLayer):
-    """A frozen fused ``nn.Linear`` (kept as ``base_layer``) plus each adapter's LoRA update (``lora``).
+    """A frozen fused ``nn.Linear`` or 1x1 ``nn.Conv2d`` (kept as ``base_layer``) plus each adapter's LoRA
+    update (``lora``). ``heads`` > 0 says the output is laid out head by head, each head ``[q | k | v]``.
 
     ``merge(name)`` adds an adapter's update into ``base_layer.weight`` and the forward then skips its
     low-rank path; ``unmerge(name)`` puts the frozen weight back. Both are idempotent. The factors are never
@@ -117,15 +136,27 @@ class FusedLoRALinear(TunerLayer):
     """
 
     def __init__(
-        self, base_layer: nn.Linear, routing: AdapterRouting | None = None, num_parts: int = 3
+        self,
+        base_layer: nn.Linear | nn.Conv2d,
+        routing: AdapterRouting | None = None,
+        num_parts: int = 3,
+        heads: int = 0,
     ) -> None:
         super().__init__(base_layer, routing)
-        if base_layer.out_features % num_parts:
+        self.conv = isinstance(base_layer, nn.Conv2d)
+        if self.conv and (base_layer.kernel_size != (1, 1) or base_layer.groups != 1):
+            raise ValueError("only a 1x1 convolution without groups is a linear map of the channels")
+        if not self.conv and not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"{type(base_layer).__name__} is neither an nn.Linear nor a 1x1 nn.Conv2d")
+        out_features, self.in_features = base_layer.weight.shape[:2]
+        if out_features % (num_parts * max(heads, 1)):
             raise ValueError(
-                f"out_features {base_layer.out_features} is not divisible into {num_parts} parts"
+                f"out_features {out_features} is not divisible into {num_parts} parts"
+                + (f" of {heads} heads" if heads else "")
             )
         self.num_parts = num_parts
-        self.part_size = base_layer.out_features // num_parts
+        self.heads = heads
+        self.part_size = out_features // num_parts
         self.lora = PerAdapter()
 
     def add_adapter(
@@ -133,13 +164,15 @@ class FusedLoRALinear(TunerLayer):
     ) -> LoRAFactors:
         weight = self.base_layer.weight
         factors = LoRAFactors(
-            self.base_layer.in_features,
+            self.in_features,
             self.part_size,
             parts,
             rank,
             alpha,
             dropout,
             self.num_parts,
+            heads=self.heads,
+            conv=self.conv,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -175,10 +208,15 @@ class FusedLoRALinear(TunerLayer):
             return
         weight = self.base_layer.weight
         self._unmerged_weight = weight.detach().clone()
-        rows = weight.view(self.num_parts, self.part_size, -1)
         delta = factors.delta_weight().to(weight.dtype)
-        for i, p in enumerate(factors.parts):
-            rows[p].add_(delta[i])
+        if self.heads:  # (heads, parts, head_dim, in): part p of every head
+            rows = weight.view(self.heads, self.num_parts, -1, self.in_features)
+            for i, p in enumerate(factors.parts):
+                rows[:, p].add_(delta[i].view(self.heads, -1, self.in_features))
+        else:
+            rows = weight.view(self.num_parts, self.part_size, -1)
+            for i, p in enumerate(factors.parts):
+                rows[p].add_(delta[i])
         factors.merged = True
 
     @torch.no_grad()

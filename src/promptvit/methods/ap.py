@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from promptvit.backbones import Geometry, adapter_for
+from promptvit.backbones import BackboneError, Geometry, adapter_for
 from promptvit.layers.token_prompts import (
     TokenPrompts,
     expand_prompts,
@@ -39,6 +39,7 @@ from promptvit.layers.token_prompts import (
     reference_device_dtype,
 )
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
+from promptvit.methods.partial import NO_STAGES
 from promptvit.methods.vp import _check_input_size, image_size
 
 
@@ -65,7 +66,7 @@ def paper_default_layer(geometry: Geometry) -> int:
     """The AP paper's location: ViT block 2 (the third), or a CNN's last stage (see the module docstring)."""
     if geometry.kind == "vit":
         return min(2, geometry.depth - 1)
-    return geometry.depth - 1
+    return max(geometry.depth - 1, 0)
 
 
 @register_method
@@ -90,6 +91,7 @@ class AP(TokenPrompts, Method):
         if config.layer >= geometry.depth:
             raise ConfigError(
                 f"ap: layer={config.layer} out of range for {geometry.architecture} with {geometry.depth} {unit}"
+                + (NO_STAGES if geometry.depth == 0 else "")
             )
         if config.variant == "concat" and geometry.kind != "vit":
             raise ConfigError(
@@ -123,10 +125,12 @@ class AP(TokenPrompts, Method):
         self, backbone: nn.Module, device: torch.device, dtype: torch.dtype
     ) -> tuple[int, ...]:
         """(C, H, W) of the prompted stage's input for one zero image of the configured size."""
-        shapes = adapter_for(backbone).stage_input_shapes(
-            image_size(self.geometry, self.config.cnn_input_size)
-        )
-        return shapes[self.config.layer]
+        try:
+            return adapter_for(backbone).stage_input_shape(
+                image_size(self.geometry, self.config.cnn_input_size), self.config.layer
+            )
+        except BackboneError as error:
+            raise ConfigError(f"ap: {error}") from None
 
     def _prompt_activation(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1:] != self.delta.shape:

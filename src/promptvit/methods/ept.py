@@ -126,8 +126,17 @@ class EPT(Method):
 
     @classmethod
     def supports(cls, adapter: BackboneAdapter) -> bool:
-        """Token models, and families whose blocks are transformer blocks (Swin's window attention)."""
-        return adapter.kind == "vit" or adapter.has_transformer_blocks
+        """Token models, and families whose transformer blocks give their attention parts (Swin's window
+        attention; not SAM's or MaxxVit's, whose attention maths promptvit does not re-compute)."""
+        if adapter.kind == "vit":
+            return True
+        if not adapter.has_transformer_blocks:
+            return False
+        try:
+            adapter.attention_parts_from_call(0)
+        except BackboneError:
+            return False
+        return True
 
     def attach(self, backbone: nn.Module) -> None:
         adapter = adapter_for(backbone)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
-from promptvit.backbones import Geometry
+from torch import nn
+
+from promptvit.backbones import Geometry, adapter_for, unwrap_base_layers
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
 SOLVERS = ("lbfgs", "sgd", "optimizer")
@@ -47,6 +50,24 @@ class SolvedHead:
     def fits_head_to_convergence(self) -> bool:
         return self.config.solver == "lbfgs"
 
+    def check_solver(self, backbone: nn.Module) -> None:
+        """The L-BFGS fit needs one linear (or 1x1-conv) head on the pre-logit features. Any other head (heads
+        per branch, a norm or weights inside the head: some timm models seen through the generic adapter) is
+        trained by the run's optimiser instead, said in a warning and recorded as solver 'sgd'."""
+        adapter = adapter_for(backbone)
+        if self.fits_head_to_convergence() and not (
+            adapter.head_reads_pre_logits()
+            and len(adapter.classifier_modules()) == 1
+            and isinstance(unwrap_base_layers(adapter.get_classifier()), (nn.Linear, nn.Conv2d))
+        ):
+            warnings.warn(
+                f"{self.config.method_label}: the head of {type(backbone).__name__} is not one linear layer on the "
+                "pre-logit features, so L-BFGS cannot fit it on them; it is trained by the run's optimiser "
+                "(solver 'sgd')",
+                stacklevel=4,
+            )
+            self.config = dataclasses.replace(self.config, solver="sgd")
+
 
 @dataclasses.dataclass
 class LinearConfig(HeadSolverConfig):
@@ -67,6 +88,9 @@ class Linear(SolvedHead, Method):
     paper = "linear probing (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
     identity_at_init = True
+
+    def attach(self, backbone: nn.Module) -> None:
+        self.check_solver(backbone)
 
     def tuned_from_block(self) -> int:
         """Only the head is tuned: the pre-logit features are frozen (ViT and CNN)."""

@@ -8,6 +8,7 @@ as in the paper. ``merge()`` folds the updates into the frozen ``qkv`` weights f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -117,17 +118,24 @@ class LoRA(Method):
             except BackboneError as error:
                 raise ConfigError(f"lora: cannot adapt block {index}: {error}") from None
             qkv = unwrap_base_layers(getattr(attn, "qkv", None) or nn.Identity())
-            if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
-                raise ConfigError(f"lora: block {index} has no fused qkv nn.Linear to adapt")
-            if config.rank > qkv.in_features:  # B A would have more parameters than a full update, no more rank
+            if not isinstance(qkv, (nn.Linear, nn.Conv2d)):
                 raise ConfigError(
-                    f"lora: rank {config.rank} exceeds the width {qkv.in_features} of block {index}'s qkv; an "
-                    f"update of that size has rank at most {qkv.in_features}, choose rank <= {qkv.in_features} "
+                    f"lora: block {index} has no fused qkv (an nn.Linear or 1x1 nn.Conv2d into q, k and v) to adapt"
+                )
+            width = qkv.weight.shape[1]
+            if config.rank > width:  # B A would have more parameters than a full update, no more rank
+                raise ConfigError(
+                    f"lora: rank {config.rank} exceeds the width {width} of block {index}'s qkv; an "
+                    f"update of that size has rank at most {width}, choose rank <= {width} "
                     "(--method.rank)"
                 )
-            layer = self.injections.layer(
-                attn, "qkv", FusedLoRALinear, lambda module: FusedLoRALinear(module, self.routing)
-            )
+            make = functools.partial(FusedLoRALinear, routing=self.routing, heads=adapter.qkv_head_first(index))
+            try:
+                layer = self.injections.layer(attn, "qkv", FusedLoRALinear, make)
+            except ValueError:
+                raise ConfigError(
+                    f"lora: block {index} has no fused qkv (an nn.Linear or 1x1 nn.Conv2d into q, k and v) to adapt"
+                ) from None
             layer.add_adapter(
                 self.adapter_name, parts, rank=config.rank, alpha=config.alpha, dropout=config.dropout
             )

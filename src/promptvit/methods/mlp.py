@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 from torch import nn
 
 from promptvit.backbones import Geometry, classifier_name
+from promptvit.layers.token_prompts import reference_device_dtype
 from promptvit.methods.base import ConfigError, Method, register_method
 from promptvit.methods.linear import HeadSolverConfig, SolvedHead
 
@@ -35,12 +37,19 @@ class MLP(SolvedHead, Method):
     paper = "MLP-k head (baseline in VPT, Jia et al. 2022)"
     supported_kinds = ("vit", "cnn")
 
+    def attach(self, backbone: nn.Module) -> None:
+        self.check_solver(backbone)
+
     def build_head(self, classifier: nn.Module) -> nn.Module:
         """``num_layers - 1`` hidden layers of the feature width, then the classifier."""
         width = self.geometry.embed_dim
         act = {"relu": nn.ReLU, "gelu": nn.GELU}[self.config.activation]
+        # a 1x1-convolution classifier (DLA, DPN, BiT) reads (B, C, 1, 1) maps: its hidden layers do too
+        device, dtype = reference_device_dtype(classifier)
+        factory = {"device": device, "dtype": dtype}
+        layer = functools.partial(nn.Conv2d, kernel_size=1) if isinstance(classifier, nn.Conv2d) else nn.Linear
         hidden = [
-            layer for _ in range(self.config.num_layers - 1) for layer in (nn.Linear(width, width), act())
+            module for _ in range(self.config.num_layers - 1) for module in (layer(width, width, **factory), act())
         ]
         return nn.Sequential(*hidden, classifier)
 

@@ -1,4 +1,5 @@
-"""Norm tuning: the affine parameters of every LayerNorm/BatchNorm/GroupNorm are tuned."""
+"""Norm tuning: the affine parameters of every normalisation layer (LayerNorm, BatchNorm, GroupNorm, RMSNorm...)
+are tuned."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from promptvit.backbones import Geometry, classifier_name
+from promptvit.backbones import NORM_LAYERS, Geometry, classifier_name
 from promptvit.methods.base import Method, MethodConfig, register_method
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 @dataclasses.dataclass
@@ -34,7 +33,7 @@ class Norm(Method):
         norms = (
             m
             for n, m in backbone.named_modules()
-            if isinstance(m, NORM_TYPES) and not (n == head or n.startswith(head + "."))
+            if isinstance(m, NORM_LAYERS) and not (n == head or n.startswith(head + "."))
         )
         return itertools.chain.from_iterable(m.parameters(recurse=False) for m in norms)
 

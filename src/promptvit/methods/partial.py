@@ -11,6 +11,9 @@ from torch import nn
 from promptvit.backbones import Geometry, adapter_for
 from promptvit.methods.base import ConfigError, Method, MethodConfig, register_method
 
+#: why a backbone may have no stages at all (a timm model seen only through timm's generic contract)
+NO_STAGES = " (promptvit finds a model's stages in timm's feature_info, which names none of its modules)"
+
 
 @dataclasses.dataclass
 class PartialConfig(MethodConfig):
@@ -33,12 +36,16 @@ class Partial(Method):
 
     def _tuned_modules(self, backbone: nn.Module) -> list[nn.Module]:
         k = self.config.num_blocks
+        unit = "blocks" if self.geometry.kind == "vit" else "stages"
         if k > self.geometry.depth:
-            raise ConfigError(f"partial: num_blocks={k} exceeds the backbone's {self.geometry.depth} blocks")
+            raise ConfigError(
+                f"partial: num_blocks={k} exceeds the {self.geometry.depth} {unit} of {self.geometry.architecture}"
+                + (NO_STAGES if self.geometry.depth == 0 else "")
+            )
         adapter = adapter_for(backbone)
         if adapter.kind == "vit":
             return [*adapter.blocks[-k:], *adapter.tuned_with_last_blocks()]
-        return [*adapter.stages[-k:], *adapter.after_stages()]
+        return adapter.last_stages(k)
 
     def backbone_parameters_to_tune(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         return itertools.chain.from_iterable(m.parameters() for m in self._tuned_modules(backbone))

@@ -77,7 +77,7 @@ class VPT(TokenPrompts, Method):
         self.num_prompted_blocks = len(adapter.blocks) if self.config.deep else 1
         widths = [adapter.block_width(block) for block in range(self.num_prompted_blocks)]
         # VPT's bound from the patch size and the width of the first block's tokens (Swin: for every stage)
-        bound = (adapter.patch_embed.patch_size, widths[0])
+        bound = (adapter.patch_size, widths[0])
         length = self.config.prompt_length
         if len(set(widths)) == 1:  # (blocks, L, d), one draw for all
             prompts = init_vpt_uniform_(torch.empty(len(widths), length, widths[0], device=device, dtype=dtype), *bound)

@@ -9,19 +9,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from promptvit.backbones import NORM_LAYERS
 from promptvit.errors import ConfigError
 from promptvit.train.config import TrainConfig
-
-#: modules whose parameters are normalisation parameters (exempt from weight decay unless decay_all)
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-if hasattr(nn, "RMSNorm"):
-    NORM_TYPES = (*NORM_TYPES, nn.RMSNorm)
 
 
 def _timm_no_weight_decay(model: nn.Module) -> set[int]:
@@ -71,7 +61,7 @@ def decay_group_of(model: nn.Module, cfg: TrainConfig) -> dict[str, str]:
     rule = "all" if cfg.decay_all else cfg.weight_decay_rule
     head_weights, head_biases = _classifier_parameter_ids(model)
     norm_ids = {
-        id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)
+        id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
     }
     timm_exempt = _timm_no_weight_decay(model)
     groups = {}

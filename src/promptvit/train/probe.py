@@ -193,13 +193,19 @@ def fit_lbfgs_probe(
         )
         rule = f"fixed at scikit-learn's C = 1 ({why})"
     work = copy.deepcopy(head).to("cpu", torch.float64)
+    # a 1x1-convolution head (DLA, DPN, BiT) reads the features as (N, C, 1, 1) maps
+    on_maps = isinstance(work[0] if isinstance(work, nn.Sequential) else work, nn.Conv2d)
+    fitted = nn.Sequential(work, nn.Flatten(1)) if on_maps else work
+    if on_maps:
+        train_x = train_x[:, :, None, None]
+        val = None if val is None else (val[0][:, :, None, None], val[1])
     solutions, path = [], []
     for l2 in grid:  # strong to weak, each from the previous solution
-        fit_head(work, train_x, train_y, l2, multilabel=multilabel)
+        fit_head(fitted, train_x, train_y, l2, multilabel=multilabel)
         metrics = None
         if val is not None:
             with torch.no_grad():
-                logits = work(val[0])
+                logits = fitted(val[0])
             scores = scores_from_logits(logits, multilabel)
             metrics = compute_metrics(scores, val[1], multilabel, class_names, bins=bins)
             metrics["loss"] = float(classification_loss(logits, val[1], multilabel))
