@@ -6,6 +6,7 @@ spin against each other)::
     .venv/bin/python benchmarks/speed.py                  # CPU, 2 threads -> benchmarks/results/speed-cpu.md
     .venv/bin/python benchmarks/speed.py --gpu            # CUDA timings -> benchmarks/results/speed-gpu.md
     .venv/bin/python benchmarks/speed.py --quick --out /tmp/speed.md   # smoke run on a micro ViT (seconds)
+    .venv/bin/python benchmarks/speed.py --model vit_s_224 --batch 8 --rounds 3   # ViT-S/16 at 224 px, 197 tokens
 
 Everything is measured in one run on the same backbone, batch and data (random-init ViT-Ti/16 at 112 px,
 50 tokens, batch 32, 100 classes by default). Timed configurations are interleaved round by round, so a
@@ -64,6 +65,7 @@ def _load() -> tuple[float, float, float]:
 MODELS = {
     # name -> (timm architecture, options, image size)
     "vit_ti_112": ("vit_tiny_patch16_224", {"img_size": 112}, 112),
+    "vit_s_224": ("vit_small_patch16_224", {}, 224),  # ViT-S/16 at 224 px, 197 tokens
     "micro": (
         "vit_tiny_patch16_224",
         {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2},
