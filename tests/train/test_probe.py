@@ -63,8 +63,20 @@ def test_linear_solver_lbfgs_trains_the_head_to_convergence_in_fit(tmp_path: Pat
     assert l2 in (1e-2, 1e-4)
     weight, bias = fit_logistic(features, targets, 3, l2)
     head = model.get_classifier()
-    torch.testing.assert_close(head.weight.double(), weight, rtol=0, atol=1e-4)
-    torch.testing.assert_close(head.bias.double(), bias, rtol=0, atol=1e-4)
+    w, b = head.weight.detach().double(), head.bias.detach().double()
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        logits = features @ weight.T + bias
+        return float(torch.nn.functional.cross_entropy(logits, targets) + 0.5 * l2 * weight.pow(2).sum())
+
+    # Near the optimum the objective is flat along some directions (the unpenalised biases on nearly separable
+    # features), where L-BFGS stops anywhere within its tolerances: compare the objective and the logits.
+    assert objective(w, b) == pytest.approx(objective(weight, bias), rel=1e-7, abs=0)
+    centred = lambda z: z - z.mean(dim=1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(
+        centred(features @ w.T + b), centred(features @ weight.T + bias), rtol=0, atol=1e-3
+    )
+    torch.testing.assert_close(w, weight, rtol=0, atol=1e-3)
     assert (tmp_path / "artifact").is_dir() and len(result.history) == 1
 
 
@@ -176,8 +188,45 @@ def test_the_probe_fits_the_active_adapters_head_only() -> None:
     images += labels[:, None, None, None].float()
     train = TensorDataset(images, labels)
     cpu = torch.device("cpu")
-    fit_lbfgs_probe(model, train, None, multilabel=False, select="accuracy", class_names=["a", "b", "c"], device=cpu)
+    fit_lbfgs_probe(
+        model, train, None, multilabel=False, select="accuracy", class_names=["a", "b", "c"], device=cpu
+    )
     features, targets = extract_features(model, train, batch_size=64, device=torch.device("cpu"))
     weight, bias = fit_logistic(features, targets, 3, sklearn_l2(len(targets), 3, False))
     torch.testing.assert_close(model.get_classifier().weight.double(), weight, rtol=0, atol=1e-4)
     assert all(torch.equal(t, other[n]) for n, t in model.tuned_state_dict("other").items())
+
+
+def test_the_probe_reads_and_fills_a_shared_prefix_cache(tmp_path: Path) -> None:
+    """A probe on cached features equals one without; a second run on the same cache computes nothing."""
+    from promptvit.cache import PrefixCache
+
+    images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(24) % 3
+    images += labels[:, None, None, None].float()
+    train, val = TensorDataset(images[:18], labels[:18]), TensorDataset(images[18:], labels[18:])
+    cache = PrefixCache(tmp_path / "cache")
+
+    def probe(run: str, cached: bool) -> torch.nn.Module:
+        model = promptvit.wrap(build_tiny("vit_token", num_classes=3), "linear", solver="lbfgs")
+        config = TrainConfig(epochs=2, device="cpu", progress=False, cache_prefix=cached)
+        fit(
+            model,
+            train,
+            val,
+            config=config,
+            run_dir=tmp_path / run,
+            class_names=["a", "b", "c"],
+            multilabel=False,
+            prefix_cache=cache if cached else None,
+        )
+        return model.get_classifier()
+
+    plain = probe("plain", cached=False)
+    first = probe("first", cached=True)
+    assert cache.stats["computed"] == len(train) + len(val)
+    second = probe("second", cached=True)
+    assert cache.stats["computed"] == len(train) + len(val)  # every feature of the second run was a hit
+    for head in (first, second):
+        torch.testing.assert_close(head.weight, plain.weight, rtol=0, atol=0)
+        torch.testing.assert_close(head.bias, plain.bias, rtol=0, atol=0)

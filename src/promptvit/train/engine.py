@@ -883,6 +883,7 @@ def fit(
             batch_size=config.eval_batch_size,
             l2_grid=model.method.config.l2_grid,
             bins=ece_bins,
+            prefix_cache=cache if cut == model.geometry.depth else None,
         )
         row = {
             "epoch": 1,

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from promptvit.cache import PrefixCache
 from promptvit.errors import ConfigError, TrainingError
 from promptvit.evaluation.probability import DEFAULT_BINS, scores_from_logits
 from promptvit.train.losses import classification_loss
@@ -77,16 +78,33 @@ def _smallest_class(targets: torch.Tensor, num_classes: int, multilabel: bool) -
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features (float64, CPU) of a ``PromptModel`` in eval mode, and the stacked targets."""
+    """Pre-logit features (float64, CPU) of a ``PromptModel`` in eval mode, and the stacked targets.
+
+    The features are the model's own pre-logit pass (``forward_prefix`` at the last cut). With
+    ``prefix_cache`` they are read from (and added to) that cache, the same batches computing the same values,
+    so a probe on cached features equals one without.
+    """
+    depth = model.geometry.depth
+    if prefix_cache is not None:
+        features, targets = prefix_cache.prefix_outputs(
+            model, dataset, depth, batch_size=batch_size, device=device
+        )
+        if targets is None:
+            raise ConfigError("the linear probe needs a labelled training set; its items carry no targets")
+        return features.to("cpu", torch.float64), targets
     was_training = model.training
     model.eval()
     features, targets = [], []
     try:
         for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            pre = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
-            features.append(pre.to("cpu", torch.float64))
+            features.append(model.forward_prefix(images.to(device), depth).to("cpu", torch.float64))
             targets.append(torch.as_tensor(target))
     finally:
         model.train(was_training)
@@ -161,17 +179,16 @@ def fit_lbfgs_probe(
     batch_size: int = 64,
     l2_grid: tuple[float, ...] | list[float] | None = None,
     bins: int = DEFAULT_BINS,
+    prefix_cache: PrefixCache | None = None,
 ) -> ProbeResult:
-    """Fit the classifier head of ``model`` (linear, or an MLP head) in place; see the module docstring."""
+    """Fit the classifier head of ``model`` (linear, or an MLP head) in place; see the module docstring.
+    ``prefix_cache`` supplies (and keeps) the pre-logit features, shared with other runs on the same backbone."""
     head = model.adapter_head()  # the active adapter's (an MLP head whole)
     if l2_grid is not None and (not l2_grid or min(l2_grid) <= 0):
         raise ConfigError(f"l2_grid must hold positive strengths, got {l2_grid}")
-    train_x, train_y = extract_features(model, train_set, batch_size=batch_size, device=device)
-    val = (
-        extract_features(model, val_set, batch_size=batch_size, device=device)
-        if val_set is not None and len(val_set)
-        else None
-    )
+    features = {"batch_size": batch_size, "device": device, "prefix_cache": prefix_cache}
+    train_x, train_y = extract_features(model, train_set, **features)
+    val = extract_features(model, val_set, **features) if val_set is not None and len(val_set) else None
     if not bool(torch.isfinite(train_x).all()):
         raise TrainingError(
             "the linear probe's training features hold NaN/inf (check the images and transforms, e.g. "
