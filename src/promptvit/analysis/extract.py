@@ -138,10 +138,10 @@ def all_token_outputs(model: nn.Module) -> contextlib.AbstractContextManager:
     return every_token() if callable(every_token) else contextlib.nullcontext()
 
 
-def stage_map(model: nn.Module, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+def stage_map(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """A CNN stage's output as a (B, C, H, W) map of image positions, whatever the family's layout (Swin's
     stages give (B, H, W, C)): the adapter's ``stage_output_map``."""
-    return adapter_for(backbone_of(model)).stage_output_map(stage, output, image_hw)
+    return adapter_for(backbone_of(model)).stage_output_map(output)
 
 
 def layer_modules(model: nn.Module) -> list[nn.Module]:
@@ -244,13 +244,12 @@ def layer_representations(
     """Per-layer (N, F) representations (ViT block outputs or CNN stage outputs), see ``pool_layer_output``."""
     geometry = geometry_for(model)
     vit = geometry.kind == "vit"
-    image_hw = tuple(images.shape[-2:])
-    grid = patch_grid(geometry, image_hw) if vit else (0, 0)
+    grid = patch_grid(geometry, tuple(images.shape[-2:])) if vit else (0, 0)
     device = model_device(model)
 
     def reduce(index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not vit:
-            return pool_layer_output(stage_map(model, index, out, image_hw), pooling=pooling).cpu()
+            return pool_layer_output(stage_map(model, out), pooling=pooling).cpu()
         layout = TokenLayout.from_count(out.shape[1], geometry.num_prefix_tokens, grid)
         return pool_layer_output(out, vit_layout=layout, pooling=pooling).cpu()
 

@@ -178,7 +178,7 @@ def _collect(
 
     def on_block(index: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if not vit:
-            state.layer_reps[index].append(pool_layer_output(stage_map(model, index, out, state.hw)).cpu())
+            state.layer_reps[index].append(pool_layer_output(stage_map(model, out)).cpu())
             return
         layout_in = TokenLayout.from_count(x.shape[1], geometry.num_prefix_tokens, grid())
         state.prompts_in[index] = layout_in.num_prompts

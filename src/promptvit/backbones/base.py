@@ -669,8 +669,8 @@ class BackboneAdapter:
         """
         return self._stage_input_shape(stage, self._stage_inputs(img_size)[stage])
 
-    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """``stages[stage]``'s output for ``image_hw`` images as a (B, C, H, W) map of image positions.
+    def stage_output_map(self, output: torch.Tensor) -> torch.Tensor:
+        """A stage's output as a (B, C, H, W) map of image positions.
 
         Channels come first whatever the family's layout (timm's ``output_fmt``: Swin's stages give
         (B, H, W, C)).

@@ -75,7 +75,7 @@ class SAMAdapter(GenericAdapter):
             "over each window of its 2-D map, which promptvit does not re-compute"
         )
 
-    def stage_output_map(self, stage: int, output: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    def stage_output_map(self, output: torch.Tensor) -> torch.Tensor:
         """A block's output is its (B, H, W, C) token map; channels first, as timm's intermediates give it."""
         return output.permute(0, 3, 1, 2)
 
