@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from torch.utils.data import TensorDataset
 
 import promptvit
+from promptvit.cache import PrefixCache
 from promptvit.train import TrainConfig, fit
 from promptvit.train.probe import (
     DEFAULT_L2_GRID,
@@ -199,8 +200,6 @@ def test_the_probe_fits_the_active_adapters_head_only() -> None:
 
 def test_the_probe_reads_and_fills_a_shared_prefix_cache(tmp_path: Path) -> None:
     """A probe on cached features equals one without; a second run on the same cache computes nothing."""
-    from promptvit.cache import PrefixCache
-
     images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(24) % 3
     images += labels[:, None, None, None].float()
