@@ -97,7 +97,9 @@ def extract_features(
             model, dataset, depth, batch_size=batch_size, device=device
         )
         if targets is None:
-            raise ConfigError("the linear probe needs a labelled training set; its items carry no targets")
+            raise ConfigError(
+                "the linear probe needs (image, label) items; this dataset yields images only: give it its labels"
+            )
         return features.to("cpu", torch.float64), targets
     was_training = model.training
     model.eval()
